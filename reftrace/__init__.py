@@ -1,0 +1,58 @@
+"""reftrace: AOT Autograd as a small, pure-functional reference implementation.
+
+    g  = rt.trace(fn, *example_args)          # Graph (immutable value)
+    j  = rt.vjp(g)                            # joint Graph
+    p  = rt.partition(j, policy="mincut")     # Partition(forward, backward)
+    f  = rt.lower(g, backend="jax")           # callable
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from reftrace.errors import (ArgumentError, DataDependentControlFlowError, GraphError, PartitionError,
+                             ReftraceError, ShapeError, TracingError, UnsupportedOperatorError)
+from reftrace.graph import Aval, Eqn, Graph, Literal, Params, Var, typecheck
+from reftrace.primitives import Primitive
+from reftrace.transforms.trace import trace
+
+__version__ = "0.1.0"
+
+
+def lower(graph: Graph, backend: str = "jax") -> Callable[..., tuple[Any, ...]]:
+    """A callable running ``graph``: arrays in, tuple of arrays out.
+
+    ``"jax"``: one jitted XLA computation (returns JAX arrays). ``"torch"``: torch ops
+    through a generated ``fx.GraphModule`` (returns torch tensors). Both accept numpy arrays.
+    """
+    if not isinstance(graph, Graph):
+        raise ArgumentError(f"lower expects a reftrace Graph, got {type(graph).__name__}")
+    if backend == "jax":
+        from reftrace.backends.jax import lower_jax
+        return lower_jax(graph)
+    if backend == "torch":
+        from reftrace.backends.torch import lower_torch
+        return lower_torch(graph)
+    raise ArgumentError(f"unknown backend {backend!r}; use 'jax' or 'torch'")
+
+
+def __getattr__(name: str) -> Any:
+    """Transforms are imported on first use to keep ``import reftrace`` light."""
+    lazy = {
+        "vjp": ("reftrace.transforms.vjp", "vjp"),
+        "partition": ("reftrace.transforms.partition", "partition"),
+        "Partition": ("reftrace.transforms.partition", "Partition"),
+        "simplify": ("reftrace.transforms.simplify", "simplify"),
+        "numpy": ("reftrace.numpy", None),
+        "lax": ("reftrace.lax", None),
+    }
+    if name in lazy:
+        import importlib
+        mod_name, attr = lazy[name]
+        mod = importlib.import_module(mod_name)
+        return getattr(mod, attr) if attr else mod
+    raise AttributeError(f"module 'reftrace' has no attribute {name!r}")
+
+
+__all__ = ["trace", "vjp", "partition", "Partition", "simplify", "lower", "typecheck", "Graph", "Eqn", "Var",
+           "Literal", "Aval", "Params", "Primitive", "ReftraceError", "GraphError", "ShapeError", "TracingError",
+           "DataDependentControlFlowError", "UnsupportedOperatorError", "ArgumentError", "PartitionError"]

@@ -1,0 +1,1 @@
+"""Backends: a rule table per backend plus one interpreter (``reftrace.interpreter.eval_graph``)."""

@@ -1,0 +1,137 @@
+"""JAX lowering rules: ``jax_rules[primitive](*arrays, **params) -> array | tuple``."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from reftrace import primitives as P
+from reftrace.primitives import Primitive
+
+jax_rules: dict[Primitive, Callable[..., Any]] = {}
+
+_UNARY = {
+    "exp": jnp.exp, "log": jnp.log, "log1p": jnp.log1p, "expm1": jnp.expm1, "tanh": jnp.tanh,
+    "logistic": jax.nn.sigmoid, "sin": jnp.sin, "cos": jnp.cos, "tan": jnp.tan, "asin": jnp.arcsin,
+    "acos": jnp.arccos, "atan": jnp.arctan, "sinh": jnp.sinh, "cosh": jnp.cosh, "asinh": jnp.arcsinh,
+    "acosh": jnp.arccosh, "atanh": jnp.arctanh, "sqrt": jnp.sqrt, "rsqrt": lax.rsqrt, "cbrt": jnp.cbrt,
+    "erf": jax.scipy.special.erf, "erfc": jax.scipy.special.erfc, "erf_inv": jax.scipy.special.erfinv,
+    "lgamma": jax.scipy.special.gammaln, "digamma": jax.scipy.special.digamma,
+    "floor": jnp.floor, "ceil": jnp.ceil, "round": jnp.round, "neg": jnp.negative, "sign": jnp.sign,
+    "abs": jnp.abs, "is_finite": jnp.isfinite,
+}
+for _name, _fn in _UNARY.items():
+    jax_rules[P.registry[_name]] = _fn
+
+
+def _not(x):
+    return jnp.logical_not(x) if x.dtype == jnp.bool_ else jnp.bitwise_not(x)
+
+
+jax_rules[P.not_p] = _not
+jax_rules[P.integer_pow_p] = lambda x, *, y: lax.integer_pow(x, y)
+
+
+def _int_div(x, y):
+    """lax semantics: integer division rounds toward zero."""
+    return lax.div(*jnp.broadcast_arrays(x, y)) if jnp.issubdtype(x.dtype, jnp.integer) else x / y
+
+
+def _rem(x, y):
+    return lax.rem(*jnp.broadcast_arrays(x, y))
+
+
+def _pow(x, y):
+    return lax.pow(*jnp.broadcast_arrays(x, y))
+
+
+_BINARY = {
+    "add": jnp.add, "sub": jnp.subtract, "mul": jnp.multiply, "div": _int_div, "rem": _rem, "pow": _pow,
+    "max": jnp.maximum, "min": jnp.minimum, "atan2": jnp.arctan2, "eq": jnp.equal, "ne": jnp.not_equal,
+    "lt": jnp.less, "le": jnp.less_equal, "gt": jnp.greater, "ge": jnp.greater_equal,
+}
+for _name, _fn in _BINARY.items():
+    jax_rules[P.registry[_name]] = _fn
+
+
+def _logical(bool_fn, int_fn):
+    return lambda x, y: bool_fn(x, y) if x.dtype == jnp.bool_ else int_fn(x, y)
+
+
+jax_rules[P.and_p] = _logical(jnp.logical_and, jnp.bitwise_and)
+jax_rules[P.or_p] = _logical(jnp.logical_or, jnp.bitwise_or)
+jax_rules[P.xor_p] = _logical(jnp.logical_xor, jnp.bitwise_xor)
+jax_rules[P.select_p] = lambda pred, t, f: jnp.where(pred, t, f)
+jax_rules[P.convert_element_type_p] = lambda x, *, new_dtype: lax.convert_element_type(x, new_dtype)
+jax_rules[P.stop_gradient_p] = lax.stop_gradient
+
+jax_rules[P.reduce_sum_p] = lambda x, *, axes: jnp.sum(x, axis=axes, dtype=x.dtype)
+jax_rules[P.reduce_max_p] = lambda x, *, axes: jnp.max(x, axis=axes)
+jax_rules[P.reduce_min_p] = lambda x, *, axes: jnp.min(x, axis=axes)
+jax_rules[P.reduce_prod_p] = lambda x, *, axes: jnp.prod(x, axis=axes, dtype=x.dtype)
+jax_rules[P.reduce_and_p] = lambda x, *, axes: jnp.all(x, axis=axes)
+jax_rules[P.reduce_or_p] = lambda x, *, axes: jnp.any(x, axis=axes)
+jax_rules[P.argmax_p] = lambda x, *, axis, index_dtype: jnp.argmax(x, axis=axis).astype(index_dtype)
+jax_rules[P.argmin_p] = lambda x, *, axis, index_dtype: jnp.argmin(x, axis=axis).astype(index_dtype)
+jax_rules[P.cumsum_p] = lambda x, *, axis, reverse: lax.cumsum(x, axis=axis, reverse=reverse)
+jax_rules[P.cumprod_p] = lambda x, *, axis, reverse: lax.cumprod(x, axis=axis, reverse=reverse)
+jax_rules[P.cummax_p] = lambda x, *, axis, reverse: lax.cummax(x, axis=axis, reverse=reverse)
+jax_rules[P.cummin_p] = lambda x, *, axis, reverse: lax.cummin(x, axis=axis, reverse=reverse)
+
+jax_rules[P.broadcast_in_dim_p] = (
+    lambda x, *, shape, broadcast_dimensions: lax.broadcast_in_dim(jnp.asarray(x), shape, broadcast_dimensions))
+jax_rules[P.reshape_p] = lambda x, *, new_sizes: jnp.reshape(x, new_sizes)
+jax_rules[P.transpose_p] = lambda x, *, permutation: jnp.transpose(x, permutation)
+jax_rules[P.slice_p] = lambda x, *, start_indices, limit_indices, strides: lax.slice(
+    x, start_indices, limit_indices, strides)
+jax_rules[P.pad_p] = lambda x, v, *, padding_config: lax.pad(x, jnp.asarray(v, x.dtype), padding_config)
+jax_rules[P.concatenate_p] = lambda *xs, dimension: lax.concatenate(xs, dimension)
+jax_rules[P.rev_p] = lambda x, *, dimensions: lax.rev(x, dimensions)
+jax_rules[P.iota_p] = lambda *, dtype, shape, dimension: lax.broadcasted_iota(dtype, shape, dimension)
+
+
+def _dot_general(lhs, rhs, *, dimension_numbers, preferred_element_type):
+    precision = lax.Precision.HIGHEST
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type)
+
+
+jax_rules[P.dot_general_p] = _dot_general
+
+
+def _conv(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+          feature_group_count, batch_group_count):
+    dn = lax.ConvDimensionNumbers(*dimension_numbers)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn,
+                                    feature_group_count, batch_group_count, precision=lax.Precision.HIGHEST)
+
+
+jax_rules[P.conv_general_dilated_p] = _conv
+
+
+def _full_index(indices, axis):
+    """Index tuple for torch-style gather/scatter: iotas everywhere but ``axis``."""
+    grids = [lax.broadcasted_iota(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32, indices.shape, d)
+             for d in range(indices.ndim)]
+    grids[axis] = indices
+    return tuple(grids)
+
+
+jax_rules[P.gather_p] = lambda x, idx, *, axis: x[_full_index(idx, axis)]
+jax_rules[P.scatter_add_p] = lambda x, idx, upd, *, axis: x.at[_full_index(idx, axis)].add(upd)
+jax_rules[P.scatter_p] = lambda x, idx, upd, *, axis: x.at[_full_index(idx, axis)].set(upd)
+
+
+def _random(key, *, shape, dtype, distribution):
+    k = jax.random.wrap_key_data(key, impl="threefry2x32")
+    if distribution == "uniform":
+        return jax.random.uniform(k, shape, dtype)
+    return jax.random.normal(k, shape, dtype)
+
+
+jax_rules[P.random_p] = _random
+
+_ = np  # numpy used by rule authors for dtype constants

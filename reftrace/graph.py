@@ -1,0 +1,352 @@
+"""The IR: immutable graph values (Var, Literal, Eqn, Graph), their printer and typecheck.
+
+A Graph is a value: frozen, hashable, and compared structurally. Variables are
+numbered canonically (inputs first, then equation outputs in order) whenever a
+Graph is built, so two traces of the same function are equal no matter which
+builder or transform produced them. Names such as ``a``, ``b`` are only assigned
+when a graph is printed.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from reftrace.errors import GraphError, ShapeError
+
+Shape = tuple[int, ...]
+
+
+def _canonical_dtype(dtype: Any) -> np.dtype:
+    return np.dtype(dtype)
+
+
+@dataclass(frozen=True)
+class Aval:
+    """Abstract value: what every value in a graph has, a shape and a dtype."""
+
+    shape: Shape
+    dtype: np.dtype
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "dtype", _canonical_dtype(self.dtype))
+        if any(d < 0 for d in self.shape):
+            raise ShapeError(f"negative dimension in shape {self.shape}")
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def str_short(self) -> str:
+        return f"{dtype_short_name(self.dtype)}[{','.join(map(str, self.shape))}]"
+
+
+_DTYPE_SHORT = {
+    "float16": "f16", "float32": "f32", "float64": "f64", "bfloat16": "bf16",
+    "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64",
+    "uint8": "u8", "uint16": "u16", "uint32": "u32", "uint64": "u64",
+    "bool": "bool", "complex64": "c64", "complex128": "c128",
+}
+
+
+def dtype_short_name(dtype: np.dtype) -> str:
+    return _DTYPE_SHORT.get(np.dtype(dtype).name, np.dtype(dtype).name)
+
+
+class _ValueMixin:
+    aval: Aval
+
+    @property
+    def shape(self) -> Shape:
+        return self.aval.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.aval.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.aval.ndim
+
+    @property
+    def size(self) -> int:
+        return self.aval.size
+
+    @property
+    def nbytes(self) -> int:
+        return self.aval.nbytes
+
+
+@dataclass(frozen=True)
+class Var(_ValueMixin):
+    """A value produced by an input or an equation. ``id`` is canonical within its Graph."""
+
+    id: int
+    aval: Aval
+
+    def __repr__(self) -> str:
+        return f"Var({self.id}:{self.aval.str_short()})"
+
+
+@dataclass(frozen=True)
+class Literal(_ValueMixin):
+    """A constant operand. Its data is stored as bytes so it hashes and compares exactly."""
+
+    data: bytes
+    aval: Aval
+
+    @staticmethod
+    def of(value: Any, dtype: Any = None) -> "Literal":
+        arr = np.asarray(value, dtype=dtype)
+        return Literal(np.ascontiguousarray(arr).tobytes(), Aval(arr.shape, arr.dtype))
+
+    @property
+    def value(self) -> np.ndarray:
+        """The constant as a (read-only) numpy array; a 0-d array for scalars."""
+        arr = np.frombuffer(self.data, dtype=self.aval.dtype).reshape(self.aval.shape)
+        return arr
+
+    def item(self) -> Any:
+        return self.value.item()
+
+    def __str__(self) -> str:
+        if self.aval.shape == ():
+            v = self.item()
+            return f"{v}:{dtype_short_name(self.dtype)}"
+        if self.aval.size <= 4:
+            return f"{self.value.tolist()}:{self.aval.str_short()}"
+        return f"const:{self.aval.str_short()}"
+
+    def __repr__(self) -> str:
+        return f"Literal({self})"
+
+
+Atom = Var | Literal
+
+
+class Params(Mapping[str, Any]):
+    """An immutable, hashable mapping of equation parameters (sorted by key)."""
+
+    __slots__ = ("_items", "_hash")
+
+    def __init__(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()) -> None:
+        pairs = items.items() if isinstance(items, Mapping) else items
+        frozen = tuple(sorted((k, _freeze(v)) for k, v in pairs))
+        object.__setattr__(self, "_items", frozen)
+        object.__setattr__(self, "_hash", hash(frozen))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Params are immutable")
+
+    def __getitem__(self, key: str) -> Any:
+        for k, v in self._items:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Params) and self._items == other._items
+
+    def __repr__(self) -> str:
+        return "Params(" + ", ".join(f"{k}={v!r}" for k, v in self._items) + ")"
+
+
+def _freeze(value: Any) -> Any:
+    """Turn parameter values into hashable ones (lists to tuples, dtypes canonical)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic)):
+        return np.dtype(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    hash(value)  # raises TypeError early for unhashable params
+    return value
+
+
+@dataclass(frozen=True)
+class Eqn:
+    """``outputs = primitive(*inputs, **params)``."""
+
+    primitive: Any  # reftrace.primitives.Primitive; typed loosely to keep graph.py self-contained
+    inputs: tuple[Atom, ...]
+    outputs: tuple[Var, ...]
+    params: Params = field(default_factory=Params)
+
+
+@dataclass(frozen=True, eq=False)
+class Graph:
+    """An immutable, structurally compared program: ``outputs = f(*inputs)``.
+
+    ``joint`` is ``None`` for an ordinary graph; for a graph made by ``vjp`` it is
+    ``(num_primals, num_outputs)`` so ``partition`` knows where primals end and
+    cotangents start (inputs) and where outputs end and gradients start (outputs).
+    """
+
+    inputs: tuple[Var, ...]
+    eqns: tuple[Eqn, ...]
+    outputs: tuple[Atom, ...]
+    joint: tuple[int, int] | None = None
+    _key: tuple = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        inputs, eqns, outputs = _canonicalize(tuple(self.inputs), tuple(self.eqns), tuple(self.outputs))
+        object.__setattr__(self, "inputs", inputs)
+        object.__setattr__(self, "eqns", eqns)
+        object.__setattr__(self, "outputs", outputs)
+        key = (inputs, eqns, outputs, self.joint)
+        object.__setattr__(self, "_key", key)
+        object.__setattr__(self, "_hash", hash(key))
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        return isinstance(other, Graph) and self._hash == other._hash and self._key == other._key
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __str__(self) -> str:
+        return format_graph(self)
+
+    def __repr__(self) -> str:
+        return f"<Graph {len(self.inputs)} inputs, {len(self.eqns)} eqns, {len(self.outputs)} outputs>"
+
+    @property
+    def in_avals(self) -> tuple[Aval, ...]:
+        return tuple(v.aval for v in self.inputs)
+
+    @property
+    def out_avals(self) -> tuple[Aval, ...]:
+        return tuple(v.aval for v in self.outputs)
+
+    def replace(self, **changes: Any) -> "Graph":
+        fields = dict(inputs=self.inputs, eqns=self.eqns, outputs=self.outputs, joint=self.joint)
+        fields.update(changes)
+        return Graph(**fields)
+
+
+def _canonicalize(inputs, eqns, outputs):
+    """Renumber variables 0, 1, 2, ... in definition order; check single definition and scoping."""
+    mapping: dict[Var, Var] = {}
+    counter = itertools.count()
+
+    def define(v: Var) -> Var:
+        if not isinstance(v, Var):
+            raise GraphError(f"graph inputs and equation outputs must be Vars, got {v!r}")
+        if v in mapping:
+            raise GraphError(f"variable {v!r} is defined twice")
+        new = Var(next(counter), v.aval)
+        mapping[v] = new
+        return new
+
+    def use(a: Atom) -> Atom:
+        if isinstance(a, Literal):
+            return a
+        try:
+            return mapping[a]
+        except KeyError:
+            raise GraphError(f"variable {a!r} is used before it is defined") from None
+        except TypeError:
+            raise GraphError(f"expected a Var or Literal operand, got {a!r}") from None
+
+    new_inputs = tuple(define(v) for v in inputs)
+    new_eqns = []
+    for e in eqns:
+        ins = tuple(use(a) for a in e.inputs)
+        outs = tuple(define(v) for v in e.outputs)
+        params = e.params if isinstance(e.params, Params) else Params(e.params)
+        new_eqns.append(Eqn(e.primitive, ins, outs, params))
+    new_outputs = tuple(use(a) for a in outputs)
+    return new_inputs, tuple(new_eqns), new_outputs
+
+
+# ----------------------------------------------------------------------------- printing
+
+def _names() -> Iterator[str]:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for n in itertools.count(1):
+        for combo in itertools.product(letters, repeat=n):
+            yield "".join(combo)
+
+
+def _format_param(v: Any) -> str:
+    if isinstance(v, np.dtype):
+        return dtype_short_name(v)
+    if isinstance(v, Graph):
+        return "{ graph }"
+    return repr(v)
+
+
+def format_graph(graph: Graph, indent: int = 0) -> str:
+    """A jaxpr-like listing: ``{ lambda a:f32[3] . b:f32[3] = cos a ... in (b) }``."""
+    names: dict[Var, str] = {}
+    gen = _names()
+
+    def name(a: Atom, decl: bool = False) -> str:
+        if isinstance(a, Literal):
+            return str(a)
+        if a not in names:
+            names[a] = next(gen)
+        return f"{names[a]}:{a.aval.str_short()}" if decl else names[a]
+
+    pad = " " * indent
+    ins = " ".join(name(v, decl=True) for v in graph.inputs)
+    lines = [f"{pad}{{ lambda {ins} ."]
+    for e in graph.eqns:
+        outs = " ".join(name(v, decl=True) for v in e.outputs)
+        params = " ".join(f"{k}={_format_param(v)}" for k, v in e.params.items())
+        params = f"[{params}]" if params else ""
+        args = " ".join(name(a) for a in e.inputs)
+        lines.append(f"{pad}    {outs} = {e.primitive.name}{params} {args}".rstrip())
+    outs = " ".join(name(a) for a in graph.outputs)
+    lines.append(f"{pad}  in ({outs}) }}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- typecheck
+
+def typecheck(graph: Graph) -> None:
+    """Re-derive every equation's output avals from the shape rules; raise ShapeError on mismatch."""
+    from reftrace.primitives import infer_avals  # local import: primitives depend on graph
+
+    for i, e in enumerate(graph.eqns):
+        try:
+            expected = infer_avals(e.primitive, [a.aval for a in e.inputs], e.params)
+        except ShapeError as exc:
+            raise ShapeError(f"equation {i} ({e.primitive.name}): {exc}") from None
+        got = [v.aval for v in e.outputs]
+        if list(expected) != got:
+            raise ShapeError(
+                f"equation {i} ({e.primitive.name}) declares outputs "
+                f"{[a.str_short() for a in got]} but its rule gives {[a.str_short() for a in expected]}"
+            )
+    if graph.joint is not None:
+        num_primals, num_outs = graph.joint
+        if not (0 <= num_primals <= len(graph.inputs) and 0 <= num_outs <= len(graph.outputs)):
+            raise GraphError(f"joint spec {graph.joint} does not fit the graph's inputs/outputs")
+
+
+def graph_from(inputs: Sequence[Var], eqns: Sequence[Eqn], outputs: Sequence[Atom],
+               joint: tuple[int, int] | None = None) -> Graph:
+    return Graph(tuple(inputs), tuple(eqns), tuple(outputs), joint)

@@ -1,0 +1,374 @@
+"""Strict, primitive-level functions on traced values (the ``jax.lax`` of reftrace).
+
+VJP rules and front ends are written with these. No implicit promotion: operands
+must already agree in dtype; rank-0 operands (and Python scalars, which take the
+other operand's dtype) broadcast. Outside any trace, a call evaluates eagerly.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from reftrace import primitives as P
+from reftrace.builder import Builder
+from reftrace.errors import DataDependentControlFlowError, TracingError
+from reftrace.graph import Atom, Aval, Literal, Var
+from reftrace.primitives import Primitive
+
+_builders: list[Builder] = []
+
+
+class TracedArray:
+    """A value being traced: a builder and the atom (Var or Literal) it stands for."""
+
+    __slots__ = ("builder", "atom")
+    __array_priority__ = 1000  # numpy defers to our operators
+
+    def __init__(self, builder: Builder, atom: Atom) -> None:
+        self.builder = builder
+        self.atom = atom
+
+    aval = property(lambda self: self.atom.aval)
+    shape = property(lambda self: self.atom.aval.shape)
+    dtype = property(lambda self: self.atom.aval.dtype)
+    ndim = property(lambda self: self.atom.aval.ndim)
+    size = property(lambda self: self.atom.aval.size)
+
+    def __repr__(self) -> str:
+        return f"TracedArray({self.aval.str_short()})"
+
+    def __bool__(self) -> bool:
+        raise DataDependentControlFlowError(
+            f"data-dependent control flow: the truth value of a traced {self.aval.str_short()} is not "
+            "known while tracing. Use reftrace.numpy.where (or select) instead of if/while on array values.")
+
+    def __index__(self) -> int:
+        raise DataDependentControlFlowError(
+            f"a traced {self.aval.str_short()} was used as a Python int; its value is unknown while tracing.")
+
+    __int__ = __float__ = __index__
+
+    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        raise TracingError(f"a traced {self.aval.str_short()} cannot become a concrete numpy array while "
+                           "tracing; use reftrace.numpy functions instead of numpy ones.")
+
+    def __len__(self) -> int:
+        if self.ndim == 0:
+            raise TypeError("len() of a rank-0 array")
+        return self.shape[0]
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    # Operators follow numpy semantics; they live in reftrace.numpy.
+    def _np(name):  # noqa: N805 - small helper to define operator methods
+        def method(self, *args, **kwargs):
+            from reftrace import numpy as rnp
+            return getattr(rnp, name)(self, *args, **kwargs)
+        method.__name__ = name
+        return method
+
+    def _rnp(name):  # noqa: N805
+        def method(self, other):
+            from reftrace import numpy as rnp
+            return getattr(rnp, name)(other, self)
+        return method
+
+    __add__, __radd__ = _np("add"), _rnp("add")
+    __sub__, __rsub__ = _np("subtract"), _rnp("subtract")
+    __mul__, __rmul__ = _np("multiply"), _rnp("multiply")
+    __truediv__, __rtruediv__ = _np("divide"), _rnp("divide")
+    __floordiv__, __rfloordiv__ = _np("floor_divide"), _rnp("floor_divide")
+    __mod__, __rmod__ = _np("remainder"), _rnp("remainder")
+    __pow__, __rpow__ = _np("power"), _rnp("power")
+    __matmul__, __rmatmul__ = _np("matmul"), _rnp("matmul")
+    __and__, __rand__ = _np("logical_and"), _rnp("logical_and")
+    __or__, __ror__ = _np("logical_or"), _rnp("logical_or")
+    __xor__, __rxor__ = _np("logical_xor"), _rnp("logical_xor")
+    __neg__ = _np("negative")
+    __pos__ = _np("positive")
+    __abs__ = _np("abs")
+    __invert__ = _np("invert")
+    __lt__, __le__, __gt__, __ge__ = _np("less"), _np("less_equal"), _np("greater"), _np("greater_equal")
+    __eq__, __ne__ = _np("equal"), _np("not_equal")  # type: ignore[assignment]
+    __getitem__ = _np("getitem")
+    sum, mean, max, min, prod = _np("sum"), _np("mean"), _np("max"), _np("min"), _np("prod")
+    argmax, argmin = _np("argmax"), _np("argmin")
+    reshape, astype, transpose = _np("reshape"), _np("astype"), _np("transpose")
+    T = property(_np("transpose"))
+    del _np, _rnp
+
+
+def current_builder() -> Builder | None:
+    return _builders[-1] if _builders else None
+
+
+class tracing:
+    """Context manager making ``builder`` the one that ``bind`` emits into."""
+
+    def __init__(self, builder: Builder) -> None:
+        self.builder = builder
+
+    def __enter__(self) -> Builder:
+        _builders.append(self.builder)
+        return self.builder
+
+    def __exit__(self, *exc: Any) -> None:
+        _builders.pop()
+
+
+def new_input(builder: Builder, aval: Aval) -> TracedArray:
+    return TracedArray(builder, builder.new_var(aval))
+
+
+def to_atom(x: Any, dtype: Any = None) -> Atom:
+    """A traced value's atom, or a Literal for a concrete scalar/array (cast to ``dtype`` if given)."""
+    if isinstance(x, TracedArray):
+        return x.atom
+    if isinstance(x, Literal):
+        return x
+    arr = np.asarray(x)
+    if dtype is not None:
+        arr = arr.astype(dtype)
+    return Literal.of(arr)
+
+
+def bind(prim: Primitive, *args: Any, **params: Any) -> Any:
+    """Emit ``prim`` into the current builder; one TracedArray out (or a tuple if multiple_results)."""
+    builders = {a.builder for a in args if isinstance(a, TracedArray)}
+    if len(builders) > 1:
+        raise TracingError(f"{prim.name}: operands come from different traces (a value escaped its trace?)")
+    builder = builders.pop() if builders else current_builder()
+    if builder is None:
+        return _eager(prim, args, params)
+    outs = builder.bind(prim, [to_atom(a) for a in args], params)
+    wrapped = tuple(TracedArray(builder, v) for v in outs)
+    return wrapped if prim.multiple_results else wrapped[0]
+
+
+def _eager(prim: Primitive, args: Sequence[Any], params: dict[str, Any]) -> Any:
+    """Run one primitive on concrete arrays (through the JAX backend) outside any trace."""
+    from reftrace.backends.jax import apply_eager
+    return apply_eager(prim, [np.asarray(a) for a in args], params)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _scalar_like(x: Any, other: Any) -> Any:
+    """Python scalars take the dtype of the traced operand they meet."""
+    if isinstance(x, (bool, int, float)) and not isinstance(x, TracedArray):
+        dtype = getattr(other, "dtype", None)
+        return Literal.of(x, dtype) if dtype is not None else x
+    return x
+
+
+def _wrap_literal(x: Any) -> Any:
+    if isinstance(x, Literal):
+        b = current_builder()
+        return TracedArray(b, x) if b is not None else x.value
+    return x
+
+
+def _unary(prim: Primitive):
+    def f(x: Any) -> Any:
+        return bind(prim, x)
+    f.__name__ = prim.name
+    return f
+
+
+def _binary(prim: Primitive):
+    def f(x: Any, y: Any) -> Any:
+        x2, y2 = _wrap_literal(_scalar_like(x, y)), _wrap_literal(_scalar_like(y, x))
+        return bind(prim, x2, y2)
+    f.__name__ = prim.name
+    return f
+
+
+for _p in P.UNARY_PRIMITIVES:
+    globals()[_p.name] = _unary(_p)
+for _p in P.BINARY_PRIMITIVES:
+    globals()[_p.name] = _binary(_p)
+bitwise_not = _unary(P.not_p)
+logical_and, logical_or, logical_xor = _binary(P.and_p), _binary(P.or_p), _binary(P.xor_p)
+maximum, minimum = _binary(P.max_p), _binary(P.min_p)
+
+
+def integer_pow(x: Any, y: int) -> Any:
+    return bind(P.integer_pow_p, x, y=int(y))
+
+
+def select(pred: Any, on_true: Any, on_false: Any) -> Any:
+    on_true, on_false = _scalar_like(on_true, on_false), _scalar_like(on_false, on_true)
+    return bind(P.select_p, pred, _wrap_literal(on_true), _wrap_literal(on_false))
+
+
+def convert_element_type(x: Any, dtype: Any) -> Any:
+    dtype = np.dtype(dtype)
+    if getattr(x, "dtype", None) == dtype:
+        return x
+    return bind(P.convert_element_type_p, x, new_dtype=dtype)
+
+
+def stop_gradient(x: Any) -> Any:
+    return bind(P.stop_gradient_p, x)
+
+
+def reduce(prim: Primitive, x: Any, axes: Sequence[int]) -> Any:
+    axes = tuple(sorted(int(a) for a in axes))
+    if not axes:
+        return x
+    return bind(prim, x, axes=axes)
+
+
+def reduce_sum(x: Any, axes: Sequence[int]) -> Any:
+    return reduce(P.reduce_sum_p, x, axes)
+
+
+def reduce_max(x: Any, axes: Sequence[int]) -> Any:
+    return reduce(P.reduce_max_p, x, axes)
+
+
+def reduce_min(x: Any, axes: Sequence[int]) -> Any:
+    return reduce(P.reduce_min_p, x, axes)
+
+
+def reduce_prod(x: Any, axes: Sequence[int]) -> Any:
+    return reduce(P.reduce_prod_p, x, axes)
+
+
+def argmax(x: Any, axis: int, index_dtype: Any = np.int64) -> Any:
+    return bind(P.argmax_p, x, axis=int(axis), index_dtype=np.dtype(index_dtype))
+
+
+def argmin(x: Any, axis: int, index_dtype: Any = np.int64) -> Any:
+    return bind(P.argmin_p, x, axis=int(axis), index_dtype=np.dtype(index_dtype))
+
+
+def cumsum(x: Any, axis: int, reverse: bool = False) -> Any:
+    return bind(P.cumsum_p, x, axis=int(axis), reverse=bool(reverse))
+
+
+def broadcast_in_dim(x: Any, shape: Sequence[int], broadcast_dimensions: Sequence[int]) -> Any:
+    shape, dims = tuple(int(d) for d in shape), tuple(int(d) for d in broadcast_dimensions)
+    if tuple(np.shape(x) if not isinstance(x, TracedArray) else x.shape) == shape and dims == tuple(range(len(shape))):
+        return x
+    return bind(P.broadcast_in_dim_p, x, shape=shape, broadcast_dimensions=dims)
+
+
+def broadcast_to_rank(x: Any, shape: Sequence[int]) -> Any:
+    """numpy-style broadcast of ``x`` to ``shape`` (trailing alignment)."""
+    shape = tuple(shape)
+    xs = x.shape if isinstance(x, TracedArray) else np.shape(x)
+    lead = len(shape) - len(xs)
+    return broadcast_in_dim(x, shape, tuple(range(lead, len(shape))))
+
+
+def full(shape: Sequence[int], value: Any, dtype: Any) -> Any:
+    """A constant array: a rank-0 Literal broadcast to ``shape``."""
+    lit = Literal.of(value, np.dtype(dtype))
+    if tuple(shape) == ():
+        return _wrap_literal(lit)
+    return bind(P.broadcast_in_dim_p, _wrap_literal(lit), shape=tuple(shape), broadcast_dimensions=())
+
+
+def zeros(aval: Aval) -> Any:
+    return full(aval.shape, 0, aval.dtype)
+
+
+def reshape(x: Any, new_sizes: Sequence[int]) -> Any:
+    new_sizes = tuple(int(d) for d in new_sizes)
+    if x.shape == new_sizes:
+        return x
+    return bind(P.reshape_p, x, new_sizes=new_sizes)
+
+
+def transpose(x: Any, permutation: Sequence[int]) -> Any:
+    permutation = tuple(int(p) for p in permutation)
+    if permutation == tuple(range(len(permutation))):
+        return x
+    return bind(P.transpose_p, x, permutation=permutation)
+
+
+def slice(x: Any, start_indices: Sequence[int], limit_indices: Sequence[int],  # noqa: A001
+          strides: Sequence[int] | None = None) -> Any:
+    strides = tuple(strides) if strides is not None else (1,) * len(start_indices)
+    if tuple(start_indices) == (0,) * x.ndim and tuple(limit_indices) == x.shape and set(strides) <= {1}:
+        return x
+    return bind(P.slice_p, x, start_indices=tuple(int(s) for s in start_indices),
+                limit_indices=tuple(int(s) for s in limit_indices), strides=tuple(int(s) for s in strides))
+
+
+def pad(x: Any, padding_value: Any, padding_config: Sequence[tuple[int, int, int]]) -> Any:
+    config = tuple((int(lo), int(hi), int(i)) for lo, hi, i in padding_config)
+    if all(c == (0, 0, 0) for c in config):
+        return x
+    return bind(P.pad_p, x, _wrap_literal(_scalar_like(padding_value, x)), padding_config=config)
+
+
+def concatenate(xs: Sequence[Any], dimension: int) -> Any:
+    if len(xs) == 1:
+        return xs[0]
+    return bind(P.concatenate_p, *xs, dimension=int(dimension))
+
+
+def rev(x: Any, dimensions: Sequence[int]) -> Any:
+    dimensions = tuple(sorted(int(d) for d in dimensions))
+    if not dimensions:
+        return x
+    return bind(P.rev_p, x, dimensions=dimensions)
+
+
+def iota(dtype: Any, shape: Sequence[int], dimension: int = 0) -> Any:
+    return bind(P.iota_p, dtype=np.dtype(dtype), shape=tuple(int(s) for s in shape), dimension=int(dimension))
+
+
+def dot_general(lhs: Any, rhs: Any, dimension_numbers: Any, preferred_element_type: Any = None) -> Any:
+    (lc, rc), (lb, rb) = dimension_numbers
+    dn = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
+    pet = np.dtype(preferred_element_type) if preferred_element_type is not None else None
+    return bind(P.dot_general_p, lhs, rhs, dimension_numbers=dn, preferred_element_type=pet)
+
+
+def conv_general_dilated(lhs: Any, rhs: Any, window_strides: Sequence[int], padding: Sequence[tuple[int, int]],
+                         lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
+                         dimension_numbers: Any = None, feature_group_count: int = 1,
+                         batch_group_count: int = 1) -> Any:
+    n = lhs.ndim - 2
+    if dimension_numbers is None:  # torch layout: NC*, OI*, NC*
+        spec = tuple(range(n + 2))
+        dimension_numbers = (spec, spec, spec)
+    return bind(P.conv_general_dilated_p, lhs, rhs,
+                window_strides=tuple(int(s) for s in window_strides),
+                padding=tuple((int(lo), int(hi)) for lo, hi in padding),
+                lhs_dilation=tuple(int(d) for d in (lhs_dilation or (1,) * n)),
+                rhs_dilation=tuple(int(d) for d in (rhs_dilation or (1,) * n)),
+                dimension_numbers=tuple(tuple(int(d) for d in s) for s in dimension_numbers),
+                feature_group_count=int(feature_group_count), batch_group_count=int(batch_group_count))
+
+
+def gather(operand: Any, indices: Any, axis: int) -> Any:
+    return bind(P.gather_p, operand, indices, axis=int(axis))
+
+
+def scatter_add(operand: Any, indices: Any, updates: Any, axis: int) -> Any:
+    return bind(P.scatter_add_p, operand, indices, updates, axis=int(axis))
+
+
+def scatter(operand: Any, indices: Any, updates: Any, axis: int) -> Any:
+    return bind(P.scatter_p, operand, indices, updates, axis=int(axis))
+
+
+def is_traced(x: Any) -> bool:
+    return isinstance(x, TracedArray)
+
+
+def aval_of(x: Any) -> Aval:
+    if isinstance(x, TracedArray):
+        return x.aval
+    arr = np.asarray(x)
+    return Aval(arr.shape, arr.dtype)
+
+
+__all__ = [n for n in dir() if not n.startswith("_")]
+_ = Var  # re-exported for rule authors

@@ -1,0 +1,546 @@
+"""``reftrace.numpy``: a numpy-like front end that builds graphs without torch.
+
+Semantics follow NumPy 2:
+
+- **Type promotion** is ``numpy.result_type`` (NEP 50). Python scalars are weak:
+  ``f32_array * 2.0`` stays float32, ``i32_array + 1`` stays int32, but
+  ``i32_array * 1.5`` becomes float64. Array/array promotion is numpy's
+  (``int64 + float32 -> float64``), which differs from JAX's.
+- **Broadcasting** is numpy's; it becomes explicit ``broadcast_in_dim`` equations
+  (rank-0 operands stay rank 0: every primitive broadcasts those).
+- True division and transcendental functions of integers give float64; ``sum`` of
+  bool/small ints accumulates in int64 (uint64 for unsigned), as numpy on Linux.
+- Integer ``//`` and ``%`` follow numpy (floor division, sign of the divisor).
+
+Functions accept traced arrays, numpy arrays and Python scalars. Outside a trace
+they evaluate eagerly (through the JAX backend).
+"""
+from __future__ import annotations
+
+import builtins
+from typing import Any, Sequence
+
+import numpy as np
+
+from reftrace import lax
+from reftrace import primitives as P
+from reftrace.errors import ShapeError, TracingError
+from reftrace.lax import TracedArray
+
+ndarray = TracedArray
+float32, float64, int32, int64, bool_ = np.float32, np.float64, np.int32, np.int64, np.bool_
+pi, e, inf, nan = np.pi, np.e, np.inf, np.nan
+
+
+# ----------------------------------------------------------------------------- promotion
+
+def _dtype_or_weak(x: Any) -> Any:
+    if isinstance(x, TracedArray):
+        return x.dtype
+    if isinstance(x, (bool, int, float)) and not isinstance(x, np.generic):
+        return x  # weak Python scalar, as NEP 50
+    return np.asarray(x).dtype
+
+
+def result_type(*args: Any) -> np.dtype:
+    return np.result_type(*[_dtype_or_weak(a) for a in args])
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return x.shape if isinstance(x, TracedArray) else np.shape(x)
+
+
+def asarray(x: Any, dtype: Any = None) -> Any:
+    """A traced value stays traced (converted if ``dtype``); anything else becomes a numpy array."""
+    if isinstance(x, TracedArray):
+        return lax.convert_element_type(x, dtype) if dtype is not None else x
+    return np.asarray(x, dtype=dtype)
+
+
+def _cast(x: Any, dtype: np.dtype) -> Any:
+    if isinstance(x, TracedArray):
+        return lax.convert_element_type(x, dtype)
+    arr = np.asarray(x).astype(dtype)
+    return lax._wrap_literal(lax.Literal.of(arr)) if lax.current_builder() is not None else arr
+
+
+def _broadcast(x: Any, shape: tuple[int, ...]) -> Any:
+    xs = _shape(x)
+    if xs == shape or len(xs) == 0:
+        return x
+    if not isinstance(x, TracedArray) and lax.current_builder() is not None:
+        x = lax._wrap_literal(lax.Literal.of(np.asarray(x)))
+    return lax.broadcast_to_rank(x, shape)
+
+
+def _prepare(*args: Any, dtype: Any = None) -> tuple[list[Any], np.dtype]:
+    """Promote ``args`` to one dtype and broadcast them to one shape (rank-0 stay rank 0)."""
+    dtype = np.dtype(dtype) if dtype is not None else result_type(*args)
+    try:
+        shape = tuple(np.broadcast_shapes(*[_shape(a) for a in args]))
+    except ValueError:
+        raise ShapeError(f"operands could not be broadcast together with shapes "
+                         f"{[_shape(a) for a in args]}") from None
+    return [_broadcast(_cast(a, dtype), shape) for a in args], dtype
+
+
+def _binary(prim: P.Primitive, name: str, kinds: str = "fib", out_dtype: Any = None):
+    def f(x: Any, y: Any) -> Any:
+        (a, b), dtype = _prepare(x, y)
+        if not P._dtype_ok(dtype, kinds):
+            raise ShapeError(f"{name}: not supported for dtype {dtype.name}")
+        return lax.bind(prim, a, b)
+    f.__name__ = name
+    return f
+
+
+add = _binary(P.add_p, "add", "fi")
+subtract = _binary(P.sub_p, "subtract", "fi")
+multiply = _binary(P.mul_p, "multiply", "fi")
+maximum = _binary(P.max_p, "maximum")
+minimum = _binary(P.min_p, "minimum")
+arctan2 = _binary(P.atan2_p, "arctan2", "f")
+equal = _binary(P.eq_p, "equal")
+not_equal = _binary(P.ne_p, "not_equal")
+less = _binary(P.lt_p, "less")
+less_equal = _binary(P.le_p, "less_equal")
+greater = _binary(P.gt_p, "greater")
+greater_equal = _binary(P.ge_p, "greater_equal")
+logical_and = _binary(P.and_p, "logical_and", "ib")
+logical_or = _binary(P.or_p, "logical_or", "ib")
+logical_xor = _binary(P.xor_p, "logical_xor", "ib")
+
+
+def _bool_add_guard(x: Any, y: Any) -> None:
+    if result_type(x, y) == np.bool_:
+        raise ShapeError("add/subtract of two bool arrays is not supported; use logical_or/xor")
+
+
+def divide(x: Any, y: Any) -> Any:
+    """True division; integer operands give float64 (numpy)."""
+    dtype = result_type(x, y)
+    if not P.is_float(dtype):
+        dtype = np.dtype(np.float64)
+    (a, b), _ = _prepare(x, y, dtype=dtype)
+    return lax.bind(P.div_p, a, b)
+
+
+true_divide = divide
+
+
+def floor_divide(x: Any, y: Any) -> Any:
+    (a, b), dtype = _prepare(x, y)
+    if P.is_float(dtype):
+        return lax.floor(lax.bind(P.div_p, a, b))
+    q, r = lax.bind(P.div_p, a, b), lax.bind(P.rem_p, a, b)
+    adjust = logical_and(not_equal(r, 0), not_equal(less(r, 0), less(b, 0)))
+    return where(adjust, subtract(q, 1), q)
+
+
+def remainder(x: Any, y: Any) -> Any:
+    """numpy ``%``: the result has the sign of the divisor."""
+    (a, b), dtype = _prepare(x, y)
+    r = lax.bind(P.rem_p, a, b)
+    adjust = logical_and(not_equal(r, 0), not_equal(less(r, 0), less(b, 0)))
+    return where(adjust, add(r, b), r)
+
+
+mod = remainder
+
+
+def power(x: Any, y: Any) -> Any:
+    """``x ** y``; a Python-int exponent becomes ``integer_pow`` (exact, and a simple VJP)."""
+    if isinstance(y, int) and not isinstance(y, bool) and isinstance(x, TracedArray):
+        dtype = result_type(x, y)
+        if P.is_float(dtype) or y >= 0:
+            return lax.integer_pow(_cast(x, dtype), y)
+    (a, b), dtype = _prepare(x, y)
+    if dtype == np.bool_:
+        raise ShapeError("power of bool arrays is not supported")
+    return lax.bind(P.pow_p, a, b)
+
+
+def _float_unary(prim: P.Primitive, name: str):
+    def f(x: Any) -> Any:
+        dtype = result_type(x)
+        if not P.is_float(dtype):
+            dtype = np.dtype(np.float64)
+        return lax.bind(prim, _cast(x, dtype))
+    f.__name__ = name
+    return f
+
+
+exp = _float_unary(P.exp_p, "exp")
+log = _float_unary(P.log_p, "log")
+log1p = _float_unary(P.log1p_p, "log1p")
+expm1 = _float_unary(P.expm1_p, "expm1")
+sin = _float_unary(P.sin_p, "sin")
+cos = _float_unary(P.cos_p, "cos")
+tan = _float_unary(P.tan_p, "tan")
+arcsin = _float_unary(P.asin_p, "arcsin")
+arccos = _float_unary(P.acos_p, "arccos")
+arctan = _float_unary(P.atan_p, "arctan")
+sinh = _float_unary(P.sinh_p, "sinh")
+cosh = _float_unary(P.cosh_p, "cosh")
+tanh = _float_unary(P.tanh_p, "tanh")
+arcsinh = _float_unary(P.asinh_p, "arcsinh")
+arccosh = _float_unary(P.acosh_p, "arccosh")
+arctanh = _float_unary(P.atanh_p, "arctanh")
+sqrt = _float_unary(P.sqrt_p, "sqrt")
+cbrt = _float_unary(P.cbrt_p, "cbrt")
+
+
+def _same_dtype_unary(prim: P.Primitive, name: str, kinds: str):
+    def f(x: Any) -> Any:
+        x = x if isinstance(x, TracedArray) else _cast(x, result_type(x))
+        if not P._dtype_ok(np.dtype(x.dtype), kinds):
+            raise ShapeError(f"{name}: not supported for dtype {np.dtype(x.dtype).name}")
+        return lax.bind(prim, x)
+    f.__name__ = name
+    return f
+
+
+negative = _same_dtype_unary(P.neg_p, "negative", "fi")
+abs = absolute = _same_dtype_unary(P.abs_p, "abs", "fi")  # noqa: A001
+sign = _same_dtype_unary(P.sign_p, "sign", "fi")
+invert = _same_dtype_unary(P.not_p, "invert", "ib")
+logical_not = invert
+
+
+def positive(x: Any) -> Any:
+    return x
+
+
+def _rounding(prim: P.Primitive, name: str):
+    def f(x: Any) -> Any:
+        if isinstance(x, TracedArray) and not P.is_float(x.dtype):
+            return x  # numpy: floor/ceil/round of integers is the identity (dtype kept)
+        return lax.bind(prim, _cast(x, result_type(x)))
+    f.__name__ = name
+    return f
+
+
+floor = _rounding(P.floor_p, "floor")
+ceil = _rounding(P.ceil_p, "ceil")
+round = _rounding(P.round_p, "round")  # noqa: A001 - half to even, as numpy
+
+
+def square(x: Any) -> Any:
+    return power(x, 2)
+
+
+def reciprocal(x: Any) -> Any:
+    return divide(1.0 if P.is_float(result_type(x)) else 1, x)
+
+
+def clip(x: Any, a_min: Any = None, a_max: Any = None) -> Any:
+    if a_min is not None:
+        x = maximum(x, a_min)
+    if a_max is not None:
+        x = minimum(x, a_max)
+    return x
+
+
+def where(condition: Any, x: Any, y: Any) -> Any:
+    (a, b), dtype = _prepare(x, y)
+    shape = tuple(np.broadcast_shapes(_shape(condition), _shape(a), _shape(b)))
+    cond = _broadcast(_cast(condition, np.dtype(bool)), shape)
+    return lax.bind(P.select_p, cond, _broadcast(a, shape), _broadcast(b, shape))
+
+
+# ----------------------------------------------------------------------------- reductions
+
+def _axes(axis: Any, ndim: int) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ShapeError(f"axis {a} is out of bounds for an array of rank {ndim}")
+        out.append(a % ndim)
+    return tuple(sorted(out))
+
+
+def _keep(x: Any, reduced: Any, axes: tuple[int, ...], keepdims: bool) -> Any:
+    if not keepdims:
+        return reduced
+    shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+    return lax.reshape(reduced, shape)
+
+
+def _as_traced(x: Any) -> Any:
+    if isinstance(x, TracedArray):
+        return x
+    if lax.current_builder() is None:
+        raise TracingError("reftrace.numpy reductions need a traced array (call them inside rt.trace)")
+    return lax._wrap_literal(lax.Literal.of(np.asarray(x)))
+
+
+def sum(x: Any, axis: Any = None, keepdims: bool = False, dtype: Any = None) -> Any:  # noqa: A001
+    x = _as_traced(x)
+    if dtype is None:
+        dtype = x.dtype
+        if P.is_bool(dtype) or (P.is_int(dtype) and dtype.itemsize < 8):
+            dtype = np.dtype(np.uint64 if np.issubdtype(dtype, np.unsignedinteger) else np.int64)
+    axes = _axes(axis, x.ndim)
+    return _keep(x, lax.reduce_sum(lax.convert_element_type(x, dtype), axes), axes, keepdims)
+
+
+def mean(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+    x = _as_traced(x)
+    dtype = x.dtype if P.is_float(x.dtype) else np.dtype(np.float64)
+    axes = _axes(axis, x.ndim)
+    count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+    return divide(sum(x, axes, keepdims, dtype=dtype), np.asarray(count, dtype))
+
+
+def _minmax(prim: P.Primitive, name: str):
+    def f(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+        x = _as_traced(x)
+        axes = _axes(axis, x.ndim)
+        if any(x.shape[a] == 0 for a in axes):
+            raise ShapeError(f"{name}: zero-size reduction along axes {axes} of shape {x.shape}")
+        return _keep(x, lax.reduce(prim, x, axes), axes, keepdims)
+    f.__name__ = name
+    return f
+
+
+max = amax = _minmax(P.reduce_max_p, "max")  # noqa: A001
+min = amin = _minmax(P.reduce_min_p, "min")  # noqa: A001
+
+
+def prod(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+    x = _as_traced(x)
+    axes = _axes(axis, x.ndim)
+    return _keep(x, lax.reduce_prod(x, axes), axes, keepdims)
+
+
+def _arg(fn, name: str):
+    def f(x: Any, axis: int | None = None) -> Any:
+        x = _as_traced(x)
+        if axis is None:
+            x, axis = lax.reshape(x, (x.size,)), 0
+        return fn(x, _axes(axis, x.ndim)[0])
+    f.__name__ = name
+    return f
+
+
+argmax = _arg(lax.argmax, "argmax")
+argmin = _arg(lax.argmin, "argmin")
+
+
+def cumsum(x: Any, axis: int | None = None) -> Any:
+    x = _as_traced(x)
+    if axis is None:
+        x, axis = lax.reshape(x, (x.size,)), 0
+    return lax.cumsum(x, _axes(axis, x.ndim)[0])
+
+
+# ----------------------------------------------------------------------------- shapes
+
+def reshape(x: Any, *shape: Any) -> Any:
+    x = _as_traced(x)
+    if len(shape) == 1 and not isinstance(shape[0], int):
+        shape = tuple(shape[0])
+    shape = list(shape)
+    if shape.count(-1) > 1:
+        raise ShapeError("reshape: only one dimension may be -1")
+    if -1 in shape:
+        known = int(np.prod([d for d in shape if d != -1], dtype=np.int64))
+        if known == 0 or x.size % known:
+            raise ShapeError(f"reshape: cannot reshape {x.shape} into {tuple(shape)}")
+        shape[shape.index(-1)] = x.size // known
+    return lax.reshape(x, tuple(shape))
+
+
+def transpose(x: Any, axes: Sequence[int] | None = None) -> Any:
+    x = _as_traced(x)
+    perm = tuple(reversed(range(x.ndim))) if axes is None else tuple(a % x.ndim for a in axes)
+    return lax.transpose(x, perm)
+
+
+def swapaxes(x: Any, a: int, b: int) -> Any:
+    perm = list(range(x.ndim))
+    perm[a], perm[b] = perm[b], perm[a]
+    return transpose(x, perm)
+
+
+def broadcast_to(x: Any, shape: Sequence[int]) -> Any:
+    x = _as_traced(x)
+    shape = tuple(shape)
+    if tuple(np.broadcast_shapes(x.shape, shape)) != shape:
+        raise ShapeError(f"broadcast_to: cannot broadcast {x.shape} to {shape}")
+    return lax.broadcast_to_rank(x, shape)
+
+
+def expand_dims(x: Any, axis: int) -> Any:
+    x = _as_traced(x)
+    axis = axis % (x.ndim + 1)
+    return lax.reshape(x, x.shape[:axis] + (1,) + x.shape[axis:])
+
+
+def squeeze(x: Any, axis: Any = None) -> Any:
+    x = _as_traced(x)
+    axes = tuple(i for i, d in enumerate(x.shape) if d == 1) if axis is None else _axes(axis, x.ndim)
+    return lax.reshape(x, tuple(d for i, d in enumerate(x.shape) if i not in axes))
+
+
+def concatenate(arrays: Sequence[Any], axis: int = 0) -> Any:
+    arrays = [_as_traced(a) for a in arrays]
+    dtype = result_type(*arrays)
+    arrays = [_cast(a, dtype) for a in arrays]
+    return lax.concatenate(arrays, _axes(axis, arrays[0].ndim)[0])
+
+
+def stack(arrays: Sequence[Any], axis: int = 0) -> Any:
+    return concatenate([expand_dims(a, axis) for a in arrays], axis)
+
+
+def astype(x: Any, dtype: Any) -> Any:
+    return _cast(x, np.dtype(dtype))
+
+
+def zeros_like(x: Any) -> Any:
+    return lax.full(_shape(x), 0, result_type(x))
+
+
+def ones_like(x: Any) -> Any:
+    return lax.full(_shape(x), 1, result_type(x))
+
+
+def zeros(shape: Sequence[int], dtype: Any = np.float64) -> Any:
+    return lax.full(tuple(shape), 0, dtype)
+
+
+def ones(shape: Sequence[int], dtype: Any = np.float64) -> Any:
+    return lax.full(tuple(shape), 1, dtype)
+
+
+def arange(n: int, dtype: Any = np.int64) -> Any:
+    return lax.iota(dtype, (int(n),), 0)
+
+
+# ----------------------------------------------------------------------------- contractions
+
+def matmul(a: Any, b: Any) -> Any:
+    """numpy matmul: 1-D operands are promoted and squeezed, batch dimensions broadcast."""
+    (a, b), dtype = _prepare_matmul(a, b)
+    if a.ndim == 0 or b.ndim == 0:
+        raise ShapeError("matmul: operands must not be scalars")
+    a1, b1 = a.ndim == 1, b.ndim == 1
+    if a1:
+        a = lax.reshape(a, (1,) + a.shape)
+    if b1:
+        b = lax.reshape(b, b.shape + (1,))
+    if a.shape[-1] != b.shape[-2]:
+        raise ShapeError(f"matmul: contracting dimensions differ, {a.shape} @ {b.shape}")
+    batch = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+    a = lax.broadcast_to_rank(a, batch + a.shape[-2:])
+    b = lax.broadcast_to_rank(b, batch + b.shape[-2:])
+    nb = len(batch)
+    out = lax.dot_general(a, b, (((nb + 1,), (nb,)), (tuple(range(nb)), tuple(range(nb)))))
+    if a1:
+        out = lax.reshape(out, out.shape[:-2] + out.shape[-1:])
+    if b1:
+        out = lax.reshape(out, out.shape[:-1])
+    return out
+
+
+def _prepare_matmul(a: Any, b: Any) -> tuple[list[Any], np.dtype]:
+    dtype = result_type(a, b)
+    if dtype == np.bool_:
+        raise ShapeError("matmul of bool arrays is not supported")
+    return [_as_traced(_cast(a, dtype)), _as_traced(_cast(b, dtype))], dtype
+
+
+def dot(a: Any, b: Any) -> Any:
+    if _shape(a) == () or _shape(b) == ():
+        return multiply(a, b)
+    if len(_shape(b)) <= 2:
+        return matmul(a, b)
+    raise ShapeError("dot: only operands of rank <= 2 for the second argument are supported; use matmul")
+
+
+# ----------------------------------------------------------------------------- indexing
+
+def getitem(x: Any, key: Any) -> Any:
+    """Basic indexing (ints, slices with steps, None, Ellipsis) plus one integer-array index."""
+    x = _as_traced(x)
+    key = key if isinstance(key, tuple) else (key,)
+    if builtins.sum(k is Ellipsis for k in key) > 1:
+        raise ShapeError("an index can only have a single ellipsis")
+    n_real = builtins.sum(1 for k in key if k is not None and k is not Ellipsis)
+    if n_real > x.ndim:
+        raise ShapeError(f"too many indices for an array of rank {x.ndim}")
+    if Ellipsis in key:
+        i = key.index(Ellipsis)
+        key = key[:i] + (builtins.slice(None),) * (x.ndim - n_real) + key[i + 1:]
+    key = key + (builtins.slice(None),) * (x.ndim - builtins.sum(1 for k in key if k is not None))
+    starts, limits, strides, flips, final = [], [], [], [], []
+    array_index = None
+    dim = 0
+    for k in key:
+        if k is None:
+            final.append(1)
+            continue
+        n = x.shape[dim]
+        if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+            k = int(k)
+            if not -n <= k < n:
+                raise ShapeError(f"index {k} is out of bounds for axis {dim} with size {n}")
+            k %= n
+            starts.append(k), limits.append(k + 1), strides.append(1), flips.append(False)
+        elif isinstance(k, builtins.slice):
+            s0, s1, st = k.indices(n)
+            m = len(range(s0, s1, st))
+            if st > 0:
+                starts.append(s0), limits.append(s0 + (m - 1) * st + 1 if m else s0), flips.append(False)
+            else:  # negative step: reverse the axis, then slice forward
+                r0 = n - 1 - s0
+                starts.append(r0), limits.append(r0 + (m - 1) * (-st) + 1 if m else r0), flips.append(True)
+            strides.append(builtins.abs(st))
+            final.append(m)
+        elif isinstance(k, (TracedArray, np.ndarray, list)):
+            if array_index is not None:
+                raise ShapeError("only one integer-array index is supported")
+            array_index = (dim, k)
+            starts.append(0), limits.append(n), strides.append(1), flips.append(False)
+            final.extend(_shape(k) if not isinstance(k, list) else np.shape(k))
+        else:
+            raise ShapeError(f"unsupported index {k!r}")
+        dim += 1
+    y = lax.rev(x, [i for i, f in enumerate(flips) if f])
+    y = lax.slice(y, starts, limits, strides)
+    if array_index is not None:
+        y = _take(y, *array_index)
+    # integer-indexed axes are size 1 here and new axes are size 1: a reshape finishes the job
+    return lax.reshape(y, tuple(final))
+
+
+def _take(x: Any, axis: int, index: Any) -> Any:
+    """``x`` indexed by an integer array along ``axis`` (negative indices wrap), via gather."""
+    idx = index if isinstance(index, TracedArray) else np.asarray(index)
+    if isinstance(idx, np.ndarray):
+        n = x.shape[axis]
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise ShapeError(f"index out of bounds for axis {axis} with size {n}")
+        idx = lax._wrap_literal(lax.Literal.of((idx % n).astype(np.int64)))
+    else:
+        idx = where(less(idx, 0), add(idx, x.shape[axis]), idx)
+    ishape = idx.shape
+    flat = lax.reshape(idx, (int(np.prod(ishape, dtype=np.int64)),))
+    # bring axis to the front, gather rows, restore
+    perm = (axis,) + tuple(i for i in range(x.ndim) if i != axis)
+    xt = lax.transpose(x, perm)
+    full_idx = lax.broadcast_in_dim(flat, (flat.shape[0],) + xt.shape[1:], (0,))
+    g = lax.gather(xt, lax.convert_element_type(full_idx, np.int64), 0)
+    g = lax.reshape(g, ishape + xt.shape[1:])
+    k = len(ishape)
+    inv = tuple(range(k, k + axis)) + tuple(range(k)) + tuple(range(k + axis, k + x.ndim - 1))
+    return lax.transpose(g, inv)
+
+
+def take(x: Any, indices: Any, axis: int = 0) -> Any:
+    x = _as_traced(x)
+    return _take(x, _axes(axis, x.ndim)[0], indices)

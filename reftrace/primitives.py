@@ -1,0 +1,477 @@
+"""The primitive set and its shape/dtype rules.
+
+Like JAX's Autodidax, every rule lives in a table keyed by the primitive:
+
+- ``shape_rules[p](*in_avals, **params) -> out_aval | tuple[out_aval, ...]`` (here)
+- ``vjp_rules[p]`` (``reftrace.transforms.vjp_rules``)
+- ``jax_rules[p]`` (``reftrace.backends.jax_rules``)
+- ``torch_rules[p]`` (``reftrace.backends.torch_rules``)
+
+Conventions (lax-like, strict): elementwise operands have equal shapes, except that
+rank-0 operands broadcast; operands of an elementwise op have one dtype (no implicit
+promotion: front ends insert ``convert_element_type``). Axes are non-negative ints.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from reftrace.errors import ShapeError, UnsupportedOperatorError
+from reftrace.graph import Aval, Params
+
+
+class Primitive:
+    """A named operation. Compared by identity; one object per primitive."""
+
+    __slots__ = ("name", "multiple_results", "differentiable")
+
+    def __init__(self, name: str, multiple_results: bool = False, differentiable: bool = True) -> None:
+        self.name = name
+        self.multiple_results = multiple_results
+        self.differentiable = differentiable
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def __reduce__(self):  # pickles as a reference to the registry entry
+        return (primitive, (self.name,))
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+registry: dict[str, Primitive] = {}
+shape_rules: dict[Primitive, Callable[..., Any]] = {}
+
+
+def primitive(name: str) -> Primitive:
+    """Look a primitive up by name."""
+    try:
+        return registry[name]
+    except KeyError:
+        raise UnsupportedOperatorError(f"no primitive named {name!r}") from None
+
+
+def _new(name: str, rule: Callable[..., Any], *, multiple_results: bool = False,
+         differentiable: bool = True) -> Primitive:
+    p = Primitive(name, multiple_results, differentiable)
+    registry[name] = p
+    shape_rules[p] = rule
+    return p
+
+
+def infer_avals(prim: Primitive, in_avals: Sequence[Aval], params: Params | dict) -> tuple[Aval, ...]:
+    """Apply ``prim``'s shape rule; always returns a tuple of output avals."""
+    try:
+        rule = shape_rules[prim]
+    except KeyError:
+        raise UnsupportedOperatorError(f"primitive {prim.name} has no shape rule") from None
+    out = rule(*in_avals, **dict(params))
+    return tuple(out) if prim.multiple_results else (out,)
+
+
+# ----------------------------------------------------------------------------- dtype helpers
+
+def is_float(dtype: Any) -> bool:
+    return np.issubdtype(np.dtype(dtype), np.floating)
+
+
+def is_int(dtype: Any) -> bool:
+    return np.issubdtype(np.dtype(dtype), np.integer)
+
+
+def is_bool(dtype: Any) -> bool:
+    return np.dtype(dtype) == np.bool_
+
+
+def _check_axes(axes: Sequence[int], ndim: int, what: str) -> None:
+    for a in axes:
+        if not (isinstance(a, int) and 0 <= a < ndim):
+            raise ShapeError(f"{what}: axis {a} out of range for rank {ndim}")
+    if len(set(axes)) != len(axes):
+        raise ShapeError(f"{what}: repeated axes {tuple(axes)}")
+
+
+def _common_shape(avals: Sequence[Aval], what: str) -> tuple[int, ...]:
+    shapes = {a.shape for a in avals if a.ndim > 0}
+    if len(shapes) > 1:
+        raise ShapeError(f"{what}: operand shapes {[a.shape for a in avals]} differ "
+                         "(only rank-0 operands broadcast; use broadcast_in_dim)")
+    return shapes.pop() if shapes else ()
+
+
+def _common_dtype(avals: Sequence[Aval], what: str) -> np.dtype:
+    dtypes = {a.dtype for a in avals}
+    if len(dtypes) > 1:
+        raise ShapeError(f"{what}: operand dtypes {[a.dtype.name for a in avals]} differ "
+                         "(insert convert_element_type)")
+    return dtypes.pop()
+
+
+# ----------------------------------------------------------------------------- elementwise
+
+def _unary_rule(name: str, kinds: str):
+    def rule(x: Aval) -> Aval:
+        if not _dtype_ok(x.dtype, kinds):
+            raise ShapeError(f"{name}: dtype {x.dtype.name} not supported (expects {kinds})")
+        return x
+    return rule
+
+
+def _dtype_ok(dtype: np.dtype, kinds: str) -> bool:
+    return ((is_float(dtype) and "f" in kinds) or (is_int(dtype) and "i" in kinds)
+            or (is_bool(dtype) and "b" in kinds))
+
+
+def _binary_rule(name: str, kinds: str, out_bool: bool = False):
+    def rule(x: Aval, y: Aval) -> Aval:
+        shape = _common_shape([x, y], name)
+        dtype = _common_dtype([x, y], name)
+        if not _dtype_ok(dtype, kinds):
+            raise ShapeError(f"{name}: dtype {dtype.name} not supported (expects {kinds})")
+        return Aval(shape, np.dtype(bool) if out_bool else dtype)
+    return rule
+
+
+FLOAT_UNARY = ("exp", "log", "log1p", "expm1", "tanh", "logistic", "sin", "cos", "tan",
+               "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh",
+               "sqrt", "rsqrt", "cbrt", "erf", "erfc", "erf_inv", "lgamma", "digamma",
+               "floor", "ceil", "round")
+for _n in FLOAT_UNARY:
+    globals()[f"{_n}_p"] = _new(_n, _unary_rule(_n, "f"))
+neg_p = _new("neg", _unary_rule("neg", "fi"))
+sign_p = _new("sign", _unary_rule("sign", "fi"))
+abs_p = _new("abs", _unary_rule("abs", "fi"))
+not_p = _new("not", _unary_rule("not", "ib"))
+is_finite_p = _new("is_finite", lambda x: Aval(_unary_rule("is_finite", "f")(x).shape, np.dtype(bool)),
+                   differentiable=False)
+
+
+def _integer_pow_rule(x: Aval, *, y: int) -> Aval:
+    if not isinstance(y, int):
+        raise ShapeError(f"integer_pow: exponent must be a Python int, got {y!r}")
+    return _unary_rule("integer_pow", "fi")(x)
+
+
+integer_pow_p = _new("integer_pow", _integer_pow_rule)
+
+add_p = _new("add", _binary_rule("add", "fi"))
+sub_p = _new("sub", _binary_rule("sub", "fi"))
+mul_p = _new("mul", _binary_rule("mul", "fi"))
+div_p = _new("div", _binary_rule("div", "fi"))      # integers: rounds toward zero (C / lax)
+rem_p = _new("rem", _binary_rule("rem", "fi"))      # sign of the dividend (C fmod / lax)
+pow_p = _new("pow", _binary_rule("pow", "fi"))
+max_p = _new("max", _binary_rule("max", "fib"))
+min_p = _new("min", _binary_rule("min", "fib"))
+atan2_p = _new("atan2", _binary_rule("atan2", "f"))
+and_p = _new("and", _binary_rule("and", "ib"))
+or_p = _new("or", _binary_rule("or", "ib"))
+xor_p = _new("xor", _binary_rule("xor", "ib"))
+eq_p = _new("eq", _binary_rule("eq", "fib", out_bool=True), differentiable=False)
+ne_p = _new("ne", _binary_rule("ne", "fib", out_bool=True), differentiable=False)
+lt_p = _new("lt", _binary_rule("lt", "fib", out_bool=True), differentiable=False)
+le_p = _new("le", _binary_rule("le", "fib", out_bool=True), differentiable=False)
+gt_p = _new("gt", _binary_rule("gt", "fib", out_bool=True), differentiable=False)
+ge_p = _new("ge", _binary_rule("ge", "fib", out_bool=True), differentiable=False)
+
+UNARY_PRIMITIVES = tuple(registry[n] for n in FLOAT_UNARY) + (neg_p, sign_p, abs_p, not_p, is_finite_p)
+BINARY_PRIMITIVES = (add_p, sub_p, mul_p, div_p, rem_p, pow_p, max_p, min_p, atan2_p, and_p, or_p,
+                     xor_p, eq_p, ne_p, lt_p, le_p, gt_p, ge_p)
+COMPARISONS = (eq_p, ne_p, lt_p, le_p, gt_p, ge_p)
+
+
+def _select_rule(pred: Aval, on_true: Aval, on_false: Aval) -> Aval:
+    if not is_bool(pred.dtype):
+        raise ShapeError(f"select: predicate must be bool, got {pred.dtype.name}")
+    shape = _common_shape([pred, on_true, on_false], "select")
+    return Aval(shape, _common_dtype([on_true, on_false], "select"))
+
+
+select_p = _new("select", _select_rule)  # select(pred, on_true, on_false) == where(pred, on_true, on_false)
+
+
+def _convert_rule(x: Aval, *, new_dtype: np.dtype) -> Aval:
+    return Aval(x.shape, new_dtype)
+
+
+convert_element_type_p = _new("convert_element_type", _convert_rule)
+stop_gradient_p = _new("stop_gradient", lambda x: x)  # identity whose VJP is zero
+
+
+# ----------------------------------------------------------------------------- reductions
+
+def _reduce_rule(name: str, kinds: str):
+    def rule(x: Aval, *, axes: tuple[int, ...]) -> Aval:
+        _check_axes(axes, x.ndim, name)
+        if not _dtype_ok(x.dtype, kinds):
+            raise ShapeError(f"{name}: dtype {x.dtype.name} not supported")
+        return Aval(tuple(d for i, d in enumerate(x.shape) if i not in axes), x.dtype)
+    return rule
+
+
+reduce_sum_p = _new("reduce_sum", _reduce_rule("reduce_sum", "fi"))
+reduce_max_p = _new("reduce_max", _reduce_rule("reduce_max", "fib"))
+reduce_min_p = _new("reduce_min", _reduce_rule("reduce_min", "fib"))
+reduce_prod_p = _new("reduce_prod", _reduce_rule("reduce_prod", "fi"))
+reduce_and_p = _new("reduce_and", _reduce_rule("reduce_and", "b"), differentiable=False)
+reduce_or_p = _new("reduce_or", _reduce_rule("reduce_or", "b"), differentiable=False)
+
+
+def _arg_rule(name: str):
+    def rule(x: Aval, *, axis: int, index_dtype: np.dtype) -> Aval:
+        _check_axes((axis,), x.ndim, name)
+        if x.shape[axis] == 0:
+            raise ShapeError(f"{name}: reduction over an empty axis {axis} of shape {x.shape}")
+        if not is_int(index_dtype):
+            raise ShapeError(f"{name}: index_dtype must be an integer type, got {index_dtype}")
+        return Aval(tuple(d for i, d in enumerate(x.shape) if i != axis), index_dtype)
+    return rule
+
+
+argmax_p = _new("argmax", _arg_rule("argmax"), differentiable=False)  # first occurrence of the max
+argmin_p = _new("argmin", _arg_rule("argmin"), differentiable=False)
+
+
+def _cumulative_rule(name: str):
+    def rule(x: Aval, *, axis: int, reverse: bool) -> Aval:
+        _check_axes((axis,), x.ndim, name)
+        return _unary_rule(name, "fi")(x)
+    return rule
+
+
+cumsum_p = _new("cumsum", _cumulative_rule("cumsum"))
+cumprod_p = _new("cumprod", _cumulative_rule("cumprod"))
+cummax_p = _new("cummax", _cumulative_rule("cummax"))
+cummin_p = _new("cummin", _cumulative_rule("cummin"))
+
+
+# ----------------------------------------------------------------------------- shape ops
+
+def _broadcast_in_dim_rule(x: Aval, *, shape: tuple[int, ...], broadcast_dimensions: tuple[int, ...]) -> Aval:
+    if len(broadcast_dimensions) != x.ndim:
+        raise ShapeError(f"broadcast_in_dim: operand rank {x.ndim} but broadcast_dimensions "
+                         f"{broadcast_dimensions}")
+    _check_axes(broadcast_dimensions, len(shape), "broadcast_in_dim")
+    if list(broadcast_dimensions) != sorted(broadcast_dimensions):
+        raise ShapeError(f"broadcast_in_dim: broadcast_dimensions {broadcast_dimensions} must increase")
+    for d, od in zip(x.shape, broadcast_dimensions):
+        if d != 1 and d != shape[od]:
+            raise ShapeError(f"broadcast_in_dim: cannot broadcast {x.shape} to {shape} "
+                             f"along {broadcast_dimensions}")
+    return Aval(shape, x.dtype)
+
+
+broadcast_in_dim_p = _new("broadcast_in_dim", _broadcast_in_dim_rule)
+
+
+def _reshape_rule(x: Aval, *, new_sizes: tuple[int, ...]) -> Aval:
+    if int(np.prod(new_sizes, dtype=np.int64)) != x.size:
+        raise ShapeError(f"reshape: cannot reshape {x.shape} ({x.size} elements) to {new_sizes}")
+    return Aval(new_sizes, x.dtype)
+
+
+reshape_p = _new("reshape", _reshape_rule)
+
+
+def _transpose_rule(x: Aval, *, permutation: tuple[int, ...]) -> Aval:
+    if sorted(permutation) != list(range(x.ndim)):
+        raise ShapeError(f"transpose: {permutation} is not a permutation of rank {x.ndim}")
+    return Aval(tuple(x.shape[p] for p in permutation), x.dtype)
+
+
+transpose_p = _new("transpose", _transpose_rule)
+
+
+def _slice_rule(x: Aval, *, start_indices: tuple[int, ...], limit_indices: tuple[int, ...],
+                strides: tuple[int, ...]) -> Aval:
+    if not (len(start_indices) == len(limit_indices) == len(strides) == x.ndim):
+        raise ShapeError(f"slice: index lists must have rank {x.ndim}")
+    out = []
+    for d, s, l, st in zip(x.shape, start_indices, limit_indices, strides):
+        if not (0 <= s <= l <= d) or st < 1:
+            raise ShapeError(f"slice: bad bounds start={start_indices} limit={limit_indices} "
+                             f"strides={strides} for shape {x.shape}")
+        out.append(max(0, -(-(l - s) // st)))
+    return Aval(tuple(out), x.dtype)
+
+
+slice_p = _new("slice", _slice_rule)
+
+
+def _pad_rule(x: Aval, padding_value: Aval, *, padding_config: tuple[tuple[int, int, int], ...]) -> Aval:
+    if padding_value.ndim != 0 or padding_value.dtype != x.dtype:
+        raise ShapeError(f"pad: padding value must be a rank-0 {x.dtype.name}, got {padding_value.str_short()}")
+    if len(padding_config) != x.ndim:
+        raise ShapeError(f"pad: padding_config has {len(padding_config)} entries for rank {x.ndim}")
+    out = []
+    for d, (lo, hi, interior) in zip(x.shape, padding_config):
+        if interior < 0:
+            raise ShapeError("pad: interior padding must be >= 0")
+        n = lo + hi + d + max(0, d - 1) * interior
+        if n < 0:
+            raise ShapeError(f"pad: negative output size for {x.shape} with {padding_config}")
+        out.append(n)
+    return Aval(tuple(out), x.dtype)
+
+
+pad_p = _new("pad", _pad_rule)  # lo/hi may be negative (crop), as in lax.pad
+
+
+def _concatenate_rule(*xs: Aval, dimension: int) -> Aval:
+    if not xs:
+        raise ShapeError("concatenate: needs at least one operand")
+    _check_axes((dimension,), xs[0].ndim, "concatenate")
+    dtype = _common_dtype(xs, "concatenate")
+    for x in xs:
+        if x.ndim != xs[0].ndim or any(a != b for i, (a, b) in enumerate(zip(x.shape, xs[0].shape))
+                                       if i != dimension):
+            raise ShapeError(f"concatenate: shapes {[x.shape for x in xs]} differ off dimension {dimension}")
+    shape = list(xs[0].shape)
+    shape[dimension] = sum(x.shape[dimension] for x in xs)
+    return Aval(tuple(shape), dtype)
+
+
+concatenate_p = _new("concatenate", _concatenate_rule)
+
+
+def _rev_rule(x: Aval, *, dimensions: tuple[int, ...]) -> Aval:
+    _check_axes(dimensions, x.ndim, "rev")
+    return x
+
+
+rev_p = _new("rev", _rev_rule)
+
+
+def _iota_rule(*, dtype: np.dtype, shape: tuple[int, ...], dimension: int) -> Aval:
+    _check_axes((dimension,), len(shape), "iota")
+    return Aval(shape, dtype)
+
+
+iota_p = _new("iota", _iota_rule, differentiable=False)
+
+
+# ----------------------------------------------------------------------------- contractions
+
+def _dot_general_rule(lhs: Aval, rhs: Aval, *, dimension_numbers, preferred_element_type=None) -> Aval:
+    (lc, rc), (lb, rb) = dimension_numbers
+    _check_axes(tuple(lc) + tuple(lb), lhs.ndim, "dot_general lhs")
+    _check_axes(tuple(rc) + tuple(rb), rhs.ndim, "dot_general rhs")
+    if len(lc) != len(rc) or len(lb) != len(rb):
+        raise ShapeError(f"dot_general: dimension_numbers {dimension_numbers} unbalanced")
+    for a, b in list(zip(lc, rc)) + list(zip(lb, rb)):
+        if lhs.shape[a] != rhs.shape[b]:
+            raise ShapeError(f"dot_general: lhs dim {a} ({lhs.shape[a]}) != rhs dim {b} ({rhs.shape[b]}) "
+                             f"for shapes {lhs.shape} @ {rhs.shape}")
+    dtype = _common_dtype([lhs, rhs], "dot_general")
+    if is_bool(dtype):
+        raise ShapeError("dot_general: bool operands are not supported")
+    batch = tuple(lhs.shape[i] for i in lb)
+    lfree = tuple(d for i, d in enumerate(lhs.shape) if i not in lc and i not in lb)
+    rfree = tuple(d for i, d in enumerate(rhs.shape) if i not in rc and i not in rb)
+    return Aval(batch + lfree + rfree, preferred_element_type or dtype)
+
+
+dot_general_p = _new("dot_general", _dot_general_rule)
+
+
+def conv_output_shape(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation, rhs_dilation,
+                      dimension_numbers, feature_group_count, batch_group_count):
+    lhs_spec, rhs_spec, out_spec = dimension_numbers
+    n = lhs_shape[lhs_spec[0]]
+    c = lhs_shape[lhs_spec[1]]
+    o = rhs_shape[rhs_spec[0]]
+    i = rhs_shape[rhs_spec[1]]
+    if c != i * feature_group_count:
+        raise ShapeError(f"conv: lhs has {c} features but rhs expects {i} x {feature_group_count} groups")
+    if o % feature_group_count or o % batch_group_count or n % batch_group_count:
+        raise ShapeError("conv: output features / batch not divisible by the group counts")
+    spatial = []
+    for k, (lo, hi) in enumerate(padding):
+        x = lhs_shape[lhs_spec[2 + k]]
+        w = rhs_shape[rhs_spec[2 + k]]
+        x_dil = (x - 1) * lhs_dilation[k] + 1 if x > 0 else 0
+        w_dil = (w - 1) * rhs_dilation[k] + 1
+        span = x_dil + lo + hi - w_dil
+        spatial.append(max(0, span // window_strides[k] + 1) if span >= 0 else 0)
+    out = [0] * len(lhs_shape)
+    out[out_spec[0]] = n // batch_group_count
+    out[out_spec[1]] = o
+    for k, s in enumerate(spatial):
+        out[out_spec[2 + k]] = s
+    return tuple(out)
+
+
+def _conv_rule(lhs: Aval, rhs: Aval, *, window_strides, padding, lhs_dilation, rhs_dilation,
+               dimension_numbers, feature_group_count, batch_group_count) -> Aval:
+    nspatial = lhs.ndim - 2
+    if rhs.ndim != lhs.ndim or any(len(t) != nspatial for t in
+                                   (window_strides, padding, lhs_dilation, rhs_dilation)):
+        raise ShapeError(f"conv: inconsistent ranks for lhs {lhs.shape}, rhs {rhs.shape}")
+    dtype = _common_dtype([lhs, rhs], "conv_general_dilated")
+    shape = conv_output_shape(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
+                              dimension_numbers, feature_group_count, batch_group_count)
+    return Aval(shape, dtype)
+
+
+# dimension_numbers = (lhs_spec, rhs_spec, out_spec), each (batch-or-out-feature, feature, *spatial)
+# dims, exactly as JAX's ConvDimensionNumbers.
+conv_general_dilated_p = _new("conv_general_dilated", _conv_rule)
+
+
+# ----------------------------------------------------------------------------- indexing (torch-style)
+
+def _gather_rule(operand: Aval, indices: Aval, *, axis: int) -> Aval:
+    _check_axes((axis,), operand.ndim, "gather")
+    if indices.ndim != operand.ndim or not is_int(indices.dtype):
+        raise ShapeError(f"gather: indices {indices.str_short()} must be an integer array of rank {operand.ndim}")
+    for d, (a, b) in enumerate(zip(indices.shape, operand.shape)):
+        if d != axis and a > b:
+            raise ShapeError(f"gather: indices shape {indices.shape} exceeds operand {operand.shape} at dim {d}")
+    return Aval(indices.shape, operand.dtype)
+
+
+# out[i][j][k] = operand[i][indices[i][j][k]][k] for axis == 1 (torch.gather / take_along_axis)
+gather_p = _new("gather", _gather_rule)
+
+
+def _scatter_rule(name: str):
+    def rule(operand: Aval, indices: Aval, updates: Aval, *, axis: int) -> Aval:
+        _check_axes((axis,), operand.ndim, name)
+        if indices.shape != updates.shape or indices.ndim != operand.ndim or not is_int(indices.dtype):
+            raise ShapeError(f"{name}: indices {indices.str_short()} and updates {updates.str_short()} "
+                             f"must share a shape of rank {operand.ndim}")
+        if updates.dtype != operand.dtype:
+            raise ShapeError(f"{name}: updates dtype {updates.dtype.name} != operand {operand.dtype.name}")
+        for d, (a, b) in enumerate(zip(indices.shape, operand.shape)):
+            if d != axis and a > b:
+                raise ShapeError(f"{name}: indices shape {indices.shape} exceeds operand {operand.shape}")
+        return operand
+    return rule
+
+
+# out = operand; out[i][indices[i][j][k]][k] += updates[i][j][k]  (torch.scatter_add, axis == 1)
+scatter_add_p = _new("scatter_add", _scatter_rule("scatter_add"))
+# as scatter_add but overwrites; with duplicate indices the winner is unspecified (as in torch)
+scatter_p = _new("scatter", _scatter_rule("scatter"))
+
+
+# ----------------------------------------------------------------------------- random
+
+def _random_rule(key: Aval, *, shape: tuple[int, ...], dtype: np.dtype, distribution: str) -> Aval:
+    if key.shape != (2,) or key.dtype != np.dtype(np.uint32):
+        raise ShapeError(f"random: key must be u32[2], got {key.str_short()}")
+    if distribution not in ("uniform", "normal"):
+        raise ShapeError(f"random: unknown distribution {distribution!r}")
+    return Aval(shape, dtype)
+
+
+# Draws from an explicit key threaded through the graph (a pure function of the key).
+random_p = _new("random", _random_rule, differentiable=False)
+
+
+def eqn_is_random(prim: Primitive) -> bool:
+    return prim is random_p

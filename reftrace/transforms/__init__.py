@@ -1,0 +1,1 @@
+"""Transforms: pure functions Graph -> Graph (and the front-end entry ``trace``)."""
