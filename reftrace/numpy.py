@@ -473,8 +473,9 @@ def getitem(x: Any, key: Any) -> Any:
     n_real = builtins.sum(1 for k in key if k is not None and k is not Ellipsis)
     if n_real > x.ndim:
         raise ShapeError(f"too many indices for an array of rank {x.ndim}")
-    if Ellipsis in key:
-        i = key.index(Ellipsis)
+    ell = [i for i, k in enumerate(key) if k is Ellipsis]
+    if ell:
+        i = ell[0]
         key = key[:i] + (builtins.slice(None),) * (x.ndim - n_real) + key[i + 1:]
     key = key + (builtins.slice(None),) * (x.ndim - builtins.sum(1 for k in key if k is not None))
     starts, limits, strides, flips, final = [], [], [], [], []

@@ -1,0 +1,161 @@
+"""Autograd glue: a captured Graph becomes an ordinary ``torch.autograd.Function``.
+
+Forward runs the compiled forward graph and keeps the saved values; backward runs
+the compiled backward graph. Gradients come from reftrace's ``vjp``, never from
+torch.autograd. When backward itself is differentiated (``create_graph=True``),
+the gradient is computed by a second compiled graph, ``vjp(graph)`` restricted to
+its gradients, which is differentiable in turn: double backward is just another
+graph.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from reftrace.graph import Graph
+from reftrace.primitives import is_float
+
+Compiler = Callable[[torch.fx.GraphModule, Sequence[torch.Tensor]], Callable[..., Any]]
+
+
+def call_compiled(fn: Callable[..., Any], args: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Call a compiler's result, honouring functorch's boxed calling convention."""
+    if getattr(fn, "_boxed_call", False):
+        out = fn(list(args))
+    else:
+        out = fn(*args)
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return list(out)
+
+
+def _input_names(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}_{i + 1}" for i in range(n)]
+
+
+def example_tensors(graph: Graph, start: int = 0) -> list[torch.Tensor]:
+    """Zero tensors matching ``graph.inputs[start:]`` (example inputs handed to compilers)."""
+    from reftrace.backends.torch_dtypes import torch_dtype
+    return [torch.zeros(v.shape, dtype=torch_dtype(v.dtype)) for v in graph.inputs[start:]]
+
+
+class PartitionedFunction:
+    """A graph compiled for training with a fixed set of differentiable inputs.
+
+    ``graph``: inputs are tensors; outputs are the function's outputs. ``wrt``: input indices
+    that get gradients; ``nondiff_outputs``: outputs that receive no cotangent (buffer
+    updates, integer outputs).
+    """
+
+    def __init__(self, graph: Graph, wrt: Sequence[int], nondiff_outputs: Sequence[int], *,
+                 fw_compiler: Compiler, bw_compiler: Compiler, partitioner: Any,
+                 example_inputs: Sequence[torch.Tensor]) -> None:
+        from reftrace.transforms.vjp import vjp
+        self.graph = graph
+        self.wrt = tuple(wrt)
+        self.nondiff_outputs = tuple(nondiff_outputs)
+        self.num_inputs = len(graph.inputs)
+        self.num_outputs = len(graph.outputs)
+        joint = vjp(graph, wrt=self.wrt, nondiff_outputs=self.nondiff_outputs)
+        self.joint = joint
+        fw_gm, bw_gm = partitioner.split(joint, num_fwd_outputs=self.num_outputs)
+        self.num_saved = len(fw_gm.graph.find_nodes(op="output")[0].args[0]) - self.num_outputs
+        self.fw_gm, self.bw_gm = fw_gm, bw_gm
+        self.compiled_fw = fw_compiler(fw_gm, list(example_inputs))
+        bw_examples = _placeholder_examples(bw_gm)
+        self.compiled_bw = bw_compiler(bw_gm, bw_examples)
+        self._double: dict[tuple[bool, ...], PartitionedFunction] = {}
+        self._fn = _make_autograd_function(self)
+
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return self._fn.apply(*tensors)
+
+    def double_backward(self, primals: Sequence[torch.Tensor], cts: Sequence[torch.Tensor]
+                        ) -> Sequence[torch.Tensor]:
+        """Gradients as a differentiable function of (primals, cotangents)."""
+        from reftrace.transforms.simplify import simplify
+        args = list(primals) + list(cts)
+        pattern = tuple(bool(t.requires_grad) for t in args)
+        if not any(pattern):
+            saved_free = self._grads_inference()
+            return saved_free(args)
+        fn = self._double.get(pattern)
+        if fn is None:
+            j = self.joint
+            grads_graph = simplify(j.replace(outputs=j.outputs[self.num_outputs:], joint=None))
+            wrt = [i for i, (t, v) in enumerate(zip(args, grads_graph.inputs))
+                   if t.requires_grad and is_float(v.dtype)]
+            from reftrace.torch_bridge.compilers import default_partition, nop
+            fn = PartitionedFunction(grads_graph, wrt, (), fw_compiler=nop, bw_compiler=nop,
+                                     partitioner=default_partition, example_inputs=args)
+            self._double[pattern] = fn
+        return fn(args)
+
+
+    def _grads_inference(self) -> "InferenceFunction":
+        fn = self._double.get(())
+        if fn is None:
+            from reftrace.transforms.simplify import simplify
+            from reftrace.torch_bridge.compilers import nop
+            j = self.joint
+            grads_graph = simplify(j.replace(outputs=j.outputs[self.num_outputs:], joint=None))
+            fn = self._double[()] = InferenceFunction(grads_graph, nop, example_tensors(grads_graph))
+        return fn
+
+
+def _placeholder_examples(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
+    graph = getattr(gm, "reftrace_graph", None)
+    if graph is not None:
+        return example_tensors(graph)
+    out = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        out.append(torch.zeros(val.shape, dtype=val.dtype) if val is not None else torch.zeros(()))
+    return out
+
+
+def _make_autograd_function(pf: PartitionedFunction) -> type[torch.autograd.Function]:
+    n_in, n_out, wrt = pf.num_inputs, pf.num_outputs, pf.wrt
+    nondiff = set(pf.nondiff_outputs)
+    ct_outputs = [i for i in range(n_out) if i not in nondiff]
+
+    class ReftraceFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            outs = call_compiled(pf.compiled_fw, tensors)
+            saved = outs[n_out:]
+            ctx.save_for_backward(*tensors, *saved)
+            results = tuple(outs[:n_out])
+            ctx.mark_non_differentiable(*[results[i] for i in nondiff])
+            return results
+
+        @staticmethod
+        def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+            stored = ctx.saved_tensors
+            primals, saved = stored[:n_in], stored[n_in:]
+            cts = [grad_outputs[i] for i in ct_outputs]
+            if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
+                grads = pf.double_backward(primals, cts)
+            else:
+                grads = call_compiled(pf.compiled_bw, [*saved, *(c.contiguous() for c in cts)])
+            result: list[torch.Tensor | None] = [None] * n_in
+            for i, g in zip(wrt, grads):
+                result[i] = g
+            return tuple(result)
+
+    return ReftraceFunction
+
+
+class InferenceFunction:
+    """A graph compiled without autograd (no input requires grad, or grad mode is off)."""
+
+    def __init__(self, graph: Graph, compiler: Compiler, example_inputs: Sequence[torch.Tensor]) -> None:
+        from reftrace.backends.torch import to_fx
+        self.graph = graph
+        self.gm = to_fx(graph, input_names=_input_names("arg", len(graph.inputs)), output_as_list=True)
+        self.compiled = compiler(self.gm, list(example_inputs))
+
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            return tuple(call_compiled(self.compiled, tensors))

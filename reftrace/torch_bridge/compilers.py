@@ -1,0 +1,169 @@
+"""Compilers and partitioners with functorch.compile's contracts.
+
+A compiler takes ``(fx.GraphModule, example_inputs)`` and returns a callable. A
+partitioner takes the joint ``fx.GraphModule`` (inputs ``primals_*``, ``tangents_*``)
+and returns ``(forward_module, backward_module)`` with functorch's convention:
+``forward(*primals) -> (*outs, *saved)``, ``backward(*saved, *tangents) -> grads``.
+reftrace's own partitioners also expose ``split(joint_graph, num_fwd_outputs)``, which
+works on the reftrace Graph directly (no FX round trip).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import torch
+
+from reftrace.errors import ArgumentError
+from reftrace.graph import Graph
+
+
+# ----------------------------------------------------------------------------- compilers
+
+def make_boxed_func(f: Callable[..., Any]) -> Callable[[list], Any]:
+    """Wrap ``f`` to take its arguments as one list (functorch's boxed calling convention)."""
+    def g(args: list) -> Any:
+        return f(*args)
+    g._boxed_call = True  # type: ignore[attr-defined]
+    return g
+
+
+def make_boxed_compiler(compiler: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(compiler)
+    def boxed(fx_g: torch.fx.GraphModule, inps: Sequence[torch.Tensor]) -> Any:
+        return make_boxed_func(compiler(fx_g, inps))
+    return boxed
+
+
+def nop(fx_g: torch.fx.GraphModule, _inps: Sequence[torch.Tensor]) -> torch.fx.GraphModule:
+    """Run the graph as it is (eager torch ops)."""
+    return fx_g
+
+
+def print_compile(fx_g: torch.fx.GraphModule, _inps: Sequence[torch.Tensor]) -> torch.fx.GraphModule:
+    """Print the graph's code, then run it as it is."""
+    print(fx_g.code)
+    return fx_g
+
+
+def ts_compile(fx_g: torch.fx.GraphModule, _inps: Sequence[torch.Tensor]) -> Any:
+    """TorchScript: ``torch.jit.script`` then ``torch.jit.freeze``."""
+    scripted = torch.jit.script(fx_g)
+    return torch.jit.freeze(scripted.eval())
+
+
+def xla_compile(fx_g: torch.fx.GraphModule, inps: Sequence[torch.Tensor]) -> Callable[..., Any]:
+    """Run the graph as one XLA computation through the JAX backend.
+
+    Uses the reftrace Graph the module was emitted from (``fx_g.reftrace_graph``); a
+    foreign GraphModule is captured first. Tensors cross to JAX and back through
+    DLPack (no copy where the layout allows).
+    """
+    from reftrace.backends.jax import lower_jax
+    graph = getattr(fx_g, "reftrace_graph", None)
+    if graph is None:
+        from reftrace.torch_bridge.capture import capture_flat
+        graph = capture_flat(lambda *ts: fx_g(*ts), list(inps)).graph
+    run = lower_jax(graph)
+    as_list = _returns_list(fx_g)
+
+    def call(*args: torch.Tensor) -> Any:
+        outs = [_from_jax(o) for o in run(*[_to_jax(a) for a in args])]
+        return outs if as_list else tuple(outs)
+    call.reftrace_graph = graph  # type: ignore[attr-defined]
+    return call
+
+
+def _returns_list(fx_g: torch.fx.GraphModule) -> bool:
+    out = fx_g.graph.find_nodes(op="output")[0]
+    return isinstance(out.args[0], list)
+
+
+def _to_jax(t: torch.Tensor) -> Any:
+    import jax
+    t = t.detach()
+    if t.device.type == "cpu" and t.dtype != torch.bool:
+        try:
+            return jax.dlpack.from_dlpack(t.contiguous())
+        except Exception:  # noqa: BLE001 - fall back to a copy for layouts DLPack refuses
+            pass
+    return t.cpu().numpy()
+
+
+def _from_jax(a: Any) -> torch.Tensor:
+    try:
+        return torch.from_dlpack(a)
+    except Exception:  # noqa: BLE001 - e.g. bool arrays; copy instead
+        import numpy as np
+        return torch.from_numpy(np.array(a))
+
+
+# ----------------------------------------------------------------------------- partitioners
+
+class ReftracePartitioner:
+    """A reftrace partition policy usable where functorch expects a ``partition_fn``."""
+
+    def __init__(self, policy: Any, name: str) -> None:
+        self.policy = policy
+        self.__name__ = name
+
+    def __repr__(self) -> str:
+        return self.__name__
+
+    def split(self, joint: Graph, num_fwd_outputs: int) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+        from reftrace.backends.torch import to_fx
+        from reftrace.transforms.partition import partition
+        p = partition(joint, policy=self.policy)
+        num_saved = len(p.forward.outputs) - num_fwd_outputs
+        fw = to_fx(p.forward, input_names=[f"primals_{i + 1}" for i in range(len(p.forward.inputs))],
+                   output_as_list=True)
+        bw_names = [f"saved_{i + 1}" for i in range(num_saved)]
+        bw_names += [f"tangents_{i + 1}" for i in range(len(p.backward.inputs) - num_saved)]
+        bw = to_fx(p.backward, input_names=bw_names, output_as_list=True)
+        return fw, bw
+
+    def __call__(self, joint_module: torch.fx.GraphModule, _joint_inputs: Any, *, num_fwd_outputs: int,
+                 **_kwargs: Any) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+        graph = getattr(joint_module, "reftrace_graph", None)
+        if graph is None or graph.joint is None:
+            raise ArgumentError(f"{self.__name__} partitions joint graphs made by reftrace "
+                                "(fx.GraphModule with a .reftrace_graph joint Graph)")
+        return self.split(graph, num_fwd_outputs)
+
+
+default_partition = ReftracePartitioner("default", "default_partition")
+min_cut_rematerialization_partition = ReftracePartitioner("mincut", "min_cut_rematerialization_partition")
+
+
+class ForeignPartitioner:
+    """Adapts a functorch-style ``partition_fn`` (works on an FX joint module)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def split(self, joint: Graph, num_fwd_outputs: int) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+        from reftrace.backends.torch import to_fx
+        from reftrace.torch_bridge.autograd import example_tensors
+        num_primals = joint.joint[0]
+        names = [f"primals_{i + 1}" for i in range(num_primals)]
+        names += [f"tangents_{i + 1}" for i in range(len(joint.inputs) - num_primals)]
+        gm = to_fx(joint, input_names=names, output_as_list=True)
+        return self.fn(gm, example_tensors(joint), num_fwd_outputs=num_fwd_outputs)
+
+
+def as_partitioner(partition_fn: Any) -> Any:
+    """Our partitioners, a policy value ("default", "mincut", a callable policy), or a functorch-style fn."""
+    if isinstance(partition_fn, ReftracePartitioner):
+        return partition_fn
+    if isinstance(partition_fn, str):
+        return ReftracePartitioner(partition_fn, partition_fn)
+    if callable(partition_fn):
+        import inspect
+        try:
+            n = len(inspect.signature(partition_fn).parameters)
+        except (TypeError, ValueError):
+            n = 2
+        if n == 1:  # a reftrace policy: policy(eqn) -> bool
+            return ReftracePartitioner(partition_fn, getattr(partition_fn, "__name__", "policy"))
+        return ForeignPartitioner(partition_fn)
+    raise ArgumentError(f"partition_fn must be a partitioner, a policy name or a callable, got {partition_fn!r}")
