@@ -45,7 +45,8 @@ def _rem(x, y):
 
 
 def _pow(x, y):
-    return lax.pow(*jnp.broadcast_arrays(x, y))
+    x, y = jnp.broadcast_arrays(x, y)
+    return jnp.power(x, y) if jnp.issubdtype(x.dtype, jnp.integer) else lax.pow(x, y)  # lax.pow: floats only
 
 
 _BINARY = {
@@ -69,8 +70,9 @@ jax_rules[P.convert_element_type_p] = lambda x, *, new_dtype: lax.convert_elemen
 jax_rules[P.stop_gradient_p] = lax.stop_gradient
 
 jax_rules[P.reduce_sum_p] = lambda x, *, axes: jnp.sum(x, axis=axes, dtype=x.dtype)
-jax_rules[P.reduce_max_p] = lambda x, *, axes: jnp.max(x, axis=axes)
-jax_rules[P.reduce_min_p] = lambda x, *, axes: jnp.min(x, axis=axes)
+# lax reductions: an empty axis gives the identity (-inf/+inf), where jnp.max raises
+jax_rules[P.reduce_max_p] = lambda x, *, axes: lax.reduce_max(jnp.asarray(x), axes)
+jax_rules[P.reduce_min_p] = lambda x, *, axes: lax.reduce_min(jnp.asarray(x), axes)
 jax_rules[P.reduce_prod_p] = lambda x, *, axes: jnp.prod(x, axis=axes, dtype=x.dtype)
 jax_rules[P.reduce_and_p] = lambda x, *, axes: jnp.all(x, axis=axes)
 jax_rules[P.reduce_or_p] = lambda x, *, axes: jnp.any(x, axis=axes)

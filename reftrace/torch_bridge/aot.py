@@ -81,7 +81,7 @@ class AOTFunction:
         from reftrace.torch_bridge.capture import capture_flat
         out_spec_box: list[Any] = []
 
-        def fn_flat(*ts: torch.Tensor) -> list[torch.Tensor]:
+        def fn_flat(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             new_leaves = list(leaves)
             for i, t in zip(tensor_pos, ts):
                 new_leaves[i] = t

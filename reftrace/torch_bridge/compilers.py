@@ -63,7 +63,7 @@ def xla_compile(fx_g: torch.fx.GraphModule, inps: Sequence[torch.Tensor]) -> Cal
     graph = getattr(fx_g, "reftrace_graph", None)
     if graph is None:
         from reftrace.torch_bridge.capture import capture_flat
-        graph = capture_flat(lambda *ts: fx_g(*ts), list(inps)).graph
+        graph = capture_flat(lambda ts: fx_g(*ts), list(inps)).graph
     run = lower_jax(graph)
     as_list = _returns_list(fx_g)
 

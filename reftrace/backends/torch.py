@@ -1,0 +1,182 @@
+"""The torch backend: a graph becomes a ``torch.fx.GraphModule`` of plain torch calls.
+
+``to_fx`` is ``eval_graph`` with an ``apply`` that calls the torch rules on fx
+proxies, so each rule's torch calls are recorded as nodes: one idiom for every
+primitive, and the same rules run eagerly in ``apply_torch``. The generated code
+prints readably and is accepted by ``torch.jit.script`` (and ``torch.jit.freeze``).
+``lower_torch`` wraps the module in a callable that checks its arguments.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import fx
+from torch.fx.node import map_aggregate
+from torch.overrides import TorchFunctionMode
+
+from reftrace.backends.signature import check_args
+from reftrace.backends.torch_dtypes import tensor_from_numpy, torch_dtype
+from reftrace.backends.torch_rules import AVAL_META, aval_of, torch_rules
+from reftrace.errors import ArgumentError, UnsupportedOperatorError
+from reftrace.graph import Aval, Graph, Literal, Params
+from reftrace.interpreter import eval_graph
+from reftrace.primitives import Primitive, infer_avals
+
+__all__ = ["to_fx", "lower_torch", "apply_torch", "eval_torch", "TorchExecutable"]
+
+
+def _call_rule(prim: Primitive, operands: Sequence[Any], params: Params | dict) -> tuple[Any, ...]:
+    try:
+        rule = torch_rules[prim]
+    except KeyError:
+        raise UnsupportedOperatorError(f"primitive {prim.name} has no torch lowering") from None
+    out = rule(*operands, **dict(params))
+    return tuple(out) if prim.multiple_results else (out,)
+
+
+# ----------------------------------------------------------------------------- eager
+
+def apply_torch(prim: Primitive, operands: Sequence[Any], params: Params | dict) -> tuple[torch.Tensor, ...]:
+    """Run one primitive eagerly on torch tensors (numpy arrays are taken as literals).
+
+    Returns a tuple of outputs (the ``eval_graph`` apply contract), after checking each
+    against the primitive's shape rule so a wrong rule fails loudly.
+    """
+    outs = _call_rule(prim, operands, params)
+    expected = infer_avals(prim, [aval_of(o) for o in operands], params)
+    for i, (o, av) in enumerate(zip(outs, expected, strict=True)):
+        got = aval_of(o)
+        if got != av:
+            raise RuntimeError(f"internal: torch rule for {prim.name} produced output {i} {got.str_short()} "
+                               f"but its shape rule says {av.str_short()}")
+    return outs
+
+
+def eval_torch(graph: Graph, *args: Any) -> tuple[torch.Tensor, ...]:
+    """Interpret ``graph`` op by op with eager torch (no FX); handy for debugging a rule."""
+    check_args(graph, args, "eagerly evaluated graph")
+    return tuple(eval_graph(graph, [_to_tensor(a, v.aval) for a, v in zip(args, graph.inputs)], apply_torch))
+
+
+# ----------------------------------------------------------------------------- FX emission
+
+class _RecordFactories(TorchFunctionMode):
+    """While emitting, records torch calls with no proxy operand (``torch.full``, ``torch.arange``,
+    ``torch.tensor``) as graph nodes; calls on proxies go to ``fx.Proxy`` as usual."""
+
+    def __init__(self, tracer: fx.proxy.TracerBase) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _has_proxy((args, kwargs)):
+            return func(*args, **kwargs)
+        node = self.tracer.create_node("call_function", func, self.tracer.create_arg(args),
+                                       self.tracer.create_arg(kwargs))
+        return fx.Proxy(node, self.tracer)
+
+
+def _has_proxy(tree: Any) -> bool:
+    found = []
+    map_aggregate(tree, lambda a: found.append(a) if isinstance(a, fx.Proxy) else a)
+    return bool(found)
+
+
+def _array_literals(graph: Graph) -> list[Literal]:
+    """Non-scalar literals in first-use order (each becomes one buffer)."""
+    seen: dict[Literal, None] = {}
+    for atoms in [e.inputs for e in graph.eqns] + [graph.outputs]:
+        for a in atoms:
+            if isinstance(a, Literal) and a.aval.ndim > 0:
+                seen.setdefault(a)
+    return list(seen)
+
+
+def to_fx(graph: Graph, input_names: Sequence[str] | None = None,
+          output_as_list: bool = False) -> fx.GraphModule:
+    """An ``fx.GraphModule`` computing ``graph`` with plain torch calls.
+
+    Placeholders are named ``input_names`` (default ``in_0``, ``in_1``, ...). Array
+    literals become registered buffers ``_literal_<i>``; rank-0 literals are inlined.
+    ``forward`` returns a tuple, or a list when ``output_as_list`` (functorch style).
+    The source graph is attached as ``gm.reftrace_graph``. The input graph is not changed.
+    """
+    if not isinstance(graph, Graph):
+        raise ArgumentError(f"to_fx expects a reftrace Graph, got {type(graph).__name__}")
+    names = list(input_names) if input_names is not None else [f"in_{i}" for i in range(len(graph.inputs))]
+    if len(names) != len(graph.inputs):
+        raise ArgumentError(f"to_fx: {len(names)} input names for a graph with {len(graph.inputs)} inputs")
+    fx_graph = fx.Graph()
+    tracer = fx.proxy.GraphAppendingTracer(fx_graph)
+    root = torch.nn.Module()
+
+    def proxy(node: fx.Node, aval: Aval) -> fx.Proxy:
+        node.meta[AVAL_META] = aval
+        return fx.Proxy(node, tracer)
+
+    inputs = [proxy(fx_graph.placeholder(name), v.aval) for name, v in zip(names, graph.inputs)]
+    buffers: dict[Literal, fx.Proxy] = {}
+    for i, lit in enumerate(_array_literals(graph)):
+        root.register_buffer(f"_literal_{i}", tensor_from_numpy(lit.value, copy=True))
+        buffers[lit] = proxy(fx_graph.get_attr(f"_literal_{i}"), lit.aval)
+
+    def literal(lit: Literal) -> Any:
+        return buffers[lit] if lit.aval.ndim > 0 else lit.value
+
+    def apply(prim: Primitive, operands: Sequence[Any], params: Params) -> tuple[Any, ...]:
+        outs = _call_rule(prim, operands, params)
+        for out, aval in zip(outs, infer_avals(prim, [aval_of(o) for o in operands], params), strict=True):
+            if not isinstance(out, fx.Proxy):
+                raise RuntimeError(f"internal: torch rule for {prim.name} returned {type(out).__name__} "
+                                   "instead of a traced value")
+            out.node.meta[AVAL_META] = aval
+        return outs
+
+    with _RecordFactories(tracer):
+        outs = eval_graph(graph, inputs, apply, literal)
+        outs = [o if isinstance(o, fx.Proxy) else torch.tensor(o.item(), dtype=torch_dtype(o.dtype))
+                for o in outs]  # a rank-0 literal output
+    fx_graph.output(tracer.create_arg(list(outs) if output_as_list else tuple(outs)))
+    fx_graph.lint()
+    gm = fx.GraphModule(root, fx_graph)
+    gm.reftrace_graph = graph
+    return gm
+
+
+# ----------------------------------------------------------------------------- lowering
+
+def _to_tensor(x: Any, aval: Aval) -> torch.Tensor:
+    """An argument as a tensor: tensors pass through, numpy arrays are shared (no copy)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (bool, int, float)):
+        return torch.tensor(x, dtype=torch_dtype(aval.dtype))
+    return tensor_from_numpy(np.asarray(x))
+
+
+class TorchExecutable:
+    """``graph`` as a torch callable: numpy arrays / tensors in, a tuple of tensors out.
+
+    Outputs may alias inputs (an output that is an input, or a view such as a reshape).
+    """
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.module = to_fx(graph)
+
+    def __call__(self, *args: Any) -> tuple[torch.Tensor, ...]:
+        check_args(self.graph, args, "torch-lowered graph")
+        return tuple(self.module(*[_to_tensor(a, v.aval) for a, v in zip(args, self.graph.inputs)]))
+
+    def __repr__(self) -> str:
+        return f"<TorchExecutable {self.graph!r}>"
+
+
+@functools.lru_cache(maxsize=256)
+def lower_torch(graph: Graph) -> TorchExecutable:
+    """The torch callable for ``graph``, built once per graph value."""
+    return TorchExecutable(graph)

@@ -1,0 +1,559 @@
+"""Torch lowering rules: ``torch_rules[primitive](*operands, **params) -> tensor | tuple``.
+
+Every rule is written once and runs in two modes:
+
+- **eagerly**, on ``torch.Tensor`` operands (``reftrace.backends.torch.apply_torch``);
+- **symbolically**, on ``torch.fx.Proxy`` operands (``reftrace.backends.torch.to_fx``),
+  where each torch call becomes a node of the generated ``fx.GraphModule``.
+
+So a rule calls only torch functions and Tensor methods, and branches only on
+static facts: its params and its operands' avals (shape/dtype), read with
+``aval_of``, never on tensor values. Factory calls (``torch.full``,
+``torch.arange``, ``torch.tensor``) are recorded as nodes by ``to_fx``.
+
+Operands that are graph Literals arrive as numpy arrays. A rank-0 literal becomes
+a Python scalar where torch takes one (``torch.mul(x, 2.0)``), else a
+``torch.tensor(value, dtype=...)`` call; the dtype is always explicit, so float64
+and int64 (even beyond 2**53) stay exact.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import fx
+
+from reftrace import primitives as P
+from reftrace.backends.torch_dtypes import numpy_dtype, tensor_from_numpy, torch_dtype
+from reftrace.errors import UnsupportedOperatorError
+from reftrace.graph import Aval
+from reftrace.primitives import Primitive, is_float
+
+torch_rules: dict[Primitive, Callable[..., Any]] = {}
+
+# ``to_fx`` stores each proxy's Aval under this key of ``node.meta``.
+AVAL_META = "reftrace_aval"
+
+
+# ----------------------------------------------------------------------------- operand helpers
+
+def aval_of(x: Any) -> Aval:
+    """The static shape/dtype of a rule operand (tensor, fx proxy made by to_fx, or numpy literal)."""
+    if isinstance(x, torch.Tensor):
+        return Aval(tuple(x.shape), numpy_dtype(x.dtype))
+    if isinstance(x, fx.Proxy):
+        try:
+            return x.node.meta[AVAL_META]
+        except KeyError:
+            raise RuntimeError(f"internal: fx node {x.node.name} has no reftrace aval; rules may only "
+                               "ask aval_of about their own operands") from None
+    arr = np.asarray(x)
+    return Aval(arr.shape, arr.dtype)
+
+
+def _is_scalar_literal(x: Any) -> bool:
+    return isinstance(x, (np.ndarray, np.generic)) and np.ndim(x) == 0
+
+
+def _py(x: Any) -> bool | int | float | complex:
+    """A rank-0 numpy literal as the Python scalar of the same kind (exact for int64 and float64)."""
+    kind = np.dtype(x.dtype).kind
+    if kind == "b":
+        return bool(x)
+    if kind in "iu":
+        return int(x)
+    if kind == "c":
+        return complex(x)
+    return float(x)
+
+
+def _t(x: Any) -> Any:
+    """A tensor (or proxy) for any operand; numpy literals become tensors of their own dtype."""
+    if isinstance(x, (torch.Tensor, fx.Proxy)):
+        return x
+    if _is_scalar_literal(x):
+        return torch.tensor(_py(x), dtype=torch_dtype(np.asarray(x).dtype))
+    return tensor_from_numpy(x, copy=True)  # eager only: to_fx turns array literals into buffers
+
+
+def _s(x: Any) -> Any:
+    """A Python scalar for a rank-0 literal (torch takes those as ``other``), else a tensor."""
+    return _py(x) if _is_scalar_literal(x) else _t(x)
+
+
+def _tdtype(x: Any) -> torch.dtype:
+    return torch_dtype(aval_of(x).dtype)
+
+
+# ----------------------------------------------------------------------------- elementwise
+
+def _cbrt(x: Any) -> Any:
+    """torch has no cbrt: sign(x) * |x|**(1/3) (within an ulp or two in float64)."""
+    x = _t(x)
+    return torch.mul(torch.sign(x), torch.pow(torch.abs(x), 1.0 / 3.0))
+
+
+_UNARY = {
+    "exp": torch.exp, "log": torch.log, "log1p": torch.log1p, "expm1": torch.expm1, "tanh": torch.tanh,
+    "logistic": torch.sigmoid, "sin": torch.sin, "cos": torch.cos, "tan": torch.tan, "asin": torch.asin,
+    "acos": torch.acos, "atan": torch.atan, "sinh": torch.sinh, "cosh": torch.cosh, "asinh": torch.asinh,
+    "acosh": torch.acosh, "atanh": torch.atanh, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
+    "erf": torch.erf, "erfc": torch.erfc, "erf_inv": torch.erfinv, "lgamma": torch.lgamma,
+    "digamma": torch.digamma, "floor": torch.floor, "ceil": torch.ceil,
+    "round": torch.round,  # half to even, as lax.round with ROUND_TO_NEAREST_EVEN / jnp.round
+    "neg": torch.neg, "sign": torch.sign, "abs": torch.abs, "is_finite": torch.isfinite,
+    "not": torch.bitwise_not,  # logical not on bool, bitwise not on integers
+}
+
+
+def _unary(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def rule(x: Any) -> Any:
+        return fn(_t(x))
+    rule.__name__ = getattr(fn, "__name__", "unary")
+    return rule
+
+
+for _name, _fn in _UNARY.items():
+    torch_rules[P.registry[_name]] = _unary(_fn)
+torch_rules[P.registry["cbrt"]] = _cbrt
+torch_rules[P.integer_pow_p] = lambda x, *, y: torch.pow(_t(x), y)
+
+
+def _binary(fn: Callable[..., Any], mirrored: Callable[..., Any] | None = None,
+            scalar_other: bool = True) -> Callable[..., Any]:
+    """``fn(x, y)``; a rank-0 literal ``y`` goes in as a Python scalar when ``scalar_other``.
+
+    ``mirrored(y, x) == fn(x, y)`` lets a literal ``x`` become the scalar too (commutative
+    ops, or comparisons with the flipped comparison).
+    """
+    def rule(x: Any, y: Any) -> Any:
+        if scalar_other and mirrored is not None and _is_scalar_literal(x) and not _is_scalar_literal(y):
+            return mirrored(_t(y), _py(x))
+        return fn(_t(x), _s(y) if scalar_other else _t(y))
+    return rule
+
+
+def _div(x: Any, y: Any) -> Any:
+    """Float division, or integer division rounding toward zero (C / lax semantics)."""
+    if is_float(aval_of(x).dtype):
+        return torch.div(_t(x), _s(y))
+    return torch.div(_t(x), _s(y), rounding_mode="trunc")
+
+
+torch_rules[P.add_p] = _binary(torch.add, torch.add)
+torch_rules[P.sub_p] = _binary(torch.sub)
+torch_rules[P.mul_p] = _binary(torch.mul, torch.mul)
+torch_rules[P.div_p] = _div
+torch_rules[P.rem_p] = _binary(torch.fmod)  # sign of the dividend
+torch_rules[P.pow_p] = _binary(torch.pow)
+torch_rules[P.max_p] = _binary(torch.maximum, scalar_other=False)  # NaN-propagating, like lax.max
+torch_rules[P.min_p] = _binary(torch.minimum, scalar_other=False)
+torch_rules[P.atan2_p] = _binary(torch.atan2, scalar_other=False)
+torch_rules[P.and_p] = _binary(torch.bitwise_and, torch.bitwise_and)
+torch_rules[P.or_p] = _binary(torch.bitwise_or, torch.bitwise_or)
+torch_rules[P.xor_p] = _binary(torch.bitwise_xor, torch.bitwise_xor)
+torch_rules[P.eq_p] = _binary(torch.eq, torch.eq)
+torch_rules[P.ne_p] = _binary(torch.ne, torch.ne)
+torch_rules[P.lt_p] = _binary(torch.lt, torch.gt)
+torch_rules[P.le_p] = _binary(torch.le, torch.ge)
+torch_rules[P.gt_p] = _binary(torch.gt, torch.lt)
+torch_rules[P.ge_p] = _binary(torch.ge, torch.le)
+
+
+def _select(pred: Any, on_true: Any, on_false: Any) -> Any:
+    both_literal = _is_scalar_literal(on_true) and _is_scalar_literal(on_false)
+    t = _t(on_true) if both_literal else _s(on_true)
+    return torch.where(_t(pred), t, _s(on_false))
+
+
+torch_rules[P.select_p] = _select
+torch_rules[P.convert_element_type_p] = lambda x, *, new_dtype: _t(x).to(torch_dtype(new_dtype))
+torch_rules[P.stop_gradient_p] = lambda x: _t(x).detach()
+
+
+# ----------------------------------------------------------------------------- reductions
+
+def _out_shape_without(shape: Sequence[int], axes: Sequence[int]) -> list[int]:
+    return [d for i, d in enumerate(shape) if i not in axes]
+
+
+def _reduce_sum(x: Any, *, axes: tuple[int, ...]) -> Any:
+    if not axes:  # torch.sum(x, dim=[]) would sum everything
+        return _t(x)
+    return torch.sum(_t(x), dim=list(axes), dtype=_tdtype(x))  # dtype: no int32 -> int64 promotion
+
+
+def _reduce_prod(x: Any, *, axes: tuple[int, ...]) -> Any:
+    out, dtype = _t(x), _tdtype(x)
+    for a in sorted(axes, reverse=True):  # torch.prod takes one dim at a time
+        out = torch.prod(out, a, dtype=dtype)
+    return out
+
+
+def _extremum(fn: Callable[..., Any], toward: str) -> Callable[..., Any]:
+    """amax/amin; over an empty axis they give the identity (-inf/+inf, int min/max) as lax does."""
+    def rule(x: Any, *, axes: tuple[int, ...]) -> Any:
+        av = aval_of(x)
+        if not axes:
+            return _t(x)
+        if any(av.shape[a] == 0 for a in axes):
+            return torch.full(_out_shape_without(av.shape, axes), _identity(av.dtype, toward),
+                              dtype=torch_dtype(av.dtype))
+        return fn(_t(x), list(axes))
+    return rule
+
+
+def _identity(dtype: np.dtype, toward: str) -> bool | int | float:
+    if dtype.kind == "b":
+        return toward == "min"
+    if dtype.kind == "f":
+        return -float("inf") if toward == "max" else float("inf")
+    info = np.iinfo(dtype)
+    return int(info.min) if toward == "max" else int(info.max)
+
+
+def _logical_reduce(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def rule(x: Any, *, axes: tuple[int, ...]) -> Any:
+        return fn(_t(x), dim=list(axes)) if axes else _t(x)
+    return rule
+
+
+torch_rules[P.reduce_sum_p] = _reduce_sum
+torch_rules[P.reduce_prod_p] = _reduce_prod
+torch_rules[P.reduce_max_p] = _extremum(torch.amax, "max")
+torch_rules[P.reduce_min_p] = _extremum(torch.amin, "min")
+torch_rules[P.reduce_and_p] = _logical_reduce(torch.all)
+torch_rules[P.reduce_or_p] = _logical_reduce(torch.any)
+
+
+def _arg_extremum(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.argmax/argmin return the first occurrence (and NaN counts as the extremum), as lax."""
+    def rule(x: Any, *, axis: int, index_dtype: np.dtype) -> Any:
+        out = fn(_t(x), axis)
+        return out if np.dtype(index_dtype) == np.int64 else out.to(torch_dtype(index_dtype))
+    return rule
+
+
+torch_rules[P.argmax_p] = _arg_extremum(torch.argmax)
+torch_rules[P.argmin_p] = _arg_extremum(torch.argmin)
+
+
+def _cumulative(scan: Callable[[Any, int, torch.dtype], Any]) -> Callable[..., Any]:
+    """A scan along ``axis``; ``reverse`` scans from the end (flip, scan, flip)."""
+    def rule(x: Any, *, axis: int, reverse: bool) -> Any:
+        dtype, y = _tdtype(x), _t(x)
+        if reverse:
+            y = torch.flip(y, [axis])
+        y = scan(y, axis, dtype)
+        return torch.flip(y, [axis]) if reverse else y
+    return rule
+
+
+torch_rules[P.cumsum_p] = _cumulative(lambda x, a, dt: torch.cumsum(x, a, dtype=dt))
+torch_rules[P.cumprod_p] = _cumulative(lambda x, a, dt: torch.cumprod(x, a, dtype=dt))
+torch_rules[P.cummax_p] = _cumulative(lambda x, a, dt: torch.cummax(x, a)[0])
+torch_rules[P.cummin_p] = _cumulative(lambda x, a, dt: torch.cummin(x, a)[0])
+
+
+# ----------------------------------------------------------------------------- shape ops
+
+def _broadcast_in_dim(x: Any, *, shape: tuple[int, ...], broadcast_dimensions: tuple[int, ...]) -> Any:
+    av = aval_of(x)
+    if _is_scalar_literal(x):
+        return torch.full(list(shape), _py(x), dtype=torch_dtype(av.dtype))
+    if av.shape == tuple(shape):
+        return _t(x)
+    y = _t(x)
+    if av.ndim:  # put operand dims where broadcast_dimensions says, 1 elsewhere; then expand
+        inter = [1] * len(shape)
+        for d, od in zip(av.shape, broadcast_dimensions):
+            inter[od] = d
+        y = y.reshape(inter)
+    return y.expand(list(shape))
+
+
+def _slice(x: Any, *, start_indices: tuple[int, ...], limit_indices: tuple[int, ...],
+           strides: tuple[int, ...]) -> Any:
+    av = aval_of(x)
+    index = tuple(slice(None) if (s, l, st) == (0, d, 1) else slice(s, l, st)
+                  for s, l, st, d in zip(start_indices, limit_indices, strides, av.shape))
+    return _t(x)[index]
+
+
+torch_rules[P.broadcast_in_dim_p] = _broadcast_in_dim
+torch_rules[P.reshape_p] = lambda x, *, new_sizes: _t(x).reshape(list(new_sizes))
+torch_rules[P.transpose_p] = lambda x, *, permutation: _t(x).permute(list(permutation))
+torch_rules[P.slice_p] = _slice
+torch_rules[P.concatenate_p] = lambda *xs, dimension: torch.cat([_t(x) for x in xs], dimension)
+torch_rules[P.rev_p] = lambda x, *, dimensions: torch.flip(_t(x), list(dimensions))
+
+
+def _pad_list(ndim: int, dim: int, lo: int, hi: int) -> list[int]:
+    """constant_pad_nd's argument padding only ``dim`` (its list runs from the last dim backwards)."""
+    return [0, 0] * (ndim - 1 - dim) + [lo, hi]
+
+
+def pad_with_scalar(x: Any, shape: Sequence[int], value: bool | int | float,
+                    config: Sequence[tuple[int, int, int]]) -> Any:
+    """lax.pad with a Python scalar: interior padding, then lo/hi (negative lo/hi crop).
+
+    ``shape`` is ``x``'s static shape. Interior padding of ``k`` along a dim of size ``n``:
+    add a unit axis, pad it to ``1 + k``, merge, and drop the trailing ``k``.
+    """
+    shape, ndim = list(shape), len(shape)
+    for d, (_, _, interior) in enumerate(config):
+        n = shape[d]
+        if interior == 0 or n == 0:
+            continue
+        x = torch.constant_pad_nd(torch.unsqueeze(x, d + 1), _pad_list(ndim + 1, d + 1, 0, interior), value)
+        x = x.reshape(shape[:d] + [n * (1 + interior)] + shape[d + 1:])
+        shape[d] = n + (n - 1) * interior
+        x = torch.narrow(x, d, 0, shape[d])
+    grow = []
+    for d in reversed(range(ndim)):
+        lo, hi, _ = config[d]
+        grow += [max(lo, 0), max(hi, 0)]
+    while grow and grow[-2:] == [0, 0]:
+        grow = grow[:-2]
+    if grow:
+        x = torch.constant_pad_nd(x, grow, value)
+    for d, (lo, hi, _) in enumerate(config):  # crop after growing: a crop may eat into the padding
+        size = shape[d] + max(lo, 0) + max(hi, 0)
+        if lo < 0 or hi < 0:
+            start = -min(lo, 0)
+            x = torch.narrow(x, d, start, size - start + min(hi, 0))
+    return x
+
+
+def _pad(x: Any, padding_value: Any, *, padding_config: tuple[tuple[int, int, int], ...]) -> Any:
+    av = aval_of(x)
+    if _is_scalar_literal(padding_value):
+        return pad_with_scalar(_t(x), av.shape, _py(padding_value), padding_config)
+    # A traced padding value: pad with zeros, then choose through a padded mask.
+    zero = _py(np.zeros((), av.dtype))
+    padded = pad_with_scalar(_t(x), av.shape, zero, padding_config)
+    mask = pad_with_scalar(torch.ones_like(_t(x), dtype=torch.bool), av.shape, False, padding_config)
+    return torch.where(mask, padded, _t(padding_value))
+
+
+torch_rules[P.pad_p] = _pad
+
+
+def _iota(*, dtype: np.dtype, shape: tuple[int, ...], dimension: int) -> Any:
+    y = torch.arange(shape[dimension], dtype=torch_dtype(dtype))
+    if len(shape) == 1:
+        return y
+    inter = [1] * len(shape)
+    inter[dimension] = shape[dimension]
+    return y.reshape(inter).expand(list(shape))
+
+
+torch_rules[P.iota_p] = _iota
+
+
+# ----------------------------------------------------------------------------- contractions
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def dot_general_equation(lhs_ndim: int, rhs_ndim: int, dimension_numbers: Any) -> str:
+    """The einsum equation of a dot_general: output is (batch, lhs free, rhs free)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    letters = iter(_LETTERS)
+    lhs: list[str | None] = [None] * lhs_ndim
+    rhs: list[str | None] = [None] * rhs_ndim
+    batch = []
+    for a, b in zip(lb, rb):
+        lhs[a] = rhs[b] = c = next(letters)
+        batch.append(c)
+    for a, b in zip(lc, rc):
+        lhs[a] = rhs[b] = next(letters)
+    free = []
+    for subs in (lhs, rhs):
+        for i, s in enumerate(subs):
+            if s is None:
+                subs[i] = c = next(letters)
+                free.append(c)
+    return f"{''.join(lhs)},{''.join(rhs)}->{''.join(batch + free)}"  # type: ignore[arg-type]
+
+
+def _dot_general(lhs: Any, rhs: Any, *, dimension_numbers: Any, preferred_element_type: Any = None) -> Any:
+    la, ra = aval_of(lhs), aval_of(rhs)
+    x, y = _t(lhs), _t(rhs)
+    if preferred_element_type is not None and np.dtype(preferred_element_type) != la.dtype:
+        # accumulate in the preferred type, as XLA does: cast the (exactly representable) inputs
+        x, y = x.to(torch_dtype(preferred_element_type)), y.to(torch_dtype(preferred_element_type))
+    return torch.einsum(dot_general_equation(la.ndim, ra.ndim, dimension_numbers), [x, y])
+
+
+torch_rules[P.dot_general_p] = _dot_general
+
+_CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
+
+
+def _permute_unless_identity(x: Any, perm: Sequence[int]) -> Any:
+    return x if list(perm) == list(range(len(perm))) else x.permute(list(perm))
+
+
+def _conv(lhs: Any, rhs: Any, *, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+          feature_group_count, batch_group_count) -> Any:
+    """lax.conv_general_dilated as one torch.convNd on (N, C, spatial...) operands.
+
+    Layouts are permuted to torch's; input dilation and (possibly negative) padding become
+    one explicit zero pad; ``batch_group_count`` folds batch groups into channels and
+    runs a conv with that many channel groups.
+    """
+    lhs_spec, rhs_spec, out_spec = dimension_numbers
+    la, ra = aval_of(lhs), aval_of(rhs)
+    nspatial = la.ndim - 2
+    if nspatial > 3:
+        raise UnsupportedOperatorError(f"conv_general_dilated with {nspatial} spatial dims has no torch "
+                                       "lowering (torch convolutions have 1 to 3)")
+    out_shape = P.conv_output_shape(la.shape, ra.shape, window_strides, padding, lhs_dilation, rhs_dilation,
+                                    dimension_numbers, feature_group_count, batch_group_count)
+    dtype = torch_dtype(la.dtype)
+    if 0 in out_shape or la.shape[lhs_spec[1]] == 0:
+        return torch.zeros(list(out_shape), dtype=dtype)
+    x = _permute_unless_identity(_t(lhs), lhs_spec)
+    w = _permute_unless_identity(_t(rhs), rhs_spec)
+    x_shape = [la.shape[d] for d in lhs_spec]
+    config = [(0, 0, 0), (0, 0, 0)] + [(lo, hi, dil - 1) for (lo, hi), dil in zip(padding, lhs_dilation)]
+    if any(c != (0, 0, 0) for c in config):
+        x = pad_with_scalar(x, x_shape, _py(np.zeros((), la.dtype)), config)
+        x_shape = x_shape[:2] + [n + (n - 1) * (d - 1) + lo + hi if n else lo + hi
+                                 for n, d, (lo, hi) in zip(x_shape[2:], lhs_dilation, padding)]
+    strides, dilation = list(window_strides), list(rhs_dilation)
+    if nspatial == 0:  # a conv without spatial dims is a conv over one unit spatial dim
+        x, w, strides, dilation = x.unsqueeze(-1), w.unsqueeze(-1), [1], [1]
+        x_shape = x_shape + [1]
+    groups = feature_group_count
+    if batch_group_count > 1:
+        n, c, b = x_shape[0], x_shape[1], batch_group_count
+        x = x.reshape([b, n // b] + x_shape[1:]).transpose(0, 1).reshape([n // b, b * c] + x_shape[2:])
+        groups = b
+    y = _CONV[max(nspatial, 1)](x, w, None, strides, [0] * max(nspatial, 1), dilation, groups)
+    if nspatial == 0:
+        y = y.squeeze(-1)
+    return _permute_unless_identity(y, [int(i) for i in np.argsort(out_spec)])
+
+
+torch_rules[P.conv_general_dilated_p] = _conv
+
+
+# ----------------------------------------------------------------------------- indexing
+
+def _index64(indices: Any) -> Any:
+    """torch.gather/scatter want int64 indices."""
+    idx = _t(indices)
+    return idx if aval_of(indices).dtype == np.int64 else idx.to(torch.int64)
+
+
+torch_rules[P.gather_p] = lambda x, idx, *, axis: torch.gather(_t(x), axis, _index64(idx))
+torch_rules[P.scatter_add_p] = (
+    lambda x, idx, upd, *, axis: torch.scatter_add(_t(x), axis, _index64(idx), _t(upd)))
+torch_rules[P.scatter_p] = lambda x, idx, upd, *, axis: torch.scatter(_t(x), axis, _index64(idx), _t(upd))
+
+
+# ----------------------------------------------------------------------------- random
+
+_MASK32 = 0xFFFFFFFF
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _add32(a: Any, b: Any) -> Any:
+    return torch.bitwise_and(torch.add(a, b), _MASK32)
+
+
+def _rotl32(x: Any, r: int) -> Any:
+    left = torch.bitwise_and(torch.bitwise_left_shift(x, r), _MASK32)
+    return torch.bitwise_or(left, torch.bitwise_right_shift(x, 32 - r))
+
+
+def threefry2x32(k0: Any, k1: Any, x0: Any, x1: Any) -> tuple[Any, Any]:
+    """The Threefry-2x32 block cipher (20 rounds; Salmon et al., SC'11) on int64 tensors holding u32 words.
+
+    Words live in int64 so every op is plain torch arithmetic; each sum is masked to 32 bits.
+    """
+    ks = (k0, k1, torch.bitwise_xor(torch.bitwise_xor(k0, k1), 0x1BD11BDA))
+    x0, x1 = _add32(x0, ks[0]), _add32(x1, ks[1])
+    for i in range(5):
+        for r in _ROTATIONS[i % 2]:
+            x0 = _add32(x0, x1)
+            x1 = torch.bitwise_xor(_rotl32(x1, r), x0)
+        x0 = _add32(x0, ks[(i + 1) % 3])
+        x1 = _add32(x1, torch.add(ks[(i + 2) % 3], i + 1))
+    return x0, x1
+
+
+def _random_bits(key: Any, nbits: int, shape: tuple[int, ...]) -> tuple[Any, Any] | Any:
+    """JAX's partitionable threefry bits: counter i (row-major) -> threefry(key, (i >> 32, i & mask)).
+
+    For 64 bits returns the (high, low) 32-bit words; otherwise their xor cut to ``nbits``,
+    all held in int64 tensors.
+    """
+    key = _t(key).to(torch.int64)
+    size = int(np.prod(shape, dtype=np.int64))
+    counter = torch.arange(size, dtype=torch.int64)
+    hi, lo = torch.bitwise_right_shift(counter, 32), torch.bitwise_and(counter, _MASK32)
+    b0, b1 = threefry2x32(key[0], key[1], hi, lo)
+    if nbits == 64:
+        return b0, b1
+    bits = torch.bitwise_xor(b0, b1)
+    return bits if nbits == 32 else torch.bitwise_and(bits, (1 << nbits) - 1)
+
+
+_FLOAT_BITS = {  # dtype -> (random bits drawn, mantissa bits), as jax.random.uniform draws them
+    np.dtype(np.float64): (64, 52),
+    np.dtype(np.float32): (32, 23),
+    np.dtype(np.float16): (16, 10),
+}
+try:
+    import ml_dtypes
+
+    _FLOAT_BITS[np.dtype(ml_dtypes.bfloat16)] = (8, 7)
+except ImportError:  # pragma: no cover
+    pass
+
+
+def _uniform(key: Any, shape: tuple[int, ...], dtype: np.dtype, lo: float, hi: float) -> Any:
+    """Uniform [lo, hi) floats from random mantissa bits, exactly as jax.random.uniform.
+
+    JAX bitcasts ``1.m`` and subtracts 1; that equals ``m * 2**-nmant`` exactly, which needs
+    no bitcast (TorchScript has no ``Tensor.view(dtype)``).
+    """
+    try:
+        nbits, nmant = _FLOAT_BITS[np.dtype(dtype)]
+    except KeyError:
+        raise UnsupportedOperatorError(f"random: no torch lowering for dtype {np.dtype(dtype).name}") from None
+    bits = _random_bits(key, nbits, shape)
+    if nbits == 64:  # the top 52 of the 64 bits (high << 32 | low) >> 12, without overflowing int64
+        high, low = bits
+        mant = torch.bitwise_or(torch.bitwise_left_shift(high, 20), torch.bitwise_right_shift(low, 12))
+    else:
+        mant = torch.bitwise_right_shift(bits, nbits - nmant)
+    floats = torch.mul(mant.to(torch_dtype(dtype)), 2.0 ** -nmant)
+    lo_d, hi_d = np.array(lo, dtype), np.array(hi, dtype)
+    scale, low = float(hi_d - lo_d), float(lo_d)  # computed in ``dtype``, as JAX does
+    if (scale, low) != (1.0, 0.0):
+        floats = torch.clamp_min(torch.add(torch.mul(floats, scale), low), low)
+    return floats.reshape(list(shape))
+
+
+def _random(key: Any, *, shape: tuple[int, ...], dtype: np.dtype, distribution: str) -> Any:
+    """Counter-based and Generator-free: the same key gives the same numbers as the JAX backend.
+
+    ``uniform`` matches jax.random.uniform bit for bit; ``normal`` is sqrt(2) * erfinv(u) on
+    u ~ U(nextafter(-1, 0), 1) as jax.random.normal, equal up to erfinv's rounding.
+    """
+    if distribution == "uniform":
+        return _uniform(key, shape, dtype, 0.0, 1.0)
+    lo = float(np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype)))
+    u = _uniform(key, shape, dtype, lo, 1.0)
+    return torch.mul(torch.erfinv(u), float(np.sqrt(np.array(2.0, dtype))))
+
+
+torch_rules[P.random_p] = _random
+
+missing = set(P.registry.values()) - set(torch_rules)
+assert not missing, f"primitives without a torch rule: {sorted(p.name for p in missing)}"

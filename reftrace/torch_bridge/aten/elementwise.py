@@ -1,0 +1,487 @@
+"""Elementwise ATen ops: arithmetic, math functions, comparisons, logic, select, dtype conversion.
+
+Each rule casts its operands to the dtype torch computes in (the node's output
+dtype for arithmetic, the promoted operand dtype for comparisons) and broadcasts
+them like torch; the translator then checks the result against torch's meta.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from reftrace import lax
+from reftrace import primitives as P
+from reftrace.torch_bridge.aten._common import (aten, bcast, broadcast_shapes, cast, elementwise, float_dtype,
+                                                is_tensor, literal, out_aval, promote, register, shape_of)
+
+
+def _out_dtype() -> np.dtype:
+    return out_aval().dtype
+
+
+def to_bool(x: Any) -> Any:
+    """torch's truthiness: ``x != 0`` (bool tensors pass through)."""
+    if is_tensor(x):
+        return x if P.is_bool(x.dtype) else lax.ne(x, literal(0, x.dtype))
+    return literal(bool(x), np.bool_)
+
+
+def trunc(x: Any) -> Any:
+    if not P.is_float(x.dtype):
+        return x
+    return lax.select(lax.lt(x, literal(0, x.dtype)), lax.ceil(x), lax.floor(x))
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+@register(aten.add.Tensor, aten.add.Scalar)
+def add(x: Any, y: Any, alpha: Any = 1) -> Any:
+    d = _out_dtype()
+    if P.is_bool(d):
+        return elementwise(P.or_p, x, y, dtype=d)
+    if alpha != 1:
+        y = elementwise(P.mul_p, y, alpha, dtype=d) if is_tensor(y) else y * alpha
+    return elementwise(P.add_p, x, y, dtype=d)
+
+
+@register(aten.sub.Tensor, aten.sub.Scalar)
+def sub(x: Any, y: Any, alpha: Any = 1) -> Any:
+    d = _out_dtype()
+    if alpha != 1:
+        y = elementwise(P.mul_p, y, alpha, dtype=d) if is_tensor(y) else y * alpha
+    return elementwise(P.sub_p, x, y, dtype=d)
+
+
+@register(aten.rsub.Tensor, aten.rsub.Scalar)
+def rsub(x: Any, y: Any, alpha: Any = 1) -> Any:
+    return sub(y, x, alpha)
+
+
+@register(aten.mul.Tensor, aten.mul.Scalar)
+def mul(x: Any, y: Any) -> Any:
+    d = _out_dtype()
+    return elementwise(P.and_p if P.is_bool(d) else P.mul_p, x, y, dtype=d)
+
+
+def _true_div(x: Any, y: Any) -> Any:
+    return elementwise(P.div_p, x, y, dtype=float_dtype(_out_dtype()))
+
+
+def _floor_div_float(a: Any, b: Any) -> Any:
+    """torch's floor division for floats (``div_floor_floating``), exact at the rounding edges."""
+    dt = a.dtype
+    zero = literal(0, dt)
+    mod = lax.rem(a, b)
+    div = lax.div(lax.sub(a, mod), b)
+    fix = lax.logical_and(lax.ne(mod, zero), lax.ne(lax.lt(b, zero), lax.lt(mod, zero)))
+    div = lax.select(fix, lax.sub(div, literal(1, dt)), div)
+    floordiv = lax.floor(div)
+    floordiv = lax.select(lax.gt(lax.sub(div, floordiv), literal(0.5, dt)), lax.add(floordiv, literal(1, dt)),
+                          floordiv)
+    true_div = lax.div(a, b)
+    signed_zero = lax.mul(zero, true_div)
+    result = lax.select(lax.ne(div, zero), floordiv, signed_zero)
+    return lax.select(lax.eq(b, zero), true_div, result)
+
+
+def _floor_div_int(a: Any, b: Any) -> Any:
+    q, r = lax.div(a, b), lax.rem(a, b)
+    zero = literal(0, a.dtype)
+    adjust = lax.logical_and(lax.ne(r, zero), lax.ne(lax.lt(r, zero), lax.lt(b, zero)))
+    return lax.select(adjust, lax.sub(q, literal(1, a.dtype)), q)
+
+
+def _same_shape(x: Any, y: Any, dtype: Any) -> tuple[Any, Any]:
+    shape = broadcast_shapes(x, y)
+    return bcast(cast(x, dtype), shape), bcast(cast(y, dtype), shape)
+
+
+@register(aten.div.Tensor, aten.div.Scalar, aten.true_divide.Tensor)
+def div(x: Any, y: Any) -> Any:
+    return _true_div(x, y)
+
+
+@register(aten.div.Tensor_mode, aten.div.Scalar_mode)
+def div_mode(x: Any, y: Any, rounding_mode: str | None = None) -> Any:
+    if rounding_mode is None:
+        return _true_div(x, y)
+    d = _out_dtype()
+    if rounding_mode == "trunc":
+        if P.is_float(d):
+            return trunc(elementwise(P.div_p, x, y, dtype=d))
+        return elementwise(P.div_p, x, y, dtype=d)
+    return floor_divide(x, y)
+
+
+@register(aten.floor_divide.default, aten.floor_divide.Scalar)
+def floor_divide(x: Any, y: Any) -> Any:
+    d = _out_dtype()
+    a, b = _same_shape(x, y, d)
+    return _floor_div_float(a, b) if P.is_float(d) else _floor_div_int(a, b)
+
+
+@register(aten.remainder.Tensor, aten.remainder.Scalar, aten.remainder.Scalar_Tensor)
+def remainder(x: Any, y: Any) -> Any:
+    """Python's ``%``: the result takes the sign of the divisor."""
+    d = _out_dtype()
+    a, b = _same_shape(x, y, d)
+    zero = literal(0, d)
+    r = lax.rem(a, b)
+    adjust = lax.logical_and(lax.ne(r, zero), lax.ne(lax.lt(r, zero), lax.lt(b, zero)))
+    return lax.select(adjust, lax.add(r, b), r)
+
+
+@register(aten.fmod.Tensor, aten.fmod.Scalar)
+def fmod(x: Any, y: Any) -> Any:
+    return elementwise(P.rem_p, x, y, dtype=_out_dtype())
+
+
+@register(aten.pow.Tensor_Scalar)
+def pow_tensor_scalar(x: Any, exponent: Any) -> Any:
+    d = _out_dtype()
+    xc = cast(x, d)
+    if isinstance(exponent, bool):
+        exponent = int(exponent)
+    if isinstance(exponent, (int, float)) and float(exponent).is_integer() and abs(exponent) <= 64:
+        e = int(exponent)
+        if P.is_float(d) or e >= 0:
+            return lax.integer_pow(xc, e)
+    if exponent == 0.5 and P.is_float(d):
+        return lax.sqrt(xc)
+    if exponent == -0.5 and P.is_float(d):
+        return lax.rsqrt(xc)
+    return lax.pow(xc, literal(exponent, d))
+
+
+@register(aten.pow.Tensor_Tensor)
+def pow_tensor_tensor(x: Any, y: Any) -> Any:
+    return elementwise(P.pow_p, x, y, dtype=_out_dtype())
+
+
+@register(aten.pow.Scalar)
+def pow_scalar(base: Any, exponent: Any) -> Any:
+    return elementwise(P.pow_p, base, exponent, dtype=_out_dtype())
+
+
+@register(aten.atan2.default)
+def atan2(x: Any, y: Any) -> Any:
+    return elementwise(P.atan2_p, x, y, dtype=float_dtype(_out_dtype()))
+
+
+@register(aten.maximum.default, aten.max.other)
+def maximum(x: Any, y: Any) -> Any:
+    return elementwise(P.max_p, x, y, dtype=_out_dtype())
+
+
+@register(aten.minimum.default, aten.min.other)
+def minimum(x: Any, y: Any) -> Any:
+    return elementwise(P.min_p, x, y, dtype=_out_dtype())
+
+
+def _fminmax(prim: P.Primitive):
+    def rule(x: Any, y: Any) -> Any:
+        d = _out_dtype()
+        a, b = _same_shape(x, y, d)
+        m = lax.bind(prim, a, b)
+        if not P.is_float(d):
+            return m
+        return lax.select(lax.ne(a, a), b, lax.select(lax.ne(b, b), a, m))
+    return rule
+
+
+register(aten.fmax.default)(_fminmax(P.max_p))
+register(aten.fmin.default)(_fminmax(P.min_p))
+
+
+# ----------------------------------------------------------------------------- unary math
+
+_FLOAT_UNARY = {
+    aten.exp.default: P.exp_p, aten.log.default: P.log_p, aten.log1p.default: P.log1p_p,
+    aten.expm1.default: P.expm1_p, aten.sqrt.default: P.sqrt_p, aten.rsqrt.default: P.rsqrt_p,
+    aten.sin.default: P.sin_p, aten.cos.default: P.cos_p, aten.tan.default: P.tan_p,
+    aten.tanh.default: P.tanh_p, aten.sigmoid.default: P.logistic_p, aten.erf.default: P.erf_p,
+    aten.erfc.default: P.erfc_p, aten.erfinv.default: P.erf_inv_p, aten.asin.default: P.asin_p,
+    aten.acos.default: P.acos_p, aten.atan.default: P.atan_p, aten.sinh.default: P.sinh_p,
+    aten.cosh.default: P.cosh_p, aten.asinh.default: P.asinh_p, aten.acosh.default: P.acosh_p,
+    aten.atanh.default: P.atanh_p, aten.lgamma.default: P.lgamma_p, aten.digamma.default: P.digamma_p,
+}
+
+
+def _float_unary(prim: P.Primitive):
+    def rule(x: Any) -> Any:
+        return lax.bind(prim, cast(x, float_dtype(_out_dtype())))
+    rule.__name__ = prim.name
+    return rule
+
+
+for _op, _prim in _FLOAT_UNARY.items():
+    register(_op)(_float_unary(_prim))
+
+
+@register(aten.exp2.default)
+def exp2(x: Any) -> Any:
+    d = float_dtype(_out_dtype())
+    return lax.pow(literal(2, d), cast(x, d))
+
+
+def _log_base(base: float):
+    def rule(x: Any) -> Any:
+        d = float_dtype(_out_dtype())
+        return lax.div(lax.log(cast(x, d)), literal(np.log(base), d))
+    return rule
+
+
+register(aten.log2.default)(_log_base(2.0))
+register(aten.log10.default)(_log_base(10.0))
+
+
+@register(aten.reciprocal.default)
+def reciprocal(x: Any) -> Any:
+    d = float_dtype(_out_dtype())
+    return lax.div(literal(1, d), cast(x, d))
+
+
+@register(aten.neg.default)
+def neg(x: Any) -> Any:
+    return lax.neg(x)
+
+
+@register(aten.abs.default)
+def abs_(x: Any) -> Any:
+    return x if P.is_bool(x.dtype) else lax.abs(x)
+
+
+@register(aten.sign.default, aten.sgn.default)
+def sign(x: Any) -> Any:
+    return x if P.is_bool(x.dtype) else lax.sign(x)
+
+
+def _rounding(prim: P.Primitive):
+    def rule(x: Any) -> Any:
+        return lax.bind(prim, x) if P.is_float(x.dtype) else x
+    return rule
+
+
+register(aten.floor.default)(_rounding(P.floor_p))
+register(aten.ceil.default)(_rounding(P.ceil_p))
+register(aten.round.default)(_rounding(P.round_p))  # half to even, like torch
+
+
+@register(aten.trunc.default, aten.fix.default)
+def trunc_rule(x: Any) -> Any:
+    return trunc(x)
+
+
+@register(aten.frac.default)
+def frac(x: Any) -> Any:
+    return lax.sub(x, trunc(x))
+
+
+@register(aten.round.decimals)
+def round_decimals(x: Any, decimals: int = 0) -> Any:
+    if not P.is_float(x.dtype):
+        return x
+    scale = literal(10.0 ** abs(decimals), x.dtype)
+    if decimals < 0:
+        return lax.mul(lax.round(lax.div(x, scale)), scale)
+    return lax.div(lax.round(lax.mul(x, scale)), scale)
+
+
+@register(aten.relu.default)
+def relu(x: Any) -> Any:
+    return lax.max(x, literal(0, x.dtype))
+
+
+@register(aten.clamp.default, aten.clamp.Tensor)
+def clamp(x: Any, min: Any = None, max: Any = None) -> Any:  # noqa: A002 - ATen's argument names
+    d = _out_dtype()
+    shape = out_aval().shape
+    y = bcast(cast(x, d), shape)
+    if min is not None:
+        y = lax.max(y, bcast(cast(min, d), shape))
+    if max is not None:
+        y = lax.min(y, bcast(cast(max, d), shape))
+    return y
+
+
+@register(aten.clamp_min.default, aten.clamp_min.Tensor)
+def clamp_min(x: Any, min: Any) -> Any:  # noqa: A002
+    return clamp(x, min, None)
+
+
+@register(aten.clamp_max.default, aten.clamp_max.Tensor)
+def clamp_max(x: Any, max: Any) -> Any:  # noqa: A002
+    return clamp(x, None, max)
+
+
+@register(aten.hardtanh.default)
+def hardtanh(x: Any, min_val: float = -1.0, max_val: float = 1.0) -> Any:
+    return clamp(x, min_val, max_val)
+
+
+# ----------------------------------------------------------------------------- comparisons and logic
+
+def _comparison(prim: P.Primitive):
+    def rule(x: Any, y: Any) -> Any:
+        return elementwise(prim, x, y, dtype=promote(x, y))
+    rule.__name__ = prim.name
+    return rule
+
+
+for _name, _prim in (("eq", P.eq_p), ("ne", P.ne_p), ("lt", P.lt_p), ("le", P.le_p), ("gt", P.gt_p),
+                     ("ge", P.ge_p)):
+    _packet = getattr(aten, _name)
+    register(_packet.Tensor, _packet.Scalar)(_comparison(_prim))
+
+
+def _logical(prim: P.Primitive):
+    def rule(x: Any, y: Any) -> Any:
+        shape = broadcast_shapes(x, y)
+        return lax.bind(prim, bcast(to_bool(x), shape), bcast(to_bool(y), shape))
+    return rule
+
+
+register(aten.logical_and.default)(_logical(P.and_p))
+register(aten.logical_or.default)(_logical(P.or_p))
+register(aten.logical_xor.default)(_logical(P.xor_p))
+
+
+@register(aten.logical_not.default)
+def logical_not(x: Any) -> Any:
+    return lax.bitwise_not(to_bool(x))
+
+
+def _bitwise(prim: P.Primitive):
+    def rule(x: Any, y: Any) -> Any:
+        return elementwise(prim, x, y, dtype=_out_dtype())
+    return rule
+
+
+register(aten.bitwise_and.Tensor, aten.bitwise_and.Scalar)(_bitwise(P.and_p))
+register(aten.bitwise_or.Tensor, aten.bitwise_or.Scalar)(_bitwise(P.or_p))
+register(aten.bitwise_xor.Tensor, aten.bitwise_xor.Scalar)(_bitwise(P.xor_p))
+
+
+@register(aten.bitwise_not.default)
+def bitwise_not(x: Any) -> Any:
+    return lax.bitwise_not(x)
+
+
+@register(aten.isnan.default)
+def isnan(x: Any) -> Any:
+    if not P.is_float(x.dtype):
+        return lax.full(x.shape, False, np.bool_)
+    return lax.ne(x, x)
+
+
+@register(aten.isinf.default)
+def isinf(x: Any) -> Any:
+    if not P.is_float(x.dtype):
+        return lax.full(x.shape, False, np.bool_)
+    return lax.eq(lax.abs(x), literal(np.inf, x.dtype))
+
+
+@register(aten.isposinf.default)
+def isposinf(x: Any) -> Any:
+    if not P.is_float(x.dtype):
+        return lax.full(x.shape, False, np.bool_)
+    return lax.eq(x, literal(np.inf, x.dtype))
+
+
+@register(aten.isneginf.default)
+def isneginf(x: Any) -> Any:
+    if not P.is_float(x.dtype):
+        return lax.full(x.shape, False, np.bool_)
+    return lax.eq(x, literal(-np.inf, x.dtype))
+
+
+@register(aten.isfinite.default)
+def isfinite(x: Any) -> Any:
+    if not P.is_float(x.dtype):
+        return lax.full(x.shape, True, np.bool_)
+    return lax.is_finite(x)
+
+
+@register(aten.nan_to_num.default)
+def nan_to_num(x: Any, nan: float | None = 0.0, posinf: float | None = None, neginf: float | None = None) -> Any:
+    if not P.is_float(x.dtype):
+        return x
+    info = np.finfo(x.dtype)
+    nan_v = literal(0.0 if nan is None else nan, x.dtype)
+    pos_v = literal(info.max if posinf is None else posinf, x.dtype)
+    neg_v = literal(info.min if neginf is None else neginf, x.dtype)
+    y = lax.select(lax.ne(x, x), nan_v, x)
+    y = lax.select(lax.eq(x, literal(np.inf, x.dtype)), pos_v, y)
+    return lax.select(lax.eq(x, literal(-np.inf, x.dtype)), neg_v, y)
+
+
+@register(aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar)
+def where(condition: Any, x: Any, y: Any) -> Any:
+    d = _out_dtype()
+    shape = broadcast_shapes(condition, x, y)
+    pred = bcast(to_bool(condition), shape)
+    return lax.select(pred, bcast(cast(x, d), shape), bcast(cast(y, d), shape))
+
+
+@register(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
+def masked_fill(x: Any, mask: Any, value: Any) -> Any:
+    return where(mask, value, x)
+
+
+@register(aten.lerp.Scalar, aten.lerp.Tensor)
+def lerp(start: Any, end: Any, weight: Any) -> Any:
+    """torch's two-sided formula: ``start + w*(end-start)`` for ``|w| < 0.5``, else ``end - (end-start)*(1-w)``."""
+    d = _out_dtype()
+    shape = out_aval().shape
+    s, e, w = (lax.broadcast_to_rank(cast(v, d), shape) for v in (start, end, weight))
+    diff = lax.sub(e, s)
+    low = lax.add(s, lax.mul(w, diff))
+    high = lax.sub(e, lax.mul(diff, lax.sub(literal(1, d), w)))
+    return lax.select(lax.lt(lax.abs(w), literal(0.5, d)), low, high)
+
+
+@register(aten.addcmul.default)
+def addcmul(x: Any, t1: Any, t2: Any, value: Any = 1) -> Any:
+    d = _out_dtype()
+    prod = elementwise(P.mul_p, t1, t2, dtype=d)
+    if value != 1:
+        prod = elementwise(P.mul_p, prod, value, dtype=d)
+    return elementwise(P.add_p, x, prod, dtype=d)
+
+
+@register(aten.addcdiv.default)
+def addcdiv(x: Any, t1: Any, t2: Any, value: Any = 1) -> Any:
+    d = _out_dtype()
+    q = elementwise(P.div_p, t1, t2, dtype=d)
+    if value != 1:
+        q = elementwise(P.mul_p, q, value, dtype=d)
+    return elementwise(P.add_p, x, q, dtype=d)
+
+
+# ----------------------------------------------------------------------------- conversion and identity
+
+@register(aten._to_copy.default, torch.ops.prims.convert_element_type.default)
+def to_copy(x: Any, *args: Any, **kwargs: Any) -> Any:
+    """dtype conversion (device, layout and memory format do not exist in a graph)."""
+    return cast(x, _out_dtype())
+
+
+@register(aten.clone.default, aten.alias.default, aten.lift_fresh_copy.default, aten.lift_fresh.default,
+          aten.detach.default, aten.contiguous.default, aten.alias_copy.default, aten.detach_copy.default,
+          aten.positive.default, aten.resolve_conj.default, aten.resolve_neg.default)
+def identity(x: Any, *args: Any, **kwargs: Any) -> Any:
+    """Copies and aliases are the same value in a functional graph."""
+    return x
+
+
+@register(aten.copy.default)
+def copy(x: Any, src: Any, non_blocking: bool = False) -> Any:
+    """Functional ``copy_``: ``src``'s values in ``x``'s shape and dtype."""
+    return lax.broadcast_to_rank(cast(src, x.dtype), x.shape)
+
+
+@register(aten.fill.Scalar, aten.fill.Tensor)
+def fill(x: Any, value: Any) -> Any:
+    return lax.broadcast_to_rank(cast(value, x.dtype), x.shape)

@@ -1,0 +1,392 @@
+"""Neural-network ATen ops: activations, normalisation (batch/layer/group), pooling, dropout.
+
+Pooling windows are strided slices of the padded input stacked on a new trailing
+axis; max pooling's indices are torch's (flat position in the input plane, first
+maximum in the window's row-major scan order wins) via ``argmax`` over that axis.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Sequence
+
+import numpy as np
+
+from reftrace import lax
+from reftrace.errors import UnsupportedOperatorError
+from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, literal, lowest, out_aval,
+                                                register, unsupported)
+
+# ----------------------------------------------------------------------------- activations
+
+
+def _f(x: Any) -> Any:
+    return cast(x, float_dtype(out_aval().dtype))
+
+
+@register(aten.gelu.default)
+def gelu(x: Any, approximate: str = "none") -> Any:
+    x = _f(x)
+    d = x.dtype
+    half = lax.mul(literal(0.5, d), x)
+    if approximate == "tanh":
+        inner = lax.mul(literal(np.sqrt(2.0 / np.pi), d),
+                        lax.add(x, lax.mul(literal(0.044715, d), lax.integer_pow(x, 3))))
+        return lax.mul(half, lax.add(literal(1, d), lax.tanh(inner)))
+    return lax.mul(half, lax.add(literal(1, d), lax.erf(lax.mul(x, literal(np.sqrt(0.5), d)))))
+
+
+@register(aten.silu.default)
+def silu(x: Any) -> Any:
+    x = _f(x)
+    return lax.mul(x, lax.logistic(x))
+
+
+def _relu6_of_shift(x: Any) -> Any:
+    d = x.dtype
+    return lax.min(lax.max(lax.add(x, literal(3, d)), literal(0, d)), literal(6, d))
+
+
+@register(aten.hardswish.default)
+def hardswish(x: Any) -> Any:
+    x = _f(x)
+    return lax.div(lax.mul(x, _relu6_of_shift(x)), literal(6, x.dtype))
+
+
+@register(aten.hardsigmoid.default)
+def hardsigmoid(x: Any) -> Any:
+    x = _f(x)
+    return lax.div(_relu6_of_shift(x), literal(6, x.dtype))
+
+
+@register(aten.leaky_relu.default)
+def leaky_relu(x: Any, negative_slope: float = 0.01) -> Any:
+    x = _f(x)
+    zero = literal(0, x.dtype)
+    return lax.select(lax.gt(x, zero), x, lax.mul(x, literal(negative_slope, x.dtype)))
+
+
+@register(aten.elu.default)
+def elu(x: Any, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0) -> Any:
+    x = _f(x)
+    d = x.dtype
+    negative = lax.mul(lax.expm1(lax.mul(x, literal(input_scale, d))), literal(alpha * scale, d))
+    return lax.select(lax.gt(x, literal(0, d)), lax.mul(x, literal(scale, d)), negative)
+
+
+@register(aten.softplus.default)
+def softplus(x: Any, beta: float = 1.0, threshold: float = 20.0) -> Any:
+    x = _f(x)
+    d = x.dtype
+    scaled = lax.mul(x, literal(beta, d))
+    soft = lax.div(lax.log1p(lax.exp(scaled)), literal(beta, d))
+    return lax.select(lax.gt(scaled, literal(threshold, d)), x, soft)
+
+
+@register(aten.mish.default)
+def mish(x: Any) -> Any:
+    x = _f(x)
+    return lax.mul(x, lax.tanh(softplus(x)))
+
+
+@register(aten.threshold.default)
+def threshold(x: Any, threshold: Any, value: Any) -> Any:
+    return lax.select(lax.gt(x, literal(threshold, x.dtype)), x, lax.full(x.shape, value, x.dtype))
+
+
+@register(aten.log_sigmoid_forward.default)
+def log_sigmoid_forward(x: Any) -> tuple[Any, Any]:
+    x = _f(x)
+    d = x.dtype
+    out = lax.sub(lax.min(x, literal(0, d)), lax.log1p(lax.exp(lax.neg(lax.abs(x)))))
+    buffer = out_aval(1)
+    return out, lax.full(buffer.shape, 0, buffer.dtype)
+
+
+@register(aten._prelu_kernel.default)
+def prelu(x: Any, weight: Any) -> Any:
+    w = cast(weight, x.dtype)
+    if w.shape != x.shape:
+        w = lax.broadcast_to_rank(w, x.shape)
+    return lax.select(lax.gt(x, literal(0, x.dtype)), x, lax.mul(w, x))
+
+
+@register(aten.native_dropout.default)
+def native_dropout(x: Any, p: float, train: bool | None) -> tuple[Any, Any]:
+    if train and p > 0:
+        raise UnsupportedOperatorError(
+            f"aten::native_dropout with p={p} in training mode draws random numbers, and reftrace has no "
+            "functional RNG yet. Capture the model in eval() mode, or use dropout p=0.")
+    return x, lax.full(x.shape, True, np.bool_)
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+def _acc_dtype(dtype: Any) -> np.dtype:
+    """Statistics of half-precision inputs are computed in float32, as torch does."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype.itemsize < 4 else float_dtype(dtype)
+
+
+def _stats(x: Any, axes: tuple[int, ...]) -> tuple[Any, Any, int]:
+    """(mean, biased variance, count) over ``axes``; results keep the non-reduced dims."""
+    keep = [i for i in range(x.ndim) if i not in axes]
+    n = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+    d = x.dtype
+    mean = lax.div(lax.reduce_sum(x, axes), literal(n, d))
+    centred = lax.sub(x, lax.broadcast_in_dim(mean, x.shape, keep))
+    var = lax.div(lax.reduce_sum(lax.mul(centred, centred), axes), literal(n, d))
+    return mean, var, n
+
+
+def _along(v: Any, shape: Sequence[int], dims: Sequence[int]) -> Any:
+    return lax.broadcast_in_dim(v, tuple(shape), tuple(dims))
+
+
+@register(aten.native_layer_norm.default)
+def native_layer_norm(x: Any, normalized_shape: Sequence[int], weight: Any, bias: Any, eps: float
+                      ) -> tuple[Any, Any, Any]:
+    out_dtype = x.dtype
+    x = cast(x, _acc_dtype(x.dtype))
+    k = len(normalized_shape)
+    axes = tuple(range(x.ndim - k, x.ndim))
+    lead = list(range(x.ndim - k))
+    mean, var, _ = _stats(x, axes)
+    rstd = lax.rsqrt(lax.add(var, literal(eps, x.dtype)))
+    y = lax.mul(lax.sub(x, _along(mean, x.shape, lead)), _along(rstd, x.shape, lead))
+    if weight is not None:
+        y = lax.mul(y, _along(cast(weight, x.dtype), x.shape, axes))
+    if bias is not None:
+        y = lax.add(y, _along(cast(bias, x.dtype), x.shape, axes))
+    stat_shape = x.shape[:x.ndim - k] + (1,) * k
+    return cast(y, out_dtype), lax.reshape(mean, stat_shape), lax.reshape(rstd, stat_shape)
+
+
+@register(aten.native_group_norm.default)
+def native_group_norm(x: Any, weight: Any, bias: Any, N: int, C: int, HxW: int, group: int, eps: float
+                      ) -> tuple[Any, Any, Any]:
+    out_dtype = x.dtype
+    x = cast(x, _acc_dtype(x.dtype))
+    grouped = lax.reshape(x, (N, group, (C // group) * HxW))
+    mean, var, _ = _stats(grouped, (2,))
+    rstd = lax.rsqrt(lax.add(var, literal(eps, x.dtype)))
+    y = lax.mul(lax.sub(grouped, _along(mean, grouped.shape, (0, 1))), _along(rstd, grouped.shape, (0, 1)))
+    y = lax.reshape(y, x.shape)
+    if weight is not None:
+        y = lax.mul(y, _along(cast(weight, x.dtype), x.shape, (1,)))
+    if bias is not None:
+        y = lax.add(y, _along(cast(bias, x.dtype), x.shape, (1,)))
+    return cast(y, out_dtype), mean, rstd
+
+
+def _batch_norm(x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any, training: bool,
+                momentum: float, eps: float) -> tuple[Any, Any, Any, Any, Any]:
+    """(out, save_mean, save_rstd, new_running_mean, new_running_var); the last two are None without stats."""
+    out_dtype = x.dtype
+    x = cast(x, _acc_dtype(x.dtype))
+    d = x.dtype
+    axes = tuple(i for i in range(x.ndim) if i != 1)
+    channel = (1,)
+    new_mean = new_var = None
+    if training:
+        mean, var, n = _stats(x, axes)
+        rstd = lax.rsqrt(lax.add(var, literal(eps, d)))
+        if running_mean is not None:
+            m = literal(momentum, d)
+            keep = literal(1 - momentum, d)
+            rm, rv = cast(running_mean, d), cast(running_var, d)
+            unbiased = lax.mul(var, literal(n / max(n - 1, 1), d))
+            new_mean = cast(lax.add(lax.mul(keep, rm), lax.mul(m, mean)), running_mean.dtype)
+            new_var = cast(lax.add(lax.mul(keep, rv), lax.mul(m, unbiased)), running_var.dtype)
+        save_mean, save_rstd = mean, rstd
+    else:
+        mean = cast(running_mean, d)
+        rstd = lax.rsqrt(lax.add(cast(running_var, d), literal(eps, d)))
+        save_mean = save_rstd = None
+    y = lax.mul(lax.sub(x, _along(mean, x.shape, channel)), _along(rstd, x.shape, channel))
+    if weight is not None:
+        y = lax.mul(y, _along(cast(weight, d), x.shape, channel))
+    if bias is not None:
+        y = lax.add(y, _along(cast(bias, d), x.shape, channel))
+    return cast(y, out_dtype), save_mean, save_rstd, new_mean, new_var
+
+
+def _or_meta_zeros(value: Any, i: int) -> Any:
+    """``value`` or, for the statistics torch leaves empty (eval mode), zeros shaped like its meta."""
+    aval = out_aval(i)
+    if value is None or value.shape != aval.shape:
+        return lax.full(aval.shape, 0, aval.dtype)
+    return value
+
+
+@register(aten._native_batch_norm_legit_functional.default)
+def batch_norm_functional(x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any, training: bool,
+                          momentum: float, eps: float) -> tuple[Any, ...]:
+    out, sm, sr, rm, rv = _batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps)
+    return (out, _or_meta_zeros(sm, 1), _or_meta_zeros(sr, 2),
+            rm if rm is not None else running_mean, rv if rv is not None else running_var)
+
+
+@register(aten._native_batch_norm_legit_no_training.default)
+def batch_norm_no_training(x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any, momentum: float,
+                           eps: float) -> tuple[Any, ...]:
+    out, *_ = _batch_norm(x, weight, bias, running_mean, running_var, False, momentum, eps)
+    return out, _or_meta_zeros(None, 1), _or_meta_zeros(None, 2)
+
+
+@register(aten._native_batch_norm_legit.no_stats)
+def batch_norm_no_stats(x: Any, weight: Any, bias: Any, training: bool, momentum: float, eps: float
+                        ) -> tuple[Any, ...]:
+    out, sm, sr, _, _ = _batch_norm(x, weight, bias, None, None, True, momentum, eps)
+    return out, _or_meta_zeros(sm, 1), _or_meta_zeros(sr, 2)
+
+
+@register(aten.native_batch_norm.default, aten._native_batch_norm_legit.default)
+def native_batch_norm(x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any, training: bool,
+                      momentum: float, eps: float) -> tuple[Any, ...]:
+    if training and running_mean is not None:
+        raise unsupported("batch norm that updates running statistics in place reached the table unfunctionalized")
+    out, sm, sr, _, _ = _batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps)
+    return out, _or_meta_zeros(sm, 1), _or_meta_zeros(sr, 2)
+
+
+@register(aten._batch_norm_with_update_functional.default)
+def batch_norm_with_update(x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any, momentum: float,
+                           eps: float) -> tuple[Any, ...]:
+    out, sm, sr, rm, rv = _batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+    return out, _or_meta_zeros(sm, 1), _or_meta_zeros(sr, 2), _or_meta_zeros(None, 3), rm, rv
+
+
+@register(aten._batch_norm_no_update.default)
+def batch_norm_no_update(x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any, momentum: float,
+                         eps: float) -> tuple[Any, ...]:
+    out, *_ = _batch_norm(x, weight, bias, running_mean, running_var, False, momentum, eps)
+    return out, _or_meta_zeros(None, 1), _or_meta_zeros(None, 2), _or_meta_zeros(None, 3)
+
+
+# ----------------------------------------------------------------------------- pooling
+
+def _per_dim(values: Any, n: int, default: Sequence[int] | None = None) -> list[int]:
+    if values is None or (isinstance(values, (list, tuple)) and len(values) == 0):
+        return list(default) if default is not None else [1] * n
+    if isinstance(values, int):
+        return [values] * n
+    values = [int(v) for v in values]
+    return values * n if len(values) == 1 else values
+
+
+def _windows(x: Any, kernel: list[int], stride: list[int], padding: list[int], dilation: list[int],
+             out_spatial: Sequence[int], pad_value: Any) -> list[Any]:
+    """One strided slice of the padded input per window offset (row-major over the kernel)."""
+    n = len(kernel)
+    batch = x.ndim - n
+    config = [(0, 0, 0)] * batch
+    for size, k, s, p, dil, o in zip(x.shape[batch:], kernel, stride, padding, dilation, out_spatial):
+        needed = (o - 1) * s + dil * (k - 1) + 1
+        config.append((p, max(needed - size - p, 0), 0))
+    padded = lax.pad(x, literal(pad_value, x.dtype), config)
+    windows = []
+    for offset in itertools.product(*[range(k) for k in kernel]):
+        start = [0] * batch + [o * dil for o, dil in zip(offset, dilation)]
+        limit = list(x.shape[:batch]) + [st + (o - 1) * s + 1 for st, o, s in zip(start[batch:], out_spatial, stride)]
+        windows.append(lax.slice(padded, start, limit, [1] * batch + stride))
+    return windows
+
+
+def _stack_last(xs: list[Any]) -> Any:
+    return lax.concatenate([lax.reshape(w, w.shape + (1,)) for w in xs], xs[0].ndim)
+
+
+def _max_pool(n: int):
+    def rule(x: Any, kernel_size: Any, stride: Any = (), padding: Any = 0, dilation: Any = 1,
+             ceil_mode: bool = False) -> tuple[Any, Any]:
+        kernel = _per_dim(kernel_size, n)
+        stride_ = _per_dim(stride, n, default=kernel)
+        padding_, dilation_ = _per_dim(padding, n), _per_dim(dilation, n)
+        out_spatial = out_aval(0).shape[-n:]
+        stacked = _stack_last(_windows(x, kernel, stride_, padding_, dilation_, out_spatial, lowest(x.dtype)))
+        values = lax.reduce_max(stacked, (stacked.ndim - 1,))
+        which = lax.argmax(stacked, stacked.ndim - 1, np.int64)
+        # table[..., k] = flat input position read by window offset k at each output position
+        in_spatial = x.shape[-n:]
+        offsets = list(itertools.product(*[range(k) for k in kernel]))
+        grids = np.meshgrid(*[np.arange(o) for o in out_spatial], indexing="ij")
+        table = np.zeros(tuple(out_spatial) + (len(offsets),), dtype=np.int64)
+        for j, off in enumerate(offsets):
+            flat = np.zeros(tuple(out_spatial), dtype=np.int64)
+            for dim in range(n):
+                coord = grids[dim] * stride_[dim] - padding_[dim] + off[dim] * dilation_[dim]
+                flat = flat * in_spatial[dim] + coord
+            table[..., j] = flat
+        batch_shape = tuple(x.shape[:-n])
+        operand = lax.broadcast_in_dim(literal(table, np.int64), batch_shape + table.shape,
+                                       tuple(range(len(batch_shape), len(batch_shape) + n + 1)))
+        picked = lax.gather(operand, lax.reshape(which, which.shape + (1,)), operand.ndim - 1)
+        return values, lax.reshape(picked, which.shape)
+    return rule
+
+
+register(aten.max_pool2d_with_indices.default)(_max_pool(2))
+register(aten.max_pool3d_with_indices.default)(_max_pool(3))
+
+
+def _avg_divisor(in_spatial: Sequence[int], out_spatial: Sequence[int], kernel: list[int], stride: list[int],
+                 padding: list[int], count_include_pad: bool, divisor_override: int | None) -> np.ndarray:
+    """torch's per-output divisor: the window clipped to the padded (or unpadded) input."""
+    if divisor_override:
+        return np.full(tuple(out_spatial), divisor_override, dtype=np.float64)
+    counts = []
+    for size, o, k, s, p in zip(in_spatial, out_spatial, kernel, stride, padding):
+        start = np.arange(o) * s - p
+        end = np.minimum(start + k, size + p)
+        padded_len = end - start
+        clipped_len = np.minimum(end, size) - np.maximum(start, 0)
+        counts.append(padded_len if count_include_pad else clipped_len)
+    return np.prod(np.meshgrid(*counts, indexing="ij"), axis=0).astype(np.float64)
+
+
+def _avg_pool(n: int):
+    def rule(x: Any, kernel_size: Any, stride: Any = (), padding: Any = 0, ceil_mode: bool = False,
+             count_include_pad: bool = True, divisor_override: int | None = None) -> Any:
+        kernel = _per_dim(kernel_size, n)
+        stride_ = _per_dim(stride, n, default=kernel)
+        padding_ = _per_dim(padding, n)
+        out_spatial = out_aval().shape[-n:]
+        total = None
+        for w in _windows(x, kernel, stride_, padding_, [1] * n, out_spatial, 0):
+            total = w if total is None else lax.add(total, w)
+        divisor = _avg_divisor(x.shape[-n:], out_spatial, kernel, stride_, padding_, count_include_pad,
+                               divisor_override)
+        div = lax.broadcast_in_dim(literal(divisor, x.dtype), total.shape, tuple(range(x.ndim - n, x.ndim)))
+        return lax.div(total, div)
+    return rule
+
+
+register(aten.avg_pool1d.default)(_avg_pool(1))
+register(aten.avg_pool2d.default)(_avg_pool(2))
+register(aten.avg_pool3d.default)(_avg_pool(3))
+
+
+def _adaptive_avg_pool(n: int):
+    def rule(x: Any, output_size: Sequence[int]) -> Any:
+        out_spatial = out_aval().shape[-n:]
+        y = x
+        counts = []
+        for j, o in enumerate(out_spatial):
+            dim = x.ndim - n + j
+            size = x.shape[dim]
+            starts = (np.arange(o) * size) // o
+            ends = -((-(np.arange(o) + 1) * size) // o)
+            mask = np.zeros((size, o), dtype=x.dtype)
+            for i, (s, e) in enumerate(zip(starts, ends)):
+                mask[s:e, i] = 1
+            counts.append((ends - starts).astype(np.float64))
+            y = lax.dot_general(y, literal(mask, x.dtype), (((dim,), (0,)), ((), ())))
+            y = lax.transpose(y, tuple(range(dim)) + (y.ndim - 1,) + tuple(range(dim, y.ndim - 1)))
+        divisor = np.prod(np.meshgrid(*counts, indexing="ij"), axis=0)
+        return lax.div(y, lax.broadcast_in_dim(literal(divisor, x.dtype), y.shape, tuple(range(x.ndim - n, x.ndim))))
+    return rule
+
+
+register(aten._adaptive_avg_pool2d.default)(_adaptive_avg_pool(2))
+register(aten._adaptive_avg_pool3d.default)(_adaptive_avg_pool(3))
+register(aten.adaptive_avg_pool1d.default)(_adaptive_avg_pool(1))

@@ -1,0 +1,212 @@
+"""Reduction ATen ops: sum/mean/prod, max/min (with indices), arg-extrema, any/all, var/std, scans, softmax.
+
+ATen's convention that an empty ``dim`` list means "every dimension" is honoured
+(``x.sum()`` arrives as ``sum.dim_IntList(x, [])``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from reftrace import lax
+from reftrace import primitives as P
+from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, keep_dims, literal, norm_dim, norm_dims,
+                                                out_aval, register)
+from reftrace.torch_bridge.aten.elementwise import to_bool
+
+
+def _count(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
+    return int(np.prod([shape[a] for a in axes], dtype=np.int64))
+
+
+@register(aten.sum.dim_IntList)
+def sum_dim(x: Any, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Any:
+    axes = norm_dims(dim, x.ndim)
+    d = out_aval().dtype
+    if P.is_bool(d):
+        return keep_dims(lax.reduce(P.reduce_or_p, x, axes), x.shape, axes, keepdim)
+    return keep_dims(lax.reduce_sum(cast(x, d), axes), x.shape, axes, keepdim)
+
+
+@register(aten.sum.default)
+def sum_all(x: Any, *, dtype: Any = None) -> Any:
+    return sum_dim(x, None)
+
+
+@register(aten.mean.dim)
+def mean_dim(x: Any, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Any:
+    axes = norm_dims(dim, x.ndim)
+    d = float_dtype(out_aval().dtype)
+    total = lax.reduce_sum(cast(x, d), axes)
+    return keep_dims(lax.div(total, literal(_count(x.shape, axes), d)), x.shape, axes, keepdim)
+
+
+@register(aten.mean.default)
+def mean_all(x: Any, *, dtype: Any = None) -> Any:
+    return mean_dim(x, None)
+
+
+@register(aten.prod.dim_int)
+def prod_dim(x: Any, dim: int, keepdim: bool = False, *, dtype: Any = None) -> Any:
+    axes = norm_dims(dim, x.ndim)
+    d = out_aval().dtype
+    if P.is_bool(d):
+        return keep_dims(lax.reduce(P.reduce_and_p, x, axes), x.shape, axes, keepdim)
+    return keep_dims(lax.reduce_prod(cast(x, d), axes), x.shape, axes, keepdim)
+
+
+@register(aten.prod.default)
+def prod_all(x: Any, *, dtype: Any = None) -> Any:
+    d = out_aval().dtype
+    axes = tuple(range(x.ndim))
+    if P.is_bool(d):
+        return lax.reduce(P.reduce_and_p, x, axes)
+    return lax.reduce_prod(cast(x, d), axes)
+
+
+def _extremum(prim: P.Primitive):
+    def rule(x: Any, dim: Any = None, keepdim: bool = False) -> Any:
+        axes = norm_dims(dim, x.ndim)
+        return keep_dims(lax.reduce(prim, x, axes), x.shape, axes, keepdim)
+    return rule
+
+
+register(aten.amax.default)(_extremum(P.reduce_max_p))
+register(aten.amin.default)(_extremum(P.reduce_min_p))
+register(aten.max.default)(_extremum(P.reduce_max_p))
+register(aten.min.default)(_extremum(P.reduce_min_p))
+
+
+def _arg(fn: Any):
+    def rule(x: Any, dim: int | None = None, keepdim: bool = False) -> Any:
+        if x.ndim == 0:
+            return lax.full(out_aval().shape, 0, np.int64)
+        if dim is None:
+            return lax.reshape(fn(lax.reshape(x, (x.size,)), 0, np.int64), out_aval().shape)
+        axis = norm_dim(dim, x.ndim)
+        return keep_dims(fn(x, axis, np.int64), x.shape, (axis,), keepdim)
+    return rule
+
+
+argmax = register(aten.argmax.default)(_arg(lax.argmax))
+argmin = register(aten.argmin.default)(_arg(lax.argmin))
+
+
+def _extremum_with_index(prim: P.Primitive, arg: Any):
+    def rule(x: Any, dim: int, keepdim: bool = False) -> tuple[Any, Any]:
+        if x.ndim == 0:
+            return x, lax.full((), 0, np.int64)
+        axis = norm_dim(dim, x.ndim)
+        values = keep_dims(lax.reduce(prim, x, (axis,)), x.shape, (axis,), keepdim)
+        return values, arg(x, axis, keepdim)
+    return rule
+
+
+register(aten.max.dim)(_extremum_with_index(P.reduce_max_p, argmax))
+register(aten.min.dim)(_extremum_with_index(P.reduce_min_p, argmin))
+
+
+def _logical_reduce(prim: P.Primitive):
+    def rule(x: Any, dim: Any = None, keepdim: bool = False) -> Any:
+        axes = norm_dims(dim, x.ndim)
+        return keep_dims(lax.reduce(prim, to_bool(x), axes), x.shape, axes, keepdim)
+    return rule
+
+
+register(aten.any.default, aten.any.dim, aten.any.dims)(_logical_reduce(P.reduce_or_p))
+register(aten.all.default, aten.all.dim, aten.all.dims)(_logical_reduce(P.reduce_and_p))
+
+
+def _moments(x: Any, dim: Any, correction: Any, keepdim: bool) -> tuple[Any, Any]:
+    """(variance with ``correction`` degrees of freedom, mean), two-pass for accuracy."""
+    axes = norm_dims(dim, x.ndim)
+    d = float_dtype(x.dtype)
+    x = cast(x, d)
+    n = _count(x.shape, axes)
+    mean = lax.div(lax.reduce_sum(x, axes), literal(n, d))
+    centred = lax.sub(x, lax.broadcast_in_dim(mean, x.shape, [i for i in range(x.ndim) if i not in axes]))
+    correction = 1 if correction is None else correction
+    var = lax.div(lax.reduce_sum(lax.mul(centred, centred), axes), literal(max(n - correction, 0), d))
+    return keep_dims(var, x.shape, axes, keepdim), keep_dims(mean, x.shape, axes, keepdim)
+
+
+@register(aten.var.correction)
+def var(x: Any, dim: Any = None, *, correction: Any = None, keepdim: bool = False) -> Any:
+    return _moments(x, dim, correction, keepdim)[0]
+
+
+@register(aten.var.dim)
+def var_dim(x: Any, dim: Any = None, unbiased: bool = True, keepdim: bool = False) -> Any:
+    return _moments(x, dim, 1 if unbiased else 0, keepdim)[0]
+
+
+@register(aten.var_mean.correction)
+def var_mean(x: Any, dim: Any = None, *, correction: Any = None, keepdim: bool = False) -> tuple[Any, Any]:
+    return _moments(x, dim, correction, keepdim)
+
+
+@register(aten.std.correction)
+def std(x: Any, dim: Any = None, *, correction: Any = None, keepdim: bool = False) -> Any:
+    return lax.sqrt(_moments(x, dim, correction, keepdim)[0])
+
+
+@register(aten.std_mean.correction)
+def std_mean(x: Any, dim: Any = None, *, correction: Any = None, keepdim: bool = False) -> tuple[Any, Any]:
+    v, m = _moments(x, dim, correction, keepdim)
+    return lax.sqrt(v), m
+
+
+def _scan(prim: P.Primitive):
+    def rule(x: Any, dim: int, *, dtype: Any = None) -> Any:
+        y = cast(x, out_aval().dtype)
+        if y.ndim == 0:
+            return y
+        return lax.bind(prim, y, axis=norm_dim(dim, y.ndim), reverse=False)
+    return rule
+
+
+register(aten.cumsum.default)(_scan(P.cumsum_p))
+register(aten.cumprod.default)(_scan(P.cumprod_p))
+
+
+def _max_keep(x: Any, axis: int) -> Any:
+    """The max along ``axis`` broadcast back to ``x``'s shape, with infinities replaced by 0 (stable shift)."""
+    m = lax.reduce_max(x, (axis,))
+    m = lax.select(lax.is_finite(m), m, lax.full(m.shape, 0, m.dtype))
+    return lax.broadcast_in_dim(m, x.shape, [i for i in range(x.ndim) if i != axis])
+
+
+@register(aten._softmax.default)
+def softmax(x: Any, dim: int, half_to_float: bool = False) -> Any:
+    x = cast(x, float_dtype(out_aval().dtype))
+    if x.ndim == 0:
+        return lax.full((), 1, x.dtype)
+    axis = norm_dim(dim, x.ndim)
+    e = lax.exp(lax.sub(x, _max_keep(x, axis)))
+    total = lax.broadcast_in_dim(lax.reduce_sum(e, (axis,)), x.shape, [i for i in range(x.ndim) if i != axis])
+    return lax.div(e, total)
+
+
+@register(aten._log_softmax.default)
+def log_softmax(x: Any, dim: int, half_to_float: bool = False) -> Any:
+    x = cast(x, float_dtype(out_aval().dtype))
+    if x.ndim == 0:
+        return lax.full((), 0, x.dtype)
+    axis = norm_dim(dim, x.ndim)
+    shifted = lax.sub(x, _max_keep(x, axis))
+    lse = lax.log(lax.reduce_sum(lax.exp(shifted), (axis,)))
+    return lax.sub(shifted, lax.broadcast_in_dim(lse, x.shape, [i for i in range(x.ndim) if i != axis]))
+
+
+@register(aten.logsumexp.default)
+def logsumexp(x: Any, dim: Any = (), keepdim: bool = False) -> Any:
+    x = cast(x, float_dtype(out_aval().dtype))
+    axes = norm_dims(dim, x.ndim)
+    if not axes:
+        return x
+    m = lax.reduce_max(x, axes)
+    m = lax.select(lax.is_finite(m), m, lax.full(m.shape, 0, m.dtype))
+    keep = [i for i in range(x.ndim) if i not in axes]
+    s = lax.reduce_sum(lax.exp(lax.sub(x, lax.broadcast_in_dim(m, x.shape, keep))), axes)
+    return keep_dims(lax.add(lax.log(s), m), x.shape, axes, keepdim)

@@ -1,0 +1,323 @@
+"""Capturing torch functions and ``nn.Module``s as reftrace Graphs.
+
+torch does the capture: ``make_fx`` traces with FakeTensors (no real compute;
+a branch on a tensor value raises instead of being silently specialised),
+``FunctionalTensorMode`` (AOTAutograd's functionalization) removes mutations and
+views, and ``core_aten_decompositions()`` (plus the caller's ``decompositions``,
+which win) lowers composite ops. reftrace only translates the resulting ATen
+graph through its table (``reftrace.torch_bridge.aten``).
+
+Mutated inputs (``x.add_(1)``, BatchNorm running statistics) become trailing
+outputs: graph outputs are ``(*fn outputs, *new values of mutated inputs)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx
+from torch._decomp import core_aten_decompositions
+from torch._dispatch.python import enable_python_dispatcher
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+from torch.fx import traceback as fx_traceback
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from reftrace.errors import ArgumentError, DataDependentControlFlowError, ReftraceError, TracingError
+from reftrace.graph import Graph
+from reftrace.torch_bridge.modules import ModuleState, functional_module, module_state
+from reftrace.torch_bridge.translate import fx_to_graph, op_display_name, unsupported_operator
+from reftrace.torch_bridge.user_frames import innermost_user_frame, location_from_traceback, user_stack_string
+
+__all__ = ["Captured", "capture", "capture_flat", "capture_tree", "decomposition_table"]
+
+
+@dataclass(frozen=True, eq=False)
+class Captured:
+    """A captured function: its Graph plus what callers need to map values in and out.
+
+    - ``graph``: inputs are the flat tensors (for a module: its state first, see
+      ``reftrace.torch_bridge.modules``); outputs are ``(*fn outputs, *mutations)``.
+    - ``num_outputs``: how many leading graph outputs are the function's (flat) outputs.
+    - ``mutated_inputs``: for each trailing output, the graph input index it is the new value of.
+    - ``out_spec``: pytree spec of the function's outputs (``unflatten_outputs`` rebuilds them).
+    - ``in_spec`` / ``static_args``: pytree spec of the user's arguments and their non-tensor
+      leaves (``None`` where a tensor goes), for ``flatten_args``; ``None`` / ``()`` from ``capture_flat``.
+    - ``num_state``: leading inputs that are module parameters and buffers (0 for functions).
+    - ``state``: the module's ModuleState, or ``None``.
+    - ``aten_graph``: torch's functional ATen ``fx.GraphModule`` the graph was translated from.
+    """
+
+    graph: Graph
+    num_outputs: int
+    mutated_inputs: tuple[int, ...]
+    out_spec: pytree.TreeSpec
+    in_spec: pytree.TreeSpec | None = None
+    static_args: tuple[Any, ...] = ()
+    num_state: int = 0
+    state: ModuleState | None = None
+    aten_graph: fx.GraphModule | None = field(default=None, repr=False)
+
+    def unflatten_outputs(self, flat: Sequence[Any]) -> Any:
+        """The function's outputs (its pytree) from the graph's leading ``num_outputs`` values."""
+        return pytree.tree_unflatten(list(flat[:self.num_outputs]), self.out_spec)
+
+    def flatten_args(self, *args: Any) -> list[torch.Tensor]:
+        """The user tensors of a call with the captured structure (state inputs not included)."""
+        if self.in_spec is None:
+            raise ArgumentError("flatten_args needs a capture made by capture_tree")
+        leaves, spec = pytree.tree_flatten(args)
+        if spec != self.in_spec:
+            raise ArgumentError(f"arguments have structure {spec}, but the graph was captured for {self.in_spec}; "
+                                "capture again")
+        tensors = []
+        for leaf, static in zip(leaves, self.static_args):
+            if isinstance(leaf, torch.Tensor):
+                tensors.append(leaf)
+            elif leaf != static:
+                raise ArgumentError(f"a static argument changed from {static!r} to {leaf!r}; capture again")
+        return tensors
+
+
+# ----------------------------------------------------------------------------- decompositions
+
+@functools.lru_cache(maxsize=1)
+def _core_table() -> Mapping[Any, Callable[..., Any]]:
+    return dict(core_aten_decompositions())
+
+
+def decomposition_table(decompositions: Mapping[Any, Callable[..., Any]] | None = None
+                        ) -> dict[Any, Callable[..., Any]]:
+    """core ATen decompositions merged with ``decompositions`` (the caller's entries win).
+
+    Keys may be OpOverloads or OpOverloadPackets (a packet stands for all its overloads).
+    """
+    table = dict(_core_table())
+    for op, fn in (decompositions or {}).items():
+        if isinstance(op, torch._ops.OpOverloadPacket):
+            for name in op.overloads():
+                table[getattr(op, name)] = fn
+        elif isinstance(op, torch._ops.OpOverload):
+            table[op] = fn
+        else:
+            raise ArgumentError(f"decompositions keys must be torch.ops OpOverloads such as "
+                                f"torch.ops.aten.gelu.default, got {op!r}")
+        if not callable(fn):
+            raise ArgumentError(f"the decomposition for {op} is not callable: {fn!r}")
+    return table
+
+
+# ----------------------------------------------------------------------------- tracing
+
+_DATA_DEPENDENT_HINT = ("Its value is unknown while tracing (tensors are fake), so reftrace will not specialise on "
+                        "it; use torch.where / masking instead of Python control flow on tensor values")
+
+
+class _UserFrames(TorchDispatchMode):
+    """Tags every ATen node with the user's stack, and stops data-dependent values at their source.
+
+    It sits above functionalization, so it sees ops as the user called them and the
+    nodes made beneath it (decompositions included) inherit the user's line.
+    """
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        fx_traceback.set_stack_trace([user_stack_string()])
+        try:
+            out = func(*args, **(kwargs or {}))
+        except (ReftraceError, DataDependentControlFlowError):
+            raise
+        except Exception as err:
+            if _is_missing_fake_impl(err):
+                raise unsupported_operator(func, innermost_user_frame()) from None
+            raise
+        if func is torch.ops.aten._local_scalar_dense.default and isinstance(out, (torch.SymInt, torch.SymFloat,
+                                                                                     torch.SymBool)):
+            raise DataDependentControlFlowError(
+                f"data-dependent control flow: a tensor value was read as a Python number (.item(), .tolist(), "
+                f"bool(), if/while on a tensor) (at {innermost_user_frame()}). {_DATA_DEPENDENT_HINT}.")
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not all(isinstance(d, int) for d in t.shape):
+                raise DataDependentControlFlowError(
+                    f"data-dependent control flow: the output shape of {op_display_name(func)} depends on tensor "
+                    f"values (at {innermost_user_frame()}). reftrace captures static shapes; use masking with "
+                    "torch.where instead of nonzero / masked_select / boolean indexing.")
+        return out
+
+
+def _is_missing_fake_impl(err: Exception) -> bool:
+    from torch._subclasses.fake_tensor import UnsupportedOperatorException
+    return isinstance(err, UnsupportedOperatorException) or (
+        isinstance(err, RuntimeError) and ("no fake impl" in str(err) or "meta kernel" in str(err).lower()))
+
+
+def _data_dependent_errors() -> tuple[type[BaseException], ...]:
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+    return (GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException)
+
+
+class _Record:
+    """What the functional wrapper learns while tracing (the output structure, the mutated inputs)."""
+
+    out_spec: pytree.TreeSpec
+    num_outputs: int
+    mutated: tuple[int, ...]
+
+
+def _functionalized(fn: Callable[[list[torch.Tensor]], Any], record: _Record) -> Callable[..., list[torch.Tensor]]:
+    """``fn`` made functional: returns ``[*outputs, *new values of mutated inputs]``."""
+    def run(*flat: torch.Tensor) -> list[torch.Tensor]:
+        with FunctionalTensorMode():
+            inputs = [FunctionalTensor.to_functional(t) for t in flat]
+            with _UserFrames():
+                out = fn(list(inputs))
+            fx_traceback.set_stack_trace([])
+            leaves, spec = pytree.tree_flatten(out)
+            for i, leaf in enumerate(leaves):
+                if not isinstance(leaf, torch.Tensor):
+                    raise TracingError(f"output {i} of the captured function is a {type(leaf).__name__} "
+                                       f"({leaf!r}); only tensors (in tuples, lists and dicts; None allowed) "
+                                       "can be graph outputs")
+            for t in inputs:
+                torch._sync(t)
+            mutated = tuple(i for i, t in enumerate(inputs) if torch._functionalize_has_data_mutation(t.elem))
+            for i, t in enumerate(inputs):
+                if tuple(t.shape) != tuple(flat[i].shape):
+                    raise TracingError(f"input {i} had its shape changed in place ({tuple(flat[i].shape)} -> "
+                                       f"{tuple(t.shape)}); reftrace captures value mutations only")
+            results = [_unwrap(o) for o in leaves] + [_unwrap(inputs[i]) for i in mutated]
+        record.out_spec, record.num_outputs, record.mutated = spec, len(leaves), mutated
+        return results
+    return run
+
+
+def _unwrap(t: torch.Tensor) -> torch.Tensor:
+    if isinstance(t, FunctionalTensor):
+        torch._sync(t)
+        return torch._from_functional_tensor(t.elem)
+    return t
+
+
+def _trace_aten(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tensor],
+                table: Mapping[Any, Callable[..., Any]]) -> tuple[fx.GraphModule, _Record]:
+    record = _Record()
+    traced = make_fx(_functionalized(fn, record), decomposition_table=table, tracing_mode="fake",
+                     _allow_non_fake_inputs=True)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(enable_python_dispatcher())  # native_batch_norm -> its correctly-schema'd variants
+        stack.enter_context(fx_traceback.preserve_node_meta())
+        stack.enter_context(_mkldnn_disabled())  # LSTM decomposes to portable ops, not mkldnn's kernel
+        stack.enter_context(torch.enable_grad())  # the differentiable (decomposable) paths, no fused fast paths
+        try:
+            gm = traced(*tensors)
+        except ReftraceError as err:
+            raise err.with_traceback(None) from None
+        except _data_dependent_errors() as err:
+            where = location_from_traceback(err.__traceback__)
+            raise DataDependentControlFlowError(
+                f"data-dependent control flow: a branch or size depends on a tensor value"
+                f"{f' (at {where})' if where else ''}. {_DATA_DEPENDENT_HINT}.") from None
+    return gm, record
+
+
+@contextlib.contextmanager
+def _mkldnn_disabled() -> Any:
+    previous = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(previous)
+
+
+def _check_tensors(tensors: Sequence[Any], what: str) -> list[torch.Tensor]:
+    out = []
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise ArgumentError(f"{what} {i} is a {type(t).__name__}; capture takes torch tensors")
+        if t.is_complex() or t.is_quantized or t.is_sparse or t.layout != torch.strided:
+            raise ArgumentError(f"{what} {i} ({t.dtype}, {t.layout}) is not supported; reftrace captures dense "
+                                "real-valued tensors")
+        out.append(t)
+    return out
+
+
+def capture_flat(fn: Callable[[list[torch.Tensor]], Any], example_tensors: Sequence[torch.Tensor], *,
+                 decompositions: Mapping[Any, Callable[..., Any]] | None = None) -> Captured:
+    """Capture ``fn(list_of_tensors) -> tensors`` at the shapes/dtypes of ``example_tensors``.
+
+    ``fn`` may return one tensor or a (nested) tuple/list/dict of tensors; the graph's
+    inputs are ``example_tensors`` in order. No real computation runs.
+    """
+    if not callable(fn):
+        raise ArgumentError(f"capture_flat expects a callable, got {type(fn).__name__}")
+    tensors = _check_tensors(list(example_tensors), "example tensor")
+    gm, record = _trace_aten(fn, tensors, decomposition_table(decompositions))
+    graph = fx_to_graph(gm)
+    return Captured(graph=graph, num_outputs=record.num_outputs, mutated_inputs=record.mutated,
+                    out_spec=record.out_spec, aten_graph=gm)
+
+
+_STATIC_LEAVES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def capture_tree(fn_or_module: Callable[..., Any], *args: Any,
+                 decompositions: Mapping[Any, Callable[..., Any]] | None = None) -> Captured:
+    """Capture a function or ``nn.Module`` called as ``fn(*args)``; args may be pytrees of tensors.
+
+    Tensor leaves of ``args`` become graph inputs; ``None``, numbers, strings, dtypes
+    and devices are static (baked into the graph). For a module, its parameters and
+    buffers are the leading inputs (``reftrace.torch_bridge.modules``), and train()/
+    eval() mode is the module's current one.
+    """
+    if not callable(fn_or_module):
+        raise ArgumentError(f"capture expects a function or nn.Module, got {type(fn_or_module).__name__}")
+    leaves, in_spec = pytree.tree_flatten(args)
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, (torch.Tensor,) + _STATIC_LEAVES):
+            raise ArgumentError(f"argument leaf {i} is a {type(leaf).__name__}; pass torch tensors (or static "
+                                "Python numbers/None) to capture")
+    tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    static = tuple(None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves)
+    user_tensors = _check_tensors([leaves[i] for i in tensor_slots], "tensor argument")
+
+    if isinstance(fn_or_module, torch.nn.Module):
+        state = module_state(fn_or_module)
+        call = functional_module(fn_or_module, state)
+    else:
+        state, call = None, None
+    num_state = len(state) if state is not None else 0
+
+    def flat_fn(flat: list[torch.Tensor]) -> Any:
+        rebuilt = list(static)
+        for slot, t in zip(tensor_slots, flat[num_state:]):
+            rebuilt[slot] = t
+        call_args = pytree.tree_unflatten(rebuilt, in_spec)
+        if call is not None:
+            return call(flat[:num_state], *call_args)
+        return fn_or_module(*call_args)
+
+    example = list(state.tensors if state is not None else ()) + user_tensors
+    captured = capture_flat(flat_fn, example, decompositions=decompositions)
+    return Captured(graph=captured.graph, num_outputs=captured.num_outputs,
+                    mutated_inputs=captured.mutated_inputs, out_spec=captured.out_spec, in_spec=in_spec,
+                    static_args=static, num_state=num_state, state=state, aten_graph=captured.aten_graph)
+
+
+def capture(fn_or_module: Callable[..., Any], *args: Any,
+            decompositions: Mapping[Any, Callable[..., Any]] | None = None, **options: Any) -> Graph:
+    """The Graph of ``fn_or_module(*args)`` (what ``rt.trace`` returns for torch inputs).
+
+    Inputs: module parameters, then buffers (see ``modules``), then the tensor leaves of
+    ``args``. Outputs: the output tensors (flattened), then new values of mutated inputs.
+    Use ``capture_tree`` for the full ``Captured`` record.
+    """
+    if options:
+        raise ArgumentError(f"unexpected keyword arguments {sorted(options)}; the torch bridge takes "
+                            "decompositions=")
+    return capture_tree(fn_or_module, *args, decompositions=decompositions).graph
+

@@ -1,0 +1,95 @@
+"""Finding the user's source line behind an ATen op, for error messages that point at model code.
+
+A frame is the user's when its file lies outside torch, reftrace and the Python
+standard library; model libraries such as torchvision or transformers count as
+user code (that is where the offending line is). Frames are read cheaply by
+walking ``sys._getframe``; stack strings use the traceback format so that
+``node.meta["stack_trace"]`` can be parsed back.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import sysconfig
+import types
+from typing import Iterable
+
+import torch
+
+import reftrace
+
+_SKIP_DIRS = tuple(os.path.normcase(os.path.realpath(d)) + os.sep for d in (
+    os.path.dirname(torch.__file__),
+    os.path.dirname(reftrace.__file__),
+    sysconfig.get_paths()["stdlib"],
+))
+_FRAME_RE = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>\S+)')
+_is_user_cache: dict[str, bool] = {}
+
+
+def is_user_file(filename: str) -> bool:
+    """True unless ``filename`` belongs to torch, reftrace or the standard library."""
+    hit = _is_user_cache.get(filename)
+    if hit is None:
+        path = os.path.normcase(os.path.realpath(filename)) if not filename.startswith("<") else filename
+        hit = not path.startswith(_SKIP_DIRS) and not filename.startswith("<frozen")
+        _is_user_cache[filename] = hit
+    return hit
+
+
+def _describe(filename: str, line: int, name: str) -> str:
+    try:
+        rel = os.path.relpath(filename)
+        shown = rel if not rel.startswith("..") else os.path.basename(filename)
+    except ValueError:  # another drive on Windows
+        shown = os.path.basename(filename)
+    return f"{shown}:{line} in {name}"
+
+
+def innermost_user_frame(frame: types.FrameType | None = None) -> str | None:
+    """``"file.py:LINE in function"`` for the innermost user frame of the current stack."""
+    frame = frame or sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if is_user_file(code.co_filename):
+            return _describe(code.co_filename, frame.f_lineno, code.co_name)
+        frame = frame.f_back
+    return None
+
+
+def user_stack_string(limit: int = 8) -> str:
+    """The innermost user frames (outermost first) in traceback format, for ``node.meta["stack_trace"]``."""
+    frames = []
+    frame = sys._getframe(1)
+    while frame is not None and len(frames) < limit:
+        code = frame.f_code
+        if is_user_file(code.co_filename):
+            frames.append(f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}\n')
+        frame = frame.f_back
+    return "".join(reversed(frames))
+
+
+def location_from_stack_trace(stack_trace: str | None) -> str | None:
+    """``"file.py:LINE in function"`` for the innermost user frame named in a traceback-format string."""
+    if not stack_trace:
+        return None
+    for m in reversed(list(_FRAME_RE.finditer(stack_trace))):
+        if is_user_file(m["file"]):
+            return _describe(m["file"], int(m["line"]), m["name"])
+    return None
+
+
+def location_from_traceback(tb: types.TracebackType | None) -> str | None:
+    """The innermost user frame of an exception's traceback."""
+    found = None
+    for frame, lineno in _walk_tb(tb):
+        if is_user_file(frame.f_code.co_filename):
+            found = _describe(frame.f_code.co_filename, lineno, frame.f_code.co_name)
+    return found
+
+
+def _walk_tb(tb: types.TracebackType | None) -> Iterable[tuple[types.FrameType, int]]:
+    while tb is not None:
+        yield tb.tb_frame, tb.tb_lineno
+        tb = tb.tb_next

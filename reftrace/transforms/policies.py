@@ -1,0 +1,136 @@
+"""Partition policies: plain values that decide what the forward saves for the backward.
+
+A policy is one of
+
+- a **callable** ``policy(eqn) -> bool``, like JAX's remat policies: for a forward
+  equation (one that does not depend on cotangents) whose value the backward needs,
+  ``True`` means "its outputs may be saved", ``False`` means "recompute it in the
+  backward from its inputs" (which are then needed in turn, recursively). Primal
+  inputs have no equation and are always saved when needed; ``random`` equations
+  are always computed in the forward and saved, whatever the policy says, so a
+  random draw is never recomputed;
+- a **MinCut** value: choose the saved set by a minimum cut over byte sizes, with
+  ``banned(eqn)`` naming the equations that must not be recomputed;
+- one of the names in ``POLICIES`` (``"default"`` = ``save_all``, ``"mincut"`` =
+  ``MinCut()``).
+
+Writing a policy is writing a function of an ``Eqn``: look at ``eqn.primitive``,
+``eqn.params`` and the avals of ``eqn.inputs`` / ``eqn.outputs``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from reftrace import primitives as P
+from reftrace.errors import PartitionError
+from reftrace.graph import Eqn
+from reftrace.primitives import Primitive
+
+Policy = Callable[[Eqn], bool]
+
+
+def save_all(eqn: Eqn) -> bool:
+    """Save every forward value the backward uses (the ``"default"`` policy)."""
+    return True
+
+
+def save_nothing(eqn: Eqn) -> bool:
+    """Recompute everything in the backward; only primal inputs (and random draws) are saved."""
+    return False
+
+
+def _primitive_set(primitives: Iterable[Primitive | str]) -> frozenset[Primitive]:
+    out = set()
+    for p in primitives:
+        if isinstance(p, str):
+            p = P.primitive(p)
+        if not isinstance(p, Primitive):
+            raise PartitionError(f"expected a Primitive or a primitive name, got {p!r}")
+        out.add(p)
+    return frozenset(out)
+
+
+def _flatten(primitives: tuple) -> list:
+    if len(primitives) == 1 and not isinstance(primitives[0], (str, Primitive)) \
+            and hasattr(primitives[0], "__iter__"):
+        return list(primitives[0])
+    return list(primitives)
+
+
+def save_only_these(*primitives: Primitive | str | Iterable[Primitive | str]) -> Policy:
+    """A policy saving only outputs of the given primitives (objects or names); the rest is
+    recomputed. ``save_only_these("dot_general")`` is JAX's ``dots_saveable``."""
+    chosen = _primitive_set(_flatten(primitives))
+
+    def policy(eqn: Eqn) -> bool:
+        return eqn.primitive in chosen
+    policy.__name__ = policy.__qualname__ = f"save_only_these({', '.join(sorted(p.name for p in chosen))})"
+    return policy
+
+
+def save_anything_except_these(*primitives: Primitive | str | Iterable[Primitive | str]) -> Policy:
+    """A policy recomputing outputs of the given primitives and saving everything else."""
+    chosen = _primitive_set(_flatten(primitives))
+
+    def policy(eqn: Eqn) -> bool:
+        return eqn.primitive not in chosen
+    policy.__name__ = policy.__qualname__ = (
+        f"save_anything_except_these({', '.join(sorted(p.name for p in chosen))})")
+    return policy
+
+
+dots_saveable: Policy = save_only_these(P.dot_general_p, P.conv_general_dilated_p)
+"""Save matmuls and convolutions, recompute the (cheap, elementwise) rest."""
+
+REDUCTIONS = frozenset({P.reduce_sum_p, P.reduce_max_p, P.reduce_min_p, P.reduce_prod_p, P.reduce_and_p,
+                        P.reduce_or_p, P.argmax_p, P.argmin_p})
+COMPUTE_INTENSIVE = frozenset({P.dot_general_p, P.conv_general_dilated_p})
+
+
+def default_ban(eqn: Eqn) -> bool:
+    """Equations ``MinCut`` never recomputes, as PyTorch's min-cut partitioner: matmuls and
+    convolutions (too expensive to run twice), reductions whose output is more than 4x smaller
+    than their input (recomputing would need the big input in the backward, defeating the
+    point of saving the small result), and random draws."""
+    if eqn.primitive in COMPUTE_INTENSIVE or P.eqn_is_random(eqn.primitive):
+        return True
+    if eqn.primitive in REDUCTIONS:
+        in_bytes = eqn.inputs[0].nbytes
+        out_bytes = sum(v.nbytes for v in eqn.outputs)
+        return in_bytes > 4 * out_bytes
+    return False
+
+
+@dataclass(frozen=True)
+class MinCut:
+    """Min-cut rematerialization: save the set of values with the fewest bytes from which the
+    backward can recompute everything else it needs.
+
+    ``banned(eqn)`` says which forward equations must not be recomputed; their values are
+    saved if the backward needs them (an equation the forward outputs do not need may still be
+    computed once, in the backward only). ``random`` is always banned.
+    """
+
+    banned: Callable[[Eqn], bool] = default_ban
+
+    def __repr__(self) -> str:
+        name = getattr(self.banned, "__name__", repr(self.banned))
+        return f"MinCut(banned={name})"
+
+
+POLICIES: dict[str, Policy | MinCut] = {"default": save_all, "mincut": MinCut()}
+
+
+def resolve_policy(policy: str | Policy | MinCut) -> Policy | MinCut:
+    """The policy value for a name, or the value itself; a PartitionError for anything else."""
+    if isinstance(policy, str):
+        try:
+            return POLICIES[policy]
+        except KeyError:
+            raise PartitionError(f"unknown partition policy {policy!r}; use one of {sorted(POLICIES)}, "
+                                 "a MinCut(...) value, or a callable policy(eqn) -> bool") from None
+    if isinstance(policy, MinCut) or callable(policy):
+        return policy
+    raise PartitionError(f"a partition policy must be a name {sorted(POLICIES)}, a MinCut(...) value or a "
+                         f"callable policy(eqn) -> bool; got {type(policy).__name__}")

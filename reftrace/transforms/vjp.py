@@ -1,0 +1,175 @@
+"""``vjp``: a Graph in, its joint forward+backward Graph out.
+
+The joint graph takes ``(*primals, *cotangents)`` and returns ``(*outs, *grads)``.
+It is built the way every transform here is: replay the forward equations into a
+Builder with ``eval_graph``, then walk them in reverse applying ``vjp_rules``.
+The rules emit ordinary primitives, so the joint is an ordinary Graph and
+``vjp(vjp(g))`` gives second derivatives with no special case.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from reftrace import lax
+from reftrace.builder import Builder
+from reftrace.errors import ArgumentError, GraphError, UnsupportedOperatorError
+from reftrace.graph import Atom, Eqn, Graph, Params, Var
+from reftrace.interpreter import eval_graph
+from reftrace.lax import TracedArray, new_input, tracing
+from reftrace.primitives import Primitive, is_float, stop_gradient_p
+from reftrace.transforms.vjp_rules import vjp_rules
+
+
+def vjp(graph: Graph, wrt: Sequence[int] | None = None, nondiff_outputs: Sequence[int] = ()) -> Graph:
+    """The joint graph of ``graph``: ``(*primals, *cotangents) -> (*outs, *grads)``.
+
+    - One cotangent input per output of ``graph`` except those in ``nondiff_outputs``
+      (they get none; their cotangent is taken as zero). A cotangent's aval equals its
+      output's; the cotangent of an integer/bool output is accepted and ignored.
+    - One gradient output per differentiable input, in input order. Differentiable means a
+      floating dtype and, if ``wrt`` (a sequence of input indices) is given, listed there;
+      listing an integer/bool input in ``wrt`` is an ArgumentError.
+    - An input no cotangent reaches gets a zeros gradient (a broadcast literal).
+    - The result has ``joint == (len(graph.inputs), len(graph.outputs))``.
+
+    Raises UnsupportedOperatorError naming a primitive that has no VJP rule.
+    """
+    if not isinstance(graph, Graph):
+        raise ArgumentError(f"vjp expects a reftrace Graph, got {type(graph).__name__}; use rt.trace first")
+    diff_inputs = _differentiable_inputs(graph, wrt)
+    skipped = _check_output_indices(graph, nondiff_outputs)
+    with_ct = [j for j in range(len(graph.outputs)) if j not in skipped]
+
+    builder = Builder()
+    primals = [new_input(builder, v.aval) for v in graph.inputs]
+    cotangents = [new_input(builder, graph.outputs[j].aval) for j in with_ct]
+    with tracing(builder):
+        records, outs = _replay_forward(builder, graph, primals)
+        num_forward_eqns = len(builder.eqns)
+        active = _active_vars(graph, [graph.inputs[i] for i in diff_inputs])
+        ct_env: dict[Var, TracedArray] = {}
+        for j, ct in zip(with_ct, cotangents):
+            out = graph.outputs[j]
+            if isinstance(out, Var) and out in active:
+                _accumulate(ct_env, out, ct)
+        _backward(graph, records, active, ct_env)
+        grads = []
+        for i in diff_inputs:
+            v = graph.inputs[i]
+            grads.append(ct_env[v] if v in ct_env else lax.zeros(v.aval))
+
+    outputs = [o.atom for o in outs] + [g.atom for g in grads]
+    eqns = _drop_dead_backward(builder.eqns, num_forward_eqns, outputs)
+    inputs = [p.atom for p in primals] + [c.atom for c in cotangents]
+    return Graph(tuple(inputs), tuple(eqns), tuple(outputs), (len(graph.inputs), len(graph.outputs)))
+
+
+def differentiable_inputs(graph: Graph, wrt: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Indices of the inputs ``vjp(graph, wrt)`` returns gradients for, in order."""
+    return _differentiable_inputs(graph, wrt)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _differentiable_inputs(graph: Graph, wrt: Sequence[int] | None) -> tuple[int, ...]:
+    n = len(graph.inputs)
+    if wrt is None:
+        return tuple(i for i, v in enumerate(graph.inputs) if is_float(v.dtype))
+    chosen = set()
+    for i in wrt:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n:
+            raise ArgumentError(f"vjp: wrt index {i!r} is not an input index (the graph has {n} inputs)")
+        if not is_float(graph.inputs[i].dtype):
+            raise ArgumentError(f"vjp: input {i} is {graph.inputs[i].aval.str_short()}, not floating point, "
+                                "so it has no gradient; leave it out of wrt")
+        chosen.add(i)
+    return tuple(sorted(chosen))
+
+
+def _check_output_indices(graph: Graph, nondiff_outputs: Sequence[int]) -> frozenset[int]:
+    n = len(graph.outputs)
+    for j in nondiff_outputs:
+        if not isinstance(j, int) or isinstance(j, bool) or not 0 <= j < n:
+            raise ArgumentError(f"vjp: nondiff_outputs index {j!r} is not an output index "
+                                f"(the graph has {n} outputs)")
+    return frozenset(nondiff_outputs)
+
+
+# ----------------------------------------------------------------------------- forward replay
+
+Record = tuple[list[TracedArray], tuple[TracedArray, ...]]
+
+
+def _replay_forward(builder: Builder, graph: Graph, primals: Sequence[TracedArray]
+                    ) -> tuple[list[Record], list[TracedArray]]:
+    """Re-emit ``graph``'s equations verbatim; record each one's operand and result values."""
+    records: list[Record] = []
+
+    def apply(prim: Primitive, values: Sequence[TracedArray], params: Params) -> tuple[TracedArray, ...]:
+        result = lax.bind(prim, *values, **dict(params))
+        outs = tuple(result) if prim.multiple_results else (result,)
+        records.append((list(values), outs))
+        return outs
+
+    outs = eval_graph(graph, primals, apply, literal=lambda lit: TracedArray(builder, lit))
+    return records, outs
+
+
+def _active_vars(graph: Graph, diff_inputs: Sequence[Var]) -> set[Var]:
+    """Floating values that depend on a differentiable input through differentiable primitives."""
+    active = set(diff_inputs)
+    for e in graph.eqns:
+        if not e.primitive.differentiable or e.primitive is stop_gradient_p:
+            continue
+        if any(isinstance(a, Var) and a in active for a in e.inputs):
+            active.update(v for v in e.outputs if is_float(v.dtype))
+    return active
+
+
+# ----------------------------------------------------------------------------- backward walk
+
+def _backward(graph: Graph, records: Sequence[Record], active: set[Var], ct_env: dict[Var, TracedArray]) -> None:
+    """Walk the equations in reverse, turning output cotangents into operand cotangents."""
+    for eqn, (primals, outs) in zip(reversed(graph.eqns), reversed(records)):
+        cts = tuple(ct_env.pop(v, None) for v in eqn.outputs)
+        if all(ct is None for ct in cts):
+            continue  # symbolic zero: nothing to emit
+        rule = vjp_rules.get(eqn.primitive)
+        if rule is None:
+            raise UnsupportedOperatorError(
+                f"primitive {eqn.primitive.name} has no VJP rule, so vjp cannot differentiate through it; "
+                "add one to reftrace.transforms.vjp_rules.vjp_rules (see docs/autodiff.md), or wrap the "
+                "value in stop_gradient")
+        in_cts = rule(cts, tuple(primals), outs, **dict(eqn.params))
+        if len(in_cts) != len(eqn.inputs):
+            raise GraphError(f"the VJP rule of {eqn.primitive.name} returned {len(in_cts)} cotangents for "
+                             f"{len(eqn.inputs)} operands")
+        for k, (operand, ct) in enumerate(zip(eqn.inputs, in_cts)):
+            if ct is None or not isinstance(operand, Var) or operand not in active:
+                continue
+            if ct.aval != operand.aval:
+                raise GraphError(f"the VJP rule of {eqn.primitive.name} returned a {ct.aval.str_short()} "
+                                 f"cotangent for operand {k} of type {operand.aval.str_short()}")
+            _accumulate(ct_env, operand, ct)
+
+
+def _accumulate(ct_env: dict[Var, TracedArray], v: Var, ct: TracedArray) -> None:
+    """Cotangents of a value used more than once add up."""
+    ct_env[v] = lax.add(ct_env[v], ct) if v in ct_env else ct
+
+
+def _drop_dead_backward(eqns: Sequence[Eqn], num_forward: int, outputs: Sequence[Atom]) -> list[Eqn]:
+    """Keep the forward replay verbatim; drop backward equations nothing uses.
+
+    Rules compute a cotangent for every operand; the ones no gradient needs (a
+    constant's, a non-``wrt`` input's) die here instead of complicating each rule.
+    """
+    live = {a for a in outputs if isinstance(a, Var)}
+    kept: list[Eqn] = []
+    for index in range(len(eqns) - 1, -1, -1):
+        e = eqns[index]
+        if index < num_forward or any(v in live for v in e.outputs):
+            kept.append(e)
+            live.update(a for a in e.inputs if isinstance(a, Var))
+    kept.reverse()
+    return kept

@@ -1,0 +1,547 @@
+"""VJP rules: ``vjp_rules[primitive]``, reftrace's own table of derivatives.
+
+Every rule has one signature::
+
+    rule(cts, primals, outs, **params) -> tuple[TracedArray | None, ...]
+
+- ``cts``: one cotangent per output of the equation; ``None`` is a symbolic zero
+  (a rule is only called when at least one is not ``None``).
+- ``primals``: the equation's operands, ``outs``: its outputs, both as
+  ``TracedArray`` values of the joint graph being built (a Literal operand is a
+  ``TracedArray`` holding that Literal), so rules may reuse ``exp x`` and friends.
+- ``params``: the equation's parameters, as keywords.
+- returns one cotangent per operand, ``None`` for "zero / not differentiable".
+  Returning a cotangent for an operand that needs none is harmless: ``vjp``
+  drops backward equations whose results are never used.
+
+Rules are written with ``reftrace.lax`` only, so everything they emit is made of
+primitives that themselves have rules here: ``vjp(vjp(g))`` needs nothing extra.
+Choices at non-differentiable points are listed in docs/autodiff.md.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from reftrace import lax
+from reftrace import primitives as P
+from reftrace.lax import TracedArray
+from reftrace.primitives import Primitive, is_float
+
+Cotangent = TracedArray | None
+VjpRule = Callable[..., tuple[Cotangent, ...]]
+
+vjp_rules: dict[Primitive, VjpRule] = {}
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def _const(value: float, like: TracedArray) -> TracedArray:
+    """A rank-0 constant of ``like``'s dtype (rank-0 operands broadcast in elementwise ops)."""
+    return lax.full((), value, like.dtype)
+
+
+def _unbroadcast(ct: TracedArray, aval: Any) -> TracedArray:
+    """Sum a cotangent back to a rank-0 operand that an elementwise op broadcast."""
+    if aval.ndim == 0 and ct.ndim > 0:
+        return lax.reduce_sum(ct, tuple(range(ct.ndim)))
+    return ct
+
+
+def _as_float(mask: TracedArray, like: TracedArray) -> TracedArray:
+    return lax.convert_element_type(mask, like.dtype)
+
+
+def _nothing(cts: Sequence[Cotangent], primals: Sequence[TracedArray], outs: Sequence[TracedArray],
+             **params: Any) -> tuple[Cotangent, ...]:
+    """Zero cotangent for every operand: piecewise-constant or non-float primitives."""
+    return (None,) * len(primals)
+
+
+def _register(prims: Sequence[Primitive] | Primitive):
+    prims = (prims,) if isinstance(prims, Primitive) else tuple(prims)
+
+    def deco(rule: VjpRule) -> VjpRule:
+        for p in prims:
+            vjp_rules[p] = rule
+        return rule
+    return deco
+
+
+# ----------------------------------------------------------------------------- elementwise unary
+
+def _unary(prim: Primitive, derivative: Callable[[TracedArray, TracedArray], TracedArray]) -> None:
+    """``ct_x = ct * f'(x)``; ``derivative(x, out)`` may use the forward output."""
+    def rule(cts, primals, outs, **params):
+        (ct,), (x,), (out,) = cts, primals, outs
+        return (lax.mul(ct, derivative(x, out)),)
+    rule.__name__ = f"{prim.name}_vjp"
+    vjp_rules[prim] = rule
+
+
+def _one_minus_square(x: TracedArray) -> TracedArray:
+    return lax.sub(_const(1, x), lax.mul(x, x))
+
+
+def _trigamma(x: TracedArray) -> TracedArray:
+    """psi'(x) from primitives: recurrence to z = y + 8, then the asymptotic series.
+
+    For x < 0.5, reflection: psi'(x) = pi^2 / sin^2(pi x) - psi'(1 - x). The sine
+    only ever sees a safe stand-in where the reflection is not chosen, so the
+    second derivative has no 0 * inf from the branch not taken.
+    """
+    reflect = lax.lt(x, _const(0.5, x))
+    y = lax.select(reflect, lax.sub(_const(1, x), x), x)  # y >= 0.5
+    acc = None
+    for k in range(8):
+        term = lax.integer_pow(lax.add(y, _const(k, x)), -2)
+        acc = term if acc is None else lax.add(acc, term)
+    w = lax.div(_const(1, x), lax.add(y, _const(8, x)))
+    w2 = lax.mul(w, w)
+    poly = _const(7 / 6, x)  # Bernoulli numbers B_2k for the w^(2k+1) terms, B_14 first
+    for c in (-691 / 2730, 5 / 66, -1 / 30, 1 / 42, -1 / 30, 1 / 6):
+        poly = lax.add(_const(c, x), lax.mul(w2, poly))
+    series = lax.add(lax.add(w, lax.mul(_const(0.5, x), w2)), lax.mul(lax.mul(w, w2), poly))
+    psi1_y = lax.add(acc, series)
+    x_safe = lax.select(reflect, x, _const(0.25, x))
+    s = lax.sin(lax.mul(_const(math.pi, x), x_safe))
+    reflected = lax.sub(lax.div(_const(math.pi ** 2, x), lax.mul(s, s)), psi1_y)
+    return lax.select(reflect, reflected, psi1_y)
+
+
+_TWO_OVER_SQRT_PI = 2 / math.sqrt(math.pi)
+
+_unary(P.exp_p, lambda x, out: out)
+_unary(P.log_p, lambda x, out: lax.div(_const(1, x), x))
+_unary(P.log1p_p, lambda x, out: lax.div(_const(1, x), lax.add(_const(1, x), x)))
+_unary(P.expm1_p, lambda x, out: lax.add(out, _const(1, x)))
+_unary(P.tanh_p, lambda x, out: _one_minus_square(out))
+_unary(P.logistic_p, lambda x, out: lax.mul(out, lax.sub(_const(1, x), out)))
+_unary(P.sin_p, lambda x, out: lax.cos(x))
+_unary(P.cos_p, lambda x, out: lax.neg(lax.sin(x)))
+_unary(P.tan_p, lambda x, out: lax.add(_const(1, x), lax.mul(out, out)))
+_unary(P.asin_p, lambda x, out: lax.rsqrt(_one_minus_square(x)))
+_unary(P.acos_p, lambda x, out: lax.neg(lax.rsqrt(_one_minus_square(x))))
+_unary(P.atan_p, lambda x, out: lax.div(_const(1, x), lax.add(_const(1, x), lax.mul(x, x))))
+_unary(P.sinh_p, lambda x, out: lax.cosh(x))
+_unary(P.cosh_p, lambda x, out: lax.sinh(x))
+_unary(P.asinh_p, lambda x, out: lax.rsqrt(lax.add(lax.mul(x, x), _const(1, x))))
+_unary(P.acosh_p, lambda x, out: lax.rsqrt(lax.sub(lax.mul(x, x), _const(1, x))))
+_unary(P.atanh_p, lambda x, out: lax.div(_const(1, x), _one_minus_square(x)))
+_unary(P.sqrt_p, lambda x, out: lax.div(_const(0.5, x), out))                 # sqrt'(0) = inf
+_unary(P.rsqrt_p, lambda x, out: lax.mul(_const(-0.5, x), lax.div(out, x)))
+_unary(P.cbrt_p, lambda x, out: lax.mul(_const(1 / 3, x), lax.integer_pow(out, -2)))
+_unary(P.erf_p, lambda x, out: lax.mul(_const(_TWO_OVER_SQRT_PI, x), lax.exp(lax.neg(lax.mul(x, x)))))
+_unary(P.erfc_p, lambda x, out: lax.mul(_const(-_TWO_OVER_SQRT_PI, x), lax.exp(lax.neg(lax.mul(x, x)))))
+_unary(P.erf_inv_p, lambda x, out: lax.mul(_const(1 / _TWO_OVER_SQRT_PI, x), lax.exp(lax.mul(out, out))))
+_unary(P.lgamma_p, lambda x, out: lax.digamma(x))
+_unary(P.digamma_p, lambda x, out: _trigamma(x))
+_unary(P.abs_p, lambda x, out: lax.sign(x))                                     # abs'(0) = 0, as torch
+
+
+@_register(P.neg_p)
+def _neg_vjp(cts, primals, outs):
+    return (lax.neg(cts[0]),)
+
+
+@_register(P.integer_pow_p)
+def _integer_pow_vjp(cts, primals, outs, *, y):
+    (ct,), (x,) = cts, primals
+    if y == 0:
+        return (None,)
+    if y == 1:
+        return (ct,)
+    slope = x if y == 2 else lax.integer_pow(x, y - 1)
+    return (lax.mul(ct, lax.mul(_const(y, x), slope)),)
+
+
+# Piecewise constant: derivative zero almost everywhere (and zero at the jumps, as JAX and torch).
+_register((P.floor_p, P.ceil_p, P.round_p, P.sign_p))(_nothing)
+# Operate on bool/int only; never reached by a float cotangent but listed so the table is total.
+_register((P.not_p, P.and_p, P.or_p, P.xor_p))(_nothing)
+# Non-differentiable: bool/int outputs, random draws, and the explicit gradient stop.
+_register(P.COMPARISONS + (P.is_finite_p, P.argmax_p, P.argmin_p, P.iota_p, P.random_p,
+                           P.reduce_and_p, P.reduce_or_p, P.stop_gradient_p))(_nothing)
+
+
+# ----------------------------------------------------------------------------- elementwise binary
+
+def _binary(prim: Primitive, partials: Callable[..., tuple[Cotangent, Cotangent]]) -> None:
+    """``partials(ct, x, y, out) -> (ct_x, ct_y)``; rank-0 operands get their cotangent summed."""
+    def rule(cts, primals, outs, **params):
+        (ct,), (x, y), (out,) = cts, primals, outs
+        ct_x, ct_y = partials(ct, x, y, out)
+        return (None if ct_x is None else _unbroadcast(ct_x, x.aval),
+                None if ct_y is None else _unbroadcast(ct_y, y.aval))
+    rule.__name__ = f"{prim.name}_vjp"
+    vjp_rules[prim] = rule
+
+
+def _pow_partials(ct, x, y, out):
+    # d/dx: y * x^(y-1), but 0 where y == 0 (so 0^0 has slope 0, not nan); d/dy: out * log x with
+    # log(1) stand-in at x == 0 (slope 0 for y > 0), as JAX.
+    zero, one = _const(0, x), _const(1, x)
+    slope_x = lax.select(lax.eq(y, zero), zero, lax.mul(y, lax.pow(x, lax.sub(y, one))))
+    log_x = lax.log(lax.select(lax.eq(x, zero), one, x))
+    return lax.mul(ct, slope_x), lax.mul(ct, lax.mul(out, log_x))
+
+
+def _choice_weight(a: TracedArray, b: TracedArray, a_wins: Callable) -> TracedArray:
+    """1 where ``a`` is chosen, 0.5 on a tie, 0 otherwise (JAX and torch split ties equally)."""
+    half, zero = _const(0.5, a), _const(0, a)
+    tie = lax.select(lax.eq(a, b), half, zero)
+    return lax.select(a_wins(a, b), _const(1, a), tie)
+
+
+def _rem_partials(ct, x, y, out):
+    quotient = lax.div(x, y)
+    truncated = lax.mul(lax.sign(quotient), lax.floor(lax.abs(quotient)))
+    return ct, lax.neg(lax.mul(ct, truncated))
+
+
+def _atan2_partials(ct, x, y, out):
+    scaled = lax.div(ct, lax.add(lax.mul(x, x), lax.mul(y, y)))
+    return lax.mul(scaled, y), lax.neg(lax.mul(scaled, x))
+
+
+_binary(P.add_p, lambda ct, x, y, out: (ct, ct))
+_binary(P.sub_p, lambda ct, x, y, out: (ct, lax.neg(ct)))
+_binary(P.mul_p, lambda ct, x, y, out: (lax.mul(ct, y), lax.mul(ct, x)))
+_binary(P.div_p, lambda ct, x, y, out: (lax.div(ct, y), lax.neg(lax.mul(lax.div(ct, y), out))))
+_binary(P.rem_p, _rem_partials)
+_binary(P.pow_p, _pow_partials)
+_binary(P.atan2_p, _atan2_partials)
+_binary(P.max_p, lambda ct, x, y, out: (lax.mul(ct, _choice_weight(x, y, lax.gt)),
+                                         lax.mul(ct, _choice_weight(y, x, lax.gt))))
+_binary(P.min_p, lambda ct, x, y, out: (lax.mul(ct, _choice_weight(x, y, lax.lt)),
+                                         lax.mul(ct, _choice_weight(y, x, lax.lt))))
+
+
+@_register(P.select_p)
+def _select_vjp(cts, primals, outs):
+    (ct,), (pred, on_true, on_false) = cts, primals
+    zero = _const(0, ct)
+    return (None,
+            _unbroadcast(lax.select(pred, ct, zero), on_true.aval),
+            _unbroadcast(lax.select(pred, zero, ct), on_false.aval))
+
+
+@_register(P.convert_element_type_p)
+def _convert_vjp(cts, primals, outs, *, new_dtype):
+    (ct,), (x,) = cts, primals
+    if not (is_float(x.dtype) and is_float(new_dtype)):
+        return (None,)  # to or from integers/bool: the result is piecewise constant
+    return (lax.convert_element_type(ct, x.dtype),)
+
+
+# ----------------------------------------------------------------------------- reductions
+
+def _kept_dims(ndim: int, axes: Sequence[int]) -> tuple[int, ...]:
+    return tuple(d for d in range(ndim) if d not in axes)
+
+
+def _expand_reduced(v: TracedArray, shape: tuple[int, ...], axes: Sequence[int]) -> TracedArray:
+    """Broadcast a reduction's result back over the reduced ``axes``."""
+    return lax.broadcast_in_dim(v, shape, _kept_dims(len(shape), axes))
+
+
+@_register(P.reduce_sum_p)
+def _reduce_sum_vjp(cts, primals, outs, *, axes):
+    return (_expand_reduced(cts[0], primals[0].shape, axes),)
+
+
+@_register((P.reduce_max_p, P.reduce_min_p))
+def _reduce_choose_vjp(cts, primals, outs, *, axes):
+    """The cotangent is split equally among the positions equal to the result (ties)."""
+    (ct,), (x,), (out,) = cts, primals, outs
+    chosen = _as_float(lax.eq(x, _expand_reduced(out, x.shape, axes)), x)
+    count = lax.reduce_sum(chosen, axes)
+    return (lax.mul(chosen, _expand_reduced(lax.div(ct, count), x.shape, axes)),)
+
+
+def _exclusive_cumprod(x: TracedArray, axis: int, reverse: bool) -> TracedArray:
+    """Product of the elements strictly before (after, if ``reverse``) each one along ``axis``."""
+    shift = (-1, 1, 0) if reverse else (1, -1, 0)
+    config = tuple(shift if d == axis else (0, 0, 0) for d in range(x.ndim))
+    return lax.bind(P.cumprod_p, lax.pad(x, _const(1, x), config), axis=axis, reverse=reverse)
+
+
+@_register(P.reduce_prod_p)
+def _reduce_prod_vjp(cts, primals, outs, *, axes):
+    """d prod / d x_i = product of all the other elements, formed without dividing (zero-safe)."""
+    (ct,), (x,) = cts, primals
+    if x.size == 0:
+        return (lax.zeros(x.aval),)
+    kept = _kept_dims(x.ndim, axes)
+    perm = kept + tuple(axes)
+    moved = lax.transpose(x, perm)
+    kept_shape = tuple(x.shape[d] for d in kept)
+    flat = lax.reshape(moved, kept_shape + (int(np.prod([x.shape[a] for a in axes])),))
+    last = flat.ndim - 1
+    others = lax.mul(_exclusive_cumprod(flat, last, False), _exclusive_cumprod(flat, last, True))
+    ct_flat = lax.mul(others, lax.broadcast_in_dim(ct, flat.shape, tuple(range(len(kept)))))
+    ct_moved = lax.reshape(ct_flat, moved.shape)
+    return (lax.transpose(ct_moved, _inverse_permutation(perm)),)
+
+
+@_register(P.cumsum_p)
+def _cumsum_vjp(cts, primals, outs, *, axis, reverse):
+    return (lax.cumsum(cts[0], axis, not reverse),)
+
+
+def _pairwise(v: TracedArray, axis: int, along: int) -> TracedArray:
+    """Insert a new axis so ``v`` (indexed along ``axis``) becomes [.., k, i, ..]: ``along`` 0 puts
+    v's axis on k (position ``axis``), ``along`` 1 puts it on i (position ``axis + 1``)."""
+    n = v.shape[axis]
+    shape = v.shape[:axis] + (n, n) + v.shape[axis + 1:]
+    dims = tuple(range(axis)) + (axis + along,) + tuple(range(axis + 2, v.ndim + 1))
+    return lax.broadcast_in_dim(v, shape, dims)
+
+
+def _pair_masks(x: TracedArray, axis: int) -> tuple[TracedArray, TracedArray]:
+    """Boolean (k == i) and (k <= i) over the [.., k, i, ..] grid of ``_pairwise``."""
+    n = x.shape[axis]
+    shape = x.shape[:axis] + (n, n) + x.shape[axis + 1:]
+    k = lax.iota(np.int32, shape, axis)
+    i = lax.iota(np.int32, shape, axis + 1)
+    return lax.eq(k, i), lax.le(k, i)
+
+
+def _forward_only(rule_fn):
+    """Write a cumulative rule for ``reverse=False``; the reverse case flips, applies, flips back."""
+    def rule(cts, primals, outs, *, axis, reverse):
+        (ct,), (x,), (out,) = cts, primals, outs
+        if x.shape[axis] == 0:
+            return (lax.zeros(x.aval),)
+        if reverse:
+            ct, x, out = (lax.rev(v, (axis,)) for v in (ct, x, out))
+        ct_x = rule_fn(ct, x, out, axis)
+        return (lax.rev(ct_x, (axis,)) if reverse else ct_x,)
+    rule.__name__ = rule_fn.__name__
+    return rule
+
+
+@_register(P.cumprod_p)
+@_forward_only
+def _cumprod_vjp(ct, x, out, axis):
+    """ct_x[k] = sum_{i>=k} ct[i] * prod_{j<=i, j!=k} x[j], zero-safe (no division).
+
+    The n x n grid of partial products is a cumprod of x with x[k] replaced by 1 on row k:
+    O(n^2) work along ``axis``, chosen for exactness with zeros (see docs/autodiff.md).
+    """
+    diagonal, lower = _pair_masks(x, axis)
+    one = _const(1, x)
+    partial = lax.bind(P.cumprod_p, lax.select(diagonal, one, _pairwise(x, axis, 1)),
+                       axis=axis + 1, reverse=False)
+    weighted = lax.select(lower, lax.mul(partial, _pairwise(ct, axis, 1)), _const(0, x))
+    return lax.reduce_sum(weighted, (axis + 1,))
+
+
+@_register((P.cummax_p, P.cummin_p))
+@_forward_only
+def _cumchoose_vjp(ct, x, out, axis):
+    """out[i] = max(x[:i+1]); ct[i] is split equally among the k <= i with x[k] == out[i]."""
+    _, lower = _pair_masks(x, axis)
+    hit = lax.logical_and(lower, lax.eq(_pairwise(x, axis, 0), _pairwise(out, axis, 1)))
+    hit = _as_float(hit, x)
+    count = lax.reduce_sum(hit, (axis,))  # per i, >= 1
+    share = _pairwise(lax.div(ct, count), axis, 1)
+    return lax.reduce_sum(lax.mul(hit, share), (axis + 1,))
+
+
+# ----------------------------------------------------------------------------- shape ops
+
+def _inverse_permutation(perm: Sequence[int]) -> tuple[int, ...]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
+@_register(P.broadcast_in_dim_p)
+def _broadcast_in_dim_vjp(cts, primals, outs, *, shape, broadcast_dimensions):
+    (ct,), (x,) = cts, primals
+    summed = [d for d in range(len(shape)) if d not in broadcast_dimensions]
+    summed += [od for d, od in zip(x.shape, broadcast_dimensions) if d == 1 and shape[od] != 1]
+    return (lax.reshape(lax.reduce_sum(ct, summed), x.shape),)
+
+
+@_register(P.reshape_p)
+def _reshape_vjp(cts, primals, outs, *, new_sizes):
+    return (lax.reshape(cts[0], primals[0].shape),)
+
+
+@_register(P.transpose_p)
+def _transpose_vjp(cts, primals, outs, *, permutation):
+    return (lax.transpose(cts[0], _inverse_permutation(permutation)),)
+
+
+@_register(P.rev_p)
+def _rev_vjp(cts, primals, outs, *, dimensions):
+    return (lax.rev(cts[0], dimensions),)
+
+
+@_register(P.slice_p)
+def _slice_vjp(cts, primals, outs, *, start_indices, limit_indices, strides):
+    """Put the cotangent back where the slice took it: zero padding, interior for strides."""
+    (ct,), (x,) = cts, primals
+    config = []
+    for d, n, start, stride in zip(x.shape, ct.shape, start_indices, strides):
+        covered = n + max(0, n - 1) * (stride - 1)
+        config.append((start, d - start - covered, stride - 1))
+    return (lax.pad(ct, _const(0, ct), config),)
+
+
+@_register(P.pad_p)
+def _pad_vjp(cts, primals, outs, *, padding_config):
+    """Undo lo/hi (negative ones crop, so undoing them pads zeros back), then step over interior."""
+    (ct,), (x, _) = cts, primals
+    unpadded = lax.pad(ct, _const(0, ct), tuple((-lo, -hi, 0) for lo, hi, _ in padding_config))
+    ct_x = lax.slice(unpadded, (0,) * x.ndim, unpadded.shape, tuple(i + 1 for _, _, i in padding_config))
+    everything = tuple(range(ct.ndim))
+    ct_value = lax.sub(lax.reduce_sum(ct, everything), lax.reduce_sum(ct_x, everything))
+    return ct_x, ct_value
+
+
+@_register(P.concatenate_p)
+def _concatenate_vjp(cts, primals, outs, *, dimension):
+    (ct,) = cts
+    pieces, offset = [], 0
+    for x in primals:
+        start = tuple(offset if d == dimension else 0 for d in range(ct.ndim))
+        limit = tuple(offset + x.shape[d] if d == dimension else ct.shape[d] for d in range(ct.ndim))
+        pieces.append(lax.slice(ct, start, limit))
+        offset += x.shape[dimension]
+    return tuple(pieces)
+
+
+# ----------------------------------------------------------------------------- contractions
+
+@_register(P.dot_general_p)
+def _dot_general_vjp(cts, primals, outs, *, dimension_numbers, preferred_element_type):
+    """Each operand's cotangent is ``ct`` contracted with the other operand over the other's
+    free dimensions, then transposed into the operand's own dimension order."""
+    (ct,), (lhs, rhs) = cts, primals
+    if preferred_element_type is not None and ct.dtype != lhs.dtype:
+        ct = lax.convert_element_type(ct, lhs.dtype)
+    (lc, rc), (lb, rb) = dimension_numbers
+    return (_dot_operand_ct(ct, rhs, lhs.ndim, lc, lb, rc, rb, first=True),
+            _dot_operand_ct(ct, lhs, rhs.ndim, rc, rb, lc, lb, first=False))
+
+
+def _dot_operand_ct(ct, other, ndim, contract, batch, other_contract, other_batch, first):
+    """Cotangent of the operand with ``ndim`` dims and ``contract``/``batch`` dims; ``other`` is the
+    other operand. ``ct``'s dims are batch, lhs free, rhs free (``first``: we are the lhs)."""
+    other_free = [d for d in range(other.ndim) if d not in other_contract and d not in other_batch]
+    free = [d for d in range(ndim) if d not in contract and d not in batch]
+    nb = len(batch)
+    start = nb + len(free) if first else nb
+    ct_other_free = tuple(range(start, start + len(other_free)))
+    product = lax.dot_general(ct, other, ((ct_other_free, tuple(other_free)), (tuple(range(nb)), tuple(other_batch))))
+    # product dims: batch, our free dims (ct keeps them in order), then the other's contracting dims in increasing order
+    source = list(batch) + free + [contract[list(other_contract).index(d)] for d in sorted(other_contract)]
+    return lax.transpose(product, tuple(source.index(d) for d in range(ndim)))
+
+
+def _move_group_factor(x: TracedArray, src: int, dst: int, groups: int) -> TracedArray:
+    """Split axis ``src`` as (groups, rest) and merge the groups factor into axis ``dst`` as its
+    major part. Rank and the position of every axis are unchanged; only two sizes change."""
+    shape = list(x.shape)
+    split = shape[:src] + [groups, shape[src] // groups] + shape[src + 1:]
+    y = lax.reshape(x, split)
+    # labels of the split array's axes: original axis t -> t (src keeps the 'rest' part), 'g' for groups
+    labels = list(range(src)) + ["g"] + list(range(src, len(shape)))
+    order = [lab for lab in labels if lab != "g"]
+    order.insert(order.index(dst), "g")
+    y = lax.transpose(y, tuple(labels.index(lab) for lab in order))
+    merged = list(shape)
+    merged[src] = shape[src] // groups
+    merged[dst] = shape[dst] * groups
+    return lax.reshape(y, merged)
+
+
+def _dilated(size: int, dilation: int) -> int:
+    return 0 if size == 0 else (size - 1) * dilation + 1
+
+
+def _swap_first_two(spec: Sequence[int]) -> tuple[int, ...]:
+    return (spec[1], spec[0]) + tuple(spec[2:])
+
+
+@_register(P.conv_general_dilated_p)
+def _conv_vjp(cts, primals, outs, *, window_strides, padding, lhs_dilation, rhs_dilation,
+              dimension_numbers, feature_group_count, batch_group_count):
+    """Both cotangents are convolutions again (see docs/autodiff.md for the derivation).
+
+    lhs: correlate the stride-dilated cotangent with the spatially reversed kernel, whose
+    in/out feature roles are swapped (groups moved from the out- to the in-feature axis).
+    rhs: correlate the lhs (batch and feature roles swapped) with the cotangent as kernel;
+    feature groups become batch groups and vice versa.
+    """
+    (ct,), (lhs, rhs), (out,) = cts, primals, outs
+    if lhs.size == 0 or rhs.size == 0 or out.size == 0:
+        return lax.zeros(lhs.aval), lax.zeros(rhs.aval)
+    lhs_spec, rhs_spec, out_spec = dimension_numbers
+    spatial = range(len(window_strides))
+    x_sizes = [lhs.shape[lhs_spec[2 + k]] for k in spatial]
+    w_sizes = [rhs.shape[rhs_spec[2 + k]] for k in spatial]
+    o_sizes = [out.shape[out_spec[2 + k]] for k in spatial]
+    x_dil = [_dilated(x_sizes[k], lhs_dilation[k]) for k in spatial]
+    w_dil = [_dilated(w_sizes[k], rhs_dilation[k]) for k in spatial]
+    o_dil = [_dilated(o_sizes[k], window_strides[k]) for k in spatial]
+    lo = [p[0] for p in padding]
+
+    # lhs cotangent
+    groups = max(feature_group_count, batch_group_count)
+    kernel = rhs
+    if groups > 1:
+        kernel = _move_group_factor(kernel, rhs_spec[0], rhs_spec[1], groups)
+    kernel = lax.rev(kernel, tuple(rhs_spec[2:]))
+    lhs_pad = []
+    for k in spatial:
+        before = w_dil[k] - 1 - lo[k]
+        lhs_pad.append((before, x_dil[k] + w_dil[k] - 1 - o_dil[k] - before))
+    ct_lhs = lax.conv_general_dilated(
+        ct, kernel, window_strides=lhs_dilation, padding=lhs_pad, lhs_dilation=window_strides,
+        rhs_dilation=rhs_dilation, dimension_numbers=(out_spec, _swap_first_two(rhs_spec), lhs_spec),
+        feature_group_count=groups, batch_group_count=1)
+    if batch_group_count > 1:
+        ct_lhs = _move_group_factor(ct_lhs, lhs_spec[1], lhs_spec[0], batch_group_count)
+
+    # rhs cotangent
+    rhs_pad = [(lo[k], o_dil[k] + w_dil[k] - 1 - x_dil[k] - lo[k]) for k in spatial]
+    ct_rhs = lax.conv_general_dilated(
+        lhs, ct, window_strides=rhs_dilation, padding=rhs_pad, lhs_dilation=lhs_dilation,
+        rhs_dilation=window_strides,
+        dimension_numbers=(_swap_first_two(lhs_spec), _swap_first_two(out_spec), _swap_first_two(rhs_spec)),
+        feature_group_count=batch_group_count, batch_group_count=feature_group_count)
+    return ct_lhs, ct_rhs
+
+
+# ----------------------------------------------------------------------------- indexing
+
+@_register(P.gather_p)
+def _gather_vjp(cts, primals, outs, *, axis):
+    (ct,), (operand, indices) = cts, primals
+    return lax.scatter_add(lax.zeros(operand.aval), indices, ct, axis), None
+
+
+@_register(P.scatter_add_p)
+def _scatter_add_vjp(cts, primals, outs, *, axis):
+    (ct,), (_, indices, _) = cts, primals
+    return ct, None, lax.gather(ct, indices, axis)
+
+
+@_register(P.scatter_p)
+def _scatter_vjp(cts, primals, outs, *, axis):
+    """Overwritten operand positions get zero; every update gets the cotangent at its target
+    (with duplicate indices all duplicates get it, as torch; the forward winner is unspecified)."""
+    (ct,), (_, indices, updates) = cts, primals
+    return lax.scatter(ct, indices, lax.zeros(updates.aval), axis), None, lax.gather(ct, indices, axis)
+
+
+def missing_rules() -> list[str]:
+    """Names of registered primitives without a VJP rule (empty when the table is total)."""
+    return sorted(name for name, p in P.registry.items() if p not in vjp_rules)

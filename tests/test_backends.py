@@ -1,0 +1,762 @@
+"""Backends against numpy: every primitive on the JAX backend, the torch FX backend and eager torch.
+
+float64 is compared tightly (rtol 1e-12), float32 loosely; integers exactly, with int64
+values beyond 2**53 where the op allows. Graphs are built one primitive at a time with
+``lax.bind`` so each case pins one lowering rule.
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import scipy.special as sp
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reftrace as rt
+from reftrace import lax
+from reftrace import primitives as P
+from reftrace.backends.jax import lower_jax
+from reftrace.backends.jax_rules import jax_rules
+from reftrace.backends.torch import apply_torch, eval_torch, lower_torch, to_fx
+from reftrace.backends.torch_dtypes import numpy_dtype, torch_dtype
+from reftrace.backends.torch_rules import dot_general_equation, torch_rules
+from reftrace.errors import ArgumentError
+
+F64, F32, I64, I32, BOOL = np.float64, np.float32, np.int64, np.int32, np.bool_
+BIG = 2**60  # int64 values far beyond float64's 2**53 integer range
+
+
+def rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def op(prim, **params):
+    """A function binding one primitive (the graph under test has exactly that equation)."""
+    def f(*args):
+        return lax.bind(prim, *args, **params)
+    return f
+
+
+def tolerance(dtype) -> dict:
+    if np.dtype(dtype) == np.float64:
+        return dict(rtol=1e-12, atol=1e-13)
+    return dict(rtol=2e-5, atol=1e-6)
+
+
+def run_backends(graph, args) -> dict[str, list[np.ndarray]]:
+    return {
+        "jax": [np.asarray(r) for r in lower_jax(graph)(*args)],
+        "torch": [r.numpy() for r in lower_torch(graph)(*args)],
+        "torch-eager": [r.numpy() for r in eval_torch(graph, *args)],
+    }
+
+
+def assert_close(got, want, dtype, what: str, tol: dict | None = None) -> None:
+    want = np.asarray(want)
+    if np.dtype(dtype).kind == "f":
+        np.testing.assert_allclose(got, want, err_msg=what, equal_nan=True, **(tol or tolerance(dtype)))
+    else:
+        np.testing.assert_array_equal(got, want, err_msg=what)
+
+
+def check(fn, args, reference, tol: dict | None = None):
+    """Trace ``fn``, run every backend, compare each output with ``reference(*args)``.
+
+    Output dtypes and shapes must be exactly the graph's (no silent downcasts).
+    """
+    graph = rt.trace(fn, *args)
+    want = reference(*args)
+    want = want if isinstance(want, tuple) else (want,)
+    for backend, outs in run_backends(graph, args).items():
+        assert len(outs) == len(want) == len(graph.outputs)
+        for i, (got, w, aval) in enumerate(zip(outs, want, graph.out_avals)):
+            what = f"{backend} output {i} of\n{graph}"
+            assert got.dtype == aval.dtype and got.shape == aval.shape, (what, got.dtype, got.shape)
+            assert_close(got, w, aval.dtype, what, tol)
+    return graph
+
+
+def test_every_primitive_has_both_lowerings():
+    prims = set(P.registry.values())
+    assert prims <= set(torch_rules), sorted(p.name for p in prims - set(torch_rules))
+    assert prims <= set(jax_rules), sorted(p.name for p in prims - set(jax_rules))
+
+
+def test_dtype_maps_round_trip():
+    for name in ["bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64",
+                 "complex64", "complex128", "uint32"]:
+        assert numpy_dtype(torch_dtype(np.dtype(name))) == np.dtype(name)
+    import ml_dtypes
+    assert torch_dtype(ml_dtypes.bfloat16) is torch.bfloat16
+    assert numpy_dtype(torch.float64) == np.float64
+    with pytest.raises(rt.UnsupportedOperatorError):
+        torch_dtype(np.dtype("datetime64[s]"))
+
+
+# ----------------------------------------------------------------------------- elementwise
+
+def _uniform(lo, hi, halves=False):
+    def make(dtype, r):
+        x = r.uniform(lo, hi, (3, 4))
+        if halves:  # exact ties: round must go half to even
+            x.flat[:6] = [0.5, 1.5, 2.5, -0.5, -1.5, -2.5]
+        return x.astype(dtype)
+    return make
+
+
+UNARY = {
+    "exp": (np.exp, _uniform(-3, 3)), "log": (np.log, _uniform(0.1, 5)),
+    "log1p": (np.log1p, _uniform(-0.5, 3)), "expm1": (np.expm1, _uniform(-2, 2)),
+    "tanh": (np.tanh, _uniform(-3, 3)), "logistic": (lambda x: 1 / (1 + np.exp(-x)), _uniform(-5, 5)),
+    "sin": (np.sin, _uniform(-4, 4)), "cos": (np.cos, _uniform(-4, 4)), "tan": (np.tan, _uniform(-1.2, 1.2)),
+    "asin": (np.arcsin, _uniform(-0.95, 0.95)), "acos": (np.arccos, _uniform(-0.95, 0.95)),
+    "atan": (np.arctan, _uniform(-5, 5)), "sinh": (np.sinh, _uniform(-3, 3)), "cosh": (np.cosh, _uniform(-3, 3)),
+    "asinh": (np.arcsinh, _uniform(-5, 5)), "acosh": (np.arccosh, _uniform(1.1, 5)),
+    "atanh": (np.arctanh, _uniform(-0.9, 0.9)), "sqrt": (np.sqrt, _uniform(0.1, 5)),
+    "rsqrt": (lambda x: 1 / np.sqrt(x), _uniform(0.1, 5)), "cbrt": (np.cbrt, _uniform(-5, 5)),
+    "erf": (sp.erf, _uniform(-3, 3)), "erfc": (sp.erfc, _uniform(-3, 3)),
+    "erf_inv": (sp.erfinv, _uniform(-0.95, 0.95)), "lgamma": (sp.gammaln, _uniform(0.1, 8)),
+    "digamma": (sp.digamma, _uniform(0.1, 8)), "floor": (np.floor, _uniform(-5, 5, True)),
+    "ceil": (np.ceil, _uniform(-5, 5, True)), "round": (np.round, _uniform(-5, 5, True)),
+    "neg": (np.negative, _uniform(-5, 5)), "sign": (np.sign, _uniform(-5, 5, True)),
+    "abs": (np.abs, _uniform(-5, 5)),
+}
+# float64 special functions: XLA's erf_inv/lgamma/digamma approximations are good to ~1e-13..1e-11
+LOOSER_F64 = {"erf_inv": dict(rtol=1e-9, atol=1e-12), "lgamma": dict(rtol=1e-10, atol=1e-12),
+              "digamma": dict(rtol=1e-10, atol=1e-12)}
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("name", sorted(UNARY))
+def test_unary_float(name, dtype):
+    ref, make = UNARY[name]
+    x = make(dtype, rng(1))
+    tol = LOOSER_F64.get(name) if dtype == F64 else None
+    check(op(P.registry[name]), (x,), lambda x: ref(x.astype(F64)).astype(dtype), tol)
+
+
+def test_integer_unary_ops_are_exact_beyond_2_53():
+    x = np.array([BIG + 1, -BIG - 3, 0, 7, -1], I64)
+    check(op(P.neg_p), (x,), np.negative)
+    check(op(P.abs_p), (x,), np.abs)
+    check(op(P.sign_p), (x,), np.sign)
+    check(op(P.not_p), (x,), np.invert)
+    check(op(P.not_p), (np.array([True, False]),), np.logical_not)
+    check(op(P.integer_pow_p, y=3), (np.array([2**20 + 1, -5, 3], I64),), lambda x: x ** 3)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_integer_pow_and_is_finite(dtype):
+    x = rng(2).uniform(-2, 2, (5,)).astype(dtype)
+    for y in (0, 1, 2, 3, -2, 5):
+        check(op(P.integer_pow_p, y=y), (x,), lambda x, y=y: (x.astype(F64) ** y).astype(dtype))
+    z = np.array([1.0, np.inf, -np.inf, np.nan, 0.0], dtype)
+    check(op(P.is_finite_p), (z,), np.isfinite)
+
+
+def _trunc_div(x, y):
+    if x.dtype.kind == "f":
+        return x / y
+    q = np.abs(x) // np.abs(y)
+    return np.where((x < 0) != (y < 0), -q, q).astype(x.dtype)
+
+
+BINARY = {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": _trunc_div, "rem": np.fmod,
+    "pow": np.power, "max": np.maximum, "min": np.minimum, "atan2": np.arctan2,
+    "and": lambda x, y: x & y, "or": lambda x, y: x | y, "xor": lambda x, y: x ^ y,
+    "eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal, "gt": np.greater,
+    "ge": np.greater_equal,
+}
+
+
+def _binary_operands(name, dtype, r):
+    shape = (3, 4)
+    if dtype == BOOL:
+        return r.random(shape) < 0.5, r.random(shape) < 0.5
+    if np.dtype(dtype).kind == "i":
+        if name == "pow":
+            return r.integers(-4, 5, shape).astype(dtype), r.integers(0, 6, shape).astype(dtype)
+        if name == "mul":
+            return r.integers(-2**30, 2**30, shape).astype(dtype), r.integers(-2**20, 2**20, shape).astype(dtype)
+        big = BIG if dtype == I64 else 2**30
+        x = r.integers(-big, big, shape).astype(dtype)
+        y = r.integers(-1000, 1000, shape).astype(dtype)
+        y[y == 0] = 7
+        y[0, :2] = x[0, :2]  # some equal pairs for the comparisons
+        return x, y
+    x = r.uniform(0.1 if name == "pow" else -3, 3, shape).astype(dtype)
+    y = r.uniform(-3, 3, shape).astype(dtype)
+    y[0, :2] = x[0, :2]
+    if name in ("max", "min"):
+        x[1, 1] = np.nan  # NaN propagates, as lax.max/min
+    return x, y
+
+
+def _binary_dtypes(name):
+    kinds = {"add": "fi", "sub": "fi", "mul": "fi", "div": "fi", "rem": "fi", "pow": "fi", "atan2": "f",
+             "and": "ib", "or": "ib", "xor": "ib"}.get(name, "fib")
+    return ([F64, F32] if "f" in kinds else []) + ([I64, I32] if "i" in kinds else []) + \
+        ([BOOL] if "b" in kinds else [])
+
+
+@pytest.mark.parametrize("name,dtype", [(n, d) for n in sorted(BINARY) for d in _binary_dtypes(n)])
+def test_binary(name, dtype):
+    x, y = _binary_operands(name, dtype, rng(3))
+    x0, y0 = np.array(x[0, 1]), np.array(y[0, 2])
+    prim, ref = P.registry[name], BINARY[name]
+
+    def fn(x, y, x0, y0):  # rank-0 operands broadcast, on either side (torch: a 0-d tensor)
+        return lax.bind(prim, x, y), lax.bind(prim, x, y0), lax.bind(prim, x0, y)
+    check(fn, (x, y, x0, y0), lambda x, y, x0, y0: (ref(x, y), ref(x, np.broadcast_to(y0, x.shape)),
+                                                    ref(np.broadcast_to(x0, y.shape), y)))
+
+
+@pytest.mark.parametrize("name", sorted(BINARY))
+def test_binary_with_rank0_literals(name):
+    """Rank-0 literals on either side; in FX they become Python scalars or torch.tensor calls."""
+    dtype = _binary_dtypes(name)[0]
+    x, y = _binary_operands(name, dtype, rng(4))
+    prim, ref = P.registry[name], BINARY[name]
+    a, b = np.array(x.flat[5]), np.array(y.flat[7])
+    check(lambda x, y: (lax.bind(prim, x, b), lax.bind(prim, a, y), lax.bind(prim, a, b)), (x, y),
+          lambda x, y: (ref(x, np.broadcast_to(b, x.shape)), ref(np.broadcast_to(a, y.shape), y), ref(a, b)))
+
+
+def test_int64_literals_beyond_2_53_stay_exact():
+    x = np.array([1, -2, 3], I64)
+    c = np.array(BIG + 12345, I64)
+    g = check(lambda x: lax.bind(P.add_p, x, c), (x,), lambda x: x + c)
+    assert str(BIG + 12345) in to_fx(g).code
+    check(lambda x: lax.bind(P.broadcast_in_dim_p, c, shape=(2, 3), broadcast_dimensions=()), (x,),
+          lambda x: np.full((2, 3), c))
+    check(lambda x: lax.bind(P.eq_p, lax.bind(P.add_p, x, c), np.array(BIG + 12346, I64)), (x,),
+          lambda x: x + c == BIG + 12346)
+
+
+def test_select():
+    r = rng(5)
+    pred = r.random((3, 4)) < 0.5
+    for dtype in (F64, I64, BOOL):
+        x, y = _binary_operands("eq", dtype, r)
+        check(op(P.select_p), (pred, x, y), np.where)
+    x = r.standard_normal((3, 4))
+    t, f = np.array(1.5), np.array(-2.0)
+    check(lambda p, x: lax.bind(P.select_p, p, x, f), (pred, x), lambda p, x: np.where(p, x, f))
+    check(lambda p, x: lax.bind(P.select_p, p, t, x), (pred, x), lambda p, x: np.where(p, t, x))
+    check(lambda p: lax.bind(P.select_p, p, t, f), (pred,), lambda p: np.where(p, t, f))
+    check(lambda x: lax.bind(P.select_p, np.array(True), x, x * 0), (x,), lambda x: x)
+
+
+@pytest.mark.parametrize("src,dst", [(F64, I64), (F64, F32), (I64, F64), (F64, BOOL), (BOOL, F32),
+                                     (I64, I32), (F32, F64), (I32, I64), (BOOL, I64)])
+def test_convert_element_type(src, dst):
+    r = rng(6)
+    if src == BOOL:
+        x = r.random((6,)) < 0.5
+    elif np.dtype(src).kind == "i":
+        x = np.array([BIG + 1, -BIG - 1, 3, 0, -7, 2**31 - 1] if src == I64 else [1, -2, 0, 5, 7, -9], src)
+        if dst == I32:
+            x = np.array([1, -2, 0, 5, 7, -9], src)
+    else:
+        x = np.array([-3.7, -0.5, 0.0, 0.4, 2.5, 1e3], src)  # float -> int truncates toward zero
+    check(op(P.convert_element_type_p, new_dtype=np.dtype(dst)), (x,), lambda x: x.astype(dst))
+
+
+def test_stop_gradient_is_identity():
+    x = rng(7).standard_normal((3,))
+    check(op(P.stop_gradient_p), (x,), lambda x: x)
+
+
+# ----------------------------------------------------------------------------- reductions
+
+REDUCE = {"reduce_sum": np.sum, "reduce_prod": np.prod, "reduce_max": np.max, "reduce_min": np.min,
+          "reduce_and": np.all, "reduce_or": np.any}
+
+
+@pytest.mark.parametrize("name,dtype", [(n, d) for n in ("reduce_sum", "reduce_prod", "reduce_max", "reduce_min")
+                                        for d in (F64, F32, I64, I32)] + [("reduce_and", BOOL), ("reduce_or", BOOL),
+                                                                           ("reduce_max", BOOL)])
+def test_reductions(name, dtype):
+    r = rng(8)
+    shape = (2, 3, 4)
+    if dtype == BOOL:
+        x = r.random(shape) < (0.8 if name == "reduce_and" else 0.15)
+    elif np.dtype(dtype).kind == "i":
+        hi = {"reduce_prod": 4, "reduce_sum": BIG // 64 if dtype == I64 else 2**24}.get(name, BIG)
+        x = r.integers(-hi, hi, shape).astype(dtype)
+    else:
+        x = r.uniform(0.5, 1.5, shape).astype(dtype)
+    ref = REDUCE[name]
+    kwargs = {"dtype": dtype} if name in ("reduce_sum", "reduce_prod") else {}
+    all_axes = [(1,), (0, 2), (0, 1, 2)]
+    check(lambda x: tuple(lax.bind(P.registry[name], x, axes=a) for a in all_axes), (x,),
+          lambda x: tuple(ref(x, axis=a, **kwargs) for a in all_axes))
+
+
+def test_reduce_over_empty_axis_gives_identity():
+    x = np.zeros((2, 0, 3))
+    check(op(P.reduce_max_p, axes=(1,)), (x,), lambda x: np.full((2, 3), -np.inf))
+    check(op(P.reduce_min_p, axes=(1,)), (x,), lambda x: np.full((2, 3), np.inf))
+    check(op(P.reduce_sum_p, axes=(1,)), (x,), lambda x: np.zeros((2, 3)))
+    check(op(P.reduce_prod_p, axes=(1,)), (x,), lambda x: np.ones((2, 3)))
+    xi = np.zeros((2, 0), I32)
+    check(op(P.reduce_max_p, axes=(1,)), (xi,), lambda x: np.full((2,), np.iinfo(I32).min, I32))
+
+
+@pytest.mark.parametrize("index_dtype", [I64, I32])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_argmax_argmin_first_occurrence(axis, index_dtype):
+    x = rng(9).integers(0, 3, (5, 6)).astype(I64)  # many ties
+    f = x.astype(F64)
+    f[2, 3] = f[4, 1] = np.nan  # NaN counts as the extremum, first one wins (numpy, lax, torch)
+    params = dict(axis=axis, index_dtype=np.dtype(index_dtype))
+    check(lambda x, f: tuple(lax.bind(p, a, **params) for p in (P.argmax_p, P.argmin_p) for a in (x, f)),
+          (x, f), lambda x, f: tuple(r(a, axis=axis).astype(index_dtype) for r in (np.argmax, np.argmin)
+                                     for a in (x, f)))
+
+
+def _scan(ufunc_accumulate, x, axis, reverse):
+    if reverse:
+        return np.flip(ufunc_accumulate(np.flip(x, axis), axis=axis), axis)
+    return ufunc_accumulate(x, axis=axis)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("dtype", [F64, F32, I64, I32])
+def test_cumulative(dtype, axis, reverse):
+    r = rng(10)
+    x = (r.uniform(0.5, 1.5, (4, 5)) if np.dtype(dtype).kind == "f" else r.integers(-3, 4, (4, 5))).astype(dtype)
+    big = x.copy()
+    if dtype == I64:
+        big = big + BIG // 8
+    cases = [(P.cumsum_p, lambda a, axis: np.cumsum(a, axis=axis, dtype=dtype), True),
+             (P.cumprod_p, lambda a, axis: np.cumprod(a, axis=axis, dtype=dtype), False),
+             (P.cummax_p, np.maximum.accumulate, True), (P.cummin_p, np.minimum.accumulate, True)]
+    check(lambda x, big: tuple(lax.bind(p, big if b else x, axis=axis, reverse=reverse) for p, _, b in cases),
+          (x, big), lambda x, big: tuple(_scan(f, big if b else x, axis, reverse) for _, f, b in cases))
+
+
+# ----------------------------------------------------------------------------- shape ops
+
+def test_broadcast_in_dim_reshape_transpose():
+    r = rng(11)
+    x = r.standard_normal((3, 1))
+    check(op(P.broadcast_in_dim_p, shape=(2, 3, 4), broadcast_dimensions=(1, 2)), (x,),
+          lambda x: np.broadcast_to(x[None], (2, 3, 4)))
+    check(op(P.broadcast_in_dim_p, shape=(3, 2), broadcast_dimensions=(0, 1)), (x,),
+          lambda x: np.broadcast_to(x, (3, 2)))
+    s = np.array(2.5)
+    check(op(P.broadcast_in_dim_p, shape=(2, 3), broadcast_dimensions=()), (s,), lambda s: np.full((2, 3), s))
+    check(lambda: lax.full((2, 2), 7, I64), (), lambda: np.full((2, 2), 7, I64))
+    y = r.standard_normal((2, 3, 4)).astype(F32)
+    check(op(P.reshape_p, new_sizes=(4, 6)), (y,), lambda y: y.reshape(4, 6))
+    check(op(P.reshape_p, new_sizes=()), (y[:1, :1, :1],), lambda y: y.reshape(()))
+    check(op(P.transpose_p, permutation=(2, 0, 1)), (y,), lambda y: y.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("start,limit,strides", [((0, 0), (4, 5), (1, 1)), ((1, 2), (4, 5), (2, 2)),
+                                                 ((3, 0), (3, 5), (1, 3)), ((0, 1), (4, 4), (3, 1))])
+def test_slice(start, limit, strides):
+    x = np.arange(20, dtype=I64).reshape(4, 5) + BIG
+    check(op(P.slice_p, start_indices=start, limit_indices=limit, strides=strides), (x,),
+          lambda x: x[tuple(slice(s, l, t) for s, l, t in zip(start, limit, strides))])
+
+
+def numpy_pad(x, value, config):
+    """lax.pad in numpy: interior padding, then lo/hi (negative crops)."""
+    for d, (lo, hi, interior) in enumerate(config):
+        n = x.shape[d]
+        if interior and n:
+            shape = list(x.shape)
+            shape[d] = n + (n - 1) * interior
+            y = np.full(shape, value, x.dtype)
+            idx = [slice(None)] * x.ndim
+            idx[d] = slice(None, None, interior + 1)
+            y[tuple(idx)] = x
+            x = y
+        widths = [(0, 0)] * x.ndim
+        widths[d] = (max(lo, 0), max(hi, 0))
+        x = np.pad(x, widths, constant_values=value)
+        idx = [slice(None)] * x.ndim
+        idx[d] = slice(-min(lo, 0), x.shape[d] + min(hi, 0))
+        x = x[tuple(idx)]
+    return x
+
+
+PAD_CONFIGS = [
+    ((1, 2, 0), (0, 0, 0)), ((-1, 1, 0), (2, -2, 0)), ((0, 0, 2), (1, -1, 1)),
+    ((-3, 2, 1), (0, 0, 3)), ((-4, -3, 2), (-1, 0, 0)), ((0, 0, 0), (-5, 3, 0)),
+]
+
+
+@pytest.mark.parametrize("config", PAD_CONFIGS)
+@pytest.mark.parametrize("dtype", [F64, I64, BOOL])
+def test_pad(config, dtype):
+    r = rng(12)
+    x = (r.random((3, 4)) < 0.5 if dtype == BOOL else r.integers(1, 100, (3, 4)) + (BIG if dtype == I64 else 0)
+         ).astype(dtype)
+    value = np.array(True if dtype == BOOL else -7, dtype)
+    check(lambda x: lax.bind(P.pad_p, x, value, padding_config=config), (x,),
+          lambda x: numpy_pad(x, value, config))
+    # a traced padding value
+    check(op(P.pad_p, padding_config=config), (x, value), lambda x, v: numpy_pad(x, v, config))
+
+
+@given(st.lists(st.tuples(st.integers(-3, 3), st.integers(-3, 3), st.integers(0, 2)), min_size=2, max_size=2),
+       st.integers(0, 3), st.integers(1, 4))
+def test_pad_property(config, n, m):
+    x = np.arange(n * m, dtype=F64).reshape(n, m) + 1
+    config = tuple(config)
+    if any(lo + hi + d + max(0, d - 1) * i < 0 for (lo, hi, i), d in zip(config, x.shape)):
+        return
+    check(lambda x: lax.bind(P.pad_p, x, np.array(0.5), padding_config=config), (x,),
+          lambda x: numpy_pad(x, 0.5, config))
+
+
+def test_concatenate_rev_iota():
+    r = rng(13)
+    xs = [r.standard_normal((2, k)) for k in (1, 3, 2)]
+    check(op(P.concatenate_p, dimension=1), xs, lambda *xs: np.concatenate(xs, axis=1))
+    y = r.integers(0, 9, (3, 4, 2)).astype(I64) + BIG
+    check(op(P.rev_p, dimensions=(0, 2)), (y,), lambda y: np.flip(y, (0, 2)))
+    for dtype, shape, dim in ((I32, (5,), 0), (F64, (3, 4), 1), (I64, (2, 3, 2), 0)):
+        check(lambda: lax.bind(P.iota_p, dtype=np.dtype(dtype), shape=shape, dimension=dim), (),
+              lambda: np.broadcast_to(np.arange(shape[dim], dtype=dtype).reshape(
+                  [shape[dim] if i == dim else 1 for i in range(len(shape))]), shape))
+
+
+def test_array_literals_become_buffers():
+    c = np.arange(6, dtype=F64).reshape(2, 3) / 7
+    g = check(lambda x: lax.bind(P.mul_p, x, c), (np.ones((2, 3)),), lambda x: x * c)
+    gm = to_fx(g)
+    buffers = dict(gm.named_buffers())
+    assert list(buffers) == ["_literal_0"]
+    np.testing.assert_array_equal(buffers["_literal_0"].numpy(), c)
+    # literal graph outputs (rank 0 and arrays) come back as tensors
+    g2 = rt.trace(lambda x: (x, np.float32(2.5), np.arange(3)), np.ones(2, F32))
+    outs = lower_torch(g2)(np.ones(2, F32))
+    assert outs[1].dtype == torch.float32 and outs[1].item() == 2.5
+    assert outs[2].dtype == torch.int64 and outs[2].tolist() == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- contractions
+
+DOT_CASES = [  # (lhs shape, rhs shape, dimension_numbers, numpy einsum)
+    ((3, 4), (4, 5), (((1,), (0,)), ((), ())), "ij,jk->ik"),
+    ((2, 3, 4), (2, 4, 5), (((2,), (1,)), ((0,), (0,))), "bij,bjk->bik"),
+    ((4, 3), (5, 4), (((0,), (1,)), ((), ())), "ji,kj->ik"),
+    ((3,), (4,), (((), ()), ((), ())), "i,j->ij"),
+    ((2, 3, 4), (4, 3, 5), (((1, 2), (1, 0)), ((), ())), "aij,jik->ak"),
+    ((3, 2, 4), (2, 4, 3), (((2,), (1,)), ((1, 0), (0, 2))), "ibj,bji->bi"),
+]
+
+
+@pytest.mark.parametrize("dtype", [F64, F32, I64])
+@pytest.mark.parametrize("lshape,rshape,dn,eq", DOT_CASES)
+def test_dot_general(lshape, rshape, dn, eq, dtype):
+    r = rng(14)
+    if dtype == I64:
+        x, y = r.integers(-1000, 1000, lshape), r.integers(-2**40, 2**40, rshape)
+    else:
+        x, y = r.standard_normal(lshape), r.standard_normal(rshape)
+    x, y = x.astype(dtype), y.astype(dtype)
+    check(op(P.dot_general_p, dimension_numbers=dn, preferred_element_type=None), (x, y),
+          lambda x, y: np.einsum(eq, x, y))
+
+
+def test_dot_general_equation_and_preferred_element_type():
+    assert dot_general_equation(3, 3, (((2,), (1,)), ((0,), (0,)))) == "acb,abd->acd"
+    x = rng(15).integers(-100, 100, (3, 4)).astype(np.int8)
+    check(op(P.dot_general_p, dimension_numbers=(((1,), (1,)), ((), ())), preferred_element_type=np.dtype(I32)),
+          (x, x), lambda x, y: x.astype(I32) @ y.astype(I32).T)
+    f = rng(15).standard_normal((3, 4)).astype(F32)
+    check(op(P.dot_general_p, dimension_numbers=(((1,), (0,)), ((), ())), preferred_element_type=np.dtype(F64)),
+          (f, f.T.copy()), lambda x, y: x.astype(F64) @ y.astype(F64))
+
+
+def numpy_conv(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, fgc=1, bgc=1):
+    """conv_general_dilated on (N, C, *S) x (O, I, *K) by explicit windows, in float64."""
+    nsp = lhs.ndim - 2
+    config = [(0, 0, 0), (0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dilation)]
+    x = numpy_pad(lhs.astype(F64), 0.0, config)
+    w = rhs.astype(F64)
+    n, o = x.shape[0], w.shape[0]
+    out_sp = [max(0, (x.shape[2 + k] - ((w.shape[2 + k] - 1) * rhs_dilation[k] + 1)) // strides[k] + 1)
+              for k in range(nsp)]
+    out = np.zeros((n // bgc, o) + tuple(out_sp))
+    groups = max(fgc, bgc)
+    cin, og = w.shape[1], o // groups
+    for g in range(groups):
+        xs = x[g * (n // bgc):(g + 1) * (n // bgc)] if bgc > 1 else x[:, g * cin:(g + 1) * cin]
+        for koff in itertools.product(*[range(k) for k in w.shape[2:]]):
+            idx = tuple(slice(koff[k] * rhs_dilation[k], koff[k] * rhs_dilation[k] + (out_sp[k] - 1) * strides[k] + 1,
+                              strides[k]) for k in range(nsp))
+            patch = xs[(slice(None), slice(None)) + idx]
+            out[:, g * og:(g + 1) * og] += np.einsum("nc...,oc->no...", patch, w[(slice(g * og, (g + 1) * og),
+                                                                                  slice(None)) + koff])
+    return out
+
+
+CONV_CASES = [  # lhs (N,C,*S), rhs (O,I,*K), strides, padding, lhs_dil, rhs_dil, fgc, bgc
+    ((2, 3, 7), (4, 3, 3), (1,), ((0, 0),), (1,), (1,), 1, 1),
+    ((2, 4, 9), (6, 2, 3), (2,), ((2, 1),), (1,), (2,), 2, 1),
+    ((2, 3, 6, 5), (4, 3, 3, 2), (1, 2), ((1, 1), (0, -1)), (1, 1), (1, 1), 1, 1),
+    ((1, 2, 5, 5), (3, 2, 2, 3), (1, 1), ((-1, 2), (1, 1)), (2, 1), (1, 2), 1, 1),
+    ((4, 2, 5, 4), (6, 2, 2, 2), (1, 1), ((0, 0), (1, 0)), (1, 1), (1, 1), 1, 2),
+    ((6, 3, 5), (6, 3, 2), (2,), ((1, 1),), (3,), (1,), 1, 3),
+    ((2, 6, 4, 4), (6, 1, 3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 6, 1),  # depthwise
+    ((1, 2, 4, 3, 4), (2, 2, 2, 1, 2), (1, 1, 2), ((0, 0), (1, 0), (0, 1)), (1, 2, 1), (1, 1, 1), 1, 1),
+    ((2, 3), (4, 3), (), (), (), (), 1, 1),  # no spatial dims: a matmul
+    ((1, 1, 3), (1, 1, 5), (1,), ((0, 0),), (1,), (1,), 1, 1),  # window larger than input: empty output
+]
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_against_numpy_windows(case, dtype):
+    lshape, rshape, strides, padding, ld, rd, fgc, bgc = case
+    r = rng(16)
+    x, w = r.standard_normal(lshape).astype(dtype), r.standard_normal(rshape).astype(dtype)
+    fn = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, ld, rd, None, fgc, bgc)  # noqa: E731
+    check(fn, (x, w), lambda x, w: numpy_conv(x, w, strides, padding, ld, rd, fgc, bgc).astype(dtype))
+
+
+@pytest.mark.parametrize("dn", [((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)),   # NHWC, HWIO, NHWC
+                                ((1, 0, 2, 3), (0, 1, 3, 2), (3, 1, 0, 2)),   # CNHW, OIWH, out permuted
+                                ((0, 1, 2, 3), (1, 0, 2, 3), (0, 1, 2, 3))])  # IOHW kernel
+def test_conv_dimension_numbers(dn):
+    """Layouts are permutations of NCHW/OIHW: transpose, convolve in NCHW, transpose back."""
+    lhs_spec, rhs_spec, out_spec = dn
+    r = rng(17)
+    x_nchw, w_oihw = r.standard_normal((2, 4, 5, 6)), r.standard_normal((6, 2, 3, 2))
+    x = np.transpose(x_nchw, np.argsort(lhs_spec))
+    w = np.transpose(w_oihw, np.argsort(rhs_spec))
+    assert x.transpose(lhs_spec).shape == x_nchw.shape
+    args = ((2, 1), ((1, 0), (2, 1)), (1, 1), (2, 1), dn, 2, 1)
+    want = numpy_conv(x_nchw, w_oihw, (2, 1), ((1, 0), (2, 1)), (1, 1), (2, 1), 2, 1)
+    check(lambda x, w: lax.conv_general_dilated(x, w, *args), (x, w),
+          lambda x, w: np.moveaxis(want, range(4), out_spec))
+
+
+def test_conv_matches_torch_functional():
+    """Forward conv and transposed conv (lhs_dilation) against torch.nn.functional."""
+    r = rng(18)
+    x, w = r.standard_normal((2, 4, 7, 6)), r.standard_normal((6, 2, 3, 2))
+    check(lambda x, w: lax.conv_general_dilated(x, w, (2, 1), ((1, 1), (0, 0)), None, (1, 2), None, 2), (x, w),
+          lambda x, w: F.conv2d(torch.from_numpy(x), torch.from_numpy(w), None, (2, 1), (1, 0), (1, 2), 2).numpy())
+    # conv_transpose2d(x, wt, stride s, padding p) == conv(x, flip(wt)^T, lhs_dilation=s, padding k-1-p)
+    wt = r.standard_normal((4, 3, 3, 3))  # (in, out, kh, kw)
+    s, p, k = 2, 1, 3
+    w_conv = np.flip(wt, (2, 3)).transpose(1, 0, 2, 3).copy()
+    check(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), ((k - 1 - p, k - 1 - p),) * 2, (s, s)),
+          (x, w_conv), lambda x, w: F.conv_transpose2d(torch.from_numpy(x), torch.from_numpy(wt), None, s, p).numpy())
+
+
+@given(st.integers(1, 3), st.integers(1, 2), st.integers(-1, 2), st.integers(-1, 2), st.integers(1, 2),
+       st.integers(1, 2), st.sampled_from([(1, 1), (2, 1), (1, 2)]))
+def test_conv_property(stride, kernel, lo, hi, ld, rd, groups):
+    fgc, bgc = groups
+    r = rng(19)
+    x = r.standard_normal((2 * bgc, 2 * fgc, 6))
+    w = r.standard_normal((2 * fgc * bgc, 2, kernel))
+    fn = lambda x, w: lax.conv_general_dilated(x, w, (stride,), ((lo, hi),), (ld,), (rd,), None, fgc, bgc)  # noqa
+    check(fn, (x, w), lambda x, w: numpy_conv(x, w, (stride,), ((lo, hi),), (ld,), (rd,), fgc, bgc))
+
+
+# ----------------------------------------------------------------------------- indexing
+
+def _grid(indices, axis):
+    grids = list(np.indices(indices.shape, sparse=True))
+    grids[axis] = indices
+    return tuple(grids)
+
+
+@pytest.mark.parametrize("index_dtype", [I64, I32])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_gather(axis, index_dtype):
+    r = rng(20)
+    x = r.standard_normal((4, 5))
+    idx = r.integers(0, x.shape[axis], (4, 5)).astype(index_dtype)
+    check(op(P.gather_p, axis=axis), (x, idx), lambda x, i: np.take_along_axis(x, i.astype(I64), axis))
+    small = idx[:3, :3]  # torch semantics: indices may be smaller than the operand off the axis
+    check(op(P.gather_p, axis=axis), (x, small), lambda x, i: x[_grid(i, axis)])
+    xi = r.integers(-BIG, BIG, (4, 5))
+    check(op(P.gather_p, axis=axis), (xi, idx), lambda x, i: np.take_along_axis(x, i.astype(I64), axis))
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_scatter_add_with_duplicates(axis):
+    r = rng(21)
+    x = r.standard_normal((4, 5))
+    idx = r.integers(0, 2, (3, 4))  # many duplicates
+    upd = r.standard_normal((3, 4))
+
+    def ref(x, i, u):
+        out = x.copy()
+        np.add.at(out, _grid(i, axis), u)
+        return out
+    check(op(P.scatter_add_p, axis=axis), (x, idx, upd), ref)
+    xi, ui = r.integers(-BIG, BIG, (4, 5)), r.integers(-1000, 1000, (3, 4))
+    check(op(P.scatter_add_p, axis=axis), (xi, idx.astype(I32), ui), ref)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_scatter_unique_indices(axis):
+    r = rng(22)
+    x = r.standard_normal((4, 5))
+    other = 1 - axis
+    idx = np.stack([r.permutation(x.shape[axis])[:3] for _ in range(x.shape[other])], axis=other)
+    upd = r.standard_normal(idx.shape)
+
+    def ref(x, i, u):
+        out = x.copy()
+        out[_grid(i, axis)] = u
+        return out
+    check(op(P.scatter_p, axis=axis), (x, idx, upd), ref)
+
+
+# ----------------------------------------------------------------------------- random
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_random_uniform_matches_jax_bit_for_bit(dtype):
+    key = np.array([0, 42], np.uint32)
+    g = rt.trace(op(P.random_p, shape=(64, 33), dtype=np.dtype(dtype), distribution="uniform"), key)
+    (t,), (j,) = lower_torch(g)(key), lower_jax(g)(key)
+    np.testing.assert_array_equal(t.numpy(), np.asarray(j))
+    u = t.numpy()
+    assert u.dtype == dtype and 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.02
+    key2 = np.array([7, 2**32 - 1], np.uint32)
+    assert not np.array_equal(lower_torch(g)(key2)[0].numpy(), u)
+    np.testing.assert_array_equal(lower_torch(g)(key2)[0].numpy(), np.asarray(lower_jax(g)(key2)[0]))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_random_normal_matches_jax(dtype):
+    key = np.array([3, 1], np.uint32)
+    g = rt.trace(op(P.random_p, shape=(4000,), dtype=np.dtype(dtype), distribution="normal"), key)
+    (t,), (j,) = lower_torch(g)(key), lower_jax(g)(key)
+    np.testing.assert_allclose(t.numpy(), np.asarray(j), rtol=1e-5 if dtype == F32 else 1e-9, atol=1e-6)
+    z = t.numpy()
+    assert abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1
+
+
+# ----------------------------------------------------------------------------- FX module, lowering contract
+
+def mixed_program(x, w, idx, key):
+    """Many primitives in one graph: conv, gather, scatter_add, pad, scans, dot, select, random..."""
+    y = lax.bind(P.mul_p, lax.bind(P.cos_p, x), np.array(2.0))
+    img = lax.reshape(y, (1, 1, 4, 6))
+    conv = lax.conv_general_dilated(img, w, (1, 2), ((1, 0), (-1, 1)), (2, 1), (1, 1))
+    g = lax.gather(x, idx, 1)
+    s = lax.scatter_add(x, idx, lax.bind(P.sub_p, np.array(1.0), g), 1)
+    p = lax.pad(x, -1.0, ((1, -1, 1), (0, 2, 0)))
+    c = lax.bind(P.cumsum_p, x, axis=1, reverse=True)
+    m = lax.bind(P.cummax_p, x, axis=0, reverse=False)
+    d = lax.dot_general(x, lax.transpose(x, (1, 0)), (((1,), (0,)), ((), ())))
+    am = lax.argmax(x, 1, np.int32)
+    sel = lax.select(lax.bind(P.gt_p, x, np.array(0.0)), x, lax.full(x.shape, 0.5, x.dtype))
+    io = lax.convert_element_type(lax.iota(np.int64, (4, 6), 1), np.float64)
+    big = lax.bind(P.add_p, lax.convert_element_type(idx, np.int64), np.array(BIG, I64))
+    q = lax.bind(P.div_p, big, np.array(-3, I64))
+    sl = lax.slice(x, (0, 1), (4, 6), (2, 2))
+    mx = lax.reduce_max(x, (1,))
+    cat = lax.concatenate([x, lax.rev(x, (0,))], 0)
+    lit = lax.bind(P.mul_p, x, np.linspace(0, 1, 24).reshape(4, 6))
+    rnd = lax.bind(P.random_p, key, shape=(3,), dtype=np.dtype(F64), distribution="uniform")
+    rd = lax.bind(P.round_p, lax.bind(P.erf_p, x))
+    return conv, g, s, p, c, m, d, am, sel, io, q, sl, mx, cat, lit, rnd, rd
+
+
+def _mixed_args():
+    r = rng(23)
+    return (r.standard_normal((4, 6)), r.standard_normal((2, 1, 2, 2)), r.integers(0, 6, (4, 3)).astype(I32),
+            np.array([1, 2], np.uint32))
+
+
+def test_fx_module_is_readable_and_scriptable():
+    args = _mixed_args()
+    g = rt.trace(mixed_program, *args)
+    gm = to_fx(g)
+    code = gm.code
+    assert "torch.conv2d(" in code and "torch.gather(" in code and "torch.scatter_add(" in code
+    assert "torch.mul(cos, 2.0)" in code  # rank-0 literals inline as Python scalars
+    assert "Proxy" not in code and "aten" not in code
+    assert gm.reftrace_graph is g
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(gm)
+        frozen = torch.jit.freeze(scripted.eval())
+    tensors = [torch.from_numpy(a) for a in args]
+    eager = gm(*tensors)
+    want = [np.asarray(o) for o in lower_jax(g)(*args)]
+    for module in (scripted, frozen):
+        for a, b, w, aval in zip(module(*tensors), eager, want, g.out_avals):
+            assert a.dtype == torch_dtype(aval.dtype) and tuple(a.shape) == aval.shape
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+            assert_close(a.numpy(), w, aval.dtype, "scripted vs jax")
+
+
+def test_to_fx_names_and_list_outputs():
+    x = np.ones((2, 3))
+    g = rt.trace(lambda a, b: (lax.bind(P.add_p, a, b), lax.bind(P.exp_p, a)), x, x)
+    gm = to_fx(g, input_names=["primals_1", "tangents_1"], output_as_list=True)
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["primals_1", "tangents_1"]
+    out = gm(torch.ones(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64))
+    assert isinstance(out, list) and len(out) == 2
+    assert isinstance(to_fx(g)(*[torch.ones(2, 3, dtype=torch.float64)] * 2), tuple)
+    with pytest.raises(ArgumentError):
+        to_fx(g, input_names=["only_one"])
+
+
+def test_lowering_does_not_change_its_graph():
+    args = _mixed_args()
+    g = rt.trace(mixed_program, *args)
+    text, h, eqns = str(g), hash(g), g.eqns
+    to_fx(g)
+    lower_torch(g)(*args)
+    assert str(g) == text and hash(g) == h and g.eqns is eqns
+    assert g == rt.trace(mixed_program, *args)
+    assert lower_torch(g) is lower_torch(rt.trace(mixed_program, *args))  # cached per graph value
+
+
+def test_wrong_arguments_raise_argument_error():
+    x = np.ones((2, 3))
+    g = rt.trace(lambda a, b: lax.bind(P.add_p, a, b), x, x)
+    f = lower_torch(g)
+    with pytest.raises(ArgumentError, match="takes 2 arguments"):
+        f(x)
+    with pytest.raises(ArgumentError, match="argument 1"):
+        f(x, np.ones((3, 2)))
+    with pytest.raises(ArgumentError, match="argument 0"):
+        f(x.astype(F32), x)
+    with pytest.raises(ArgumentError, match="argument 1"):
+        f(torch.ones(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float32))
+    with pytest.raises(ArgumentError):
+        eval_torch(g, x)
+
+
+def test_inputs_are_shared_not_copied_and_scalars_accepted():
+    x = np.arange(6, dtype=F64).reshape(2, 3)
+    g = rt.trace(lambda a, s: (lax.bind(P.mul_p, a, s), a), x, np.array(2.0))
+    out, same = lower_torch(g)(x, 3.0)
+    np.testing.assert_array_equal(out.numpy(), 3 * x)
+    assert same.data_ptr() == x.ctypes.data  # torch.from_numpy, no copy
+    t = torch.ones(2, 3, dtype=torch.float64)
+    assert lower_torch(g)(t, torch.tensor(2.0, dtype=torch.float64))[1] is t
+
+
+def test_apply_torch_eager():
+    a = torch.tensor([1.0, -2.0, 3.5], dtype=torch.float64)
+    (out,) = apply_torch(P.mul_p, [a, np.array(2.0)], {})
+    assert out.dtype == torch.float64 and out.tolist() == [2.0, -4.0, 7.0]
+    (out,) = apply_torch(P.div_p, [torch.tensor([7, -7], dtype=torch.int64), np.array(2, I64)], {})
+    assert out.tolist() == [3, -3]  # rounds toward zero
+    (out,) = apply_torch(P.rem_p, [torch.tensor([7, -7]), torch.tensor([2, 2])], {})
+    assert out.tolist() == [1, -1]  # sign of the dividend

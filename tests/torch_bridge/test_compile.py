@@ -1,0 +1,202 @@
+"""reftrace.compile as a drop-in for functorch.compile: values and gradients against eager torch."""
+import os
+
+import pytest
+import torch
+
+import reftrace as rt
+from reftrace.compile import (aot_function, aot_module, default_partition, draw_graph, make_boxed_compiler,
+                              min_cut_rematerialization_partition, nop, print_compile, ts_compile, xla_compile)
+
+COMPILERS = {"nop": nop, "ts": ts_compile, "xla": xla_compile, "boxed_nop": make_boxed_compiler(nop)}
+
+
+def leaf(*shape, dtype=torch.float64, requires_grad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(requires_grad)
+
+
+def grads_of(fn, inputs, ct_seed=1):
+    inputs = [i.detach().clone().requires_grad_(i.requires_grad) for i in inputs]
+    out = fn(*inputs)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    g = torch.Generator().manual_seed(ct_seed)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs if o.is_floating_point())
+    diff = [i for i in inputs if i.requires_grad]
+    grads = torch.autograd.grad(loss, diff, allow_unused=True) if diff else ()
+    return [o.detach() for o in outs], list(grads)
+
+
+def assert_same(fn, compiled, inputs, rtol=1e-10, atol=1e-10):
+    o1, g1 = grads_of(fn, inputs)
+    o2, g2 = grads_of(compiled, inputs)
+    assert len(o1) == len(o2) and len(g1) == len(g2)
+    for a, b in zip(o1 + g1, o2 + g2):
+        if a is None:
+            assert b is None or torch.count_nonzero(b) == 0
+            continue
+        assert b is not None
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol)
+
+
+def seed_fn(x):
+    return x.cos().cos()
+
+
+def two_input_fn(x, y):
+    return (x @ y).tanh().sum(dim=1), torch.nn.functional.gelu(x) * 2.0
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+@pytest.mark.parametrize("partition", [default_partition, min_cut_rematerialization_partition])
+def test_values_and_gradients_match_eager(compiler, partition):
+    c = COMPILERS[compiler]
+    assert_same(seed_fn, aot_function(seed_fn, c, c, partition_fn=partition), [leaf(3)])
+    assert_same(two_input_fn, aot_function(two_input_fn, c, c, partition_fn=partition), [leaf(4, 3), leaf(3, 5)])
+
+
+def test_backprop_through_with_eager_ops_around():
+    nf = aot_function(seed_fn, nop)
+    x = leaf(3)
+    out = nf(x.cos())
+    out.sin().sum().backward()
+    x2 = leaf(3)
+    seed_fn(x2.cos()).sin().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_inputs_without_requires_grad_get_no_gradient():
+    nf = aot_function(two_input_fn, nop)
+    x, y = leaf(4, 3), leaf(3, 5, requires_grad=False)
+    a, b = nf(x, y)
+    (a.sum() + b.sum()).backward()
+    assert y.grad is None and x.grad is not None
+
+
+def test_double_backward_matches_eager():
+    fn = lambda x, y: (x.sin() * y).pow(3).sum()  # noqa: E731
+    nf = aot_function(fn, nop)
+    results = []
+    for f in (fn, nf):
+        x, y = leaf(5), leaf(5, seed=3)
+        (gx,) = torch.autograd.grad(f(x, y), x, create_graph=True)
+        gxx, gxy = torch.autograd.grad((gx * torch.arange(5.0, dtype=gx.dtype)).sum(), (x, y))
+        results.append((gx.detach(), gxx, gxy))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a)
+
+
+def test_guards_recompile_on_shape_dtype_requires_grad_and_constants():
+    calls = []
+
+    def fn(x, scale, mode):
+        calls.append(1)
+        return x * scale if mode == "mul" else x + scale
+
+    nf = aot_function(fn, nop)
+    for x, scale, mode in [(leaf(3), 2.0, "mul"), (leaf(4), 2.0, "mul"), (leaf(4, dtype=torch.float32), 2.0, "mul"),
+                           (leaf(4, requires_grad=False), 2.0, "mul"), (leaf(4), 3.0, "mul"), (leaf(4), 3.0, "add")]:
+        torch.testing.assert_close(nf(x, scale, mode), fn(x, scale, mode))
+    assert len(nf.cache) == 6
+    n = len(nf.cache)
+    nf(leaf(4), 3.0, "add")
+    assert len(nf.cache) == n
+
+
+def test_kwargs_and_pytrees():
+    def fn(d, *, w):
+        return {"a": d["x"] * w, "b": [d["y"].exp()]}
+    nf = aot_function(fn, nop)
+    d = {"x": leaf(2), "y": leaf(2, seed=1)}
+    out = nf(d, w=leaf(2, seed=2))
+    ref = fn(d, w=leaf(2, seed=2))
+    torch.testing.assert_close(out["a"], ref["a"])
+    torch.testing.assert_close(out["b"][0], ref["b"][0])
+
+
+def test_input_mutation_is_written_back():
+    def fn(x, buf):
+        buf.add_(x.detach())
+        return x * 2
+    nf = aot_function(fn, nop)
+    x, buf = leaf(3), torch.zeros(3, dtype=torch.float64)
+    nf(x, buf)
+    torch.testing.assert_close(buf, x.detach())
+
+
+def test_aot_module_mlp_and_batchnorm_training_updates_buffers():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5), torch.nn.LayerNorm(5))
+    ref = __import__("copy").deepcopy(net)
+    compiled = aot_module(net, nop)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(2):
+        out, out_ref = compiled(x), ref(x)
+        out.sum().backward()
+        out_ref.sum().backward()
+        torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    for (n, p), (_, q) in zip(net.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+    for (n, b), (_, c) in zip(net.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=n)
+    net.eval(), ref.eval()
+    torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_tied_weights_get_summed_gradient():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.emb(ids).tanh())
+    torch.manual_seed(0)
+    m = Tied()
+    ref = __import__("copy").deepcopy(m)
+    ids = torch.tensor([[1, 2, 3], [3, 3, 9]])
+    aot_module(m, nop)(ids).pow(2).sum().backward()
+    ref(ids).pow(2).sum().backward()
+    assert m.head.weight is m.emb.weight
+    torch.testing.assert_close(m.emb.weight.grad, ref.emb.weight.grad)
+
+
+def test_draw_graph_writes_svg(tmp_path):
+    def drawer(name):
+        def f(fx_g, _):
+            draw_graph(fx_g, str(tmp_path / name))
+            return fx_g
+        return f
+    aot_function(seed_fn, drawer("forward"), drawer("backward"))(leaf(3))
+    for name in ("forward.svg", "backward.svg"):
+        assert os.path.getsize(tmp_path / name) > 100
+        assert "<svg" in (tmp_path / name).read_text()
+
+
+def test_print_compile_prints_both_graphs(capsys):
+    aot_function(seed_fn, print_compile)(leaf(3))
+    text = capsys.readouterr().out
+    assert text.count("def forward") == 2 and "cos" in text
+
+
+def test_unsupported_operator_names_the_op():
+    lib = torch.library.Library("reftrace_test", "DEF")
+    lib.define("mystery(Tensor x) -> Tensor")
+    lib.impl("mystery", lambda x: x * 3, "CompositeExplicitAutograd")
+    lib.impl("mystery", lambda x: torch.empty_like(x), "Meta")
+    fn = lambda x: torch.ops.reftrace_test.mystery(x) + 1  # noqa: E731
+    with pytest.raises(rt.UnsupportedOperatorError, match="mystery"):
+        aot_function(fn, nop)(leaf(3))
+
+
+def test_data_dependent_control_flow_is_reported():
+    def fn(x):
+        if x.sum() > 0:
+            return x * 2
+        return x
+    with pytest.raises(rt.DataDependentControlFlowError, match="test_compile.py"):
+        aot_function(fn, nop)(leaf(3))
