@@ -88,6 +88,8 @@ def main() -> None:
         cases += [("resnet18 1x3x64x64", make_resnet18, True), ("GPT-2 2 layers", make_gpt2, True)]
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    for wrap_fn, _ in systems.values():  # one-time imports and caches are not compile latency
+        first_call_seconds(wrap_fn, lambda x: (x * 2).sin(), (torch.randn(2, requires_grad=True),))
     print("\ncompile latency, first call forward+backward, nop compilers (seconds)")
     print(f"{'case':24s} {'reftrace':>10s} {'functorch':>10s} {'ratio':>8s}")
     for name, make, is_module in cases:

@@ -170,6 +170,9 @@ class Params(Mapping[str, Any]):
     def __repr__(self) -> str:
         return "Params(" + ", ".join(f"{k}={v!r}" for k, v in self._items) + ")"
 
+    def __reduce__(self):  # pickle/deepcopy through __init__ (__setattr__ is blocked)
+        return (Params, (self._items,))
+
 
 def _freeze(value: Any) -> Any:
     """Turn parameter values into hashable ones (lists to tuples, dtypes canonical)."""

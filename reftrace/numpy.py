@@ -409,12 +409,20 @@ def ones_like(x: Any) -> Any:
     return lax.full(_shape(x), 1, result_type(x))
 
 
-def zeros(shape: Sequence[int], dtype: Any = np.float64) -> Any:
-    return lax.full(tuple(shape), 0, dtype)
+def _shape_arg(shape: int | Sequence[int]) -> tuple[int, ...]:
+    return (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
 
 
-def ones(shape: Sequence[int], dtype: Any = np.float64) -> Any:
-    return lax.full(tuple(shape), 1, dtype)
+def zeros(shape: int | Sequence[int], dtype: Any = np.float64) -> Any:
+    return lax.full(_shape_arg(shape), 0, dtype)
+
+
+def ones(shape: int | Sequence[int], dtype: Any = np.float64) -> Any:
+    return lax.full(_shape_arg(shape), 1, dtype)
+
+
+def full(shape: int | Sequence[int], fill_value: Any, dtype: Any = None) -> Any:
+    return lax.full(_shape_arg(shape), fill_value, dtype if dtype is not None else result_type(fill_value))
 
 
 def arange(n: int, dtype: Any = np.int64) -> Any:

@@ -6,7 +6,9 @@ values beyond 2**53 where the op allows. Graphs are built one primitive at a tim
 """
 from __future__ import annotations
 
+import copy
 import itertools
+import pickle
 import warnings
 
 import numpy as np
@@ -48,12 +50,21 @@ def tolerance(dtype) -> dict:
     return dict(rtol=2e-5, atol=1e-6)
 
 
-def run_backends(graph, args) -> dict[str, list[np.ndarray]]:
-    return {
-        "jax": [np.asarray(r) for r in lower_jax(graph)(*args)],
-        "torch": [r.numpy() for r in lower_torch(graph)(*args)],
-        "torch-eager": [r.numpy() for r in eval_torch(graph, *args)],
-    }
+def scripted(graph):
+    """to_fx -> torch.jit.script -> torch.jit.freeze."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation warnings
+        return torch.jit.freeze(torch.jit.script(to_fx(graph)).eval())
+
+
+BACKENDS = {
+    "jax": lambda graph, args: [np.asarray(r) for r in lower_jax(graph)(*args)],
+    "torch": lambda graph, args: [r.numpy() for r in lower_torch(graph)(*args)],
+    "torch-eager": lambda graph, args: [r.numpy() for r in eval_torch(graph, *args)],
+    "torchscript": lambda graph, args: [r.numpy() for r in scripted(graph)(
+        *[torch.as_tensor(np.asarray(a)) for a in args])],
+}
+DEFAULT_BACKENDS = ("jax", "torch", "torch-eager")
 
 
 def assert_close(got, want, dtype, what: str, tol: dict | None = None) -> None:
@@ -64,20 +75,24 @@ def assert_close(got, want, dtype, what: str, tol: dict | None = None) -> None:
         np.testing.assert_array_equal(got, want, err_msg=what)
 
 
-def check(fn, args, reference, tol: dict | None = None):
-    """Trace ``fn``, run every backend, compare each output with ``reference(*args)``.
+def check(fn, args, reference, tol: dict | list | None = None, labels=None, backends=DEFAULT_BACKENDS):
+    """Trace ``fn``, run the backends, compare each output with ``reference(*args)``.
 
-    Output dtypes and shapes must be exactly the graph's (no silent downcasts).
+    Output dtypes and shapes must be exactly the graph's (no silent downcasts). ``tol``
+    may be one dict or one per output; ``labels`` name the outputs in failure messages.
     """
     graph = rt.trace(fn, *args)
     want = reference(*args)
     want = want if isinstance(want, tuple) else (want,)
-    for backend, outs in run_backends(graph, args).items():
+    tols = tol if isinstance(tol, list) else [tol] * len(want)
+    labels = labels or [f"output {i}" for i in range(len(want))]
+    for backend in backends:
+        outs = BACKENDS[backend](graph, args)
         assert len(outs) == len(want) == len(graph.outputs)
-        for i, (got, w, aval) in enumerate(zip(outs, want, graph.out_avals)):
-            what = f"{backend} output {i} of\n{graph}"
+        for got, w, aval, t, label in zip(outs, want, graph.out_avals, tols, labels):
+            what = f"{backend}: {label} of a graph with {len(graph.eqns)} equations"
             assert got.dtype == aval.dtype and got.shape == aval.shape, (what, got.dtype, got.shape)
-            assert_close(got, w, aval.dtype, what, tol)
+            assert_close(got, w, aval.dtype, what, t)
     return graph
 
 
@@ -132,12 +147,14 @@ LOOSER_F64 = {"erf_inv": dict(rtol=1e-9, atol=1e-12), "lgamma": dict(rtol=1e-10,
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])
-@pytest.mark.parametrize("name", sorted(UNARY))
-def test_unary_float(name, dtype):
-    ref, make = UNARY[name]
-    x = make(dtype, rng(1))
-    tol = LOOSER_F64.get(name) if dtype == F64 else None
-    check(op(P.registry[name]), (x,), lambda x: ref(x.astype(F64)).astype(dtype), tol)
+def test_unary_float(dtype):
+    """All float unary primitives in one graph (one XLA compile), each on its own domain."""
+    names = sorted(UNARY)
+    r = rng(1)
+    xs = [UNARY[n][1](dtype, r) for n in names]
+    tols = [LOOSER_F64.get(n) if dtype == F64 else None for n in names]
+    check(lambda *xs: tuple(lax.bind(P.registry[n], x) for n, x in zip(names, xs)), xs,
+          lambda *xs: tuple(UNARY[n][0](x.astype(F64)).astype(dtype) for n, x in zip(names, xs)), tols, names)
 
 
 def test_integer_unary_ops_are_exact_beyond_2_53():
@@ -205,33 +222,51 @@ def _binary_dtypes(name):
         ([BOOL] if "b" in kinds else [])
 
 
-@pytest.mark.parametrize("name,dtype", [(n, d) for n in sorted(BINARY) for d in _binary_dtypes(n)])
-def test_binary(name, dtype):
-    x, y = _binary_operands(name, dtype, rng(3))
-    x0, y0 = np.array(x[0, 1]), np.array(y[0, 2])
-    prim, ref = P.registry[name], BINARY[name]
+@pytest.mark.parametrize("dtype", [F64, F32, I64, I32, BOOL])
+def test_binary(dtype):
+    """Every binary primitive taking ``dtype``, in one graph.
 
-    def fn(x, y, x0, y0):  # rank-0 operands broadcast, on either side (torch: a 0-d tensor)
-        return lax.bind(prim, x, y), lax.bind(prim, x, y0), lax.bind(prim, x0, y)
-    check(fn, (x, y, x0, y0), lambda x, y, x0, y0: (ref(x, y), ref(x, np.broadcast_to(y0, x.shape)),
-                                                    ref(np.broadcast_to(x0, y.shape), y)))
+    Rank-0 operands broadcast on either side (torch: 0-d tensors), and rank-0 literals
+    ``a``/``b`` on either side become Python scalars or ``torch.tensor`` calls in FX.
+    """
+    names = [n for n in sorted(BINARY) if dtype in _binary_dtypes(n)]
+    operands = [_binary_operands(n, dtype, rng(3)) for n in names]
+    args = [a for x, y in operands for a in (x, y, np.array(x[0, 1]), np.array(y[0, 2]))]
+    literals = [(np.array(x.flat[5]), np.array(y.flat[7])) for x, y in operands]
 
+    def fn(*args):
+        outs = []
+        for k, n in enumerate(names):
+            x, y, x0, y0 = args[4 * k:4 * k + 4]
+            prim = P.registry[n]
+            a, b = literals[k]
+            outs += [lax.bind(prim, x, y), lax.bind(prim, x, y0), lax.bind(prim, x0, y),
+                     lax.bind(prim, x, b), lax.bind(prim, a, y), lax.bind(prim, a, b)]
+        return tuple(outs)
 
-@pytest.mark.parametrize("name", sorted(BINARY))
-def test_binary_with_rank0_literals(name):
-    """Rank-0 literals on either side; in FX they become Python scalars or torch.tensor calls."""
-    dtype = _binary_dtypes(name)[0]
-    x, y = _binary_operands(name, dtype, rng(4))
-    prim, ref = P.registry[name], BINARY[name]
-    a, b = np.array(x.flat[5]), np.array(y.flat[7])
-    check(lambda x, y: (lax.bind(prim, x, b), lax.bind(prim, a, y), lax.bind(prim, a, b)), (x, y),
-          lambda x, y: (ref(x, np.broadcast_to(b, x.shape)), ref(np.broadcast_to(a, y.shape), y), ref(a, b)))
+    def reference(*args):
+        outs = []
+        for k, n in enumerate(names):
+            x, y, x0, y0 = args[4 * k:4 * k + 4]
+            ref = BINARY[n]
+            a, b = literals[k]
+            outs += [ref(x, y), ref(x, np.broadcast_to(y0, x.shape)), ref(np.broadcast_to(x0, y.shape), y),
+                     ref(x, np.broadcast_to(b, x.shape)), ref(np.broadcast_to(a, y.shape), y), ref(a, b)]
+        return tuple(outs)
+    labels = [f"{n}({v})" for n in names for v in ("x, y", "x, y0", "x0, y", "x, lit", "lit, y", "lit, lit")]
+    # XLA compiles each op separately (slow); the literal variants matter most to torch's FX emission
+    check(fn, args, reference, labels=labels,
+          backends=(("jax",) if dtype == I64 else ()) + ("torch", "torch-eager", "torchscript"))
+    if dtype != I64:
+        check(lambda *args: tuple(lax.bind(P.registry[n], args[4 * k], args[4 * k + 3]) for k, n in enumerate(names)),
+              args, lambda *args: tuple(BINARY[n](args[4 * k], np.broadcast_to(args[4 * k + 3], args[4 * k].shape))
+                                        for k, n in enumerate(names)), labels=names, backends=("jax",))
 
 
 def test_int64_literals_beyond_2_53_stay_exact():
     x = np.array([1, -2, 3], I64)
     c = np.array(BIG + 12345, I64)
-    g = check(lambda x: lax.bind(P.add_p, x, c), (x,), lambda x: x + c)
+    g = check(lambda x: lax.bind(P.add_p, x, c), (x,), lambda x: x + c, backends=tuple(BACKENDS))
     assert str(BIG + 12345) in to_fx(g).code
     check(lambda x: lax.bind(P.broadcast_in_dim_p, c, shape=(2, 3), broadcast_dimensions=()), (x,),
           lambda x: np.full((2, 3), c))
@@ -250,7 +285,10 @@ def test_select():
     check(lambda p, x: lax.bind(P.select_p, p, x, f), (pred, x), lambda p, x: np.where(p, x, f))
     check(lambda p, x: lax.bind(P.select_p, p, t, x), (pred, x), lambda p, x: np.where(p, t, x))
     check(lambda p: lax.bind(P.select_p, p, t, f), (pred,), lambda p: np.where(p, t, f))
-    check(lambda x: lax.bind(P.select_p, np.array(True), x, x * 0), (x,), lambda x: x)
+    check(lambda p, x: (lax.bind(P.select_p, p, x, f), lax.bind(P.select_p, p, t, x), lax.bind(P.select_p, p, t, f),
+                        lax.bind(P.select_p, np.array(True), x, x * 0)), (pred, x),
+          lambda p, x: (np.where(p, x, f), np.where(p, t, x), np.where(p, t, f), x),
+          backends=("torch", "torchscript"))
 
 
 @pytest.mark.parametrize("src,dst", [(F64, I64), (F64, F32), (I64, F64), (F64, BOOL), (BOOL, F32),
@@ -315,10 +353,11 @@ def test_argmax_argmin_first_occurrence(axis, index_dtype):
     x = rng(9).integers(0, 3, (5, 6)).astype(I64)  # many ties
     f = x.astype(F64)
     f[2, 3] = f[4, 1] = np.nan  # NaN counts as the extremum, first one wins (numpy, lax, torch)
+    b = x == 1
     params = dict(axis=axis, index_dtype=np.dtype(index_dtype))
-    check(lambda x, f: tuple(lax.bind(p, a, **params) for p in (P.argmax_p, P.argmin_p) for a in (x, f)),
-          (x, f), lambda x, f: tuple(r(a, axis=axis).astype(index_dtype) for r in (np.argmax, np.argmin)
-                                     for a in (x, f)))
+    check(lambda x, f, b: tuple(lax.bind(p, a, **params) for p in (P.argmax_p, P.argmin_p) for a in (x, f, b)),
+          (x, f, b), lambda x, f, b: tuple(r(a, axis=axis).astype(index_dtype) for r in (np.argmax, np.argmin)
+                                           for a in (x, f, b)))
 
 
 def _scan(ufunc_accumulate, x, axis, reverse):
@@ -327,10 +366,8 @@ def _scan(ufunc_accumulate, x, axis, reverse):
     return ufunc_accumulate(x, axis=axis)
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize("dtype", [F64, F32, I64, I32])
-def test_cumulative(dtype, axis, reverse):
+def test_cumulative(dtype):
     r = rng(10)
     x = (r.uniform(0.5, 1.5, (4, 5)) if np.dtype(dtype).kind == "f" else r.integers(-3, 4, (4, 5))).astype(dtype)
     big = x.copy()
@@ -339,8 +376,11 @@ def test_cumulative(dtype, axis, reverse):
     cases = [(P.cumsum_p, lambda a, axis: np.cumsum(a, axis=axis, dtype=dtype), True),
              (P.cumprod_p, lambda a, axis: np.cumprod(a, axis=axis, dtype=dtype), False),
              (P.cummax_p, np.maximum.accumulate, True), (P.cummin_p, np.minimum.accumulate, True)]
-    check(lambda x, big: tuple(lax.bind(p, big if b else x, axis=axis, reverse=reverse) for p, _, b in cases),
-          (x, big), lambda x, big: tuple(_scan(f, big if b else x, axis, reverse) for _, f, b in cases))
+    variants = [(p, f, b, axis, reverse) for p, f, b in cases for axis in (0, 1) for reverse in (False, True)]
+    check(lambda x, big: tuple(lax.bind(p, big if b else x, axis=axis, reverse=rev)
+                               for p, _, b, axis, rev in variants), (x, big),
+          lambda x, big: tuple(_scan(f, big if b else x, axis, rev) for _, f, b, axis, rev in variants),
+          labels=[f"{p.name}(axis={axis}, reverse={rev})" for p, _, _, axis, rev in variants])
 
 
 # ----------------------------------------------------------------------------- shape ops
@@ -403,21 +443,22 @@ def test_pad(config, dtype):
     x = (r.random((3, 4)) < 0.5 if dtype == BOOL else r.integers(1, 100, (3, 4)) + (BIG if dtype == I64 else 0)
          ).astype(dtype)
     value = np.array(True if dtype == BOOL else -7, dtype)
-    check(lambda x: lax.bind(P.pad_p, x, value, padding_config=config), (x,),
-          lambda x: numpy_pad(x, value, config))
-    # a traced padding value
-    check(op(P.pad_p, padding_config=config), (x, value), lambda x, v: numpy_pad(x, v, config))
+    backends = DEFAULT_BACKENDS + (("torchscript",) if dtype != F64 else ())
+    # a literal padding value (a Python scalar in torch) and a traced one (torch.where on a padded mask)
+    check(lambda x, v: (lax.bind(P.pad_p, x, value, padding_config=config),
+                        lax.bind(P.pad_p, x, v, padding_config=config)), (x, value), lambda x, v: (numpy_pad(x, value, config), numpy_pad(x, v, config)), backends=backends)
 
 
 @given(st.lists(st.tuples(st.integers(-3, 3), st.integers(-3, 3), st.integers(0, 2)), min_size=2, max_size=2),
        st.integers(0, 3), st.integers(1, 4))
 def test_pad_property(config, n, m):
+    """Torch pad lowering vs numpy on random configs (the JAX backend is pinned by test_pad)."""
     x = np.arange(n * m, dtype=F64).reshape(n, m) + 1
     config = tuple(config)
     if any(lo + hi + d + max(0, d - 1) * i < 0 for (lo, hi, i), d in zip(config, x.shape)):
         return
     check(lambda x: lax.bind(P.pad_p, x, np.array(0.5), padding_config=config), (x,),
-          lambda x: numpy_pad(x, 0.5, config))
+          lambda x: numpy_pad(x, 0.5, config), backends=("torch", "torch-eager"))
 
 
 def test_concatenate_rev_iota():
@@ -472,7 +513,8 @@ def test_dot_general(lshape, rshape, dn, eq, dtype):
 
 
 def test_dot_general_equation_and_preferred_element_type():
-    assert dot_general_equation(3, 3, (((2,), (1,)), ((0,), (0,)))) == "acb,abd->acd"
+    assert dot_general_equation(3, 3, (((2,), (1,)), ((0,), (0,)))) == "abc,acd->abd"
+    assert dot_general_equation(2, 2, (((1,), (0,)), ((), ()))) == "ab,bc->ac"
     x = rng(15).integers(-100, 100, (3, 4)).astype(np.int8)
     check(op(P.dot_general_p, dimension_numbers=(((1,), (1,)), ((), ())), preferred_element_type=np.dtype(I32)),
           (x, x), lambda x, y: x.astype(I32) @ y.astype(I32).T)
@@ -525,7 +567,8 @@ def test_conv_against_numpy_windows(case, dtype):
     r = rng(16)
     x, w = r.standard_normal(lshape).astype(dtype), r.standard_normal(rshape).astype(dtype)
     fn = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, ld, rd, None, fgc, bgc)  # noqa: E731
-    check(fn, (x, w), lambda x, w: numpy_conv(x, w, strides, padding, ld, rd, fgc, bgc).astype(dtype))
+    check(fn, (x, w), lambda x, w: numpy_conv(x, w, strides, padding, ld, rd, fgc, bgc).astype(dtype),
+          backends=tuple(BACKENDS) if dtype == F64 else ("torch", "torch-eager"))
 
 
 @pytest.mark.parametrize("dn", [((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)),   # NHWC, HWIO, NHWC
@@ -562,12 +605,14 @@ def test_conv_matches_torch_functional():
 @given(st.integers(1, 3), st.integers(1, 2), st.integers(-1, 2), st.integers(-1, 2), st.integers(1, 2),
        st.integers(1, 2), st.sampled_from([(1, 1), (2, 1), (1, 2)]))
 def test_conv_property(stride, kernel, lo, hi, ld, rd, groups):
+    """Torch conv lowering vs numpy windows on random configs (JAX is pinned by the fixed cases)."""
     fgc, bgc = groups
     r = rng(19)
     x = r.standard_normal((2 * bgc, 2 * fgc, 6))
     w = r.standard_normal((2 * fgc * bgc, 2, kernel))
     fn = lambda x, w: lax.conv_general_dilated(x, w, (stride,), ((lo, hi),), (ld,), (rd,), None, fgc, bgc)  # noqa
-    check(fn, (x, w), lambda x, w: numpy_conv(x, w, (stride,), ((lo, hi),), (ld,), (rd,), fgc, bgc))
+    check(fn, (x, w), lambda x, w: numpy_conv(x, w, (stride,), ((lo, hi),), (ld,), (rd,), fgc, bgc),
+          backends=("torch", "torch-eager"))
 
 
 # ----------------------------------------------------------------------------- indexing
@@ -684,9 +729,11 @@ def test_fx_module_is_readable_and_scriptable():
     args = _mixed_args()
     g = rt.trace(mixed_program, *args)
     gm = to_fx(g)
+    assert copy.deepcopy(gm).reftrace_graph == g and pickle.loads(pickle.dumps(gm)).reftrace_graph == g
     code = gm.code
     assert "torch.conv2d(" in code and "torch.gather(" in code and "torch.scatter_add(" in code
     assert "torch.mul(cos, 2.0)" in code  # rank-0 literals inline as Python scalars
+    assert "torch.full([], 1.0, dtype = torch.float64)" in code  # or become 0-d tensors
     assert "Proxy" not in code and "aten" not in code
     assert gm.reftrace_graph is g
     with warnings.catch_warnings():
@@ -701,6 +748,66 @@ def test_fx_module_is_readable_and_scriptable():
             assert a.dtype == torch_dtype(aval.dtype) and tuple(a.shape) == aval.shape
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
             assert_close(a.numpy(), w, aval.dtype, "scripted vs jax")
+
+
+def every_primitive_program(x, y, b, idx, key):
+    """One graph binding every registered primitive at least once."""
+    outs = []
+    for name in P.FLOAT_UNARY:
+        operand = lax.bind(P.add_p, x, np.array(1.5)) if name == "acosh" else x
+        outs.append(lax.bind(P.registry[name], operand))
+    outs += [lax.bind(p, x) for p in (P.neg_p, P.sign_p, P.abs_p, P.is_finite_p)]
+    outs += [lax.bind(P.not_p, b), lax.bind(P.integer_pow_p, x, y=3)]
+    outs += [lax.bind(p, x, y) for p in (P.add_p, P.sub_p, P.mul_p, P.div_p, P.rem_p, P.pow_p, P.max_p, P.min_p,
+                                         P.atan2_p) + P.COMPARISONS]
+    outs += [lax.bind(p, b, lax.bind(P.lt_p, x, y)) for p in (P.and_p, P.or_p, P.xor_p)]
+    outs += [lax.bind(P.select_p, b, x, y), lax.convert_element_type(x, np.float32), lax.stop_gradient(x)]
+    outs += [lax.bind(p, x, axes=(1,)) for p in (P.reduce_sum_p, P.reduce_max_p, P.reduce_min_p, P.reduce_prod_p)]
+    outs += [lax.bind(p, b, axes=(0,)) for p in (P.reduce_and_p, P.reduce_or_p)]
+    outs += [lax.argmax(x, 1), lax.argmin(x, 0, np.int32)]
+    outs += [lax.bind(p, x, axis=1, reverse=r) for p in (P.cumsum_p, P.cumprod_p, P.cummax_p, P.cummin_p)
+             for r in (False, True)]
+    outs += [lax.broadcast_in_dim(x, (2, 4, 6), (1, 2)), lax.reshape(x, (6, 4)), lax.transpose(x, (1, 0)),
+             lax.slice(x, (1, 0), (4, 5), (2, 3)), lax.pad(x, 0.0, ((1, -1, 1), (-2, 3, 0))),
+             lax.concatenate([x, y], 1), lax.rev(x, (0, 1)), lax.iota(np.int32, (3, 4), 1)]
+    outs.append(lax.dot_general(x, y, (((1,), (1,)), ((), ()))))
+    img = lax.reshape(x, (2, 2, 2, 3))
+    outs.append(lax.conv_general_dilated(img, img, (1, 1), ((1, 1), (0, 0)), None, (1, 2), None, 1, 2))
+    g = lax.gather(x, idx, 1)
+    outs += [g, lax.scatter_add(x, idx, g, 1), lax.scatter(y, idx, g, 1)]
+    outs += [lax.bind(P.random_p, key, shape=(2, 3), dtype=np.dtype(F32), distribution=d)
+             for d in ("uniform", "normal")]
+    return tuple(outs)
+
+
+def test_every_primitive_scripts_and_freezes():
+    r = rng(24)
+    args = (r.uniform(0.1, 0.9, (4, 6)), r.uniform(0.1, 0.9, (4, 6)), r.random((4, 6)) < 0.5,
+            np.stack([r.permutation(6)[:3] for _ in range(4)]), np.array([5, 6], np.uint32))
+    g = rt.trace(every_primitive_program, *args)
+    assert {e.primitive for e in g.eqns} == set(P.registry.values())
+    gm = to_fx(g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frozen = torch.jit.freeze(torch.jit.script(gm).eval())
+    tensors = [torch.from_numpy(a) for a in args]
+    for a, b, aval in zip(frozen(*tensors), gm(*tensors), g.out_avals):
+        assert a.dtype == torch_dtype(aval.dtype) and tuple(a.shape) == aval.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_special_float_literals_script():
+    x = np.array([1.0, -2.0])
+    fn = lambda x: (lax.bind(P.add_p, x, np.array(np.inf)), lax.bind(P.mul_p, x, np.array(np.nan)),  # noqa
+                    lax.bind(P.max_p, x, np.array(-np.inf)), lax.bind(P.reduce_max_p, lax.pad(x, 0.0, ((0, -2, 0),)),
+                                                                      axes=(0,)))
+    g = check(fn, (x,), lambda x: (x + np.inf, x * np.nan, x, np.array(-np.inf)))
+    gm = to_fx(g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frozen = torch.jit.freeze(torch.jit.script(gm).eval())
+    for a, b in zip(frozen(torch.from_numpy(x)), gm(torch.from_numpy(x))):
+        torch.testing.assert_close(a, b, equal_nan=True)
 
 
 def test_to_fx_names_and_list_outputs():
@@ -745,6 +852,7 @@ def test_wrong_arguments_raise_argument_error():
 def test_inputs_are_shared_not_copied_and_scalars_accepted():
     x = np.arange(6, dtype=F64).reshape(2, 3)
     g = rt.trace(lambda a, s: (lax.bind(P.mul_p, a, s), a), x, np.array(2.0))
+    assert rt.lower(g, backend="torch") is lower_torch(g)
     out, same = lower_torch(g)(x, 3.0)
     np.testing.assert_array_equal(out.numpy(), 3 * x)
     assert same.data_ptr() == x.ctypes.data  # torch.from_numpy, no copy
@@ -760,3 +868,17 @@ def test_apply_torch_eager():
     assert out.tolist() == [3, -3]  # rounds toward zero
     (out,) = apply_torch(P.rem_p, [torch.tensor([7, -7]), torch.tensor([2, 2])], {})
     assert out.tolist() == [1, -1]  # sign of the dividend
+
+
+def test_device_placement_of_created_tensors():
+    """With a device, factory calls and buffers are placed there; 'meta' runs shapes only."""
+    args = _mixed_args()
+    g = rt.trace(mixed_program, *args)
+    gm = to_fx(g, device="meta")
+    assert "device = 'meta'" in gm.code
+    outs = gm(*[torch.from_numpy(a).to("meta") for a in args])
+    assert all(o.device.type == "meta" for o in outs)
+    assert [(tuple(o.shape), numpy_dtype(o.dtype)) for o in outs] == [(a.shape, a.dtype) for a in g.out_avals]
+    f = lower_torch(g)
+    metas = f(*[torch.from_numpy(a).to("meta") for a in args])
+    assert metas[0].device.type == "meta" and f(*args)[0].device.type == "cpu"

@@ -368,6 +368,7 @@ def test_partition_never_changes_its_input():
 
 def test_partition_value_is_a_pair_and_immutable():
     import copy
+    import pickle
     p = rt.partition(rt.vjp(rt.trace(lambda x: rnp.sin(x), f64(2))), "mincut")
     fw, bw = p
     assert (fw, bw) == tuple(p) and p.forward is fw and p.backward is bw
@@ -375,8 +376,8 @@ def test_partition_value_is_a_pair_and_immutable():
         p.forward = bw
     assert p._replace(forward=fw).saved == p.saved
     assert "saved=1 values" in repr(p)
-    q = copy.copy(p)
-    assert q == p and q.saved == p.saved
+    for q in (copy.copy(p), pickle.loads(pickle.dumps(p))):
+        assert q == p and q.saved == p.saved and q.num_saved == 1
 
 
 # ----------------------------------------------------------------------------- brute force optimum

@@ -31,8 +31,8 @@ def check_args(graph: Graph, args: Sequence[Any], what: str = "lowered graph") -
         raise ArgumentError(f"{what} takes {len(graph.inputs)} arguments "
                             f"({', '.join(v.aval.str_short() for v in graph.inputs)}), got {len(args)}")
     for i, (x, v) in enumerate(zip(args, graph.inputs)):
-        if isinstance(x, (bool, int, float)) and v.aval.shape == ():
-            kind = "b" if isinstance(x, bool) else "iu" if isinstance(x, int) else "f"  # np.float64 is a float
+        if isinstance(x, (bool, int, float)) and not isinstance(x, np.generic) and v.aval.shape == ():
+            kind = "b" if isinstance(x, bool) else "iu" if isinstance(x, int) else "f"
             if v.dtype.kind in kind or (kind == "iu" and v.dtype.kind == "f"):
                 continue
         got = arg_aval(x)

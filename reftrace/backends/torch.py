@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 
 from reftrace.backends.signature import check_args
 from reftrace.backends.torch_dtypes import tensor_from_numpy, torch_dtype
-from reftrace.backends.torch_rules import AVAL_META, aval_of, torch_rules
+from reftrace.backends.torch_rules import AVAL_META, as_tensor, aval_of, torch_rules
 from reftrace.errors import ArgumentError, UnsupportedOperatorError
 from reftrace.graph import Aval, Graph, Literal, Params
 from reftrace.interpreter import eval_graph
@@ -63,18 +63,25 @@ def eval_torch(graph: Graph, *args: Any) -> tuple[torch.Tensor, ...]:
 
 # ----------------------------------------------------------------------------- FX emission
 
+_FACTORIES = (torch.full, torch.arange, torch.tensor, torch.zeros, torch.ones, torch.empty)
+
+
 class _RecordFactories(TorchFunctionMode):
     """While emitting, records torch calls with no proxy operand (``torch.full``, ``torch.arange``,
-    ``torch.tensor``) as graph nodes; calls on proxies go to ``fx.Proxy`` as usual."""
+    ``torch.tensor``) as graph nodes, on ``device`` if one is given; calls on proxies go to
+    ``fx.Proxy`` as usual."""
 
-    def __init__(self, tracer: fx.proxy.TracerBase) -> None:
+    def __init__(self, tracer: fx.proxy.TracerBase, device: str | None) -> None:
         super().__init__()
         self.tracer = tracer
+        self.device = device
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if _has_proxy((args, kwargs)):
             return func(*args, **kwargs)
+        if self.device is not None and func in _FACTORIES:
+            kwargs = {**kwargs, "device": self.device}
         node = self.tracer.create_node("call_function", func, self.tracer.create_arg(args),
                                        self.tracer.create_arg(kwargs))
         return fx.Proxy(node, self.tracer)
@@ -86,23 +93,31 @@ def _has_proxy(tree: Any) -> bool:
     return bool(found)
 
 
-def _array_literals(graph: Graph) -> list[Literal]:
-    """Non-scalar literals in first-use order (each becomes one buffer)."""
+def _inline(lit: Literal) -> bool:
+    """Rank-0 literals are inlined as Python scalars, except NaN (TorchScript cannot read ``nan``)."""
+    return lit.aval.ndim == 0 and not (lit.dtype.kind in "fc" and np.isnan(lit.value))
+
+
+def _buffered_literals(graph: Graph) -> list[Literal]:
+    """Literals that become buffers (arrays, NaN scalars), in first-use order."""
     seen: dict[Literal, None] = {}
     for atoms in [e.inputs for e in graph.eqns] + [graph.outputs]:
         for a in atoms:
-            if isinstance(a, Literal) and a.aval.ndim > 0:
+            if isinstance(a, Literal) and not _inline(a):
                 seen.setdefault(a)
     return list(seen)
 
 
-def to_fx(graph: Graph, input_names: Sequence[str] | None = None,
-          output_as_list: bool = False) -> fx.GraphModule:
+def to_fx(graph: Graph, input_names: Sequence[str] | None = None, output_as_list: bool = False,
+          device: str | torch.device | None = None) -> fx.GraphModule:
     """An ``fx.GraphModule`` computing ``graph`` with plain torch calls.
 
     Placeholders are named ``input_names`` (default ``in_0``, ``in_1``, ...). Array
-    literals become registered buffers ``_literal_<i>``; rank-0 literals are inlined.
+    literals become registered buffers ``_literal_<i>``; rank-0 literals are inlined
+    (NaN ones are buffers too).
     ``forward`` returns a tuple, or a list when ``output_as_list`` (functorch style).
+    Tensors the code creates (``torch.full``, ``torch.arange``, ...) are made on ``device``
+    (default: torch's default device, the CPU); buffers are placed there too.
     The source graph is attached as ``gm.reftrace_graph``. The input graph is not changed.
     """
     if not isinstance(graph, Graph):
@@ -120,12 +135,13 @@ def to_fx(graph: Graph, input_names: Sequence[str] | None = None,
 
     inputs = [proxy(fx_graph.placeholder(name), v.aval) for name, v in zip(names, graph.inputs)]
     buffers: dict[Literal, fx.Proxy] = {}
-    for i, lit in enumerate(_array_literals(graph)):
-        root.register_buffer(f"_literal_{i}", tensor_from_numpy(lit.value, copy=True))
+    for i, lit in enumerate(_buffered_literals(graph)):
+        buffer = tensor_from_numpy(lit.value, copy=True)
+        root.register_buffer(f"_literal_{i}", buffer if device is None else buffer.to(device))
         buffers[lit] = proxy(fx_graph.get_attr(f"_literal_{i}"), lit.aval)
 
     def literal(lit: Literal) -> Any:
-        return buffers[lit] if lit.aval.ndim > 0 else lit.value
+        return lit.value if _inline(lit) else buffers[lit]
 
     def apply(prim: Primitive, operands: Sequence[Any], params: Params) -> tuple[Any, ...]:
         outs = _call_rule(prim, operands, params)
@@ -136,14 +152,15 @@ def to_fx(graph: Graph, input_names: Sequence[str] | None = None,
             out.node.meta[AVAL_META] = aval
         return outs
 
-    with _RecordFactories(tracer):
+    with _RecordFactories(tracer, None if device is None else str(device)):
         outs = eval_graph(graph, inputs, apply, literal)
-        outs = [o if isinstance(o, fx.Proxy) else torch.tensor(o.item(), dtype=torch_dtype(o.dtype))
-                for o in outs]  # a rank-0 literal output
+        outs = [as_tensor(o) for o in outs]  # a rank-0 literal output becomes a torch.full node
     fx_graph.output(tracer.create_arg(list(outs) if output_as_list else tuple(outs)))
     fx_graph.lint()
     gm = fx.GraphModule(root, fx_graph)
     gm.reftrace_graph = graph
+    # fx's deepcopy keeps only attributes listed here (functorch-style pipelines deepcopy modules)
+    gm.meta.setdefault("_user_preserved_attributes", {})["reftrace_graph"] = graph
     return gm
 
 
@@ -161,16 +178,22 @@ def _to_tensor(x: Any, aval: Aval) -> torch.Tensor:
 class TorchExecutable:
     """``graph`` as a torch callable: numpy arrays / tensors in, a tuple of tensors out.
 
-    Outputs may alias inputs (an output that is an input, or a view such as a reshape).
+    Runs on the device of its tensor arguments (one module per device, built on first
+    use). Outputs may alias inputs (an output that is an input, or a view such as a reshape).
     """
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
         self.module = to_fx(graph)
+        self._modules: dict[str, fx.GraphModule] = {"cpu": self.module}
 
     def __call__(self, *args: Any) -> tuple[torch.Tensor, ...]:
         check_args(self.graph, args, "torch-lowered graph")
-        return tuple(self.module(*[_to_tensor(a, v.aval) for a, v in zip(args, self.graph.inputs)]))
+        tensors = [_to_tensor(a, v.aval) for a, v in zip(args, self.graph.inputs)]
+        device = next((str(t.device) for t in tensors if t.device.type != "cpu"), "cpu")
+        if device not in self._modules:
+            self._modules[device] = to_fx(self.graph, device=device)
+        return tuple(self._modules[device](*tensors))
 
     def __repr__(self) -> str:
         return f"<TorchExecutable {self.graph!r}>"

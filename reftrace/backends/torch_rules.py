@@ -13,8 +13,8 @@ static facts: its params and its operands' avals (shape/dtype), read with
 
 Operands that are graph Literals arrive as numpy arrays. A rank-0 literal becomes
 a Python scalar where torch takes one (``torch.mul(x, 2.0)``), else a
-``torch.tensor(value, dtype=...)`` call; the dtype is always explicit, so float64
-and int64 (even beyond 2**53) stay exact.
+``torch.full([], value, dtype=...)`` call; the dtype is always explicit, so float64
+and int64 (even beyond 2**53) stay exact, eagerly and under TorchScript.
 """
 from __future__ import annotations
 
@@ -69,17 +69,28 @@ def _py(x: Any) -> bool | int | float | complex:
 
 
 def _t(x: Any) -> Any:
-    """A tensor (or proxy) for any operand; numpy literals become tensors of their own dtype."""
+    """A tensor (or proxy) for any operand; numpy literals become tensors of their own dtype.
+
+    Rank-0 literals use ``torch.full([], v, dtype=...)``: TorchScript's ``torch.tensor(v,
+    dtype=torch.float64)`` rounds ``v`` through float32.
+    """
     if isinstance(x, (torch.Tensor, fx.Proxy)):
         return x
     if _is_scalar_literal(x):
-        return torch.tensor(_py(x), dtype=torch_dtype(np.asarray(x).dtype))
+        return torch.full([], _py(x), dtype=torch_dtype(np.asarray(x).dtype))
     return tensor_from_numpy(x, copy=True)  # eager only: to_fx turns array literals into buffers
 
 
+as_tensor = _t  # public name, for emitters outside the rules
+
+
 def _s(x: Any) -> Any:
-    """A Python scalar for a rank-0 literal (torch takes those as ``other``), else a tensor."""
-    return _py(x) if _is_scalar_literal(x) else _t(x)
+    """A Python scalar for a rank-0 literal (torch takes those as ``other``), else a tensor.
+
+    Bool literals stay tensors: TorchScript reads a Python bool Scalar as an int, so
+    ``bitwise_and(bool_tensor, True)`` would turn int64 there.
+    """
+    return _py(x) if _is_scalar_literal(x) and np.asarray(x).dtype != np.bool_ else _t(x)
 
 
 def _tdtype(x: Any) -> torch.dtype:
@@ -129,7 +140,7 @@ def _binary(fn: Callable[..., Any], mirrored: Callable[..., Any] | None = None,
     """
     def rule(x: Any, y: Any) -> Any:
         if scalar_other and mirrored is not None and _is_scalar_literal(x) and not _is_scalar_literal(y):
-            return mirrored(_t(y), _py(x))
+            return mirrored(_t(y), _s(x))
         return fn(_t(x), _s(y) if scalar_other else _t(y))
     return rule
 
@@ -230,7 +241,8 @@ torch_rules[P.reduce_or_p] = _logical_reduce(torch.any)
 def _arg_extremum(fn: Callable[..., Any]) -> Callable[..., Any]:
     """torch.argmax/argmin return the first occurrence (and NaN counts as the extremum), as lax."""
     def rule(x: Any, *, axis: int, index_dtype: np.dtype) -> Any:
-        out = fn(_t(x), axis)
+        y = _t(x) if aval_of(x).dtype != np.bool_ else _t(x).to(torch.uint8)  # no bool argmax in torch
+        out = fn(y, axis)
         return out if np.dtype(index_dtype) == np.int64 else out.to(torch_dtype(index_dtype))
     return rule
 
@@ -358,24 +370,19 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def dot_general_equation(lhs_ndim: int, rhs_ndim: int, dimension_numbers: Any) -> str:
-    """The einsum equation of a dot_general: output is (batch, lhs free, rhs free)."""
+    """The einsum equation of a dot_general: output dims are (batch, lhs free, rhs free).
+
+    Letters follow lhs dims in order, then new rhs dims: a matmul reads ``ab,bc->ac``.
+    """
     (lc, rc), (lb, rb) = dimension_numbers
-    letters = iter(_LETTERS)
-    lhs: list[str | None] = [None] * lhs_ndim
-    rhs: list[str | None] = [None] * rhs_ndim
-    batch = []
-    for a, b in zip(lb, rb):
-        lhs[a] = rhs[b] = c = next(letters)
-        batch.append(c)
-    for a, b in zip(lc, rc):
-        lhs[a] = rhs[b] = next(letters)
-    free = []
-    for subs in (lhs, rhs):
-        for i, s in enumerate(subs):
-            if s is None:
-                subs[i] = c = next(letters)
-                free.append(c)
-    return f"{''.join(lhs)},{''.join(rhs)}->{''.join(batch + free)}"  # type: ignore[arg-type]
+    lhs = _LETTERS[:lhs_ndim]
+    paired = {r: lhs[l] for l, r in zip(tuple(lc) + tuple(lb), tuple(rc) + tuple(rb))}
+    fresh = iter(_LETTERS[lhs_ndim:])
+    rhs = "".join(paired[i] if i in paired else next(fresh) for i in range(rhs_ndim))
+    batch = "".join(lhs[i] for i in lb)
+    lhs_free = "".join(c for i, c in enumerate(lhs) if i not in lc and i not in lb)
+    rhs_free = "".join(c for i, c in enumerate(rhs) if i not in rc and i not in rb)
+    return f"{lhs},{rhs}->{batch}{lhs_free}{rhs_free}"
 
 
 def _dot_general(lhs: Any, rhs: Any, *, dimension_numbers: Any, preferred_element_type: Any = None) -> Any:
@@ -400,9 +407,10 @@ def _conv(lhs: Any, rhs: Any, *, window_strides, padding, lhs_dilation, rhs_dila
           feature_group_count, batch_group_count) -> Any:
     """lax.conv_general_dilated as one torch.convNd on (N, C, spatial...) operands.
 
-    Layouts are permuted to torch's; input dilation and (possibly negative) padding become
-    one explicit zero pad; ``batch_group_count`` folds batch groups into channels and
-    runs a conv with that many channel groups.
+    Layouts are permuted to torch's. Symmetric non-negative padding goes to torch's
+    ``padding``; input dilation and any other (possibly negative) padding become one
+    explicit zero pad. ``batch_group_count`` folds batch groups into channels and runs a
+    conv with that many channel groups.
     """
     lhs_spec, rhs_spec, out_spec = dimension_numbers
     la, ra = aval_of(lhs), aval_of(rhs)
@@ -418,6 +426,9 @@ def _conv(lhs: Any, rhs: Any, *, window_strides, padding, lhs_dilation, rhs_dila
     x = _permute_unless_identity(_t(lhs), lhs_spec)
     w = _permute_unless_identity(_t(rhs), rhs_spec)
     x_shape = [la.shape[d] for d in lhs_spec]
+    conv_padding = [0] * max(nspatial, 1)
+    if all(lo == hi >= 0 for lo, hi in padding) and all(d == 1 for d in lhs_dilation):
+        conv_padding, padding = [lo for lo, _ in padding] or [0], [(0, 0)] * nspatial  # torch pads itself
     config = [(0, 0, 0), (0, 0, 0)] + [(lo, hi, dil - 1) for (lo, hi), dil in zip(padding, lhs_dilation)]
     if any(c != (0, 0, 0) for c in config):
         x = pad_with_scalar(x, x_shape, _py(np.zeros((), la.dtype)), config)
@@ -432,7 +443,7 @@ def _conv(lhs: Any, rhs: Any, *, window_strides, padding, lhs_dilation, rhs_dila
         n, c, b = x_shape[0], x_shape[1], batch_group_count
         x = x.reshape([b, n // b] + x_shape[1:]).transpose(0, 1).reshape([n // b, b * c] + x_shape[2:])
         groups = b
-    y = _CONV[max(nspatial, 1)](x, w, None, strides, [0] * max(nspatial, 1), dilation, groups)
+    y = _CONV[max(nspatial, 1)](x, w, None, strides, conv_padding, dilation, groups)
     if nspatial == 0:
         y = y.squeeze(-1)
     return _permute_unless_identity(y, [int(i) for i in np.argsort(out_spec)])

@@ -104,7 +104,7 @@ class AOTFunction:
             nondiff = [i for i, v in enumerate(graph.outputs) if i >= n_out or not is_float(v.dtype)]
             run = PartitionedFunction(graph, wrt, nondiff, fw_compiler=self.fw_compiler,
                                       bw_compiler=self.bw_compiler, partitioner=self.partitioner,
-                                      example_inputs=tensors)
+                                      example_inputs=tensors, mutated_inputs=captured.mutated_inputs)
         return _Compiled(run, n_out, captured.mutated_inputs, out_spec_box[0])
 
 

@@ -50,13 +50,14 @@ class PartitionedFunction:
 
     def __init__(self, graph: Graph, wrt: Sequence[int], nondiff_outputs: Sequence[int], *,
                  fw_compiler: Compiler, bw_compiler: Compiler, partitioner: Any,
-                 example_inputs: Sequence[torch.Tensor]) -> None:
+                 example_inputs: Sequence[torch.Tensor], mutated_inputs: Sequence[int] = ()) -> None:
         from reftrace.transforms.vjp import vjp
         self.graph = graph
         self.wrt = tuple(wrt)
         self.nondiff_outputs = tuple(nondiff_outputs)
         self.num_inputs = len(graph.inputs)
         self.num_outputs = len(graph.outputs)
+        self.mutated_inputs = frozenset(mutated_inputs)  # written back by the caller after forward
         joint = vjp(graph, wrt=self.wrt, nondiff_outputs=self.nondiff_outputs)
         self.joint = joint
         fw_gm, bw_gm = partitioner.split(joint, num_fwd_outputs=self.num_outputs)
@@ -118,6 +119,7 @@ def _placeholder_examples(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
 def _make_autograd_function(pf: PartitionedFunction) -> type[torch.autograd.Function]:
     n_in, n_out, wrt = pf.num_inputs, pf.num_outputs, pf.wrt
     nondiff = set(pf.nondiff_outputs)
+    mutated = pf.mutated_inputs
     ct_outputs = [i for i in range(n_out) if i not in nondiff]
 
     class ReftraceFunction(torch.autograd.Function):
@@ -125,15 +127,19 @@ def _make_autograd_function(pf: PartitionedFunction) -> type[torch.autograd.Func
         def forward(ctx: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
             outs = call_compiled(pf.compiled_fw, tensors)
             saved = outs[n_out:]
-            ctx.save_for_backward(*tensors, *saved)
+            if mutated:  # the caller overwrites these inputs after forward: keep their current values
+                saved = [s.clone() if any(s is tensors[i] for i in mutated) else s for s in saved]
+            ctx.save_for_backward(*saved)
+            # primals for double backward: references (they keep their autograd history), except
+            # inputs about to be overwritten, which are copied
+            ctx.primals = [t.detach().clone() if i in mutated else t for i, t in enumerate(tensors)]
             results = tuple(outs[:n_out])
             ctx.mark_non_differentiable(*[results[i] for i in nondiff])
             return results
 
         @staticmethod
         def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-            stored = ctx.saved_tensors
-            primals, saved = stored[:n_in], stored[n_in:]
+            saved, primals = ctx.saved_tensors, ctx.primals
             cts = [grad_outputs[i] for i in ct_outputs]
             if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
                 grads = pf.double_backward(primals, cts)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.utils._pytree as pytree
 from torch import fx
-from torch._decomp import core_aten_decompositions
+from torch._decomp import core_aten_decompositions, get_decompositions
 from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.fx import traceback as fx_traceback
@@ -30,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from reftrace.errors import ArgumentError, DataDependentControlFlowError, ReftraceError, TracingError
 from reftrace.graph import Graph
 from reftrace.torch_bridge.modules import ModuleState, functional_module, module_state
-from reftrace.torch_bridge.translate import fx_to_graph, op_display_name, unsupported_operator
+from reftrace.torch_bridge.translate import STOP_GRADIENT, fx_to_graph, op_display_name, unsupported_operator
 from reftrace.torch_bridge.user_frames import innermost_user_frame, location_from_traceback, user_stack_string
 
 __all__ = ["Captured", "capture", "capture_flat", "capture_tree", "decomposition_table"]
@@ -44,9 +45,11 @@ class Captured:
       ``reftrace.torch_bridge.modules``); outputs are ``(*fn outputs, *mutations)``.
     - ``num_outputs``: how many leading graph outputs are the function's (flat) outputs.
     - ``mutated_inputs``: for each trailing output, the graph input index it is the new value of.
-    - ``out_spec``: pytree spec of the function's outputs (``unflatten_outputs`` rebuilds them).
-    - ``in_spec`` / ``static_args``: pytree spec of the user's arguments and their non-tensor
-      leaves (``None`` where a tensor goes), for ``flatten_args``; ``None`` / ``()`` from ``capture_flat``.
+    - ``out_spec``: pytree spec of the function's outputs (``unflatten_outputs`` rebuilds them);
+      ``output_slots``: the positions of the tensor leaves among its leaves (the others are ``None``).
+    - ``in_spec`` / ``static_args`` / ``arg_slots``: pytree spec of the user's arguments, its leaves
+      with ``None`` where a tensor goes, and the tensor leaves' positions (for ``flatten_args``);
+      ``None`` / ``()`` / ``()`` from ``capture_flat``.
     - ``num_state``: leading inputs that are module parameters and buffers (0 for functions).
     - ``state``: the module's ModuleState, or ``None``.
     - ``aten_graph``: torch's functional ATen ``fx.GraphModule`` the graph was translated from.
@@ -56,15 +59,20 @@ class Captured:
     num_outputs: int
     mutated_inputs: tuple[int, ...]
     out_spec: pytree.TreeSpec
+    output_slots: tuple[int, ...] = ()
     in_spec: pytree.TreeSpec | None = None
     static_args: tuple[Any, ...] = ()
+    arg_slots: tuple[int, ...] = ()
     num_state: int = 0
     state: ModuleState | None = None
     aten_graph: fx.GraphModule | None = field(default=None, repr=False)
 
     def unflatten_outputs(self, flat: Sequence[Any]) -> Any:
         """The function's outputs (its pytree) from the graph's leading ``num_outputs`` values."""
-        return pytree.tree_unflatten(list(flat[:self.num_outputs]), self.out_spec)
+        leaves: list[Any] = [None] * self.out_spec.num_leaves
+        for slot, value in zip(self.output_slots, flat[:self.num_outputs], strict=True):
+            leaves[slot] = value
+        return pytree.tree_unflatten(leaves, self.out_spec)
 
     def flatten_args(self, *args: Any) -> list[torch.Tensor]:
         """The user tensors of a call with the captured structure (state inputs not included)."""
@@ -75,24 +83,35 @@ class Captured:
             raise ArgumentError(f"arguments have structure {spec}, but the graph was captured for {self.in_spec}; "
                                 "capture again")
         tensors = []
-        for leaf, static in zip(leaves, self.static_args):
-            if isinstance(leaf, torch.Tensor):
+        for i, (leaf, static) in enumerate(zip(leaves, self.static_args)):
+            if i in self.arg_slots:
+                if not isinstance(leaf, torch.Tensor):
+                    raise ArgumentError(f"argument leaf {i} was a tensor when captured, got {type(leaf).__name__}")
                 tensors.append(leaf)
-            elif leaf != static:
-                raise ArgumentError(f"a static argument changed from {static!r} to {leaf!r}; capture again")
+            elif isinstance(leaf, torch.Tensor) or leaf != static:
+                raise ArgumentError(f"static argument leaf {i} changed from {static!r} to {leaf!r}; capture again")
         return tensors
 
 
 # ----------------------------------------------------------------------------- decompositions
 
+# Ops outside torch's core table whose torch decompositions land on rows reftrace has.
+_EXTRA_DECOMPOSITIONS = ("grid_sampler_2d.default", "upsample_bicubic2d.default", "upsample_trilinear3d.default",
+                         "upsample_nearest2d.vec")
+
+
 @functools.lru_cache(maxsize=1)
 def _core_table() -> Mapping[Any, Callable[..., Any]]:
-    return dict(core_aten_decompositions())
+    table = dict(core_aten_decompositions())
+    extras = [getattr(getattr(torch.ops.aten, packet), overload)
+              for packet, overload in (name.split(".") for name in _EXTRA_DECOMPOSITIONS)]
+    table.update(get_decompositions(extras))
+    return table
 
 
 def decomposition_table(decompositions: Mapping[Any, Callable[..., Any]] | None = None
                         ) -> dict[Any, Callable[..., Any]]:
-    """core ATen decompositions merged with ``decompositions`` (the caller's entries win).
+    """core ATen decompositions (plus a few of torch's others) merged with ``decompositions`` (the caller's win).
 
     Keys may be OpOverloads or OpOverloadPackets (a packet stands for all its overloads).
     """
@@ -117,15 +136,24 @@ _DATA_DEPENDENT_HINT = ("Its value is unknown while tracing (tensors are fake), 
                         "it; use torch.where / masking instead of Python control flow on tensor values")
 
 
+_DETACH_OPS = (torch.ops.aten.detach.default, torch.ops.aten.detach_.default)
+
+
 class _UserFrames(TorchDispatchMode):
     """Tags every ATen node with the user's stack, and stops data-dependent values at their source.
 
     It sits above functionalization, so it sees ops as the user called them and the
-    nodes made beneath it (decompositions included) inherit the user's line.
+    nodes made beneath it (decompositions included) inherit the user's line. Ops run
+    under ``torch.no_grad()`` and ``detach`` tag their nodes with ``STOP_GRADIENT``:
+    reftrace's own VJP must not differentiate through what torch autograd would not.
     """
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         fx_traceback.set_stack_trace([user_stack_string()])
+        stop = func in _DETACH_OPS or (not torch.is_grad_enabled() and not _in_autograd_function_forward())
+        if stop:  # nodes made for this op carry the flag; translate stops gradients where they leave
+            custom = fx_traceback.current_meta.get("custom")
+            fx_traceback.current_meta["custom"] = {**(custom or {}), STOP_GRADIENT: True}
         try:
             out = func(*args, **(kwargs or {}))
         except (ReftraceError, DataDependentControlFlowError):
@@ -134,6 +162,12 @@ class _UserFrames(TorchDispatchMode):
             if _is_missing_fake_impl(err):
                 raise unsupported_operator(func, innermost_user_frame()) from None
             raise
+        finally:
+            if stop:
+                if custom is None:
+                    fx_traceback.current_meta.pop("custom", None)
+                else:
+                    fx_traceback.current_meta["custom"] = custom
         if func is torch.ops.aten._local_scalar_dense.default and isinstance(out, (torch.SymInt, torch.SymFloat,
                                                                                      torch.SymBool)):
             raise DataDependentControlFlowError(
@@ -146,6 +180,22 @@ class _UserFrames(TorchDispatchMode):
                     f"values (at {innermost_user_frame()}). reftrace captures static shapes; use masking with "
                     "torch.where instead of nonzero / masked_select / boolean indexing.")
         return out
+
+
+def _in_autograd_function_forward() -> bool:
+    """True inside a custom ``torch.autograd.Function.forward`` (autograd runs it with grad off).
+
+    reftrace differentiates that forward itself (the custom backward cannot be honoured),
+    so its ops must not be mistaken for a ``no_grad()`` region.
+    """
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "forward" and code.co_argcount:
+            if isinstance(frame.f_locals.get(code.co_varnames[0]), torch.autograd.function.FunctionCtx):
+                return True
+        frame = frame.f_back
+    return False
 
 
 def _is_missing_fake_impl(err: Exception) -> bool:
@@ -164,7 +214,7 @@ class _Record:
     """What the functional wrapper learns while tracing (the output structure, the mutated inputs)."""
 
     out_spec: pytree.TreeSpec
-    num_outputs: int
+    output_slots: tuple[int, ...]
     mutated: tuple[int, ...]
 
 
@@ -178,10 +228,11 @@ def _functionalized(fn: Callable[[list[torch.Tensor]], Any], record: _Record) ->
             fx_traceback.set_stack_trace([])
             leaves, spec = pytree.tree_flatten(out)
             for i, leaf in enumerate(leaves):
-                if not isinstance(leaf, torch.Tensor):
+                if not isinstance(leaf, torch.Tensor) and leaf is not None:
                     raise TracingError(f"output {i} of the captured function is a {type(leaf).__name__} "
                                        f"({leaf!r}); only tensors (in tuples, lists and dicts; None allowed) "
                                        "can be graph outputs")
+            slots = tuple(i for i, leaf in enumerate(leaves) if leaf is not None)
             for t in inputs:
                 torch._sync(t)
             mutated = tuple(i for i, t in enumerate(inputs) if torch._functionalize_has_data_mutation(t.elem))
@@ -189,8 +240,8 @@ def _functionalized(fn: Callable[[list[torch.Tensor]], Any], record: _Record) ->
                 if tuple(t.shape) != tuple(flat[i].shape):
                     raise TracingError(f"input {i} had its shape changed in place ({tuple(flat[i].shape)} -> "
                                        f"{tuple(t.shape)}); reftrace captures value mutations only")
-            results = [_unwrap(o) for o in leaves] + [_unwrap(inputs[i]) for i in mutated]
-        record.out_spec, record.num_outputs, record.mutated = spec, len(leaves), mutated
+            results = [_unwrap(leaves[i]) for i in slots] + [_unwrap(inputs[i]) for i in mutated]
+        record.out_spec, record.output_slots, record.mutated = spec, slots, mutated
         return results
     return run
 
@@ -221,6 +272,14 @@ def _trace_aten(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch
             raise DataDependentControlFlowError(
                 f"data-dependent control flow: a branch or size depends on a tensor value"
                 f"{f' (at {where})' if where else ''}. {_DATA_DEPENDENT_HINT}.") from None
+        except RuntimeError as err:
+            if "mutating a non-functional tensor with a functional tensor" not in str(err):
+                raise
+            where = location_from_traceback(err.__traceback__)
+            raise TracingError(
+                f"an in-place operation writes into a tensor computed only from constants the function reads from "
+                f"its enclosing scope{f' (at {where})' if where else ''}; torch's functionalization cannot "
+                "capture that: pass those tensors as arguments (or register them as module buffers)") from None
     return gm, record
 
 
@@ -258,8 +317,8 @@ def capture_flat(fn: Callable[[list[torch.Tensor]], Any], example_tensors: Seque
     tensors = _check_tensors(list(example_tensors), "example tensor")
     gm, record = _trace_aten(fn, tensors, decomposition_table(decompositions))
     graph = fx_to_graph(gm)
-    return Captured(graph=graph, num_outputs=record.num_outputs, mutated_inputs=record.mutated,
-                    out_spec=record.out_spec, aten_graph=gm)
+    return Captured(graph=graph, num_outputs=len(record.output_slots), mutated_inputs=record.mutated,
+                    out_spec=record.out_spec, output_slots=record.output_slots, aten_graph=gm)
 
 
 _STATIC_LEAVES = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -281,7 +340,7 @@ def capture_tree(fn_or_module: Callable[..., Any], *args: Any,
         if not isinstance(leaf, (torch.Tensor,) + _STATIC_LEAVES):
             raise ArgumentError(f"argument leaf {i} is a {type(leaf).__name__}; pass torch tensors (or static "
                                 "Python numbers/None) to capture")
-    tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    tensor_slots = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
     static = tuple(None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves)
     user_tensors = _check_tensors([leaves[i] for i in tensor_slots], "tensor argument")
 
@@ -304,8 +363,9 @@ def capture_tree(fn_or_module: Callable[..., Any], *args: Any,
     example = list(state.tensors if state is not None else ()) + user_tensors
     captured = capture_flat(flat_fn, example, decompositions=decompositions)
     return Captured(graph=captured.graph, num_outputs=captured.num_outputs,
-                    mutated_inputs=captured.mutated_inputs, out_spec=captured.out_spec, in_spec=in_spec,
-                    static_args=static, num_state=num_state, state=state, aten_graph=captured.aten_graph)
+                    mutated_inputs=captured.mutated_inputs, out_spec=captured.out_spec,
+                    output_slots=captured.output_slots, in_spec=in_spec, static_args=static,
+                    arg_slots=tensor_slots, num_state=num_state, state=state, aten_graph=captured.aten_graph)
 
 
 def capture(fn_or_module: Callable[..., Any], *args: Any,

@@ -67,8 +67,11 @@ def xla_compile(fx_g: torch.fx.GraphModule, inps: Sequence[torch.Tensor]) -> Cal
     run = lower_jax(graph)
     as_list = _returns_list(fx_g)
 
+    import jax
+
     def call(*args: torch.Tensor) -> Any:
-        outs = [_from_jax(o) for o in run(*[_to_jax(a) for a in args])]
+        with jax.enable_x64(True):  # keep 64-bit dtypes while crossing DLPack
+            outs = [_from_jax(o) for o in run(*[_to_jax(a) for a in args])]
         return outs if as_list else tuple(outs)
     call.reftrace_graph = graph  # type: ignore[attr-defined]
     return call

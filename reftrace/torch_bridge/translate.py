@@ -16,6 +16,7 @@ import torch
 from torch import fx
 
 from reftrace import lax
+from reftrace import primitives as P
 from reftrace.backends.torch_dtypes import numpy_dtype
 from reftrace.builder import Builder
 from reftrace.errors import ReftraceError, TracingError, UnsupportedOperatorError
@@ -26,6 +27,12 @@ from reftrace.torch_bridge.aten import _common
 from reftrace.torch_bridge.user_frames import location_from_stack_trace
 
 DOCS_ANCHOR = "docs/torch.md#unsupported-operators"
+STOP_GRADIENT = "reftrace_stop_gradient"  # key in node.meta["custom"]: made under no_grad() or by detach()
+
+
+def _stops_gradient(node: fx.Node) -> bool:
+    custom = node.meta.get("custom")
+    return isinstance(custom, dict) and bool(custom.get(STOP_GRADIENT))
 
 
 def aval_of_meta(val: Any, what: str) -> Aval:
@@ -69,7 +76,29 @@ def unsupported_operator(op: Any, location: str | None) -> UnsupportedOperatorEr
     return UnsupportedOperatorError(message)
 
 
+def functional_variant(op: Any) -> Any | None:
+    """``aten.add.Tensor`` for ``aten.add_.Tensor``: the out-of-place twin of an in-place op, if any.
+
+    Functionalization removes mutations of the function's own tensors, but a decomposition
+    (or code mutating a constant) can still leave an in-place op in the graph.
+    """
+    schema = getattr(op, "_schema", None)
+    if schema is None or not schema.arguments or not op._opname.endswith("_") or op._opname.startswith("_"):
+        return None
+    first = schema.arguments[0].alias_info
+    if first is None or not first.is_write:
+        return None
+    packet = getattr(getattr(torch.ops, op.namespace), op._opname[:-1], None)
+    return getattr(packet, op._overloadname, None) if packet is not None else None
+
+
 def _live_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes the outputs depend on; an in-place op counts as a write to its first argument."""
+    writers: dict[fx.Node, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and functional_variant(node.target) is not None:
+            if node.args and isinstance(node.args[0], fx.Node):
+                writers.setdefault(node.args[0], []).append(node)
     live: set[fx.Node] = set()
     stack = [n for n in graph.nodes if n.op == "output"]
     while stack:
@@ -78,6 +107,7 @@ def _live_nodes(graph: fx.Graph) -> set[fx.Node]:
             continue
         live.add(node)
         stack.extend(node.all_input_nodes)
+        stack.extend(writers.get(node, ()))
     return live
 
 
@@ -90,6 +120,15 @@ class _Translator:
         self.gm = gm
         self.builder = Builder()
         self.env: dict[fx.Node, Any] = {}
+        self.stopped: dict[fx.Node, Any] = {}
+
+    def _read(self, node: fx.Node, consumer_stops: bool) -> Any:
+        """A node's value; leaving a no_grad()/detach region it passes through ``stop_gradient``."""
+        if consumer_stops or not _stops_gradient(node):
+            return self.env[node]
+        if node not in self.stopped:
+            self.stopped[node] = _stop_gradient(self.env[node])
+        return self.stopped[node]
 
     def run(self) -> Graph:
         live = _live_nodes(self.gm.graph)
@@ -104,7 +143,7 @@ class _Translator:
                 elif node not in live:
                     continue
                 elif node.op == "get_attr":
-                    self.env[node] = self._constant(getattr(self.gm, node.target), node)
+                    self.env[node] = self._constant(getattr(self.gm, node.target))
                 elif node.op == "call_function":
                     self.env[node] = self._call(node)
                 elif node.op == "output":
@@ -114,26 +153,26 @@ class _Translator:
         graph = self.builder.build([t.atom for t in inputs], outputs)
         return prune(graph)
 
-    def _constant(self, value: Any, node: fx.Node) -> Any:
+    def _constant(self, value: Any) -> Any:
+        """A tensor constant becomes a literal; other objects (a Generator) stay static for the op using them."""
         if not isinstance(value, torch.Tensor):
-            raise TracingError(f"the captured function reads a constant {type(value).__name__} "
-                               f"({node.target}) that is not a tensor")
+            return value
         return lax._wrap_literal(Literal.of(tensor_to_numpy(value)))
 
     def _output(self, value: Any, i: int) -> Any:
         if isinstance(value, fx.Node):
-            value = self.env[value]
+            value = self._read(value, consumer_stops=False)
         if isinstance(value, TracedArray):
             return value.atom
         raise TracingError(f"output {i} of the captured function is a {type(value).__name__}, not a tensor")
 
-    def _arg(self, a: Any) -> Any:
+    def _arg(self, a: Any, stops: bool) -> Any:
         if isinstance(a, fx.Node):
-            return self.env[a]
+            return self._read(a, stops)
         if isinstance(a, (list, tuple)):
-            return type(a)(self._arg(x) for x in a)
+            return type(a)(self._arg(x, stops) for x in a)
         if isinstance(a, dict):
-            return {k: self._arg(v) for k, v in a.items()}
+            return {k: self._arg(v, stops) for k, v in a.items()}
         if isinstance(a, torch.dtype):
             return numpy_dtype(a)
         if isinstance(a, torch.Tensor):
@@ -142,14 +181,18 @@ class _Translator:
 
     def _call(self, node: fx.Node) -> Any:
         target = node.target
+        stops = _stops_gradient(node)
         if target is operator.getitem:
             container, index = node.args
-            return self.env[container][index]
+            return self._read(container, stops)[index]
         location = location_from_stack_trace(node.meta.get("stack_trace"))
         rule = aten_rules.get(target)
+        mutated = None
+        if rule is None and (functional := functional_variant(target)) is not None:
+            rule, mutated = aten_rules.get(functional), node.args[0]
         if rule is None:
             raise unsupported_operator(target, location)
-        args, kwargs = self._arg(node.args), self._arg(node.kwargs)
+        args, kwargs = self._arg(node.args, stops), self._arg(node.kwargs, stops)
         metas = _metas(node.meta.get("val"))
         out_avals = [aval_of_meta(m, f"output of {op_display_name(target)}") if isinstance(m, torch.Tensor)
                      else None for m in metas]
@@ -163,7 +206,11 @@ class _Translator:
             raise
         finally:
             _common._context.pop()
-        return self._check(target, result, out_avals, isinstance(node.meta.get("val"), (tuple, list)))
+        result = self._check(target, result, out_avals, isinstance(node.meta.get("val"), (tuple, list)))
+        if isinstance(mutated, fx.Node):  # later readers of the mutated tensor see its new value
+            self.env[mutated] = result
+            self.stopped.pop(mutated, None)
+        return result
 
     def _check(self, op: Any, result: Any, out_avals: list[Aval | None], multiple: bool) -> Any:
         results = list(result) if multiple else [result]
@@ -182,6 +229,14 @@ class _Translator:
                                     f"{r.aval.str_short()} but torch says {aval.str_short()}; please report it")
             checked.append(lax.convert_element_type(r, aval.dtype))
         return type(result)(checked) if multiple else checked[0]
+
+
+def _stop_gradient(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return type(value)(_stop_gradient(v) for v in value)
+    if isinstance(value, TracedArray) and P.is_float(value.dtype):
+        return lax.stop_gradient(value)
+    return value
 
 
 def _flat_outputs(args: Any) -> Iterable[Any]:

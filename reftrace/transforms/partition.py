@@ -15,7 +15,7 @@ in the forward, in the backward (recomputed from saved values), or both. The
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 
@@ -106,7 +106,11 @@ def partition(joint: Graph, policy: str | Policy | MinCut = "default") -> Partit
 class JointAnalysis:
     """What every policy needs to know about a joint graph: which values depend on
     cotangents, which forward values the backward reads (the boundary), and what the
-    forward outputs need."""
+    forward outputs need.
+
+    Values are handled by their canonical ``Var.id`` (a Graph numbers its values 0, 1, 2, ...
+    in definition order), so the bookkeeping is lists of ints rather than hashed Vars.
+    """
 
     def __init__(self, joint: Graph) -> None:
         num_primals, num_outs = joint.joint
@@ -118,44 +122,88 @@ class JointAnalysis:
         self.cotangents = joint.inputs[num_primals:]
         self.outs = joint.outputs[:num_outs]
         self.grads = joint.outputs[num_outs:]
-        self.primal_set = frozenset(self.primals)
-        self.producer: dict[Var, Eqn] = {v: e for e in joint.eqns for v in e.outputs}
+        self.num_primals = num_primals
 
-        tangent: set[Var] = set(self.cotangents)
-        for e in joint.eqns:
-            if any(isinstance(a, Var) and a in tangent for a in e.inputs):
-                tangent.update(e.outputs)
-        self.tangent = frozenset(tangent)
+        #: values[i] is the Var with id i; eqn_of[i] the index of the equation defining it (-1: input)
+        self.values: list[Var] = list(joint.inputs) + [v for e in joint.eqns for v in e.outputs]
+        self.eqn_of: list[int] = [-1] * len(joint.inputs) + [k for k, e in enumerate(joint.eqns) for _ in e.outputs]
+        self.operands: list[tuple[int, ...]] = [tuple(a.id for a in e.inputs if isinstance(a, Var))
+                                                for e in joint.eqns]
+        assert all(v.id == i for i, v in enumerate(self.values)), "graphs number their values canonically"
+
+        tangent = [False] * len(self.values)
+        for v in self.cotangents:
+            tangent[v.id] = True
+        eqn_tangent = []
+        for e, ops in zip(joint.eqns, self.operands):
+            t = any(tangent[i] for i in ops)
+            eqn_tangent.append(t)
+            if t:
+                for v in e.outputs:
+                    tangent[v.id] = True
+        self.tangent_ids = tangent
         for i, a in enumerate(self.outs):
-            if isinstance(a, Var) and a in tangent:
+            if isinstance(a, Var) and tangent[a.id]:
                 raise PartitionError(f"forward output {i} depends on the cotangent inputs, so it cannot be "
                                      f"computed by the forward; check the joint spec {joint.joint}")
 
-        boundary: set[Var] = {a for a in self.grads if isinstance(a, Var) and a not in tangent}
-        for e in joint.eqns:
-            if e.outputs[0] in tangent:
-                boundary.update(a for a in e.inputs if isinstance(a, Var) and a not in tangent)
-        self.boundary = tuple(sorted(boundary, key=lambda v: v.id))
-        self.forward_needed = frozenset(self.ancestors(a for a in self.outs if isinstance(a, Var)))
+        boundary = {a.id for a in self.grads if isinstance(a, Var) and not tangent[a.id]}
+        for ops, t in zip(self.operands, eqn_tangent):
+            if t:
+                boundary.update(i for i in ops if not tangent[i])
+        self.boundary_ids: list[int] = sorted(boundary)
+        self.forward_needed_ids = self.ancestor_ids(a.id for a in self.outs if isinstance(a, Var))
+        self.forward_needed_mask = [False] * len(self.values)
+        for i in self.forward_needed_ids:
+            self.forward_needed_mask[i] = True
+
+    # Var-level views (for policies, tests and readers)
+    @property
+    def boundary(self) -> tuple[Var, ...]:
+        """Forward values the backward reads, in definition order."""
+        return tuple(self.values[i] for i in self.boundary_ids)
+
+    @property
+    def primal_set(self) -> frozenset[Var]:
+        return frozenset(self.primals)
+
+    @property
+    def forward_needed(self) -> frozenset[Var]:
+        return frozenset(self.values[i] for i in self.forward_needed_ids)
+
+    @property
+    def tangent(self) -> frozenset[Var]:
+        return frozenset(v for v, t in zip(self.values, self.tangent_ids) if t)
+
+    @property
+    def producer(self) -> dict[Var, Eqn]:
+        return {v: self.graph.eqns[k] for v, k in zip(self.values, self.eqn_of) if k >= 0}
 
     def ancestors(self, roots: Iterable[Var]) -> set[Var]:
         """``roots`` and every value they are computed from."""
-        seen: set[Var] = set()
+        return {self.values[i] for i in self.ancestor_ids(v.id for v in roots)}
+
+    def ancestor_ids(self, roots: Iterable[int]) -> list[int]:
+        """Ids of ``roots`` and of every value they are computed from, sorted."""
+        seen = [False] * len(self.values)
         stack = list(roots)
         while stack:
-            v = stack.pop()
-            if v in seen:
+            i = stack.pop()
+            if seen[i]:
                 continue
-            seen.add(v)
-            eqn = self.producer.get(v)
-            if eqn is not None:
-                stack.extend(a for a in eqn.inputs if isinstance(a, Var))
-        return seen
+            seen[i] = True
+            k = self.eqn_of[i]
+            if k >= 0:
+                stack.extend(self.operands[k])
+        return [i for i, s in enumerate(seen) if s]
 
     def must_save(self, v: Var) -> bool:
         """Primal inputs and random draws are never recomputed by the backward."""
-        eqn = self.producer.get(v)
-        return eqn is None or eqn_is_random(eqn.primitive)
+        return self._must_save(v.id)
+
+    def _must_save(self, i: int) -> bool:
+        k = self.eqn_of[i]
+        return k < 0 or eqn_is_random(self.graph.eqns[k].primitive)
 
 
 # ----------------------------------------------------------------------------- callable policies
@@ -163,36 +211,36 @@ class JointAnalysis:
 def policy_saved(analysis: JointAnalysis, policy: Policy) -> set[Var]:
     """The values a callable policy saves: walk back from the boundary; save where the policy
     allows it (or must), recompute (and keep walking) where it does not."""
+    eqns = analysis.graph.eqns
     decisions: dict[int, bool] = {}
-    saved: set[Var] = set()
-    seen: set[Var] = set()
-    stack = list(analysis.boundary)
+    saved: set[int] = set()
+    seen = [False] * len(analysis.values)
+    stack = list(analysis.boundary_ids)
     while stack:
-        v = stack.pop()
-        if v in seen:
+        i = stack.pop()
+        if seen[i]:
             continue
-        seen.add(v)
-        eqn = analysis.producer.get(v)
-        if eqn is None or eqn_is_random(eqn.primitive):
-            saved.add(v)
+        seen[i] = True
+        if analysis._must_save(i):
+            saved.add(i)
             continue
-        key = id(eqn)
-        if key not in decisions:
-            decisions[key] = bool(policy(eqn))
-        if decisions[key]:
-            saved.add(v)
+        k = analysis.eqn_of[i]
+        if k not in decisions:
+            decisions[k] = bool(policy(eqns[k]))
+        if decisions[k]:
+            saved.add(i)
         else:
-            stack.extend(a for a in eqn.inputs if isinstance(a, Var))
-    return saved
+            stack.extend(analysis.operands[k])
+    return {analysis.values[i] for i in saved}
 
 
 # ----------------------------------------------------------------------------- min cut
 
-_INT32_MAX = np.iinfo(np.int32).max
+_INT32_MAX = int(np.iinfo(np.int32).max)
 
 
-def min_cut_saved(analysis: JointAnalysis, banned: Any = default_ban) -> set[Var]:
-    """The saved set with the fewest bytes (ties: most primal inputs, then fewest values).
+def min_cut_saved(analysis: JointAnalysis, banned: Callable[[Eqn], bool] = default_ban) -> set[Var]:
+    """The saved set with the fewest bytes (ties: prefer primal inputs, then fewer values).
 
     The flow network splits every relevant forward value ``v`` into ``v_in -> v_out`` with
     capacity ``v.nbytes``; ``u_out -> v_in`` (infinite) for each operand ``u`` of ``v``'s
@@ -203,116 +251,123 @@ def min_cut_saved(analysis: JointAnalysis, banned: Any = default_ban) -> set[Var
 
     Solved exactly in two phases: a maximum flow over bytes (divided by their gcd), then,
     among the byte-minimal cuts (the sets closed under the residual graph), one minimising the
-    tie-break weights. Both phases fit int32 capacities for scipy's Dinic unless the saved
-    bytes exceed 2**31 gcd-units, in which case phase one runs on networkx with exact integers.
+    tie-break weights. Both phases use scipy's Dinic with int32 capacities; a phase whose
+    capacities do not fit (saved bytes beyond 2**31 gcd-units) runs on networkx with exact
+    Python integers instead.
     """
-    boundary = analysis.boundary
-    if not boundary:
+    if not analysis.boundary_ids:
         return set()
-    relevant = sorted(analysis.ancestors(boundary), key=lambda v: v.id)
-    index = {v: i for i, v in enumerate(relevant)}
+    eqns = analysis.graph.eqns
+    relevant = analysis.ancestor_ids(analysis.boundary_ids)   # value ids, sorted
+    node = {vid: i for i, vid in enumerate(relevant)}          # value id -> index in relevant
+    count = len(relevant)
+    num_nodes = 2 + 2 * count                                  # 0 source, 1 sink, 2+2i in, 3+2i out
 
-    def v_in(i: int) -> int:
-        return 2 + 2 * i
-
-    def v_out(i: int) -> int:
-        return 3 + 2 * i
-
-    num_nodes = 2 + 2 * len(relevant)
-    sizes = [v.nbytes for v in relevant]
+    sizes = [analysis.values[vid].nbytes for vid in relevant]
     unit = math.gcd(*sizes) or 1
-    boundary_units = sum(sizes[index[v]] // unit for v in boundary)
-    inf = boundary_units + 1  # more than the cut that saves the whole boundary
+    units = [s // unit for s in sizes]
+    inf = sum(units[node[vid]] for vid in analysis.boundary_ids) + 1  # beats saving the whole boundary
 
-    forced = set()
     banned_cache: dict[int, bool] = {}
-    for i, v in enumerate(relevant):
-        eqn = analysis.producer.get(v)
-        if analysis.must_save(v):
-            forced.add(i)
-        elif v in analysis.forward_needed:
-            key = id(eqn)
-            if key not in banned_cache:
-                banned_cache[key] = bool(banned(eqn))
-            if banned_cache[key]:
-                forced.add(i)
 
-    split_edges = [(v_in(i), v_out(i), min(sizes[i] // unit, inf)) for i in range(len(relevant))]
-    infinite: set[tuple[int, int]] = {(0, v_in(i)) for i in forced}
-    infinite.update((v_out(index[v]), 1) for v in boundary)
-    for i, v in enumerate(relevant):
-        eqn = analysis.producer.get(v)
-        if eqn is not None:
-            infinite.update((v_out(index[a]), v_in(i)) for a in eqn.inputs if isinstance(a, Var))
-    edges = split_edges + [(u, w, inf) for u, w in sorted(infinite)]
+    def forced(vid: int) -> bool:
+        if analysis._must_save(vid):
+            return True
+        if not analysis.forward_needed_mask[vid]:
+            return False
+        k = analysis.eqn_of[vid]
+        if k not in banned_cache:
+            banned_cache[k] = bool(banned(eqns[k]))
+        return banned_cache[k]
 
-    flows = _max_flow(num_nodes, edges, exact_ints=inf >= _INT32_MAX)
+    split_edges = [(2 + 2 * i, 3 + 2 * i, min(u, inf)) for i, u in enumerate(units)]
+    infinite: set[tuple[int, int]] = {(0, 2 + 2 * i) for i, vid in enumerate(relevant) if forced(vid)}
+    infinite.update((3 + 2 * node[vid], 1) for vid in analysis.boundary_ids)
+    for i, vid in enumerate(relevant):
+        k = analysis.eqn_of[vid]
+        if k >= 0:
+            infinite.update((3 + 2 * node[op], 2 + 2 * i) for op in analysis.operands[k])
+    edges = np.array(split_edges + [(u, w, inf) for u, w in sorted(infinite)], dtype=np.int64).reshape(-1, 3)
+    flows = _max_flow(num_nodes, edges)
 
-    # Phase two: cuts closed under the residual graph are exactly the byte-minimal cuts.
-    num_primal = sum(1 for v in relevant if v in analysis.primal_set)
-    tie = [1 if v in analysis.primal_set else num_primal + 1 for v in relevant]
-    inf2 = sum(tie) + 1
-    phase2: dict[tuple[int, int], int] = {}
-    for k, ((u, w, cap), f) in enumerate(zip(edges, flows)):
-        if f > 0:
-            phase2[(w, u)] = inf2
-        if cap - f > 0:
-            phase2[(u, w)] = inf2
-        elif k < len(split_edges):
-            phase2.setdefault((u, w), tie[k])
-    edges2 = [(u, w, c) for (u, w), c in sorted(phase2.items())]
-    flows2 = _max_flow(num_nodes, edges2, exact_ints=False)
-    residual = [(u, w) for (u, w, c), f in zip(edges2, flows2) if c - f > 0]
-    residual += [(w, u) for (u, w, c), f in zip(edges2, flows2) if f > 0]
+    # Phase two: the cuts closed under the residual graph of phase one are exactly the
+    # byte-minimal cuts; among them, find the one with the smallest tie-break weight.
+    primal = np.array([vid < analysis.num_primals for vid in relevant], dtype=bool)  # inputs come first
+    tie = np.where(primal, 1, int(primal.sum()) + 1).astype(np.int64)
+    inf2 = int(tie.sum()) + 1
+    u, w, cap = edges[:, 0], edges[:, 1], edges[:, 2]
+    unsaturated = cap - flows > 0
+    saturated_split = ~unsaturated[:count]
+    edges2 = np.concatenate([
+        np.stack([w[flows > 0], u[flows > 0], np.full(int((flows > 0).sum()), inf2)], axis=1),
+        np.stack([u[unsaturated], w[unsaturated], np.full(int(unsaturated.sum()), inf2)], axis=1),
+        np.stack([u[:count][saturated_split], w[:count][saturated_split], tie[saturated_split]], axis=1),
+    ]).astype(np.int64)
+    edges2 = _merge_parallel(edges2)
+    flows2 = _max_flow(num_nodes, edges2)
+    residual = np.concatenate([edges2[edges2[:, 2] - flows2 > 0, :2], edges2[flows2 > 0][:, 1::-1]])
     source_side = _reachable(num_nodes, residual, 0)
-    return {v for i, v in enumerate(relevant) if source_side[v_in(i)] and not source_side[v_out(i)]}
+    return {analysis.values[vid] for i, vid in enumerate(relevant)
+            if source_side[2 + 2 * i] and not source_side[3 + 2 * i]}
 
 
-def _max_flow(num_nodes: int, edges: Sequence[tuple[int, int, int]], exact_ints: bool) -> list[int]:
-    """Flow on each edge of a maximum flow from node 0 to node 1 (edges must be distinct)."""
-    if exact_ints:
+def _merge_parallel(edges: np.ndarray) -> np.ndarray:
+    """One edge per (u, w) pair, keeping the largest capacity (a solver would add them up)."""
+    if len(edges) == 0:
+        return edges
+    order = np.lexsort((-edges[:, 2], edges[:, 1], edges[:, 0]))
+    edges = edges[order]
+    first = np.ones(len(edges), dtype=bool)
+    first[1:] = (edges[1:, 0] != edges[:-1, 0]) | (edges[1:, 1] != edges[:-1, 1])
+    return edges[first]
+
+
+def _max_flow(num_nodes: int, edges: np.ndarray) -> np.ndarray:
+    """Flow on each edge (rows ``u, w, capacity``, pairs distinct) of a maximum flow from
+    node 0 to node 1: scipy's Dinic when capacities fit int32, exact networkx otherwise."""
+    if len(edges) == 0:
+        return np.zeros(0, dtype=np.int64)
+    if int(edges[:, 2].max()) >= _INT32_MAX:
         return _max_flow_networkx(num_nodes, edges)
     from scipy.sparse import csr_array
     from scipy.sparse.csgraph import maximum_flow
 
-    positive = [(u, w, c) for u, w, c in edges if c > 0]
-    if not positive:
-        return [0] * len(edges)
-    rows = np.fromiter((u for u, _, _ in positive), dtype=np.int32, count=len(positive))
-    cols = np.fromiter((w for _, w, _ in positive), dtype=np.int32, count=len(positive))
-    caps = np.fromiter((c for _, _, c in positive), dtype=np.int64, count=len(positive))
-    assert caps.max() < _INT32_MAX
-    matrix = csr_array((caps.astype(np.int32), (rows, cols)), shape=(num_nodes, num_nodes))
+    positive = edges[:, 2] > 0
+    flows = np.zeros(len(edges), dtype=np.int64)
+    if not positive.any():
+        return flows
+    u, w, c = (edges[positive, j] for j in range(3))
+    matrix = csr_array((c.astype(np.int32), (u.astype(np.int32), w.astype(np.int32))),
+                       shape=(num_nodes, num_nodes))
     flow = maximum_flow(matrix, 0, 1, method="dinic").flow.tocsr()
-    values = np.asarray(flow[rows, cols]).ravel().tolist()
-    by_edge = {(u, w): f for (u, w, _), f in zip(positive, values)}
-    return [int(by_edge.get((u, w), 0)) for u, w, _ in edges]
+    flows[positive] = np.asarray(flow[u, w]).ravel()
+    return flows
 
 
-def _max_flow_networkx(num_nodes: int, edges: Sequence[tuple[int, int, int]]) -> list[int]:
+def _max_flow_networkx(num_nodes: int, edges: np.ndarray) -> np.ndarray:
     """Exact (arbitrary-precision) fallback for capacities that do not fit int32."""
     import networkx as nx
 
     g = nx.DiGraph()
     g.add_nodes_from(range(num_nodes))
-    for u, w, c in edges:
+    for u, w, c in edges.tolist():
         g.add_edge(u, w, capacity=int(c))
     _, flow = nx.maximum_flow(g, 0, 1)
-    return [int(flow[u][w]) for u, w, _ in edges]
+    return np.array([flow[u][w] for u, w, _ in edges.tolist()], dtype=np.int64)
 
 
-def _reachable(num_nodes: int, edges: Sequence[tuple[int, int]], start: int) -> list[bool]:
-    adjacency: list[list[int]] = [[] for _ in range(num_nodes)]
-    for u, w in edges:
-        adjacency[u].append(w)
-    seen = [False] * num_nodes
-    seen[start] = True
-    stack = [start]
-    while stack:
-        for w in adjacency[stack.pop()]:
-            if not seen[w]:
-                seen[w] = True
-                stack.append(w)
+def _reachable(num_nodes: int, edges: np.ndarray, start: int) -> np.ndarray:
+    """Which nodes a path of ``edges`` (rows ``u, w``) reaches from ``start``."""
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import breadth_first_order
+
+    seen = np.zeros(num_nodes, dtype=bool)
+    if len(edges) == 0:
+        seen[start] = True
+        return seen
+    matrix = csr_array((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])),
+                       shape=(num_nodes, num_nodes))
+    seen[breadth_first_order(matrix, start, directed=True, return_predecessors=False)] = True
     return seen
 
 
@@ -322,38 +377,49 @@ def split(analysis: JointAnalysis, saved: Iterable[Var]) -> Partition:
     """The forward and backward graphs for a chosen saved set. Saved values the backward does
     not read are dropped; a backward that would need an unsaved primal is a PartitionError."""
     joint = analysis.graph
-    saved_set = set(saved)
-    for v in saved_set:
-        if v in analysis.tangent:
+    is_saved = [False] * len(analysis.values)
+    for v in saved:
+        if analysis.tangent_ids[v.id]:
             raise PartitionError(f"cannot save {v!r}: it depends on the cotangents")
+        is_saved[v.id] = True
 
-    needed: set[Var] = {a for a in analysis.grads if isinstance(a, Var)}
+    needed = [False] * len(analysis.values)
+    for a in analysis.grads:
+        if isinstance(a, Var):
+            needed[a.id] = True
     backward_eqns: list[Eqn] = []
-    for eqn in reversed(joint.eqns):
-        if any(v in needed and v not in saved_set for v in eqn.outputs):
+    for k in range(len(joint.eqns) - 1, -1, -1):
+        eqn = joint.eqns[k]
+        if any(needed[v.id] and not is_saved[v.id] for v in eqn.outputs):
             backward_eqns.append(eqn)
-            needed.update(a for a in eqn.inputs if isinstance(a, Var))
-    missing = [v for v in analysis.primals if v in needed and v not in saved_set]
+            for i in analysis.operands[k]:
+                needed[i] = True
+    missing = [v for v in analysis.primals if needed[v.id] and not is_saved[v.id]]
     if missing:
         raise PartitionError(f"the backward needs primal inputs {missing} that the policy did not save")
-    saved_vars = tuple(sorted((v for v in saved_set if v in needed), key=lambda v: v.id))
+    saved_vars = tuple(v for v in analysis.values if is_saved[v.id] and needed[v.id])
 
     # An equation recomputed in the backward may also have a saved output (multiple results):
     # that output is already a backward input, so the recomputed copy gets a fresh name.
     fresh = Builder()
     backward_eqns = [
-        e if not any(v in saved_set for v in e.outputs) else
-        e.__class__(e.primitive, e.inputs, tuple(fresh.new_var(v.aval) if v in saved_set else v
-                                                 for v in e.outputs), e.params)
+        e if not any(is_saved[v.id] for v in e.outputs) else
+        Eqn(e.primitive, e.inputs, tuple(fresh.new_var(v.aval) if is_saved[v.id] else v for v in e.outputs),
+            e.params)
         for e in reversed(backward_eqns)]
-    backward = Graph(tuple(saved_vars) + tuple(analysis.cotangents), tuple(backward_eqns), analysis.grads)
+    backward = Graph(saved_vars + tuple(analysis.cotangents), tuple(backward_eqns), analysis.grads)
 
     targets = tuple(analysis.outs) + saved_vars
-    live = {a for a in targets if isinstance(a, Var)}
+    live = [False] * len(analysis.values)
+    for a in targets:
+        if isinstance(a, Var):
+            live[a.id] = True
     forward_eqns: list[Eqn] = []
-    for eqn in reversed(joint.eqns):
-        if any(v in live for v in eqn.outputs):
+    for k in range(len(joint.eqns) - 1, -1, -1):
+        eqn = joint.eqns[k]
+        if any(live[v.id] for v in eqn.outputs):
             forward_eqns.append(eqn)
-            live.update(a for a in eqn.inputs if isinstance(a, Var))
+            for i in analysis.operands[k]:
+                live[i] = True
     forward = Graph(tuple(analysis.primals), tuple(reversed(forward_eqns)), targets)
     return Partition(forward, backward, len(saved_vars))

@@ -59,9 +59,9 @@ def vjp(graph: Graph, wrt: Sequence[int] | None = None, nondiff_outputs: Sequenc
             grads.append(ct_env[v] if v in ct_env else lax.zeros(v.aval))
 
     outputs = [o.atom for o in outs] + [g.atom for g in grads]
-    eqns = _drop_dead_backward(builder.eqns, num_forward_eqns, outputs)
+    builder.eqns = _drop_dead_backward(builder.eqns, num_forward_eqns, outputs)
     inputs = [p.atom for p in primals] + [c.atom for c in cotangents]
-    return Graph(tuple(inputs), tuple(eqns), tuple(outputs), (len(graph.inputs), len(graph.outputs)))
+    return builder.build(inputs, outputs, joint=(len(graph.inputs), len(graph.outputs)))
 
 
 def differentiable_inputs(graph: Graph, wrt: Sequence[int] | None = None) -> tuple[int, ...]:

@@ -201,6 +201,11 @@ def _rem_partials(ct, x, y, out):
     return ct, lax.neg(lax.mul(ct, truncated))
 
 
+def _div_partials(ct, x, y, out):
+    ct_x = lax.div(ct, y)
+    return ct_x, lax.neg(lax.mul(ct_x, out))  # -ct * x / y^2, without squaring y
+
+
 def _atan2_partials(ct, x, y, out):
     scaled = lax.div(ct, lax.add(lax.mul(x, x), lax.mul(y, y)))
     return lax.mul(scaled, y), lax.neg(lax.mul(scaled, x))
@@ -209,7 +214,7 @@ def _atan2_partials(ct, x, y, out):
 _binary(P.add_p, lambda ct, x, y, out: (ct, ct))
 _binary(P.sub_p, lambda ct, x, y, out: (ct, lax.neg(ct)))
 _binary(P.mul_p, lambda ct, x, y, out: (lax.mul(ct, y), lax.mul(ct, x)))
-_binary(P.div_p, lambda ct, x, y, out: (lax.div(ct, y), lax.neg(lax.mul(lax.div(ct, y), out))))
+_binary(P.div_p, _div_partials)
 _binary(P.rem_p, _rem_partials)
 _binary(P.pow_p, _pow_partials)
 _binary(P.atan2_p, _atan2_partials)

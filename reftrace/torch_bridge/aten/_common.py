@@ -163,12 +163,6 @@ def keep_dims(reduced: TracedArray, shape: Sequence[int], axes: Sequence[int], k
     return lax.reshape(reduced, tuple(1 if i in axes else d for i, d in enumerate(shape)))
 
 
-def moveaxis(x: TracedArray, src: int, dst: int) -> TracedArray:
-    perm = [i for i in range(x.ndim) if i != src]
-    perm.insert(dst, src)
-    return lax.transpose(x, perm)
-
-
 def lowest(dtype: Any) -> Any:
     """The identity of max: -inf for floats, the minimum for integers, False for bool."""
     dtype = np.dtype(dtype)
@@ -177,13 +171,3 @@ def lowest(dtype: Any) -> Any:
     if P.is_bool(dtype):
         return False
     return np.iinfo(dtype).min
-
-
-def highest(dtype: Any) -> Any:
-    dtype = np.dtype(dtype)
-    if P.is_float(dtype):
-        return np.inf
-    if P.is_bool(dtype):
-        return True
-    return np.iinfo(dtype).max
-

@@ -112,3 +112,14 @@ def eye(n: int, m: int | None = None, **kwargs: Any) -> Any:
     r = lax.iota(np.int64, aval.shape, 0)
     c = lax.iota(np.int64, aval.shape, 1)
     return cast(lax.eq(r, c), aval.dtype)
+
+
+def _triangle_indices(which: Any):
+    def rule(row: int, col: int, offset: int = 0, **kwargs: Any) -> Any:
+        aval = out_aval()
+        return literal(np.stack(which(row, offset, col)).astype(aval.dtype).reshape(aval.shape), aval.dtype)
+    return rule
+
+
+register(aten.triu_indices.default)(_triangle_indices(np.triu_indices))
+register(aten.tril_indices.default)(_triangle_indices(np.tril_indices))

@@ -14,7 +14,7 @@ import torch
 from reftrace import lax
 from reftrace import primitives as P
 from reftrace.torch_bridge.aten._common import (aten, bcast, broadcast_shapes, cast, elementwise, float_dtype,
-                                                is_tensor, literal, out_aval, promote, register, shape_of)
+                                                is_tensor, literal, out_aval, promote, register)
 
 
 def _out_dtype() -> np.dtype:
@@ -485,3 +485,21 @@ def copy(x: Any, src: Any, non_blocking: bool = False) -> Any:
 @register(aten.fill.Scalar, aten.fill.Tensor)
 def fill(x: Any, value: Any) -> Any:
     return lax.broadcast_to_rank(cast(value, x.dtype), x.shape)
+
+
+@register(aten.hypot.default)
+def hypot(x: Any, y: Any) -> Any:
+    d = float_dtype(_out_dtype())
+    a, b = _same_shape(x, y, d)
+    return lax.sqrt(lax.add(lax.mul(a, a), lax.mul(b, b)))
+
+
+@register(aten.copysign.Tensor, aten.copysign.Scalar)
+def copysign(x: Any, y: Any) -> Any:
+    """``|x|`` with the sign of ``y``; ``-0.0`` counts as negative (its reciprocal is ``-inf``)."""
+    d = float_dtype(_out_dtype())
+    a, b = _same_shape(x, y, d)
+    zero = literal(0, d)
+    negative = lax.logical_or(lax.lt(b, zero), lax.lt(lax.div(literal(1, d), b), zero))
+    magnitude = lax.abs(a)
+    return lax.select(negative, lax.neg(magnitude), magnitude)

@@ -152,14 +152,14 @@ def index(x: Any, indices: Sequence[Any]) -> Any:
     return lax.transpose(picked, geo.perm)
 
 
-def _masked_put(x: Any, mask: Any, values: Any, accumulate: bool) -> Any:
-    """``x[mask] = v`` with a boolean mask and a single value: a select, no data-dependent shapes."""
+def _masked_put(x: Any, position: int, mask: Any, values: Any, accumulate: bool) -> Any:
+    """``x[..., mask] = v`` with a boolean mask and a single value: a select, no data-dependent shapes."""
     if values.size != 1:
         raise DataDependentControlFlowError(
             "index_put with a boolean mask and more than one value depends on how many entries are True; "
             "use torch.where instead")
     v = lax.reshape(cast(values, x.dtype), ())
-    m = lax.broadcast_in_dim(mask, x.shape, tuple(range(mask.ndim)))
+    m = lax.broadcast_in_dim(mask, x.shape, tuple(range(position, position + mask.ndim)))
     if accumulate:
         return lax.add(x, lax.select(m, v, lax.full((), 0, x.dtype)))
     return lax.select(m, v, x)
@@ -167,9 +167,9 @@ def _masked_put(x: Any, mask: Any, values: Any, accumulate: bool) -> Any:
 
 @register(aten.index_put.default, aten._unsafe_index_put.default)
 def index_put(x: Any, indices: Sequence[Any], values: Any, accumulate: bool = False) -> Any:
-    present = [t for t in indices if t is not None]
-    if len(present) == 1 and P.is_bool(present[0].dtype) and indices[0] is not None:
-        return _masked_put(x, present[0], values, accumulate)
+    present = [i for i, t in enumerate(indices) if t is not None]
+    if len(present) == 1 and P.is_bool(indices[present[0]].dtype):
+        return _masked_put(x, present[0], indices[present[0]], values, accumulate)
     geo = _Advanced(x, indices)
     torch_order = [(tuple(geo.bshape) + geo.rest_sizes)[p] for p in geo.perm]
     v = bcast_full(cast(values, x.dtype), torch_order)

@@ -109,3 +109,26 @@ def _conv_transpose(x: Any, weight: Any, stride: list[int], padding: list[int], 
         limit = list(y.shape[:2]) + [size - hi for size, (_, hi) in zip(y.shape[2:], crops)]
         y = lax.slice(y, start, limit)
     return y
+
+
+@register(aten._cdist_forward.default)
+def cdist(x1: Any, x2: Any, p: float, compute_mode: int | None = None) -> Any:
+    """Pairwise p-norm distances between the rows of ``x1`` (..., P, M) and ``x2`` (..., R, M)."""
+    d = out_aval().dtype
+    batch = out_aval().shape[:-2]
+    (pn, m), (rn, _) = x1.shape[-2:], x2.shape[-2:]
+    full = batch + (pn, rn, m)
+    nb = len(batch)
+    a = lax.broadcast_in_dim(cast(x1, d), full, tuple(range(nb - (x1.ndim - 2), nb)) + (nb, nb + 2))
+    b = lax.broadcast_in_dim(cast(x2, d), full, tuple(range(nb - (x2.ndim - 2), nb)) + (nb + 1, nb + 2))
+    diff = lax.abs(lax.sub(a, b))
+    last = (len(full) - 1,)
+    if p == 0:
+        return lax.reduce_sum(cast(lax.ne(diff, literal(0, d)), d), last)
+    if p == float("inf"):
+        return lax.reduce_max(diff, last)
+    if p == 1:
+        return lax.reduce_sum(diff, last)
+    if p == 2:
+        return lax.sqrt(lax.reduce_sum(lax.mul(diff, diff), last))
+    return lax.pow(lax.reduce_sum(lax.pow(diff, literal(p, d)), last), literal(1.0 / p, d))

@@ -390,3 +390,37 @@ def _adaptive_avg_pool(n: int):
 register(aten._adaptive_avg_pool2d.default)(_adaptive_avg_pool(2))
 register(aten._adaptive_avg_pool3d.default)(_adaptive_avg_pool(3))
 register(aten.adaptive_avg_pool1d.default)(_adaptive_avg_pool(1))
+
+
+def _adaptive_max_pool(n: int):
+    """Windows of uneven length: gather each window's flat positions (short ones repeat their first)."""
+    def rule(x: Any, output_size: Sequence[int]) -> tuple[Any, Any]:
+        out_spatial = tuple(out_aval(0).shape[-n:])
+        in_spatial = x.shape[-n:]
+        ranges = []
+        for size, o in zip(in_spatial, out_spatial):
+            starts = (np.arange(o) * size) // o
+            ends = -((-(np.arange(o) + 1) * size) // o)
+            ranges.append(list(zip(starts.tolist(), ends.tolist())))
+        width = [max(e - s for s, e in r) for r in ranges]
+        table = np.zeros(out_spatial + (int(np.prod(width)),), dtype=np.int64)
+        for cell in itertools.product(*[range(o) for o in out_spatial]):
+            windows = [range(*ranges[d][cell[d]]) for d in range(n)]
+            positions = [int(np.ravel_multi_index(p, in_spatial)) for p in itertools.product(*windows)]
+            table[cell] = positions + [positions[0]] * (table.shape[-1] - len(positions))
+        batch = x.shape[:-n]
+        flat = lax.reshape(x, batch + (int(np.prod(in_spatial)),))
+        index = lax.broadcast_in_dim(literal(table.reshape(-1), np.int64), batch + (table.size,), (len(batch),))
+        windows_ = lax.reshape(lax.gather(flat, index, len(batch)), batch + table.shape)
+        last = windows_.ndim - 1
+        values = lax.reduce_max(windows_, (last,))
+        which = lax.argmax(windows_, last, np.int64)
+        operand = lax.broadcast_in_dim(literal(table, np.int64), batch + table.shape,
+                                       tuple(range(len(batch), len(batch) + n + 1)))
+        picked = lax.gather(operand, lax.reshape(which, which.shape + (1,)), last)
+        return values, lax.reshape(picked, which.shape)
+    return rule
+
+
+register(aten.adaptive_max_pool2d.default)(_adaptive_max_pool(2))
+register(aten.adaptive_max_pool3d.default)(_adaptive_max_pool(3))

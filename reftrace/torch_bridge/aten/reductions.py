@@ -12,7 +12,7 @@ import numpy as np
 from reftrace import lax
 from reftrace import primitives as P
 from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, keep_dims, literal, norm_dim, norm_dims,
-                                                out_aval, register)
+                                                out_aval, promote, register, unsupported)
 from reftrace.torch_bridge.aten.elementwise import to_bool
 
 
@@ -210,3 +210,61 @@ def logsumexp(x: Any, dim: Any = (), keepdim: bool = False) -> Any:
     keep = [i for i in range(x.ndim) if i not in axes]
     s = lax.reduce_sum(lax.exp(lax.sub(x, lax.broadcast_in_dim(m, x.shape, keep))), axes)
     return keep_dims(lax.add(lax.log(s), m), x.shape, axes, keepdim)
+
+
+@register(aten.logcumsumexp.default)
+def logcumsumexp(x: Any, dim: int) -> Any:
+    """``log(cumsum(exp(x - m))) + m`` with ``m`` the (finite) maximum along ``dim``."""
+    x = cast(x, float_dtype(out_aval().dtype))
+    if x.ndim == 0:
+        return x
+    axis = norm_dim(dim, x.ndim)
+    shift = _max_keep(x, axis)
+    return lax.add(lax.log(lax.cumsum(lax.exp(lax.sub(x, shift)), axis)), shift)
+
+
+@register(aten.dist.default)
+def dist(x: Any, y: Any, p: Any = 2) -> Any:
+    d = float_dtype(out_aval().dtype)
+    shape = tuple(np.broadcast_shapes(x.shape, y.shape))
+    diff = lax.abs(lax.sub(lax.broadcast_to_rank(cast(x, d), shape), lax.broadcast_to_rank(cast(y, d), shape)))
+    axes = tuple(range(len(shape)))
+    if p == np.inf:
+        return lax.reduce_max(diff, axes)
+    if p == -np.inf:
+        return lax.reduce_min(diff, axes)
+    if p == 0:
+        return lax.reduce_sum(cast(lax.ne(diff, literal(0, d)), d), axes)
+    total = lax.reduce_sum(lax.pow(diff, literal(p, d)), axes)
+    return lax.pow(total, literal(1.0 / p, d))
+
+
+def _search(boundaries: Any, values: Any, right: bool) -> Any:
+    """How many boundaries are ``<`` (``<=`` if ``right``) each value: the insertion index into a sorted row."""
+    n = boundaries.shape[-1]
+    d = promote(boundaries, values)
+    b, v = cast(boundaries, d), cast(values, d)
+    lead = v.shape[:-1] if b.ndim > 1 else v.shape
+    k = v.shape[-1] if b.ndim > 1 else 1
+    vv = lax.reshape(v, lead + (k, 1)) if b.ndim > 1 else lax.reshape(v, lead + (1,))
+    full = lead + ((k, n) if b.ndim > 1 else (n,))
+    vb = lax.broadcast_in_dim(vv, full, tuple(range(len(full))))
+    bb = lax.broadcast_in_dim(b, full, tuple(range(len(lead))) + (len(full) - 1,) if b.ndim > 1
+                              else (len(full) - 1,))
+    below = lax.le(bb, vb) if right else lax.lt(bb, vb)
+    count = lax.reduce_sum(cast(below, np.int64), (len(full) - 1,))
+    return cast(count, out_aval().dtype)
+
+
+@register(aten.searchsorted.Tensor)
+def searchsorted(sorted_sequence: Any, values: Any, *, out_int32: bool = False, right: bool = False,
+                 side: str | None = None, sorter: Any = None) -> Any:
+    if sorter is not None:
+        raise unsupported("searchsorted with a sorter")
+    return _search(sorted_sequence, values, right or side == "right")
+
+
+@register(aten.bucketize.Tensor)
+def bucketize(values: Any, boundaries: Any, *, out_int32: bool = False, right: bool = False) -> Any:
+    flat = lax.reshape(values, (values.size,))
+    return lax.reshape(_search(boundaries, flat, right), values.shape)

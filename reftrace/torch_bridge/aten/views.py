@@ -91,20 +91,26 @@ def as_strided(x: Any, size: Sequence[int], stride: Sequence[int], storage_offse
     meta = current().in_vals[0]
     if meta is None or not meta.is_contiguous() or meta.storage_offset() != 0:
         raise unsupported("as_strided of a tensor that is not contiguous is not a plain view of its values")
+    index = _strided_index(size, stride, storage_offset, x.size)
+    flat = lax.reshape(x, (x.size,))
+    if index.size == x.size and np.array_equal(index.ravel(), np.arange(x.size)):
+        return lax.reshape(x, size)
+    picked = lax.gather(flat, literal(index.ravel(), np.int64), 0)
+    return lax.reshape(picked, index.shape)
+
+
+def _strided_index(size: Sequence[int], stride: Sequence[int], storage_offset: int | None, numel: int
+                   ) -> np.ndarray:
+    """The flat storage position of every element of an ``as_strided`` view of a contiguous tensor."""
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    offset = int(storage_offset or 0)
-    index = np.full(size, offset, dtype=np.int64)
+    index = np.full(size, int(storage_offset or 0), dtype=np.int64)
     for d, (n, st) in enumerate(zip(size, stride)):
         shape = [1] * len(size)
         shape[d] = n
         index = index + (np.arange(n, dtype=np.int64) * st).reshape(shape)
-    flat = lax.reshape(x, (x.size,))
-    if index.size and (index.min() < 0 or index.max() >= max(x.size, 1)):
-        raise unsupported(f"as_strided reads outside the {x.size} elements of its input")
-    if index.size == x.size and np.array_equal(index.ravel(), np.arange(x.size)):
-        return lax.reshape(x, size)
-    picked = lax.gather(flat, literal(index.ravel(), np.int64), 0)
-    return lax.reshape(picked, size)
+    if index.size and (index.min() < 0 or index.max() >= max(numel, 1)):
+        raise unsupported(f"as_strided addresses elements outside the {numel} of its input")
+    return index
 
 
 def _split(x: Any, sizes: Sequence[int], dim: int) -> list[Any]:
@@ -220,3 +226,69 @@ def diagonal(x: Any, offset: int = 0, dim1: int = 0, dim2: int = 1) -> Any:
     start = r0 * cols + c0
     return slice_dim(flat, flat.ndim - 1, start, start + (n - 1) * (cols + 1) + 1, cols + 1)
 
+
+
+# ----------------------------------------------------------------------------- scatters into views
+# Functionalization turns a write into a view (``y[1:] = v``, ``y.diagonal().zero_()``) into these.
+
+def _place(x: Any, src: Any, dim: int, start: int, step: int) -> Any:
+    """``x`` with positions ``start, start+step, ...`` along ``dim`` replaced by ``src`` (interior padding)."""
+    src = cast(src, x.dtype)
+    m = src.shape[dim]
+    if m == 0:
+        return x
+    last = start + (m - 1) * step
+    config = [(0, 0, 0)] * x.ndim
+    config[dim] = (start, x.shape[dim] - last - 1, step - 1)
+    spread = lax.pad(src, literal(0, x.dtype), config)
+    mask = lax.pad(lax.full(src.shape, True, np.bool_), literal(False, np.bool_), config)
+    return lax.select(mask, spread, x)
+
+
+@register(aten.slice_scatter.default)
+def slice_scatter(x: Any, src: Any, dim: int = 0, start: int | None = None, end: int | None = None,
+                  step: int = 1) -> Any:
+    dim = norm_dim(dim, x.ndim)
+    n = x.shape[dim]
+    start = 0 if start is None else (start + n if start < 0 else start)
+    return _place(x, src, dim, min(max(start, 0), n), step)
+
+
+@register(aten.select_scatter.default)
+def select_scatter(x: Any, src: Any, dim: int, index: int) -> Any:
+    dim = norm_dim(dim, x.ndim)
+    index = index + x.shape[dim] if index < 0 else index
+    return _place(x, lax.reshape(cast(src, x.dtype), x.shape[:dim] + (1,) + x.shape[dim + 1:]), dim, index, 1)
+
+
+@register(aten.diagonal_scatter.default)
+def diagonal_scatter(x: Any, src: Any, offset: int = 0, dim1: int = 0, dim2: int = 1) -> Any:
+    a, b = norm_dim(dim1, x.ndim), norm_dim(dim2, x.ndim)
+    rest = [i for i in range(x.ndim) if i not in (a, b)]
+    order = rest + [a, b]
+    y = lax.transpose(x, order)
+    rows, cols = y.shape[-2:]
+    r = lax.iota(np.int64, (rows, cols), 0)
+    c = lax.iota(np.int64, (rows, cols), 1)
+    on_diagonal = lax.eq(lax.sub(c, r), literal(offset, np.int64))
+    # src's last axis runs along the diagonal: spread it over the rows (or columns) it meets
+    src = cast(src, x.dtype)
+    n = src.shape[-1]
+    r0 = max(-offset, 0)  # the diagonal's first row
+    along_rows = lax.pad(src, literal(0, x.dtype), [(0, 0, 0)] * (src.ndim - 1) + [(r0, rows - r0 - n, 0)])
+    spread = lax.broadcast_in_dim(along_rows, y.shape, tuple(range(y.ndim - 2)) + (y.ndim - 2,))
+    mask = lax.broadcast_in_dim(on_diagonal, y.shape, (y.ndim - 2, y.ndim - 1))
+    out = lax.select(mask, spread, y)
+    return lax.transpose(out, tuple(order.index(i) for i in range(x.ndim)))
+
+
+@register(aten.as_strided_scatter.default)
+def as_strided_scatter(x: Any, src: Any, size: Sequence[int], stride: Sequence[int],
+                       storage_offset: int | None = None) -> Any:
+    meta = current().in_vals[0]
+    if meta is None or not meta.is_contiguous() or meta.storage_offset() != 0:
+        raise unsupported("as_strided_scatter into a tensor that is not contiguous")
+    index = _strided_index(size, stride, storage_offset, x.size)
+    flat = lax.reshape(x, (x.size,))
+    updates = lax.reshape(cast(src, x.dtype), (index.size,))
+    return lax.reshape(lax.scatter(flat, literal(index.ravel(), np.int64), updates, 0), x.shape)
