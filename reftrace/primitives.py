@@ -76,8 +76,13 @@ def infer_avals(prim: Primitive, in_avals: Sequence[Aval], params: Params | dict
 
 # ----------------------------------------------------------------------------- dtype helpers
 
+_EXTENDED_FLOATS = frozenset({"bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"})
+
+
 def is_float(dtype: Any) -> bool:
-    return np.issubdtype(np.dtype(dtype), np.floating)
+    """Floating point, including ml_dtypes' bfloat16/float8 (whose numpy kind is 'V')."""
+    dtype = np.dtype(dtype)
+    return np.issubdtype(dtype, np.floating) or dtype.name in _EXTENDED_FLOATS
 
 
 def is_int(dtype: Any) -> bool:

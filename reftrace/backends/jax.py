@@ -29,7 +29,8 @@ def _apply(prim: Primitive, args: Sequence[Any], params: Params) -> Sequence[Any
 
 
 def _literal(lit: Literal) -> Any:
-    return np.array(lit.value)
+    import jax.numpy as jnp
+    return jnp.asarray(np.array(lit.value))
 
 
 def graph_function(graph: Graph):
@@ -51,7 +52,8 @@ class JaxExecutable:
         args = [np.asarray(a, dtype=v.dtype) if isinstance(a, (bool, int, float)) else a
                 for a, v in zip(args, self.graph.inputs)]
         with jax.enable_x64(True):
-            return tuple(self._jitted(*args))
+            # block: inputs may alias caller memory (numpy, DLPack) that the caller may overwrite next
+            return tuple(jax.block_until_ready(self._jitted(*args)))
 
     def __repr__(self) -> str:
         return f"<JaxExecutable {self.graph!r}>"

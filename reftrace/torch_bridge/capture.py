@@ -263,6 +263,7 @@ def _trace_aten(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch
         stack.enter_context(fx_traceback.preserve_node_meta())
         stack.enter_context(_mkldnn_disabled())  # LSTM decomposes to portable ops, not mkldnn's kernel
         stack.enter_context(torch.enable_grad())  # the differentiable (decomposable) paths, no fused fast paths
+        stack.enter_context(_compiling_flag())
         try:
             gm = traced(*tensors)
         except ReftraceError as err:
@@ -281,6 +282,21 @@ def _trace_aten(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch
                 f"its enclosing scope{f' (at {where})' if where else ''}; torch's functionalization cannot "
                 "capture that: pass those tensors as arguments (or register them as module buffers)") from None
     return gm, record
+
+
+@contextlib.contextmanager
+def _compiling_flag() -> Any:
+    """Say ``torch.compiler.is_compiling()`` while tracing, as torch.export's non-strict tracing does.
+
+    Libraries check it to skip value-dependent shortcuts that no ahead-of-time capture can
+    take (e.g. transformers' packed-sequence detection reads position ids with ``.all()``).
+    """
+    previous = torch.compiler._is_compiling_flag
+    torch.compiler._is_compiling_flag = True
+    try:
+        yield
+    finally:
+        torch.compiler._is_compiling_flag = previous
 
 
 @contextlib.contextmanager

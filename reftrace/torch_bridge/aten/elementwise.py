@@ -291,19 +291,33 @@ def round_decimals(x: Any, decimals: int = 0) -> Any:
 
 @register(aten.relu.default)
 def relu(x: Any) -> Any:
-    return lax.max(x, literal(0, x.dtype))
+    """``select(x > 0, x, 0)``: the gradient at 0 is 0, as torch's threshold_backward."""
+    zero = literal(0, x.dtype)
+    return lax.select(lax.gt(x, zero), x, bcast(zero, x.shape))
+
+
+def _clamped(x: Any, lo: Any, hi: Any, *, pass_at_bounds: bool) -> Any:
+    """Clamp built from selects so gradients at the bounds follow torch.
+
+    ``clamp`` passes the gradient to ``x`` at ``x == min``/``x == max`` (torch: ``min <= x <= max``);
+    ``hardtanh`` does not (torch: ``min < x < max``). NaN stays NaN (both comparisons are false).
+    """
+    d = _out_dtype()
+    shape = out_aval().shape
+    y = bcast(cast(x, d), shape)
+    below, above = (lax.lt, lax.gt) if pass_at_bounds else (lax.le, lax.ge)
+    if lo is not None:
+        lo_b = bcast(cast(lo, d), shape)
+        y = lax.select(below(y, lo_b), lo_b, y)
+    if hi is not None:
+        hi_b = bcast(cast(hi, d), shape)
+        y = lax.select(above(y, hi_b), hi_b, y)
+    return y
 
 
 @register(aten.clamp.default, aten.clamp.Tensor)
 def clamp(x: Any, min: Any = None, max: Any = None) -> Any:  # noqa: A002 - ATen's argument names
-    d = _out_dtype()
-    shape = out_aval().shape
-    y = bcast(cast(x, d), shape)
-    if min is not None:
-        y = lax.max(y, bcast(cast(min, d), shape))
-    if max is not None:
-        y = lax.min(y, bcast(cast(max, d), shape))
-    return y
+    return _clamped(x, min, max, pass_at_bounds=True)
 
 
 @register(aten.clamp_min.default, aten.clamp_min.Tensor)
@@ -318,7 +332,7 @@ def clamp_max(x: Any, max: Any) -> Any:  # noqa: A002
 
 @register(aten.hardtanh.default)
 def hardtanh(x: Any, min_val: float = -1.0, max_val: float = 1.0) -> Any:
-    return clamp(x, min_val, max_val)
+    return _clamped(x, min_val, max_val, pass_at_bounds=False)
 
 
 # ----------------------------------------------------------------------------- comparisons and logic
