@@ -477,6 +477,22 @@ def _random_rule(key: Aval, *, shape: tuple[int, ...], dtype: np.dtype, distribu
 # Draws from an explicit key threaded through the graph (a pure function of the key).
 random_p = _new("random", _random_rule, differentiable=False)
 
+_KEY = Aval((2,), np.dtype(np.uint32))
+
+
+def _random_fold_in_rule(key: Aval, *, data: int) -> Aval:
+    if key != _KEY:
+        raise ShapeError(f"random_fold_in: key must be u32[2], got {key.str_short()}")
+    if not isinstance(data, (int, np.integer)) or not 0 <= int(data) < 2 ** 32:
+        raise ShapeError(f"random_fold_in: data must be an int in [0, 2**32), got {data!r}")
+    return _KEY
+
+
+# A new key from a key and a u32 ``data`` (jax.random.fold_in): threefry2x32(key, (0, data)).
+# Folding distinct data into one key gives independent streams, so one key input can feed
+# every draw of a graph.
+random_fold_in_p = _new("random_fold_in", _random_fold_in_rule, differentiable=False)
+
 
 def eqn_is_random(prim: Primitive) -> bool:
     return prim is random_p

@@ -136,4 +136,12 @@ def _random(key, *, shape, dtype, distribution):
 
 jax_rules[P.random_p] = _random
 
+
+def _random_fold_in(key, *, data):
+    k = jax.random.wrap_key_data(key, impl="threefry2x32")
+    return jax.random.key_data(jax.random.fold_in(k, np.uint32(data)))
+
+
+jax_rules[P.random_fold_in_p] = _random_fold_in
+
 _ = np  # numpy used by rule authors for dtype constants

@@ -426,6 +426,10 @@ def _conv(lhs: Any, rhs: Any, *, window_strides, padding, lhs_dilation, rhs_dila
     x = _permute_unless_identity(_t(lhs), lhs_spec)
     w = _permute_unless_identity(_t(rhs), rhs_spec)
     x_shape = [la.shape[d] for d in lhs_spec]
+    transposed = _as_conv_transpose(x, w, x_shape, [ra.shape[d] for d in rhs_spec], window_strides, padding,
+                                    lhs_dilation, rhs_dilation, feature_group_count, batch_group_count)
+    if transposed is not None:
+        return _permute_unless_identity(transposed, [int(i) for i in np.argsort(out_spec)])
     conv_padding = [0] * max(nspatial, 1)
     if all(lo == hi >= 0 for lo, hi in padding) and all(d == 1 for d in lhs_dilation):
         conv_padding, padding = [lo for lo, _ in padding] or [0], [(0, 0)] * nspatial  # torch pads itself
@@ -449,6 +453,37 @@ def _conv(lhs: Any, rhs: Any, *, window_strides, padding, lhs_dilation, rhs_dila
     return _permute_unless_identity(y, [int(i) for i in np.argsort(out_spec)])
 
 
+def _as_conv_transpose(x: Any, w: Any, x_shape: Sequence[int], w_shape: Sequence[int], window_strides, padding,
+                       lhs_dilation, rhs_dilation, groups: int, batch_group_count: int) -> Any:
+    """An input-dilated conv (the input gradient of a strided conv) as ``torch.conv_transposeNd``.
+
+    ``conv_transpose(x, v, stride=s, padding=p, output_padding=op, dilation=d)`` correlates the
+    s-dilated input, padded by ``d(k-1) - p`` (plus ``op`` on the high side), with ``v`` flipped
+    and its channel axes swapped. So a conv with ``lhs_dilation = s`` and padding ``(lo, hi)``
+    is one with ``p = d(k-1) - lo`` and ``op = hi - lo``, when those are in torch's range; this
+    avoids materialising the dilated input. Returns None when the pattern does not apply.
+    """
+    nspatial = len(x_shape) - 2
+    if not (1 <= nspatial <= 3) or all(s == 1 for s in lhs_dilation) or batch_group_count != 1:
+        return None
+    if any(st != 1 for st in window_strides):
+        return None
+    conv_pad, out_pad = [], []
+    for k, (lo, hi), s, d in zip(w_shape[2:], padding, lhs_dilation, rhs_dilation):
+        p, op = d * (k - 1) - lo, hi - lo
+        if p < 0 or not 0 <= op < max(s, d):
+            return None
+        conv_pad.append(p)
+        out_pad.append(op)
+    o, c_per_group = w_shape[0], w_shape[1]
+    spatial = list(w_shape[2:])
+    v = w.reshape([groups, o // groups, c_per_group] + spatial).transpose(1, 2)
+    v = v.reshape([groups * c_per_group, o // groups] + spatial).flip(list(range(2, 2 + nspatial)))
+    return _CONV_TRANSPOSE[nspatial](x, v, None, list(lhs_dilation), conv_pad, out_pad, groups,
+                                     list(rhs_dilation))
+
+
+_CONV_TRANSPOSE = {1: torch.conv_transpose1d, 2: torch.conv_transpose2d, 3: torch.conv_transpose3d}
 torch_rules[P.conv_general_dilated_p] = _conv
 
 
@@ -565,6 +600,17 @@ def _random(key: Any, *, shape: tuple[int, ...], dtype: np.dtype, distribution: 
 
 
 torch_rules[P.random_p] = _random
+
+
+def _random_fold_in(key: Any, *, data: int) -> Any:
+    """jax.random.fold_in for threefry keys: the block cipher on the counter pair ``(0, data)``."""
+    k = _t(key).to(torch.int64)
+    zero = torch.mul(k[0], 0)  # a 0-d int64 on the key's device
+    y0, y1 = threefry2x32(k[0], k[1], zero, torch.add(zero, int(data)))
+    return torch.stack([y0, y1]).to(torch.uint32)
+
+
+torch_rules[P.random_fold_in_p] = _random_fold_in
 
 missing = set(P.registry.values()) - set(torch_rules)
 assert not missing, f"primitives without a torch rule: {sorted(p.name for p in missing)}"

@@ -8,6 +8,8 @@ non-tensor arguments and whether grad mode is on; anything new recompiles.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 from typing import Any, Callable, Sequence
 
 import torch
@@ -17,6 +19,19 @@ from reftrace.errors import ArgumentError, TracingError
 from reftrace.primitives import is_float
 from reftrace.torch_bridge.autograd import Compiler, InferenceFunction, PartitionedFunction
 from reftrace.torch_bridge.compilers import as_partitioner, default_partition
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Any:
+    """Compilation allocates many small immutable objects and no cycles worth collecting;
+    a full collection of a process holding torch and transformers costs more than the work."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class _Compiled:
@@ -52,7 +67,8 @@ class AOTFunction:
         key = self._key(leaves, spec, tensor_pos)
         compiled = self.cache.get(key)
         if compiled is None:
-            compiled = self.cache[key] = self._compile(leaves, spec, tensor_pos, tensors)
+            with _gc_paused():
+                compiled = self.cache[key] = self._compile(leaves, spec, tensor_pos, tensors)
         outs = compiled.run(tensors)
         if compiled.mutated_inputs:
             with torch.no_grad():

@@ -35,9 +35,9 @@ def _input_names(prefix: str, n: int) -> list[str]:
 
 
 def example_tensors(graph: Graph, start: int = 0) -> list[torch.Tensor]:
-    """Zero tensors matching ``graph.inputs[start:]`` (example inputs handed to compilers)."""
+    """Uninitialised tensors matching ``graph.inputs[start:]`` (example inputs handed to compilers)."""
     from reftrace.backends.torch_dtypes import torch_dtype
-    return [torch.zeros(v.shape, dtype=torch_dtype(v.dtype)) for v in graph.inputs[start:]]
+    return [torch.empty(v.shape, dtype=torch_dtype(v.dtype)) for v in graph.inputs[start:]]
 
 
 class PartitionedFunction:

@@ -162,7 +162,7 @@ _register((P.floor_p, P.ceil_p, P.round_p, P.sign_p))(_nothing)
 # Operate on bool/int only; never reached by a float cotangent but listed so the table is total.
 _register((P.not_p, P.and_p, P.or_p, P.xor_p))(_nothing)
 # Non-differentiable: bool/int outputs, random draws, and the explicit gradient stop.
-_register(P.COMPARISONS + (P.is_finite_p, P.argmax_p, P.argmin_p, P.iota_p, P.random_p,
+_register(P.COMPARISONS + (P.is_finite_p, P.argmax_p, P.argmin_p, P.iota_p, P.random_p, P.random_fold_in_p,
                            P.reduce_and_p, P.reduce_or_p, P.stop_gradient_p))(_nothing)
 
 

@@ -1,0 +1,1 @@
+"""Command-line tools built on reftrace (``python -m reftrace.tools.<name>``)."""

@@ -1,0 +1,477 @@
+"""torch's OpInfo database through reftrace: every differentiable operator variant, eager against compiled.
+
+    python -m reftrace.tools.opinfo [--ops a,b] [--backend nop|xla|nop,xla] [--out docs/coverage.md]
+                                    [--limit-samples N] [--time-limit SECONDS]
+
+For each OpInfo entry with ``supports_autograd`` (variants such as ``max.reduction_with_dim``
+are separate entries) and each of its sample inputs (float64 where the op supports it,
+else float32), the op runs eagerly and through ``reftrace.compile.aot_function`` with the
+chosen compiler. The compiled run must give the same values and the same gradients
+(``torch.autograd.grad`` of the outputs against one random cotangent per output) as eager,
+or raise a ``ReftraceError`` that says what is unsupported. Anything else is a defect:
+
+- ``wrong value`` / ``wrong grad``: a result differs beyond tolerance (the worst defect);
+- ``crash``: an exception that is not a ReftraceError, or a ReftraceError that reports an
+  internal inconsistency (a ShapeError/GraphError from a rule, "reftrace bug");
+- ``timeout``: the op ran past ``--time-limit`` (counted with the crashes).
+
+Samples whose eager run fails, and samples without a differentiable output, are skipped.
+Random ops (two eager runs with different seeds differ) are checked for output shapes and
+dtypes and for a backward that runs; their values cannot be compared with eager's.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import itertools
+import signal
+import sys
+import time
+import warnings
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+from reftrace.errors import GraphError, ReftraceError, ShapeError
+
+__all__ = ["OpResult", "SampleResult", "check_op", "check_sample", "differentiable_ops", "find_ops", "main",
+           "run_sweep", "variant_name", "write_report", "STATUSES"]
+
+PASS = "pass"
+RANDOM = "pass (random)"
+UNSUPPORTED = "unsupported"
+CRASH = "crash"
+TIMEOUT = "timeout"
+WRONG_VALUE = "wrong value"
+WRONG_GRAD = "wrong grad"
+SKIP_EAGER = "skip: eager fails"
+SKIP_NO_GRAD = "skip: no differentiable output"
+SKIP_DTYPE = "skip: no float dtype on CPU"
+
+# worst first: an op's status is its worst sample's
+STATUSES = (WRONG_VALUE, WRONG_GRAD, CRASH, TIMEOUT, UNSUPPORTED, RANDOM, PASS, SKIP_EAGER, SKIP_NO_GRAD, SKIP_DTYPE)
+_SEVERITY = {s: len(STATUSES) - i for i, s in enumerate(STATUSES)}
+_SKIPS = (SKIP_EAGER, SKIP_NO_GRAD, SKIP_DTYPE)
+
+# base tolerances (torch.testing.assert_close's defaults); OpInfo's own overrides loosen them per op
+_BASE_TOLERANCE = {torch.float64: (1e-7, 1e-7), torch.float32: (1.3e-6, 1e-5)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleResult:
+    status: str
+    message: str = ""
+
+
+@dataclasses.dataclass
+class OpResult:
+    """One op variant on one backend: its status (worst sample), why, and how many samples ran."""
+
+    name: str
+    backend: str
+    status: str
+    message: str = ""
+    dtype: str = ""
+    samples: int = 0
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------- the database
+
+def variant_name(op: Any) -> str:
+    """``max.reduction_with_dim`` for a variant, ``add`` otherwise."""
+    return f"{op.name}.{op.variant_test_name}" if op.variant_test_name else op.name
+
+
+def differentiable_ops() -> list[Any]:
+    """Every OpInfo entry of torch's ``op_db`` with ``supports_autograd`` (variants included)."""
+    from torch.testing._internal.common_methods_invocations import op_db
+    return [op for op in op_db if op.supports_autograd]
+
+
+def find_ops(names: Iterable[str] | None = None) -> list[Any]:
+    """The differentiable ops named (a base name selects all its variants); all of them for ``None``."""
+    ops = differentiable_ops()
+    if names is None:
+        return ops
+    wanted = [n.strip() for n in names if n.strip()]
+    chosen = [op for op in ops if variant_name(op) in wanted or op.name in wanted]
+    known = {variant_name(op) for op in ops} | {op.name for op in ops}
+    missing = [n for n in wanted if n not in known]
+    if missing:
+        raise SystemExit(f"unknown or non-differentiable OpInfo names: {', '.join(missing)}")
+    return chosen
+
+
+def _dtype_for(op: Any) -> torch.dtype | None:
+    supported = op.supported_dtypes("cpu")
+    for dtype in (torch.float64, torch.float32):
+        if dtype in supported:
+            return dtype
+    return None
+
+
+def _tolerance(op: Any, dtype: torch.dtype) -> tuple[float, float]:
+    """(rtol, atol): the base for ``dtype`` loosened by any of the op's OpInfo toleranceOverrides."""
+    rtol, atol = _BASE_TOLERANCE[dtype]
+    for info in getattr(op, "decorators", ()):
+        device = getattr(info, "device_type", None)
+        if device not in (None, "cpu"):
+            continue
+        for deco in getattr(info, "decorators", ()):
+            overrides = getattr(deco, "d", None)
+            if isinstance(overrides, dict) and dtype in overrides:
+                tol = overrides[dtype]
+                atol, rtol = max(atol, tol.atol), max(rtol, tol.rtol)
+    return rtol, atol
+
+
+# ----------------------------------------------------------------------------- compilers
+
+def _compiler(backend: str) -> Callable[..., Any]:
+    from reftrace.compile import nop, xla_compile
+    try:
+        return {"nop": nop, "xla": xla_compile}[backend]
+    except KeyError:
+        raise SystemExit(f"unknown backend {backend!r}; choose nop or xla") from None
+
+
+# ----------------------------------------------------------------------------- one sample
+
+class _Timeout(BaseException):
+    """Raised by the alarm; a BaseException so that no ``except Exception`` on the way swallows it."""
+
+
+def _fresh(tree: Any) -> Any:
+    """Independent leaf copies of every tensor in ``tree`` (a tensor passed twice stays shared)."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def copy(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        if id(x) not in memo:
+            memo[id(x)] = x.detach().clone().requires_grad_(x.requires_grad)
+        return memo[id(x)]
+    return pytree.tree_map(copy, tree)
+
+
+def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+def _diff_inputs(tree: Any) -> list[torch.Tensor]:
+    seen: set[int] = set()
+    out = []
+    for t in _tensor_leaves(tree):
+        if t.requires_grad and id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _run(op: Any, sample: Any, call_args: Any, fn: Callable[..., Any] | None = None) -> Any:
+    inp, args, kwargs = call_args
+    out = (fn or _as_function(op))(inp, args, kwargs)
+    return sample.output_process_fn_grad(out)
+
+
+def _as_function(op: Any) -> Callable[..., Any]:
+    def call(inp: Any, args: Any, kwargs: Any) -> Any:
+        return op(inp, *args, **kwargs)
+    call.__name__ = variant_name(op).replace(".", "_")
+    return call
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    if len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(
+                    torch.nan_to_num(x.detach()) if x.is_floating_point() else x.detach(),
+                    torch.nan_to_num(y.detach()) if y.is_floating_point() else y.detach()):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _is_random(op: Any, sample: Any) -> bool:
+    """Two eager runs under different seeds disagree (dropout, rrelu, bernoulli...)."""
+    with torch.no_grad():
+        torch.manual_seed(1234)
+        first = _run(op, sample, _fresh((sample.input, sample.args, sample.kwargs)))
+        torch.manual_seed(4321)
+        second = _run(op, sample, _fresh((sample.input, sample.args, sample.kwargs)))
+    return not _same_values(first, second)
+
+
+def _compare(what: str, expected: Any, actual: Any, rtol: float, atol: float, values: bool = True) -> str | None:
+    """None if ``actual`` matches ``expected``; else a one-line reason."""
+    if isinstance(expected, torch.Tensor) != isinstance(actual, torch.Tensor):
+        return f"{what}: expected {type(expected).__name__}, got {type(actual).__name__}"
+    if not isinstance(expected, torch.Tensor):
+        return None if expected == actual or not values else f"{what}: expected {expected!r}, got {actual!r}"
+    if expected.shape != actual.shape:
+        return f"{what}: shape {tuple(actual.shape)} != eager {tuple(expected.shape)}"
+    if expected.dtype != actual.dtype:
+        return f"{what}: dtype {actual.dtype} != eager {expected.dtype}"
+    if not values:
+        return None
+    try:
+        torch.testing.assert_close(actual.detach(), expected.detach(), rtol=rtol, atol=atol, equal_nan=True,
+                                   check_device=False, check_stride=False, check_layout=False)
+    except AssertionError as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:4] if line.strip())
+        return f"{what}: {detail}"
+    return None
+
+
+def _grads(outs: Sequence[torch.Tensor | None], cts: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]
+           ) -> list[torch.Tensor]:
+    """d(sum ct*out)/d inputs; outputs that do not require grad contribute nothing; zeros for unused inputs."""
+    pairs = [(o, c) for o, c in zip(outs, cts) if o is not None and o.requires_grad]
+    if pairs:
+        grads = torch.autograd.grad([o for o, _ in pairs], list(inputs), [c for _, c in pairs], allow_unused=True)
+    else:
+        grads = (None,) * len(inputs)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
+def check_sample(op: Any, sample: Any, compiler: Callable[..., Any], dtype: torch.dtype,
+                 tolerance: tuple[float, float] | None = None, seed: int = 0) -> SampleResult:
+    """One sample of ``op`` eagerly and through ``aot_function(fn, compiler)``: values, then gradients."""
+    from reftrace.compile import aot_function
+    rtol, atol = tolerance or _BASE_TOLERANCE[dtype]
+    try:
+        eager_args = _fresh((sample.input, sample.args, sample.kwargs))
+        eager_out = _run(op, sample, eager_args)
+        random = _is_random(op, sample)
+    except _Timeout:
+        raise
+    except Exception as err:  # noqa: BLE001 - the op itself cannot run this sample
+        return SampleResult(SKIP_EAGER, _short(f"{type(err).__name__}: {err}"))
+    eager_leaves = pytree.tree_leaves(eager_out)
+    diff_positions = [i for i, o in enumerate(eager_leaves)
+                      if isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point()]
+    eager_inputs = _diff_inputs(eager_args)
+
+    compiled_args = _fresh((sample.input, sample.args, sample.kwargs))
+    try:
+        compiled = aot_function(_as_function(op), compiler)
+        out = _run(op, sample, compiled_args, compiled)
+    except _Timeout:
+        raise
+    except Exception as err:  # noqa: BLE001 - classified below
+        return _classify(err)
+    leaves = pytree.tree_leaves(out)
+    if len(leaves) != len(eager_leaves):
+        return SampleResult(WRONG_VALUE, f"{len(leaves)} outputs, eager has {len(eager_leaves)}")
+    for i, (e, a) in enumerate(zip(eager_leaves, leaves)):
+        problem = _compare(f"output {i}", e, a, rtol, atol, values=not random)
+        if problem:
+            return SampleResult(WRONG_VALUE, _short(problem))
+    if not diff_positions or not eager_inputs:
+        return SampleResult(SKIP_NO_GRAD)
+
+    gen = torch.Generator().manual_seed(seed)
+    cts = [torch.randn(eager_leaves[i].shape, generator=gen, dtype=eager_leaves[i].dtype) for i in diff_positions]
+    try:
+        expected = _grads([eager_leaves[i] for i in diff_positions], cts, eager_inputs)
+    except _Timeout:
+        raise
+    except Exception as err:  # noqa: BLE001 - eager backward fails: nothing to compare with
+        return SampleResult(SKIP_EAGER, _short(f"eager backward: {type(err).__name__}: {err}"))
+    try:
+        actual = _grads([leaves[i] for i in diff_positions], cts, _diff_inputs(compiled_args))
+    except _Timeout:
+        raise
+    except Exception as err:  # noqa: BLE001
+        return _classify(err, "backward: ")
+    for i, (e, a) in enumerate(zip(expected, actual)):
+        problem = _compare(f"grad {i}", e, a, rtol, atol, values=not random)
+        if problem:
+            return SampleResult(WRONG_GRAD, _short(problem))
+    return SampleResult(RANDOM if random else PASS)
+
+
+def _classify(err: BaseException, prefix: str = "") -> SampleResult:
+    text = _short(f"{prefix}{type(err).__name__}: {err}")
+    if isinstance(err, ReftraceError) and not isinstance(err, (ShapeError, GraphError)) \
+            and "reftrace bug" not in str(err):
+        return SampleResult(UNSUPPORTED, text)
+    return SampleResult(CRASH, text)
+
+
+def _short(text: str, limit: int = 220) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+# ----------------------------------------------------------------------------- one op
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise ``_Timeout`` after ``seconds`` (SIGALRM; main thread on POSIX only, else no limit)."""
+    usable = seconds and hasattr(signal, "SIGALRM")
+    if usable:
+        try:
+            previous = signal.signal(signal.SIGALRM, _raise_timeout)
+        except ValueError:  # not the main thread
+            usable = False
+    if not usable:
+        yield
+        return
+    signal.setitimer(signal.ITIMER_REAL, float(seconds))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _raise_timeout(signum: int, frame: Any) -> None:
+    raise _Timeout()
+
+
+def check_op(op: Any, backend: str = "nop", limit_samples: int | None = None,
+             time_limit: float | None = 120.0) -> OpResult:
+    """Every sample of ``op`` (at most ``limit_samples``) on ``backend``; the op gets its worst sample's status."""
+    name = variant_name(op)
+    dtype = _dtype_for(op)
+    if dtype is None:
+        return OpResult(name, backend, SKIP_DTYPE, "no float32/float64 support on CPU")
+    compiler = _compiler(backend)
+    tolerance = _tolerance(op, dtype)
+    start = time.perf_counter()
+    results: list[SampleResult] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with _time_limit(time_limit):
+                torch.manual_seed(0)
+                samples = op.sample_inputs("cpu", dtype, requires_grad=True)
+                for k, sample in enumerate(itertools.islice(samples, limit_samples)):
+                    results.append(check_sample(op, sample, compiler, dtype, tolerance, seed=k))
+                    if _SEVERITY[results[-1].status] >= _SEVERITY[WRONG_GRAD]:
+                        break  # a wrong result is reported as soon as it is found
+        except _Timeout:
+            results.append(SampleResult(TIMEOUT, f"still running after {time_limit:g} s "
+                                                 f"({len(results)} samples done)"))
+        except Exception as err:  # noqa: BLE001 - making the sample inputs failed
+            results.append(SampleResult(SKIP_EAGER, _short(f"sample inputs: {type(err).__name__}: {err}")))
+    seconds = time.perf_counter() - start
+    checked = [r for r in results if r.status not in _SKIPS]
+    pool = checked or results or [SampleResult(SKIP_EAGER, "no sample inputs")]
+    worst = max(pool, key=lambda r: _SEVERITY[r.status])
+    return OpResult(name, backend, worst.status, worst.message, str(dtype).replace("torch.", ""),
+                    len(checked), seconds)
+
+
+def run_sweep(ops: Sequence[Any], backend: str = "nop", limit_samples: int | None = None,
+              time_limit: float | None = 120.0, progress: bool = True) -> list[OpResult]:
+    results = []
+    for i, op in enumerate(ops):
+        result = check_op(op, backend, limit_samples, time_limit)
+        results.append(result)
+        if progress:
+            print(f"[{i + 1}/{len(ops)}] {backend} {result.name}: {result.status} ({result.seconds:.1f} s)"
+                  f"{' - ' + result.message if result.message and result.status != PASS else ''}",
+                  file=sys.stderr, flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------- the report
+
+_CATEGORIES = (
+    ("pass", (PASS,)),
+    ("pass, random op (shapes and backward checked)", (RANDOM,)),
+    ("clear unsupported (ReftraceError)", (UNSUPPORTED,)),
+    ("crash (other exception)", (CRASH, TIMEOUT)),
+    ("wrong value", (WRONG_VALUE,)),
+    ("wrong grad", (WRONG_GRAD,)),
+    ("skipped: eager fails", (SKIP_EAGER,)),
+    ("skipped: no differentiable output", (SKIP_NO_GRAD,)),
+    ("skipped: no float dtype on CPU", (SKIP_DTYPE,)),
+)
+
+
+def summary_counts(results: Sequence[OpResult]) -> dict[str, int]:
+    return {label: sum(r.status in statuses for r in results) for label, statuses in _CATEGORIES}
+
+
+def write_report(by_backend: dict[str, list[OpResult]], path: str, command: str) -> None:
+    """Markdown: a summary per backend and one row per op variant."""
+    backends = list(by_backend)
+    first = by_backend[backends[0]]
+    lines = ["# Operator coverage: torch's OpInfo database through reftrace", "",
+             f"Generated by `{command}` on {datetime.date.today().isoformat()} with torch {torch.__version__}.", "",
+             "Every OpInfo entry of `torch.testing._internal.common_methods_invocations.op_db` with "
+             "`supports_autograd=True` (variants listed separately) runs on its sample inputs (float64 where the "
+             "op supports it, else float32) eagerly and through `reftrace.compile.aot_function(fn, compiler)`. "
+             "It passes when the values and the gradients (`torch.autograd.grad` with one random cotangent per "
+             "output) match eager within torch's tolerances; an op may instead raise a `ReftraceError` that names "
+             "what is unsupported. Random ops cannot match eager's values: their output shapes and dtypes and a "
+             "working backward are checked. See `reftrace/tools/opinfo.py`.", "",
+             "## Summary", ""]
+    header = "| | " + " | ".join(backends) + " |"
+    lines += [header, "|---|" + "---|" * len(backends)]
+    counts = {b: summary_counts(r) for b, r in by_backend.items()}
+    lines.append("| op variants | " + " | ".join(str(len(by_backend[b])) for b in backends) + " |")
+    for label, _ in _CATEGORIES:
+        lines.append(f"| {label} | " + " | ".join(str(counts[b][label]) for b in backends) + " |")
+    rates = []
+    for b in backends:
+        c = counts[b]
+        checked = len(by_backend[b]) - c["skipped: eager fails"] - c["skipped: no differentiable output"] \
+            - c["skipped: no float dtype on CPU"]
+        ok = c["pass"] + c["pass, random op (shapes and backward checked)"]
+        rates.append(f"{ok}/{checked} = {100.0 * ok / max(checked, 1):.1f}%")
+    lines.append("| pass rate (of variants checked) | " + " | ".join(rates) + " |")
+    lines += ["", "## Every op variant", "",
+              "| op variant | dtype | samples | " + " | ".join(backends) + " | why (first failing backend) |",
+              "|---|---|---|" + "---|" * len(backends) + "---|"]
+    for i, r in enumerate(first):
+        row = [by_backend[b][i] for b in backends]
+        why = next((x.message for x in row if x.status not in (PASS, RANDOM) and x.message), "")
+        lines.append(f"| `{r.name}` | {r.dtype} | {r.samples} | " + " | ".join(x.status for x in row)
+                     + f" | {_md(why)} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reftrace.tools.opinfo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", help="comma-separated OpInfo names (a base name selects its variants)")
+    parser.add_argument("--backend", default="nop", help="nop, xla, or both as nop,xla")
+    parser.add_argument("--out", default=None, help="write the markdown report here (e.g. docs/coverage.md)")
+    parser.add_argument("--limit-samples", type=int, default=None, help="check at most N samples per op")
+    parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per op before it times out")
+    ns = parser.parse_args(argv)
+    ops = find_ops(ns.ops.split(",") if ns.ops else None)
+    backends = [b.strip() for b in ns.backend.split(",") if b.strip()]
+    by_backend = {b: run_sweep(ops, b, ns.limit_samples, ns.time_limit) for b in backends}
+    for b, results in by_backend.items():
+        counts = summary_counts(results)
+        print(f"{b}: " + ", ".join(f"{k}: {v}" for k, v in counts.items() if v), flush=True)
+    if ns.out:
+        command = "python -m reftrace.tools.opinfo " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_report(by_backend, ns.out, command.strip())
+    bad = any(r.status in (WRONG_VALUE, WRONG_GRAD) for rs in by_backend.values() for r in rs)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
