@@ -245,6 +245,11 @@ def argmin(x: Any, axis: int, index_dtype: Any = np.int64) -> Any:
     return bind(P.argmin_p, x, axis=int(axis), index_dtype=np.dtype(index_dtype))
 
 
+def sort(x: Any, axis: int, descending: bool = False, index_dtype: Any = np.int64) -> tuple[Any, Any]:
+    """(values, indices): a stable sort along ``axis`` (NaN largest) and its permutation."""
+    return bind(P.sort_p, x, axis=int(axis), descending=bool(descending), index_dtype=np.dtype(index_dtype))
+
+
 def cumsum(x: Any, axis: int, reverse: bool = False) -> Any:
     return bind(P.cumsum_p, x, axis=int(axis), reverse=bool(reverse))
 

@@ -254,6 +254,19 @@ cummax_p = _new("cummax", _cumulative_rule("cummax"))
 cummin_p = _new("cummin", _cumulative_rule("cummin"))
 
 
+def _sort_rule(x: Aval, *, axis: int, descending: bool, index_dtype: np.dtype) -> tuple[Aval, Aval]:
+    _check_axes((axis,), x.ndim, "sort")
+    if not is_int(index_dtype):
+        raise ShapeError(f"sort: index_dtype must be an integer type, got {index_dtype}")
+    return x, Aval(x.shape, np.dtype(index_dtype))
+
+
+# (values, indices): a stable sort along ``axis`` and the permutation it applied (values ==
+# take_along_axis(x, indices)). NaN sorts above +inf (last ascending, first descending), -0.0 ties
+# with 0.0, and equal keys keep their order in both directions (torch.sort(stable=True)).
+sort_p = _new("sort", _sort_rule, multiple_results=True)
+
+
 # ----------------------------------------------------------------------------- shape ops
 
 def _broadcast_in_dim_rule(x: Aval, *, shape: tuple[int, ...], broadcast_dimensions: tuple[int, ...]) -> Aval:

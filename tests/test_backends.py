@@ -777,6 +777,7 @@ def every_primitive_program(x, y, b, idx, key):
     outs += [g, lax.scatter_add(x, idx, g, 1), lax.scatter(y, idx, g, 1)]
     outs += [lax.bind(P.random_p, key, shape=(2, 3), dtype=np.dtype(F32), distribution=d)
              for d in ("uniform", "normal")]
+    outs.append(lax.bind(P.random_fold_in_p, key, data=3))
     return tuple(outs)
 
 

@@ -83,6 +83,26 @@ jax_rules[P.cumprod_p] = lambda x, *, axis, reverse: lax.cumprod(x, axis=axis, r
 jax_rules[P.cummax_p] = lambda x, *, axis, reverse: lax.cummax(x, axis=axis, reverse=reverse)
 jax_rules[P.cummin_p] = lambda x, *, axis, reverse: lax.cummin(x, axis=axis, reverse=reverse)
 
+
+def _sort(x, *, axis, descending, index_dtype):
+    """A stable multi-key lax.sort: (NaN last or first, the value or its order-reversing image, position)."""
+    x = jnp.asarray(x)
+    position = lax.broadcasted_iota(index_dtype, x.shape, axis)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        nan = jnp.isnan(x)
+        key = jnp.where(nan | (x == 0), jnp.zeros_like(x), x)  # -0.0 ties with 0.0; NaNs tie
+        group = jnp.where(nan, 0, 1) if descending else jnp.where(nan, 1, 0)
+        keys = (group.astype(jnp.int8), -key if descending else key)
+    elif x.dtype == jnp.bool_:
+        keys = (jnp.where(x, 0, 1).astype(jnp.int8) if descending else x.astype(jnp.int8),)
+    else:
+        keys = (jnp.bitwise_not(x) if descending else x,)
+    *_, order = lax.sort((*keys, position), dimension=axis, is_stable=True, num_keys=len(keys))
+    return jnp.take_along_axis(x, order, axis=axis), order
+
+
+jax_rules[P.sort_p] = _sort
+
 jax_rules[P.broadcast_in_dim_p] = (
     lambda x, *, shape, broadcast_dimensions: lax.broadcast_in_dim(jnp.asarray(x), shape, broadcast_dimensions))
 jax_rules[P.reshape_p] = lambda x, *, new_sizes: jnp.reshape(x, new_sizes)

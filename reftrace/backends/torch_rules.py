@@ -268,6 +268,14 @@ torch_rules[P.cummax_p] = _cumulative(lambda x, a, dt: torch.cummax(x, a)[0])
 torch_rules[P.cummin_p] = _cumulative(lambda x, a, dt: torch.cummin(x, a)[0])
 
 
+def _sort(x: Any, *, axis: int, descending: bool, index_dtype: np.dtype) -> tuple[Any, Any]:
+    values, indices = torch.sort(_t(x), dim=axis, descending=descending, stable=True)
+    return values, indices if np.dtype(index_dtype) == np.int64 else indices.to(torch_dtype(index_dtype))
+
+
+torch_rules[P.sort_p] = _sort
+
+
 # ----------------------------------------------------------------------------- shape ops
 
 def _broadcast_in_dim(x: Any, *, shape: tuple[int, ...], broadcast_dimensions: tuple[int, ...]) -> Any:

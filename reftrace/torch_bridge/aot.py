@@ -5,6 +5,11 @@ differentiated by reftrace's ``vjp``, partitioned, emitted as FX and handed to t
 compilers — forward and backward both, ahead of time. Guards: the cache key is the
 argument structure, every tensor's shape/dtype/device/requires_grad, the values of
 non-tensor arguments and whether grad mode is on; anything new recompiles.
+
+A function with random ops (dropout in training mode...) is captured with one more
+input, a ``u32[2]`` key (``Captured.key_input``, the last input); every call feeds a
+fresh one drawn from torch's default generator (``new_rng_key``), so
+``torch.manual_seed`` makes runs reproducible and successive calls differ.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from reftrace.errors import ArgumentError, TracingError
 from reftrace.primitives import is_float
-from reftrace.torch_bridge.autograd import Compiler, InferenceFunction, PartitionedFunction
+from reftrace.torch_bridge.autograd import Compiler, InferenceFunction, PartitionedFunction, new_rng_key
 from reftrace.torch_bridge.compilers import as_partitioner, default_partition
 
 
@@ -38,11 +43,13 @@ class _Compiled:
     """One compiled signature: the graph functions plus how to rebuild the outputs."""
 
     def __init__(self, run: Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, ...]],
-                 num_outputs: int, mutated_inputs: Sequence[int], out_spec: Any) -> None:
+                 num_outputs: int, mutated_inputs: Sequence[int], out_spec: Any, key_input: int | None = None
+                 ) -> None:
         self.run = run
         self.num_outputs = num_outputs
         self.mutated_inputs = tuple(mutated_inputs)
         self.out_spec = out_spec
+        self.key_input = key_input  # the graph's random key input (after the user's tensors), or None
 
 
 class AOTFunction:
@@ -69,7 +76,10 @@ class AOTFunction:
         if compiled is None:
             with _gc_paused():
                 compiled = self.cache[key] = self._compile(leaves, spec, tensor_pos, tensors)
-        outs = compiled.run(tensors)
+        if compiled.key_input is None:
+            outs = compiled.run(tensors)
+        else:  # a fresh key per call; the autograd Function keeps it for double backward
+            outs = compiled.run([*tensors, new_rng_key(tensors[0].device if tensors else None)])
         if compiled.mutated_inputs:
             with torch.no_grad():
                 for i, new in zip(compiled.mutated_inputs, outs[compiled.num_outputs:]):
@@ -113,15 +123,18 @@ class AOTFunction:
         captured = capture_flat(fn_flat, tensors, decompositions=self.decompositions)
         graph = captured.graph
         n_out = captured.num_outputs
+        examples = list(tensors)
+        if captured.key_input is not None:
+            examples.append(torch.zeros(2, dtype=torch.uint32))
         wrt = [i for i, t in enumerate(tensors) if t.requires_grad and is_float(graph.inputs[i].dtype)]
         if not (torch.is_grad_enabled() and wrt):
-            run = InferenceFunction(graph, self.inference_compiler, tensors)
+            run = InferenceFunction(graph, self.inference_compiler, examples)
         else:
             nondiff = [i for i, v in enumerate(graph.outputs) if i >= n_out or not is_float(v.dtype)]
             run = PartitionedFunction(graph, wrt, nondiff, fw_compiler=self.fw_compiler,
                                       bw_compiler=self.bw_compiler, partitioner=self.partitioner,
-                                      example_inputs=tensors, mutated_inputs=captured.mutated_inputs)
-        return _Compiled(run, n_out, captured.mutated_inputs, out_spec_box[0])
+                                      example_inputs=examples, mutated_inputs=captured.mutated_inputs)
+        return _Compiled(run, n_out, captured.mutated_inputs, out_spec_box[0], captured.key_input)
 
 
 def aot_function(fn: Callable[..., Any], fw_compiler: Compiler, bw_compiler: Compiler | None = None,

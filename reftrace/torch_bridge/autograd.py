@@ -6,6 +6,12 @@ torch.autograd. When backward itself is differentiated (``create_graph=True``),
 the gradient is computed by a second compiled graph, ``vjp(graph)`` restricted to
 its gradients, which is differentiable in turn: double backward is just another
 graph.
+
+A graph with random ops takes its ``u32[2]`` key as an ordinary (integer, never
+differentiated) input. The autograd Function keeps every input of a call, the key
+included, so the backward and a double backward see the forward's random draws: the
+backward reads the saved draws (partitions never recompute ``random``), and double
+backward re-runs the joint graph with the same key, which draws the same values.
 """
 from __future__ import annotations
 
@@ -34,10 +40,28 @@ def _input_names(prefix: str, n: int) -> list[str]:
     return [f"{prefix}_{i + 1}" for i in range(n)]
 
 
-def example_tensors(graph: Graph, start: int = 0) -> list[torch.Tensor]:
+def new_rng_key(device: torch.device | str | None = None) -> torch.Tensor:
+    """A fresh ``u32[2]`` key for a captured graph's random ops, from torch's default generator.
+
+    Two uint32 words drawn with ``torch.randint`` (so ``torch.manual_seed`` fixes them and each
+    call advances the generator), as a ``torch.uint32`` tensor on ``device``.
+    """
+    words = torch.randint(0, 2 ** 32, (2,), dtype=torch.int64)
+    return words.to(device=device, dtype=torch.uint32)
+
+
+def example_tensors(graph: Graph, start: int = 0, device: torch.device | None = None) -> list[torch.Tensor]:
     """Uninitialised tensors matching ``graph.inputs[start:]`` (example inputs handed to compilers)."""
     from reftrace.backends.torch_dtypes import torch_dtype
-    return [torch.empty(v.shape, dtype=torch_dtype(v.dtype)) for v in graph.inputs[start:]]
+    return [torch.empty(v.shape, dtype=torch_dtype(v.dtype), device=device) for v in graph.inputs[start:]]
+
+
+def device_of(tensors: Sequence[torch.Tensor]) -> torch.device | None:
+    """Where emitted code should create its tensors: the inputs' device, or None for the CPU default."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+            return t.device
+    return None
 
 
 class PartitionedFunction:
@@ -60,11 +84,12 @@ class PartitionedFunction:
         self.mutated_inputs = frozenset(mutated_inputs)  # written back by the caller after forward
         joint = vjp(graph, wrt=self.wrt, nondiff_outputs=self.nondiff_outputs)
         self.joint = joint
-        fw_gm, bw_gm = partitioner.split(joint, num_fwd_outputs=self.num_outputs)
+        self.device = device_of(example_inputs)
+        fw_gm, bw_gm = partitioner.split(joint, num_fwd_outputs=self.num_outputs, device=self.device)
         self.num_saved = len(fw_gm.graph.find_nodes(op="output")[0].args[0]) - self.num_outputs
         self.fw_gm, self.bw_gm = fw_gm, bw_gm
         self.compiled_fw = fw_compiler(fw_gm, list(example_inputs))
-        bw_examples = _placeholder_examples(bw_gm)
+        bw_examples = _placeholder_examples(bw_gm, self.device)
         self.compiled_bw = bw_compiler(bw_gm, bw_examples)
         self._double: dict[tuple[bool, ...], PartitionedFunction] = {}
         self._fn = _make_autograd_function(self)
@@ -101,18 +126,20 @@ class PartitionedFunction:
             from reftrace.torch_bridge.compilers import nop
             j = self.joint
             grads_graph = simplify(j.replace(outputs=j.outputs[self.num_outputs:], joint=None))
-            fn = self._double[()] = InferenceFunction(grads_graph, nop, example_tensors(grads_graph))
+            fn = self._double[()] = InferenceFunction(grads_graph, nop,
+                                                      example_tensors(grads_graph, device=self.device))
         return fn
 
 
-def _placeholder_examples(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
+def _placeholder_examples(gm: torch.fx.GraphModule, device: torch.device | None) -> list[torch.Tensor]:
     graph = getattr(gm, "reftrace_graph", None)
     if graph is not None:
-        return example_tensors(graph)
+        return example_tensors(graph, device=device)
     out = []
     for node in gm.graph.find_nodes(op="placeholder"):
         val = node.meta.get("val")
-        out.append(torch.zeros(val.shape, dtype=val.dtype) if val is not None else torch.zeros(()))
+        out.append(torch.empty(val.shape, dtype=val.dtype, device=device) if val is not None
+                   else torch.empty((), device=device))
     return out
 
 
@@ -131,7 +158,8 @@ def _make_autograd_function(pf: PartitionedFunction) -> type[torch.autograd.Func
                 saved = [s.clone() if any(s is tensors[i] for i in mutated) else s for s in saved]
             ctx.save_for_backward(*saved)
             # primals for double backward: references (they keep their autograd history), except
-            # inputs about to be overwritten, which are copied
+            # inputs about to be overwritten, which are copied; a random key is among them, so
+            # double backward draws what this forward drew
             ctx.primals = [t.detach().clone() if i in mutated else t for i, t in enumerate(tensors)]
             results = tuple(outs[:n_out])
             ctx.mark_non_differentiable(*[results[i] for i in nondiff])
@@ -159,7 +187,8 @@ class InferenceFunction:
     def __init__(self, graph: Graph, compiler: Compiler, example_inputs: Sequence[torch.Tensor]) -> None:
         from reftrace.backends.torch import to_fx
         self.graph = graph
-        self.gm = to_fx(graph, input_names=_input_names("arg", len(graph.inputs)), output_as_list=True)
+        self.gm = to_fx(graph, input_names=_input_names("arg", len(graph.inputs)), output_as_list=True,
+                        device=device_of(example_inputs))
         self.compiled = compiler(self.gm, list(example_inputs))
 
     def __call__(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

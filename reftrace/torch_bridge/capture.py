@@ -9,6 +9,10 @@ graph through its table (``reftrace.torch_bridge.aten``).
 
 Mutated inputs (``x.add_(1)``, BatchNorm running statistics) become trailing
 outputs: graph outputs are ``(*fn outputs, *new values of mutated inputs)``.
+
+Random ops (dropout, bernoulli, rand...) draw from an explicit ``u32[2]`` key: a
+function that uses any gets one extra graph input, the key, always the last one
+(``Captured.key_input``); see ``reftrace.torch_bridge.aten.random``.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from reftrace.errors import ArgumentError, DataDependentControlFlowError, ReftraceError, TracingError
 from reftrace.graph import Graph
 from reftrace.torch_bridge.modules import ModuleState, functional_module, module_state
-from reftrace.torch_bridge.translate import STOP_GRADIENT, fx_to_graph, op_display_name, unsupported_operator
+from reftrace.torch_bridge.translate import (STOP_GRADIENT, STRAIGHT_THROUGH, functional_variant, fx_to_graph,
+                                             op_display_name, unsupported_operator)
 from reftrace.torch_bridge.user_frames import innermost_user_frame, location_from_traceback, user_stack_string
 
 __all__ = ["Captured", "capture", "capture_flat", "capture_tree", "decomposition_table"]
@@ -53,6 +58,9 @@ class Captured:
     - ``num_state``: leading inputs that are module parameters and buffers (0 for functions).
     - ``state``: the module's ModuleState, or ``None``.
     - ``aten_graph``: torch's functional ATen ``fx.GraphModule`` the graph was translated from.
+    - ``key_input``: index of the ``u32[2]`` key input random ops draw from (the last input), or
+      ``None`` when the function draws no random numbers. Callers feed a fresh key per call
+      (``reftrace.torch_bridge.autograd.new_rng_key``) to get fresh random numbers.
     """
 
     graph: Graph
@@ -66,6 +74,7 @@ class Captured:
     num_state: int = 0
     state: ModuleState | None = None
     aten_graph: fx.GraphModule | None = field(default=None, repr=False)
+    key_input: int | None = None
 
     def unflatten_outputs(self, flat: Sequence[Any]) -> Any:
         """The function's outputs (its pytree) from the graph's leading ``num_outputs`` values."""
@@ -97,15 +106,29 @@ class Captured:
 
 # Ops outside torch's core table whose torch decompositions land on rows reftrace has.
 _EXTRA_DECOMPOSITIONS = ("grid_sampler_2d.default", "upsample_bicubic2d.default", "upsample_trilinear3d.default",
-                         "upsample_nearest2d.vec")
+                         "upsample_nearest2d.vec", "i0.default", "special_i0e.default", "special_i1.default",
+                         "special_i1e.default", "special_ndtri.default", "special_erfcx.default", "frexp.Tensor",
+                         "ldexp.Tensor", "nextafter.default", "narrow_copy.default",
+                         "max_pool2d_with_indices_backward.default")
+
+# Ops whose torch decomposition gives torch's values but not torch's gradients (a NaN where torch's
+# own backward masks, a duplicate index counted twice): reftrace's ATen rows map them instead.
+_OWN_ROWS = ("index_fill.int_Tensor", "index_fill.int_Scalar", "_safe_softmax.default",
+             "linalg_vector_norm.default", "take.default", "special_log_ndtr.default",
+             "_scaled_dot_product_flash_attention_for_cpu.default")
+
+
+def _ops(names: Sequence[str]) -> list[Any]:
+    return [getattr(getattr(torch.ops.aten, packet), overload)
+            for packet, overload in (name.split(".") for name in names)]
 
 
 @functools.lru_cache(maxsize=1)
 def _core_table() -> Mapping[Any, Callable[..., Any]]:
     table = dict(core_aten_decompositions())
-    extras = [getattr(getattr(torch.ops.aten, packet), overload)
-              for packet, overload in (name.split(".") for name in _EXTRA_DECOMPOSITIONS)]
-    table.update(get_decompositions(extras))
+    table.update(get_decompositions(_ops(_EXTRA_DECOMPOSITIONS)))
+    for op in _ops(_OWN_ROWS):
+        table.pop(op, None)
     return table
 
 
@@ -151,23 +174,20 @@ class _UserFrames(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         fx_traceback.set_stack_trace([user_stack_string()])
         stop = func in _DETACH_OPS or (not torch.is_grad_enabled() and not _in_autograd_function_forward())
-        if stop:  # nodes made for this op carry the flag; translate stops gradients where they leave
-            custom = fx_traceback.current_meta.get("custom")
-            fx_traceback.current_meta["custom"] = {**(custom or {}), STOP_GRADIENT: True}
         try:
-            out = func(*args, **(kwargs or {}))
+            if stop and func not in _DETACH_OPS and _writes_float_tensor(func, args):
+                out = _mutate_straight_through(func, args, kwargs or {})
+            elif stop:  # nodes made for this op carry the flag; translate stops gradients where they leave
+                with _node_flag(STOP_GRADIENT):
+                    out = func(*args, **(kwargs or {}))
+            else:
+                out = func(*args, **(kwargs or {}))
         except (ReftraceError, DataDependentControlFlowError):
             raise
         except Exception as err:
             if _is_missing_fake_impl(err):
                 raise unsupported_operator(func, innermost_user_frame()) from None
             raise
-        finally:
-            if stop:
-                if custom is None:
-                    fx_traceback.current_meta.pop("custom", None)
-                else:
-                    fx_traceback.current_meta["custom"] = custom
         if func is torch.ops.aten._local_scalar_dense.default and isinstance(out, (torch.SymInt, torch.SymFloat,
                                                                                      torch.SymBool)):
             raise DataDependentControlFlowError(
@@ -180,6 +200,43 @@ class _UserFrames(TorchDispatchMode):
                     f"values (at {innermost_user_frame()}). reftrace captures static shapes; use masking with "
                     "torch.where instead of nonzero / masked_select / boolean indexing.")
         return out
+
+
+@contextlib.contextmanager
+def _node_flag(key: str) -> Any:
+    """Nodes made inside carry ``key`` in ``node.meta["custom"]``."""
+    custom = fx_traceback.current_meta.get("custom")
+    fx_traceback.current_meta["custom"] = {**(custom or {}), key: True}
+    try:
+        yield
+    finally:
+        if custom is None:
+            fx_traceback.current_meta.pop("custom", None)
+        else:
+            fx_traceback.current_meta["custom"] = custom
+
+
+def _writes_float_tensor(func: Any, args: Any) -> bool:
+    return (functional_variant(func) is not None and bool(args) and isinstance(args[0], torch.Tensor)
+            and args[0].is_floating_point())
+
+
+def _mutate_straight_through(func: Any, args: Any, kwargs: Any) -> Any:
+    """An in-place op under ``no_grad()``: the tensor takes the new value, its gradient passes unchanged.
+
+    torch autograd does not record the mutation, so the tensor keeps its history and the
+    gradient reaching it flows to its old value as if the op were the identity (torch's
+    ``cosine_similarity`` clamps norms this way). The new value is computed with gradients
+    stopped, then a ``copy`` node tagged ``STRAIGHT_THROUGH`` joins it to the old value.
+    """
+    target = args[0]
+    before = torch.ops.aten.clone.default(target)
+    with _node_flag(STOP_GRADIENT):
+        out = func(*args, **kwargs)
+    with _node_flag(STRAIGHT_THROUGH):
+        torch.ops.aten.copy_.default(before, target)
+    torch.ops.aten.copy_.default(target, before)
+    return out
 
 
 def _in_autograd_function_forward() -> bool:
@@ -326,15 +383,18 @@ def capture_flat(fn: Callable[[list[torch.Tensor]], Any], example_tensors: Seque
     """Capture ``fn(list_of_tensors) -> tensors`` at the shapes/dtypes of ``example_tensors``.
 
     ``fn`` may return one tensor or a (nested) tuple/list/dict of tensors; the graph's
-    inputs are ``example_tensors`` in order. No real computation runs.
+    inputs are ``example_tensors`` in order, then the ``u32[2]`` random key if ``fn`` draws
+    random numbers (``key_input``). No real computation runs.
     """
     if not callable(fn):
         raise ArgumentError(f"capture_flat expects a callable, got {type(fn).__name__}")
     tensors = _check_tensors(list(example_tensors), "example tensor")
     gm, record = _trace_aten(fn, tensors, decomposition_table(decompositions))
     graph = fx_to_graph(gm)
+    key_input = len(tensors) if len(graph.inputs) > len(tensors) else None  # fx_to_graph appends the key
     return Captured(graph=graph, num_outputs=len(record.output_slots), mutated_inputs=record.mutated,
-                    out_spec=record.out_spec, output_slots=record.output_slots, aten_graph=gm)
+                    out_spec=record.out_spec, output_slots=record.output_slots, aten_graph=gm,
+                    key_input=key_input)
 
 
 _STATIC_LEAVES = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -381,7 +441,8 @@ def capture_tree(fn_or_module: Callable[..., Any], *args: Any,
     return Captured(graph=captured.graph, num_outputs=captured.num_outputs,
                     mutated_inputs=captured.mutated_inputs, out_spec=captured.out_spec,
                     output_slots=captured.output_slots, in_spec=in_spec, static_args=static,
-                    arg_slots=tensor_slots, num_state=num_state, state=state, aten_graph=captured.aten_graph)
+                    arg_slots=tensor_slots, num_state=num_state, state=state, aten_graph=captured.aten_graph,
+                    key_input=captured.key_input)
 
 
 def capture(fn_or_module: Callable[..., Any], *args: Any,
@@ -389,7 +450,8 @@ def capture(fn_or_module: Callable[..., Any], *args: Any,
     """The Graph of ``fn_or_module(*args)`` (what ``rt.trace`` returns for torch inputs).
 
     Inputs: module parameters, then buffers (see ``modules``), then the tensor leaves of
-    ``args``. Outputs: the output tensors (flattened), then new values of mutated inputs.
+    ``args``, then, if the function draws random numbers (dropout in training mode...), a
+    ``u32[2]`` key. Outputs: the output tensors (flattened), then new values of mutated inputs.
     Use ``capture_tree`` for the full ``Captured`` record.
     """
     if options:

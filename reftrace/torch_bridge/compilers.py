@@ -113,16 +113,18 @@ class ReftracePartitioner:
     def __repr__(self) -> str:
         return self.__name__
 
-    def split(self, joint: Graph, num_fwd_outputs: int) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    def split(self, joint: Graph, num_fwd_outputs: int, device: torch.device | None = None
+              ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+        """Partition a reftrace joint graph; emit both halves as FX (creating tensors on ``device``)."""
         from reftrace.backends.torch import to_fx
         from reftrace.transforms.partition import partition
         p = partition(joint, policy=self.policy)
         num_saved = len(p.forward.outputs) - num_fwd_outputs
         fw = to_fx(p.forward, input_names=[f"primals_{i + 1}" for i in range(len(p.forward.inputs))],
-                   output_as_list=True)
+                   output_as_list=True, device=device)
         bw_names = [f"saved_{i + 1}" for i in range(num_saved)]
         bw_names += [f"tangents_{i + 1}" for i in range(len(p.backward.inputs) - num_saved)]
-        bw = to_fx(p.backward, input_names=bw_names, output_as_list=True)
+        bw = to_fx(p.backward, input_names=bw_names, output_as_list=True, device=device)
         return fw, bw
 
     def __call__(self, joint_module: torch.fx.GraphModule, _joint_inputs: Any, *, num_fwd_outputs: int,
@@ -144,14 +146,15 @@ class ForeignPartitioner:
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
 
-    def split(self, joint: Graph, num_fwd_outputs: int) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    def split(self, joint: Graph, num_fwd_outputs: int, device: torch.device | None = None
+              ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
         from reftrace.backends.torch import to_fx
         from reftrace.torch_bridge.autograd import example_tensors
         num_primals = joint.joint[0]
         names = [f"primals_{i + 1}" for i in range(num_primals)]
         names += [f"tangents_{i + 1}" for i in range(len(joint.inputs) - num_primals)]
-        gm = to_fx(joint, input_names=names, output_as_list=True)
-        return self.fn(gm, example_tensors(joint), num_fwd_outputs=num_fwd_outputs)
+        gm = to_fx(joint, input_names=names, output_as_list=True, device=device)
+        return self.fn(gm, example_tensors(joint, device=device), num_fwd_outputs=num_fwd_outputs)
 
 
 def as_partitioner(partition_fn: Any) -> Any:

@@ -5,6 +5,9 @@ a shape that differs is a bug in the table and raises; a dtype that differs is
 converted, so the captured graph always has torch's type promotion. Nodes whose
 results are never used are skipped (they need no row), and equations left dead
 by multi-output rules are pruned.
+
+A graph with random ops gets one extra input, its ``u32[2]`` key, after the
+placeholders (so it is the last input); see ``reftrace.torch_bridge.aten.random``.
 """
 from __future__ import annotations
 
@@ -24,10 +27,14 @@ from reftrace.graph import Aval, Graph, Literal, Var
 from reftrace.lax import TracedArray
 from reftrace.torch_bridge.aten import NodeContext, aten_rules
 from reftrace.torch_bridge.aten import _common
+from reftrace.torch_bridge.aten.random import key_stream
 from reftrace.torch_bridge.user_frames import location_from_stack_trace
 
 DOCS_ANCHOR = "docs/torch.md#unsupported-operators"
 STOP_GRADIENT = "reftrace_stop_gradient"  # key in node.meta["custom"]: made under no_grad() or by detach()
+# key in node.meta["custom"] of ``copy(old, new)`` nodes that capture writes for an in-place op under
+# no_grad(): the value is ``new``, the gradient goes to ``old`` unchanged (torch does not record the op)
+STRAIGHT_THROUGH = "reftrace_straight_through"
 
 
 def _stops_gradient(node: fx.Node) -> bool:
@@ -71,8 +78,9 @@ def unsupported_operator(op: Any, location: str | None) -> UnsupportedOperatorEr
                f"decompositions={{{op_python_path(op)}: ...}}, or add a row to the ATen table; "
                f"see {DOCS_ANCHOR}.")
     if isinstance(op, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in op.tags:
-        message += (" It draws random numbers, and reftrace has no functional RNG yet: capture in eval() mode "
-                    "(dropout off) or avoid random ops in the captured function.")
+        message += (" It draws random numbers: reftrace maps dropout, bernoulli, rand/randn(_like), randint, "
+                    "uniform_, normal_ and a few more through its functional RNG (docs/torch.md#random-operators), "
+                    "but not this one; a decomposition into those ops works.")
     return UnsupportedOperatorError(message)
 
 
@@ -134,7 +142,7 @@ class _Translator:
         live = _live_nodes(self.gm.graph)
         inputs: list[TracedArray] = []
         outputs: list[Any] = []
-        with lax.tracing(self.builder):
+        with lax.tracing(self.builder), key_stream(self.builder) as keys:
             for node in self.gm.graph.nodes:
                 if node.op == "placeholder":
                     aval = aval_of_meta(node.meta["val"], f"input {node.name}")
@@ -150,6 +158,8 @@ class _Translator:
                     outputs = [self._output(v, i) for i, v in enumerate(_flat_outputs(node.args[0]))]
                 else:
                     raise TracingError(f"unexpected FX node {node.format_node()}")
+        if keys.key is not None:  # random ops drew from it: the key is the last input
+            inputs.append(keys.key)
         graph = self.builder.build([t.atom for t in inputs], outputs)
         return prune(graph)
 
@@ -185,6 +195,9 @@ class _Translator:
         if target is operator.getitem:
             container, index = node.args
             return self._read(container, stops)[index]
+        if _is_straight_through(node):
+            old, new = node.args[:2]
+            return straight_through(self._read(old, False), self._read(new, False))
         location = location_from_stack_trace(node.meta.get("stack_trace"))
         rule = aten_rules.get(target)
         mutated = None
@@ -231,6 +244,25 @@ class _Translator:
         return type(result)(checked) if multiple else checked[0]
 
 
+def _is_straight_through(node: fx.Node) -> bool:
+    custom = node.meta.get("custom")
+    return (isinstance(custom, dict) and bool(custom.get(STRAIGHT_THROUGH))
+            and node.target is torch.ops.aten.copy.default)
+
+
+def straight_through(old: TracedArray, new: Any) -> TracedArray:
+    """``new``'s value with ``old``'s gradient path: ``(old - stop_gradient(old)) + new``.
+
+    ``old - stop_gradient(old)`` is exactly 0 for finite ``old`` (whose gradient it carries);
+    where ``old`` is inf or NaN the result is plain ``new``. ``new`` arrives gradient-stopped.
+    """
+    new = lax.broadcast_to_rank(lax.convert_element_type(new, old.dtype), old.shape)
+    if not P.is_float(old.dtype):
+        return new
+    passthrough = lax.sub(old, lax.stop_gradient(old))
+    return lax.select(lax.is_finite(old), lax.add(passthrough, new), new)
+
+
 def _stop_gradient(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_stop_gradient(v) for v in value)
@@ -257,5 +289,8 @@ def prune(graph: Graph) -> Graph:
 
 
 def fx_to_graph(gm: fx.GraphModule) -> Graph:
-    """The reftrace Graph of a functional ATen ``GraphModule`` (placeholders become inputs, in order)."""
+    """The reftrace Graph of a functional ATen ``GraphModule`` (placeholders become inputs, in order).
+
+    If it has random ops, one more input follows the placeholders: the ``u32[2]`` key they draw from.
+    """
     return _Translator(gm).run()

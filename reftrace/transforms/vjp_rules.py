@@ -356,6 +356,16 @@ def _cumchoose_vjp(ct, x, out, axis):
     return lax.reduce_sum(lax.mul(hit, share), (axis + 1,))
 
 
+@_register(P.sort_p)
+def _sort_vjp(cts, primals, outs, *, axis, descending, index_dtype):
+    """Values are ``x`` permuted along ``axis``: send each cotangent back to where it came from."""
+    ct, _ = cts
+    (x,), (_, indices) = primals, outs
+    if ct is None:
+        return (None,)
+    return (lax.scatter_add(lax.zeros(x.aval), indices, ct, axis),)
+
+
 # ----------------------------------------------------------------------------- shape ops
 
 def _inverse_permutation(perm: Sequence[int]) -> tuple[int, ...]:

@@ -13,6 +13,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
@@ -31,7 +32,16 @@ class StepResult:
     """Everything one training step produces, detached, keyed by a readable name."""
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    model: torch.nn.Module | None = None
+    model: torch.nn.Module | None = None  # the stepped model
+    compiled: Any = None  # the AOTModule that ran it (None in eager)
+
+    def saved_bytes(self) -> int:
+        """Bytes the compiled forward saves for the backward (one compiled signature expected)."""
+        (entry,) = self.compiled._compiled.cache.values()
+        run = entry.run
+        forward = run.fw_gm.reftrace_graph
+        saved = forward.outputs[run.num_outputs:]
+        return sum(int(np.prod(v.shape, dtype=np.int64)) * np.dtype(v.dtype).itemsize for v in saved)
 
 
 @dataclass
@@ -39,7 +49,8 @@ class Errors:
     """The largest absolute error and the largest error relative to each tensor's own scale."""
 
     max_abs: float = 0.0
-    max_rel: float = 0.0  # max |got - want| / max |want|, over all tensors (normwise)
+    max_rel: float = 0.0  # max over tensors of max|got - want| / max(max|want|, 1e-3) (normwise)
+    needed_rtol: float = 0.0  # the smallest rtol that passes with atol = rtol / 10
     worst: str = ""
     compared: int = 0
 
@@ -56,7 +67,7 @@ def training_step(model: torch.nn.Module, args: Sequence[Any], loss_fn: LossFn, 
     kwargs = kwargs or {}
     run = model if compiler is None else aot_module(model, compiler, partition_fn=partition)
     opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
-    result = StepResult(model=model)
+    result = StepResult(model=model, compiled=None if compiler is None else run)
     out = run(*args, **kwargs)
     loss = loss_fn(out)
     loss.backward()
@@ -89,7 +100,10 @@ def compare(got: StepResult, want: StepResult, *, rtol: float, atol: float) -> E
         torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
         diff = (g.double() - w.double()).abs().max().item() if w.numel() else 0.0
         scale = w.double().abs().max().item() if w.numel() else 0.0
-        rel = diff / scale if scale else diff
+        rel = diff / max(scale, 1e-3)  # gradients that are mathematically zero have no scale of their own
+        if w.numel():
+            needed = ((g.double() - w.double()).abs() / (0.1 + w.double().abs())).max().item()
+            errors.needed_rtol = max(errors.needed_rtol, needed)
         errors.compared += 1
         errors.max_abs = max(errors.max_abs, diff)
         if rel >= errors.max_rel:
@@ -108,6 +122,7 @@ class StepCase:
         self.loss_fn = loss_fn
         self._base: dict[torch.dtype, tuple[torch.nn.Module, tuple, dict]] = {}
         self._eager: dict[torch.dtype, StepResult] = {}
+        self._compiled: dict[tuple, StepResult] = {}
 
     def base(self, dtype: torch.dtype) -> tuple[torch.nn.Module, tuple, dict]:
         """The pristine model and inputs in ``dtype`` (never stepped; copies are)."""
@@ -126,11 +141,19 @@ class StepCase:
             self._eager[dtype] = training_step(copy.deepcopy(model), args, self.loss_fn, kwargs=kwargs)
         return self._eager[dtype]
 
-    def compiled(self, dtype: torch.dtype, compiler: Callable[..., Any], partition: Any = default_partition
-                 ) -> StepResult:
-        model, args, kwargs = self.base(dtype)
-        return training_step(copy.deepcopy(model), args, self.loss_fn, compiler=compiler, partition=partition,
-                             kwargs=kwargs)
+    def compiled(self, dtype: torch.dtype, compiler: Callable[..., Any], partition: Any = default_partition, *,
+                 keep: bool = False) -> StepResult:
+        """The step through ``aot_module``. ``keep`` memoizes it, for runs several tests inspect
+        (others are dropped: a stepped model and its compiled graphs are not small)."""
+        key = (dtype, compiler, partition)
+        result = self._compiled.get(key)
+        if result is None:
+            model, args, kwargs = self.base(dtype)
+            result = training_step(copy.deepcopy(model), args, self.loss_fn, compiler=compiler,
+                                   partition=partition, kwargs=kwargs)
+            if keep:
+                self._compiled[key] = result
+        return result
 
 
 def _cast(x: Any, dtype: torch.dtype) -> Any:

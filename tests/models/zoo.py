@@ -150,14 +150,30 @@ def _model_loss(out) -> torch.Tensor:
     return out.loss
 
 
+def _next_token_loss(out) -> torch.Tensor:
+    """Causal LM loss from the logits in the model's dtype (transformers' own loss upcasts to float32)."""
+    ids = _LM_IDS
+    logits = out.logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+_LM_IDS = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(2))
+
+
+def _ids_only_kwargs() -> dict:
+    return {"input_ids": _LM_IDS}
+
+
 CASES: dict[str, StepCase] = {
-    "resnet18": StepCase(resnet18, lambda: (torch.randn(2, 3, 32, 32),), _classification_loss(2)),
-    "mobilenet_v3_small": StepCase(mobilenet_v3_small, lambda: (torch.randn(2, 3, 32, 32),),
+    "resnet18": StepCase(resnet18, lambda: (torch.randn(2, 3, 64, 64),), _classification_loss(2)),
+    "mobilenet_v3_small": StepCase(mobilenet_v3_small, lambda: (torch.randn(2, 3, 64, 64),),
                                    _classification_loss(2)),
     "vit": StepCase(vision_transformer, lambda: (torch.randn(2, 3, 32, 32),), _classification_loss(2)),
     "upsampling_net": StepCase(UpsamplingNet, lambda: (torch.randn(2, 3, 6, 6),),
                                lambda out: out.square().mean()),
+    # transformers computes the labels= loss in float32 whatever the model's dtype: float64 runs use their own loss
     "gpt2": StepCase(gpt2, _causal_lm_args, _model_loss, make_kwargs=_lm_kwargs),
+    "gpt2_logits_loss": StepCase(gpt2, _causal_lm_args, _next_token_loss, make_kwargs=_ids_only_kwargs),
     "bert": StepCase(bert, _causal_lm_args, _model_loss, make_kwargs=_mlm_kwargs),
     "llama": StepCase(llama, _causal_lm_args, _model_loss, make_kwargs=_lm_kwargs),
     "transformer_encoder": StepCase(EncoderClassifier, lambda: (_ids(), _padding_mask()), _classification_loss(2)),

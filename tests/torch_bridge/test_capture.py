@@ -538,13 +538,10 @@ def test_resnet18_train_mode_with_running_stats():
             assert_close(got, state[c.state.names[i]], 1e-8, 1e-10, f"{backend} {c.state.names[i]}")
 
 
-def test_dropout_in_training_mode_is_reported_as_random():
-    import torchvision
-    model = torchvision.models.mobilenet_v3_small(num_classes=10).train()
-    with pytest.raises(rt.UnsupportedOperatorError, match="aten::bernoulli .*mobilenetv3.py:.*random"):
-        capture(model, torch.randn(2, 3, 32, 32))
-    with pytest.raises(rt.UnsupportedOperatorError, match="native_dropout"):
-        capture(lambda x: F.dropout(x, 0.5, training=True), randn(3))
+def test_unmapped_random_op_is_reported_as_random():
+    # dropout, bernoulli, rand... go through the functional RNG (tests/torch_bridge/test_random.py)
+    with pytest.raises(rt.UnsupportedOperatorError, match="aten::randperm .*draws random.*#random-operators"):
+        capture(lambda x: x[torch.randperm(3)], randn(3))
 
 
 # ----------------------------------------------------------------------------- errors

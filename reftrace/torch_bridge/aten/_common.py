@@ -163,6 +163,16 @@ def keep_dims(reduced: TracedArray, shape: Sequence[int], axes: Sequence[int], k
     return lax.reshape(reduced, tuple(1 if i in axes else d for i, d in enumerate(shape)))
 
 
+def highest(dtype: Any) -> Any:
+    """The identity of min: +inf for floats, the maximum for integers, True for bool."""
+    dtype = np.dtype(dtype)
+    if P.is_float(dtype):
+        return np.inf
+    if P.is_bool(dtype):
+        return True
+    return np.iinfo(dtype).max
+
+
 def lowest(dtype: Any) -> Any:
     """The identity of max: -inf for floats, the minimum for integers, False for bool."""
     dtype = np.dtype(dtype)

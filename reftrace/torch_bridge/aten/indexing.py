@@ -13,8 +13,8 @@ import numpy as np
 from reftrace import lax
 from reftrace import primitives as P
 from reftrace.errors import DataDependentControlFlowError
-from reftrace.torch_bridge.aten._common import (aten, bcast_full, broadcast_shapes, cast, literal, norm_dim,
-                                                out_aval, register, unsupported)
+from reftrace.torch_bridge.aten._common import (aten, bcast_full, broadcast_shapes, cast, highest, literal,
+                                                lowest, norm_dim, out_aval, register, unsupported)
 
 
 def _prod(xs: Sequence[int]) -> int:
@@ -55,6 +55,8 @@ def embedding(weight: Any, indices: Any, padding_idx: int = -1, scale_grad_by_fr
 
 @register(aten.gather.default)
 def gather(x: Any, dim: int, index: Any, sparse_grad: bool = False) -> Any:
+    if index.size == 0:
+        return lax.full(out_aval().shape, 0, x.dtype)
     if x.ndim == 0:
         return lax.reshape(x, out_aval().shape)
     return lax.gather(x, cast(index, np.int64), norm_dim(dim, x.ndim))
@@ -68,25 +70,128 @@ def _fit_updates(src: Any, index: Any, dtype: Any) -> Any:
     return lax.slice(src, (0,) * src.ndim, index.shape)
 
 
-@register(aten.scatter.src, aten.scatter.value)
-def scatter(x: Any, dim: int, index: Any, src: Any) -> Any:
-    return lax.scatter(x, cast(index, np.int64), _fit_updates(src, index, x.dtype), norm_dim(dim, x.ndim))
+def _as_rank1(x: Any, index: Any, src: Any) -> tuple[Any, Any, Any]:
+    """Rank-0 scatters as rank-1 ones (the primitives index along an axis)."""
+    return (lax.reshape(x, (1,)), lax.reshape(index, (1,)) if index.ndim == 0 else index,
+            lax.reshape(src, (1,)) if lax.is_traced(src) and src.ndim == 0 else src)
 
 
-@register(aten.scatter_add.default)
-def scatter_add(x: Any, dim: int, index: Any, src: Any) -> Any:
-    return lax.scatter_add(x, cast(index, np.int64), _fit_updates(src, index, x.dtype), norm_dim(dim, x.ndim))
+def _scatter_with(prim: Any):
+    def rule(x: Any, dim: int, index: Any, src: Any) -> Any:
+        if index.size == 0:
+            return x
+        shape = x.shape
+        if x.ndim == 0:
+            x, index, src = _as_rank1(x, index, src)
+        out = prim(x, cast(index, np.int64), _fit_updates(src, index, x.dtype), norm_dim(dim, x.ndim))
+        return lax.reshape(out, shape)
+    return rule
+
+
+register(aten.scatter.src, aten.scatter.value)(_scatter_with(lax.scatter))
+register(aten.scatter_add.default)(_scatter_with(lax.scatter_add))
+
+
+def _reduced_scatter(x: Any, dim: int, index: Any, src: Any, reduce: str, include_self: bool) -> Any:
+    """``scatter_reduce`` written densely: a mask ``index == j`` over every (contribution, target) pair.
+
+    The mask has ``index.shape[dim] * x.shape[dim]`` entries per column, so the reduction is an
+    ordinary reduce_sum/prod/max/min whose VJP is torch's (ties among maxima share the gradient
+    equally, self included). Targets no index reaches keep ``x``.
+    """
+    shape = x.shape
+    if x.ndim == 0:
+        x, index, src = _as_rank1(x, index, src)
+    dim = norm_dim(dim, x.ndim)
+    if index.size == 0:
+        return lax.reshape(x, shape)
+    index = cast(index, np.int64)
+    src = _fit_updates(src, index, x.dtype)
+    n, ishape = x.shape[dim], index.shape
+    grid = ishape[:dim] + (ishape[dim], n) + ishape[dim + 1:]
+    placed = tuple(range(dim + 1)) + tuple(range(dim + 2, len(grid)))
+    hits = lax.eq(lax.broadcast_in_dim(index, grid, placed), lax.iota(np.int64, grid, dim + 1))
+    values = lax.broadcast_in_dim(src, grid, placed)
+    region = ishape[:dim] + (n,) + ishape[dim + 1:]
+    x_region = lax.slice(x, (0,) * x.ndim, region)
+    touched = lax.reduce(P.reduce_or_p, hits, (dim,))
+    d = x.dtype
+    if reduce in ("sum", "mean"):
+        total = lax.reduce_sum(lax.select(hits, values, literal(0, d)), (dim,))
+        if include_self:
+            total = lax.add(x_region, total)
+        if reduce == "sum":
+            result = total
+        else:
+            count = lax.reduce_sum(cast(hits, d), (dim,))
+            if include_self:
+                count = lax.add(count, literal(1, d))
+            count = lax.select(touched, count, literal(1, d))
+            result = lax.div(total, count) if P.is_float(d) else _floor_divide(total, count)
+    elif reduce == "prod":
+        result = lax.reduce_prod(lax.select(hits, values, literal(1, d)), (dim,))
+        if include_self:
+            result = lax.mul(x_region, result)
+    elif reduce in ("amax", "amin"):
+        prim = P.reduce_max_p if reduce == "amax" else P.reduce_min_p
+        identity = lowest(d) if reduce == "amax" else highest(d)
+        candidates = lax.select(hits, values, literal(identity, d))
+        if include_self:  # self is one more candidate: ties with it share the gradient too
+            own = lax.reshape(x_region, region[:dim] + (1,) + region[dim:])
+            candidates = lax.concatenate([candidates, own], dim)
+        result = lax.reduce(prim, candidates, (dim,))
+    else:
+        raise unsupported(f"reduce={reduce!r}")
+    updated = lax.select(touched, result, x_region)
+    return lax.reshape(_embed(x, updated), shape)
+
+
+def _floor_divide(a: Any, b: Any) -> Any:
+    q, r = lax.div(a, b), lax.rem(a, b)
+    zero = literal(0, a.dtype)
+    adjust = lax.logical_and(lax.ne(r, zero), lax.ne(lax.lt(r, zero), lax.lt(b, zero)))
+    return lax.select(adjust, lax.sub(q, literal(1, a.dtype)), q)
+
+
+def _embed(x: Any, block: Any) -> Any:
+    """``x`` with its leading ``block.shape`` corner replaced by ``block``."""
+    if block.shape == x.shape:
+        return block
+    config = [(0, full - part, 0) for full, part in zip(x.shape, block.shape)]
+    spread = lax.pad(block, literal(0, x.dtype), config)
+    mask = lax.pad(lax.full(block.shape, True, np.bool_), literal(False, np.bool_), config)
+    return lax.select(mask, spread, x)
 
 
 @register(aten.scatter_reduce.two)
 def scatter_reduce(x: Any, dim: int, index: Any, src: Any, reduce: str, include_self: bool = True) -> Any:
-    if reduce != "sum":
-        raise unsupported(f"scatter_reduce with reduce={reduce!r} (only 'sum' is mapped)")
+    return _reduced_scatter(x, dim, index, src, reduce, include_self)
+
+
+@register(aten.index_reduce.default)
+def index_reduce(x: Any, dim: int, index: Any, source: Any, reduce: str, include_self: bool = True) -> Any:
+    shape = x.shape
+    if x.ndim == 0:
+        x, source = lax.reshape(x, (1,)), lax.reshape(cast(source, x.dtype), (1,))
     dim = norm_dim(dim, x.ndim)
-    index = cast(index, np.int64)
-    if not include_self:
-        x = lax.scatter(x, index, lax.full(index.shape, 0, x.dtype), dim)
-    return lax.scatter_add(x, index, _fit_updates(src, index, x.dtype), dim)
+    source = cast(source, x.dtype)
+    full_index = lax.broadcast_in_dim(lax.reshape(cast(index, np.int64), (index.size,)), source.shape, (dim,))
+    return lax.reshape(_reduced_scatter(x, dim, full_index, source, reduce, include_self), shape)
+
+
+@register(aten.index_fill.int_Tensor, aten.index_fill.int_Scalar)
+def index_fill(x: Any, dim: int, index: Any, value: Any) -> Any:
+    """``select(position is indexed, value, x)``: a position listed twice is still filled once (as torch's VJP)."""
+    if x.ndim == 0:
+        return lax.broadcast_to_rank(cast(value, x.dtype), ()) if index.size else x
+    dim = norm_dim(dim, x.ndim)
+    n, k = x.shape[dim], index.size
+    flat = _wrap_negative(lax.reshape(index, (k,)), n)
+    listed = lax.eq(lax.broadcast_in_dim(flat, (k, n), (0,)), lax.iota(np.int64, (k, n), 1))
+    hit = lax.reduce(P.reduce_or_p, listed, (0,))
+    mask = lax.broadcast_in_dim(hit, x.shape, (dim,))
+    v = cast(value, x.dtype)
+    return lax.select(mask, lax.reshape(v, ()) if lax.is_traced(v) else v, x)
 
 
 @register(aten.index_add.default)
@@ -179,3 +284,73 @@ def index_put(x: Any, indices: Sequence[Any], values: Any, accumulate: bool = Fa
     prim = lax.scatter_add if accumulate else lax.scatter
     flat = prim(geo.flat_operand(x), geo.full_index(), v, 0)
     return geo.unflatten_operand(flat, x.shape)
+
+
+# ----------------------------------------------------------------------------- flat and masked positions
+
+@register(aten.take.default)
+def take_flat(x: Any, index: Any) -> Any:
+    """``x.flatten()[index]`` (negative indices count from the end)."""
+    flat = lax.reshape(x, (x.size,))
+    positions = lax.reshape(_wrap_negative(index, x.size), (index.size,))
+    return lax.reshape(lax.gather(flat, positions, 0), index.shape)
+
+
+@register(aten.put.default)
+def put(x: Any, index: Any, source: Any, accumulate: bool = False) -> Any:
+    """``x.flatten()[index] = source`` (``+=`` if ``accumulate``), back in ``x``'s shape."""
+    if index.size == 0:
+        return x
+    flat = lax.reshape(x, (x.size,))
+    positions = lax.reshape(_wrap_negative(index, x.size), (index.size,))
+    updates = lax.reshape(cast(source, x.dtype), (index.size,))
+    prim = lax.scatter_add if accumulate else lax.scatter
+    return lax.reshape(prim(flat, positions, updates, 0), x.shape)
+
+
+@register(aten.masked_scatter.default)
+def masked_scatter(x: Any, mask: Any, source: Any) -> Any:
+    """The k-th True position (row-major) takes ``source.flatten()[k]``: a running count of the mask picks it."""
+    shape = out_aval().shape
+    m = lax.reshape(bcast_full(mask, shape), (int(np.prod(shape, dtype=np.int64)),))
+    y = bcast_full(cast(x, out_aval().dtype), shape)
+    if source.size == 0 or m.shape[0] == 0:
+        return y
+    taken = lax.sub(lax.cumsum(cast(m, np.int64), 0), literal(1, np.int64))
+    taken = lax.select(lax.lt(taken, literal(0, np.int64)), literal(0, np.int64), taken)
+    taken = lax.select(lax.gt(taken, literal(source.size - 1, np.int64)), literal(source.size - 1, np.int64), taken)
+    values = lax.gather(lax.reshape(cast(source, y.dtype), (source.size,)), taken, 0)
+    return lax.select(lax.reshape(m, shape), lax.reshape(values, shape), y)
+
+
+@register(aten.nonzero_static.default)
+def nonzero_static(x: Any, *, size: int, fill_value: int = -1) -> Any:
+    """The first ``size`` nonzero positions (row-major) as rows of coordinates, padded with ``fill_value``.
+
+    Each nonzero element is scattered to its rank among the nonzeros; ranks past ``size`` (and the
+    zeros) go to one spare slot that is cut off, so no shape depends on the values.
+    """
+    n = x.size
+    out = out_aval()
+    nz = lax.reshape(to_bool_tensor(x), (n,))
+    rank = lax.sub(lax.cumsum(cast(nz, np.int64), 0), literal(1, np.int64)) if n else lax.full((0,), 0, np.int64)
+    keep = lax.logical_and(nz, lax.lt(rank, literal(size, np.int64))) if n else nz
+    slot = lax.select(keep, rank, literal(size, np.int64)) if n else rank
+    empty = lax.full((size + 1,), -1, np.int64)
+    flat = lax.scatter(empty, slot, lax.iota(np.int64, (n,), 0), 0) if n else empty
+    flat = lax.slice(flat, (0,), (size,))
+    coords = []
+    stride = n
+    for d in x.shape:
+        stride = stride // d if d else 0
+        c = lax.rem(lax.div(flat, literal(max(stride, 1), np.int64)), literal(max(d, 1), np.int64))
+        coords.append(lax.reshape(c, (size, 1)))
+    if not coords:
+        return lax.full(out.shape, 0, out.dtype)
+    table = lax.concatenate(coords, 1) if len(coords) > 1 else coords[0]
+    missing = lax.broadcast_in_dim(lax.lt(flat, literal(0, np.int64)), (size, x.ndim), (0,))
+    return cast(lax.select(missing, literal(fill_value, np.int64), table), out.dtype)
+
+
+def to_bool_tensor(x: Any) -> Any:
+    return x if P.is_bool(x.dtype) else lax.ne(x, literal(0, x.dtype))

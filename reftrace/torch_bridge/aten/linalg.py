@@ -60,6 +60,14 @@ def addmv(bias: Any, a: Any, v: Any, *, beta: Any = 1, alpha: Any = 1) -> Any:
     return _scaled_add(bias, mv(a, v), beta, alpha)
 
 
+@register(aten.addbmm.default)
+def addbmm(bias: Any, a: Any, b: Any, *, beta: Any = 1, alpha: Any = 1) -> Any:
+    """``beta * bias + alpha * sum_i a[i] @ b[i]``: one contraction over the batch and inner dims."""
+    d = out_aval().dtype
+    product = lax.dot_general(cast(a, d), cast(b, d), (((0, 2), (0, 1)), ((), ())))
+    return _scaled_add(bias, product, beta, alpha)
+
+
 @register(aten.baddbmm.default)
 def baddbmm(bias: Any, a: Any, b: Any, *, beta: Any = 1, alpha: Any = 1) -> Any:
     return _scaled_add(bias, bmm(a, b), beta, alpha)

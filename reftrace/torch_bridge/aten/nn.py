@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from reftrace import lax
+from reftrace import primitives as P
 from reftrace.errors import UnsupportedOperatorError
 from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, literal, lowest, out_aval,
                                                 register, unsupported)
@@ -424,3 +425,48 @@ def _adaptive_max_pool(n: int):
 
 register(aten.adaptive_max_pool2d.default)(_adaptive_max_pool(2))
 register(aten.adaptive_max_pool3d.default)(_adaptive_max_pool(3))
+
+
+# ----------------------------------------------------------------------------- attention
+
+@register(aten._scaled_dot_product_flash_attention_for_cpu.default)
+def flash_attention_cpu(query: Any, key: Any, value: Any, dropout_p: float = 0.0, is_causal: bool = False, *,
+                        attn_mask: Any = None, scale: float | None = None) -> tuple[Any, Any]:
+    """(softmax(q k^T * scale + mask) v, logsumexp of the scores): torch's CPU flash kernel, without dropout.
+
+    torch's own decomposition returns the attention weights in place of the logsumexp.
+    """
+    if dropout_p:
+        raise unsupported(f"dropout_p={dropout_p} (the CPU flash kernel draws its own random numbers)")
+    d = out_aval(0).dtype
+    q, k, v = cast(query, d), cast(key, d), cast(value, d)
+    heads = q.shape[1]
+    if k.shape[1] != heads:  # grouped-query attention: each key/value head serves consecutive query heads
+        k, v = (_repeat_heads(t, heads // t.shape[1]) for t in (k, v))
+    scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else scale
+    scores = lax.mul(lax.dot_general(q, k, (((3,), (3,)), ((0, 1), (0, 1)))), literal(scale, d))
+    length, source = scores.shape[-2:]
+    if is_causal:
+        rows = lax.iota(np.int64, (length, source), 0)
+        cols = lax.iota(np.int64, (length, source), 1)
+        allowed = lax.broadcast_in_dim(lax.le(cols, rows), scores.shape, (2, 3))
+        scores = lax.select(allowed, scores, literal(-np.inf, d))
+    if attn_mask is not None:
+        mask = lax.broadcast_to_rank(attn_mask, scores.shape)
+        scores = (lax.select(mask, scores, literal(-np.inf, d)) if P.is_bool(mask.dtype)
+                  else lax.add(scores, cast(mask, d)))
+    peak = lax.reduce_max(scores, (3,))
+    peak = lax.select(lax.is_finite(peak), peak, literal(0, d))
+    shifted = lax.sub(scores, lax.broadcast_in_dim(peak, scores.shape, (0, 1, 2)))
+    total = lax.reduce_sum(lax.exp(shifted), (3,))
+    weights = lax.div(lax.exp(shifted), lax.broadcast_in_dim(total, scores.shape, (0, 1, 2)))
+    out = lax.dot_general(weights, v, (((3,), (2,)), ((0, 1), (0, 1))))
+    lse = lax.add(lax.log(total), peak)
+    return out, cast(lax.stop_gradient(lse), out_aval(1).dtype)
+
+
+def _repeat_heads(t: Any, times: int) -> Any:
+    b, h, s, e = t.shape
+    y = lax.broadcast_in_dim(t, (b, h, times, s, e), (0, 1, 3, 4))
+    return lax.reshape(y, (b, h * times, s, e))
+

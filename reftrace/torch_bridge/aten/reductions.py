@@ -11,8 +11,8 @@ import numpy as np
 
 from reftrace import lax
 from reftrace import primitives as P
-from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, keep_dims, literal, norm_dim, norm_dims,
-                                                out_aval, promote, register, unsupported)
+from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, highest, keep_dims, literal, norm_dim,
+                                                norm_dims, out_aval, promote, register, unsupported)
 from reftrace.torch_bridge.aten.elementwise import to_bool
 
 
@@ -268,3 +268,217 @@ def searchsorted(sorted_sequence: Any, values: Any, *, out_int32: bool = False, 
 def bucketize(values: Any, boundaries: Any, *, out_int32: bool = False, right: bool = False) -> Any:
     flat = lax.reshape(values, (values.size,))
     return lax.reshape(_search(boundaries, flat, right), values.shape)
+
+
+@register(aten._safe_softmax.default)
+def safe_softmax(x: Any, dim: int, dtype: Any = None) -> Any:
+    """softmax whose rows of all ``-inf`` are 0, with a finite gradient there (torch's own backward)."""
+    x = cast(x, float_dtype(out_aval().dtype))
+    if x.ndim == 0:
+        return lax.select(lax.eq(x, literal(-np.inf, x.dtype)), literal(0, x.dtype), literal(1, x.dtype))
+    axis = norm_dim(dim, x.ndim)
+    e = lax.exp(lax.sub(x, _max_keep(x, axis)))
+    total = lax.reduce_sum(e, (axis,))
+    total = lax.select(lax.eq(total, literal(0, x.dtype)), literal(1, x.dtype), total)
+    return lax.div(e, lax.broadcast_in_dim(total, x.shape, [i for i in range(x.ndim) if i != axis]))
+
+
+def _root_of_zero_safe(total: Any, p: float) -> Any:
+    """``total ** (1/p)`` whose gradient at ``total == 0`` is 0, not inf (torch masks it)."""
+    zero = lax.eq(total, literal(0, total.dtype))
+    safe = lax.select(zero, literal(1, total.dtype), total)
+    root = lax.sqrt(safe) if p == 2 else lax.pow(safe, literal(1.0 / p, total.dtype))
+    return lax.select(zero, literal(0, total.dtype), root)
+
+
+@register(aten.linalg_vector_norm.default)
+def linalg_vector_norm(x: Any, ord: Any = 2, dim: Any = None, keepdim: bool = False, *,  # noqa: A002
+                       dtype: Any = None) -> Any:
+    """p-norms with torch's subgradients: 0 at the zero vector, and 0 at zero entries for p < 1."""
+    d = float_dtype(out_aval().dtype)
+    x = cast(x, d)
+    axes = norm_dims(dim, x.ndim)
+    a = lax.abs(x)
+    p = float(ord)
+    if p == np.inf:
+        r = lax.reduce_max(a, axes)
+    elif p == -np.inf:
+        r = lax.reduce_min(a, axes)
+    elif p == 0:
+        r = lax.reduce_sum(cast(lax.ne(x, literal(0, d)), d), axes)
+    elif p == 1:
+        r = lax.reduce_sum(a, axes)
+    elif p == 2:
+        r = _root_of_zero_safe(lax.reduce_sum(lax.mul(x, x), axes), 2)
+    else:  # |x|^p with a zero-safe stand-in: 0 at 0 for p > 0, inf for p < 0 (the norm is then 0)
+        zero = lax.eq(a, literal(0, d))
+        at_zero = literal(0 if p > 0 else np.inf, d)
+        powered = lax.select(zero, at_zero, lax.pow(lax.select(zero, literal(1, d), a), literal(p, d)))
+        total = lax.reduce_sum(powered, axes)
+        r = _root_of_zero_safe(total, p) if p > 0 else lax.pow(total, literal(1.0 / p, d))
+    return keep_dims(r, x.shape, axes, keepdim)
+
+
+def _running_extremum(prim: P.Primitive):
+    """cummax/cummin with torch's indices: the latest position holding the running extremum (NaN wins).
+
+    The values are ``x`` gathered at those indices, so the gradient goes to that one
+    position, as torch's backward does. Finding the index compares every pair along the
+    axis (n^2 work per column).
+    """
+    def rule(x: Any, dim: int) -> tuple[Any, Any]:
+        if x.ndim == 0:
+            return x, lax.full((), 0, np.int64)
+        axis = norm_dim(dim, x.ndim)
+        n = x.shape[axis]
+        if n == 0:
+            return x, lax.full(x.shape, 0, np.int64)
+        running = lax.bind(prim, x, axis=axis, reverse=False)
+        grid = x.shape[:axis] + (n, n) + x.shape[axis + 1:]
+        rest = tuple(range(axis + 2, len(grid)))
+        lead = tuple(range(axis))
+        xk = lax.broadcast_in_dim(x, grid, lead + (axis,) + rest)          # x[k] on the k axis
+        ri = lax.broadcast_in_dim(running, grid, lead + (axis + 1,) + rest)  # running[i] on the i axis
+        k = lax.iota(np.int64, grid, axis)
+        same = lax.eq(xk, ri)
+        if P.is_float(x.dtype):
+            same = lax.logical_or(same, lax.logical_and(lax.ne(xk, xk), lax.ne(ri, ri)))
+        hit = lax.logical_and(same, lax.le(k, lax.iota(np.int64, grid, axis + 1)))
+        index = lax.reduce_max(lax.select(hit, k, literal(-1, np.int64)), (axis,))
+        return lax.gather(x, index, axis), index
+    return rule
+
+
+register(aten.cummax.default)(_running_extremum(P.cummax_p))
+register(aten.cummin.default)(_running_extremum(P.cummin_p))
+
+
+# ----------------------------------------------------------------------------- sorting
+# All on the ``sort`` primitive (stable; NaN above +inf). Selections (kthvalue, median...) gather
+# ``x`` at the chosen index, so the gradient goes to that one position, as torch's backward does.
+
+def _sorted(x: Any, dim: int, descending: bool) -> tuple[Any, Any]:
+    if x.ndim == 0:
+        return x, lax.full((), 0, np.int64)
+    return lax.sort(x, norm_dim(dim, x.ndim), descending)
+
+
+@register(aten.sort.default)
+def sort(x: Any, dim: int = -1, descending: bool = False) -> tuple[Any, Any]:
+    return _sorted(x, dim, descending)
+
+
+@register(aten.sort.stable)
+def sort_stable(x: Any, *, stable: bool | None = None, dim: int = -1, descending: bool = False) -> tuple[Any, Any]:
+    return _sorted(x, dim, descending)  # always stable: ties keep their order (allowed when stable=False)
+
+
+def _pick(x: Any, order: Any, axis: int, position: Any, keepdim: bool) -> tuple[Any, Any]:
+    """The element of ``x`` at sorted ``position`` (rank-0 per slice, or an int) along ``axis``."""
+    shape = x.shape[:axis] + (1,) + x.shape[axis + 1:]
+    if lax.is_traced(position):
+        position = lax.reshape(position, shape)
+    else:
+        position = lax.full(shape, position, np.int64)
+    index = lax.gather(order, position, axis)
+    value = lax.gather(x, index, axis)
+    if not keepdim:
+        kept = x.shape[:axis] + x.shape[axis + 1:]
+        index, value = lax.reshape(index, kept), lax.reshape(value, kept)
+    return value, index
+
+
+@register(aten.topk.default)
+def topk(x: Any, k: int, dim: int = -1, largest: bool = True, sorted: bool = True) -> tuple[Any, Any]:  # noqa: A002
+    """The first k of a stable sort (torch's order for sorted=False is unspecified; this one is sorted)."""
+    if x.ndim == 0:
+        return x, lax.full((), 0, np.int64)
+    axis = norm_dim(dim, x.ndim)
+    _, order = lax.sort(x, axis, largest)
+    limit = list(x.shape)
+    limit[axis] = k
+    index = lax.slice(order, (0,) * x.ndim, limit)
+    return lax.gather(x, index, axis), index
+
+
+@register(aten.kthvalue.default)
+def kthvalue(x: Any, k: int, dim: int = -1, keepdim: bool = False) -> tuple[Any, Any]:
+    if x.ndim == 0:
+        return x, lax.full((), 0, np.int64)
+    axis = norm_dim(dim, x.ndim)
+    _, order = lax.sort(x, axis)
+    return _pick(x, order, axis, k - 1, keepdim)
+
+
+def _median(x: Any, axis: int, keepdim: bool, ignore_nan: bool) -> tuple[Any, Any]:
+    """The lower median along ``axis``. NaN: ``median`` returns the first NaN, ``nanmedian`` skips NaNs."""
+    n = x.shape[axis]
+    _, order = lax.sort(x, axis)
+    if not P.is_float(x.dtype):
+        return _pick(x, order, axis, (n - 1) // 2, keepdim)
+    nans = lax.reduce_sum(cast(lax.ne(x, x), np.int64), (axis,))
+    valid = lax.sub(literal(n, np.int64), nans)
+    if ignore_nan:  # (valid - 1) // 2, with an all-NaN slice at 0 (truncating division does both)
+        position = lax.div(lax.sub(valid, literal(1, np.int64)), literal(2, np.int64))
+    else:  # NaNs sort last: the first one sits at ``valid``
+        position = lax.select(lax.gt(nans, literal(0, np.int64)), valid, literal((n - 1) // 2, np.int64))
+    return _pick(x, order, axis, position, keepdim)
+
+
+@register(aten.median.default)
+def median_all(x: Any) -> Any:
+    if x.size == 0:
+        return lax.full((), np.nan, x.dtype)
+    return _median(lax.reshape(x, (x.size,)), 0, False, ignore_nan=False)[0]
+
+
+@register(aten.nanmedian.default)
+def nanmedian_all(x: Any) -> Any:
+    if x.size == 0:
+        return lax.full((), np.nan, x.dtype)
+    return _median(lax.reshape(x, (x.size,)), 0, False, ignore_nan=True)[0]
+
+
+def _median_dim(ignore_nan: bool):
+    def rule(x: Any, dim: int = -1, keepdim: bool = False) -> tuple[Any, Any]:
+        if x.ndim == 0:
+            return x, lax.full((), 0, np.int64)
+        return _median(x, norm_dim(dim, x.ndim), keepdim, ignore_nan)
+    return rule
+
+
+register(aten.median.dim)(_median_dim(False))
+register(aten.nanmedian.dim)(_median_dim(True))
+
+
+@register(aten.mode.default)
+def mode(x: Any, dim: int = -1, keepdim: bool = False) -> tuple[Any, Any]:
+    """The most frequent value (the smallest among equally frequent ones) and its last position.
+
+    Counts compare every pair along ``dim`` (n^2 work per slice).
+    """
+    if x.ndim == 0:
+        return x, lax.full((), 0, np.int64)
+    axis = norm_dim(dim, x.ndim)
+    n = x.shape[axis]
+    grid = x.shape[:axis] + (n, n) + x.shape[axis + 1:]
+    lead, rest = tuple(range(axis)), tuple(range(axis + 2, len(grid)))
+    xk = lax.broadcast_in_dim(x, grid, lead + (axis,) + rest)
+    xi = lax.broadcast_in_dim(x, grid, lead + (axis + 1,) + rest)
+    counts = lax.reduce_sum(cast(lax.eq(xk, xi), np.int32), (axis,))           # per i: how many equal x[i]
+    best = lax.broadcast_in_dim(lax.reduce_max(counts, (axis,)), x.shape, lead + tuple(range(axis + 1, x.ndim)))
+    candidates = lax.select(lax.eq(counts, best), x, literal(highest(x.dtype), x.dtype))
+    value = lax.reduce_min(candidates, (axis,))
+    at = lax.eq(x, lax.broadcast_in_dim(value, x.shape, lead + tuple(range(axis + 1, x.ndim))))
+    index = lax.reduce_max(lax.select(at, lax.iota(np.int64, x.shape, axis), literal(-1, np.int64)), (axis,))
+    return _pick_index(x, index, axis, keepdim)
+
+
+def _pick_index(x: Any, index: Any, axis: int, keepdim: bool) -> tuple[Any, Any]:
+    shape = x.shape[:axis] + (1,) + x.shape[axis + 1:]
+    index = lax.reshape(index, shape)
+    value = lax.gather(x, index, axis)
+    if not keepdim:
+        kept = x.shape[:axis] + x.shape[axis + 1:]
+        return lax.reshape(value, kept), lax.reshape(index, kept)
+    return value, index
