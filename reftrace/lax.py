@@ -352,6 +352,36 @@ def conv_general_dilated(lhs: Any, rhs: Any, window_strides: Sequence[int], padd
                 feature_group_count=int(feature_group_count), batch_group_count=int(batch_group_count))
 
 
+def cholesky(a: Any) -> Any:
+    return bind(P.cholesky_p, a)
+
+
+def triangular_solve(a: Any, b: Any, *, left_side: bool = True, lower: bool = True, transpose_a: bool = False,
+                     unit_diagonal: bool = False) -> Any:
+    return bind(P.triangular_solve_p, a, b, left_side=bool(left_side), lower=bool(lower),
+                transpose_a=bool(transpose_a), unit_diagonal=bool(unit_diagonal))
+
+
+def lu(a: Any) -> tuple[Any, Any, Any]:
+    return bind(P.lu_p, a)
+
+
+def qr(a: Any, full_matrices: bool = False) -> tuple[Any, Any]:
+    return bind(P.qr_p, a, full_matrices=bool(full_matrices))
+
+
+def eigh(a: Any, lower: bool = True) -> tuple[Any, Any]:
+    return bind(P.eigh_p, a, lower=bool(lower))
+
+
+def svd(a: Any, full_matrices: bool = False) -> tuple[Any, Any, Any]:
+    return bind(P.svd_p, a, full_matrices=bool(full_matrices))
+
+
+def pinv(a: Any, atol: Any, rtol: Any, hermitian: bool = False) -> Any:
+    return bind(P.pinv_p, a, atol, rtol, hermitian=bool(hermitian))
+
+
 def gather(operand: Any, indices: Any, axis: int) -> Any:
     return bind(P.gather_p, operand, indices, axis=int(axis))
 

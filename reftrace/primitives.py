@@ -440,6 +440,107 @@ def _conv_rule(lhs: Aval, rhs: Aval, *, window_strides, padding, lhs_dilation, r
 conv_general_dilated_p = _new("conv_general_dilated", _conv_rule)
 
 
+# ----------------------------------------------------------------------------- linear algebra
+# Batched over leading dimensions; operands are float matrices in the last two dimensions. What a
+# singular or indefinite matrix gives is unspecified (inf/NaN): nothing here raises on values.
+
+def _matrices(name: str, *avals: Aval) -> None:
+    for a in avals:
+        if a.ndim < 2 or not is_float(a.dtype):
+            raise ShapeError(f"{name}: expects float matrices (rank >= 2), got {a.str_short()}")
+
+
+def _square(name: str, a: Aval) -> None:
+    _matrices(name, a)
+    if a.shape[-1] != a.shape[-2]:
+        raise ShapeError(f"{name}: expects square matrices, got {a.str_short()}")
+
+
+def _cholesky_rule(a: Aval) -> Aval:
+    _square("cholesky", a)
+    return a
+
+
+# the lower factor L with a = L L^T, reading only a's lower triangle (LAPACK potrf)
+cholesky_p = _new("cholesky", _cholesky_rule)
+
+
+def _triangular_solve_rule(a: Aval, b: Aval, *, left_side: bool, lower: bool, transpose_a: bool,
+                           unit_diagonal: bool) -> Aval:
+    _square("triangular_solve", a)
+    _matrices("triangular_solve", b)
+    n = a.shape[-1]
+    if a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype or b.shape[-2 if left_side else -1] != n:
+        raise ShapeError(f"triangular_solve: {a.str_short()} and {b.str_short()} do not match "
+                         f"(left_side={left_side}; batch dimensions must be equal)")
+    return b
+
+
+# x with op(a) x = b (left_side) or x op(a) = b, op(a) = a^T if transpose_a; a's other triangle is not read
+triangular_solve_p = _new("triangular_solve", _triangular_solve_rule)
+
+
+def _lu_rule(a: Aval) -> tuple[Aval, Aval, Aval]:
+    _matrices("lu", a)
+    m, n = a.shape[-2:]
+    batch = a.shape[:-2]
+    return a, Aval(batch + (min(m, n),), np.dtype(np.int32)), Aval(batch + (m,), np.dtype(np.int32))
+
+
+# (lu, pivots, permutation): partial pivoting (LAPACK getrf); lu packs unit-lower L and upper U,
+# pivots[i] is the (0-based) row swapped with row i, and a[..., permutation, :] == L @ U
+lu_p = _new("lu", _lu_rule, multiple_results=True)
+
+
+def _qr_rule(a: Aval, *, full_matrices: bool) -> tuple[Aval, Aval]:
+    _matrices("qr", a)
+    m, n = a.shape[-2:]
+    k = m if full_matrices else min(m, n)
+    return Aval(a.shape[:-2] + (m, k), a.dtype), Aval(a.shape[:-2] + (k, n), a.dtype)
+
+
+# (q, r): Householder QR (LAPACK geqrf + orgqr, so r's diagonal may be negative)
+qr_p = _new("qr", _qr_rule, multiple_results=True)
+
+
+def _eigh_rule(a: Aval, *, lower: bool) -> tuple[Aval, Aval]:
+    _square("eigh", a)
+    return Aval(a.shape[:-1], a.dtype), a
+
+
+# (eigenvalues ascending, eigenvectors as columns) of the symmetric matrix in a's lower (or upper) triangle
+eigh_p = _new("eigh", _eigh_rule, multiple_results=True)
+
+
+def _svd_rule(a: Aval, *, full_matrices: bool) -> tuple[Aval, Aval, Aval]:
+    _matrices("svd", a)
+    m, n = a.shape[-2:]
+    k = min(m, n)
+    batch = a.shape[:-2]
+    u = (m, m) if full_matrices else (m, k)
+    vh = (n, n) if full_matrices else (k, n)
+    return Aval(batch + u, a.dtype), Aval(batch + (k,), a.dtype), Aval(batch + vh, a.dtype)
+
+
+# (u, s, vh) with a = u diag(s) vh, s descending (LAPACK gesdd)
+svd_p = _new("svd", _svd_rule, multiple_results=True)
+
+
+def _pinv_rule(a: Aval, atol: Aval, rtol: Aval, *, hermitian: bool) -> Aval:
+    _matrices("pinv", a)
+    for t in (atol, rtol):
+        if t.shape != a.shape[:-2] or t.dtype != a.dtype:
+            raise ShapeError(f"pinv: tolerances must be {a.dtype.name} arrays of the batch shape {a.shape[:-2]}, "
+                             f"got {t.str_short()}")
+    return Aval(a.shape[:-2] + (a.shape[-1], a.shape[-2]), a.dtype)
+
+
+# Moore-Penrose pseudo-inverse keeping singular values > max(atol, rtol * largest); with ``hermitian``
+# the (symmetric) matrix is decomposed by eigh. Its own primitive so that its derivative is the
+# constant-rank formula, finite at rank-deficient matrices (differentiating the SVD is not).
+pinv_p = _new("pinv", _pinv_rule)
+
+
 # ----------------------------------------------------------------------------- indexing (torch-style)
 
 def _gather_rule(operand: Aval, indices: Aval, *, axis: int) -> Aval:

@@ -667,6 +667,147 @@ def test_scatter_unique_indices(axis):
     check(op(P.scatter_p, axis=axis), (x, idx, upd), ref)
 
 
+# ----------------------------------------------------------------------------- sorting
+
+def _stable_sort_reference(descending):
+    """numpy's stable argsort with torch's order: NaN above +inf, -0.0 tied with 0.0, ties keep order."""
+    def ref(x):
+        key = np.where(x == 0, 0, x) if x.dtype.kind == "f" else x
+        if x.dtype.kind == "f":
+            nan = np.isnan(x)
+            key = np.where(nan, 0, key)
+            if descending:
+                order = np.lexsort((-key, ~nan), axis=-1) if x.ndim == 1 else np.stack(
+                    [np.lexsort((-k, ~n)) for k, n in zip(key, nan)])
+            else:
+                order = np.lexsort((key, nan), axis=-1) if x.ndim == 1 else np.stack(
+                    [np.lexsort((k, n)) for k, n in zip(key, nan)])
+        else:
+            order = np.argsort(~key if descending else key, axis=-1, kind="stable")  # ~ reverses ints and bools
+        return np.take_along_axis(x, order, -1), order.astype(I64)
+    return ref
+
+
+@pytest.mark.parametrize("descending", [False, True])
+@pytest.mark.parametrize("dtype", [F64, F32, I64, BOOL])
+def test_sort_is_stable_with_torch_nan_order(descending, dtype):
+    r = rng(31)
+    if dtype == BOOL:
+        x = r.random((3, 9)) < 0.5
+    elif np.dtype(dtype).kind == "i":
+        x = r.integers(-3, 3, (3, 9)).astype(dtype)
+        x[0, :2] = [np.iinfo(dtype).min, np.iinfo(dtype).max]
+    else:
+        x = r.integers(-3, 3, (3, 9)).astype(dtype)  # many ties
+        x[0, :5] = [np.nan, -0.0, np.inf, -np.inf, np.nan]
+    fn = op(P.sort_p, axis=1, descending=descending, index_dtype=np.dtype(I64))
+    check(fn, (x,), _stable_sort_reference(descending), backends=DEFAULT_BACKENDS + ("torchscript",))
+    t = torch.sort(torch.from_numpy(x), dim=1, descending=descending, stable=True)
+    np.testing.assert_array_equal(_stable_sort_reference(descending)(x)[1], t.indices.numpy())
+
+
+def test_sort_along_a_leading_axis_and_int32_indices():
+    x = rng(32).standard_normal((5, 4))
+    fn = op(P.sort_p, axis=0, descending=True, index_dtype=np.dtype(I32))
+    check(fn, (x,), lambda x: (-np.sort(-x, axis=0), np.argsort(-x, axis=0, kind="stable").astype(I32)))
+
+
+# ----------------------------------------------------------------------------- linear algebra
+
+def _spd(r, batch, n):
+    a = r.standard_normal(batch + (n, n))
+    return a @ np.swapaxes(a, -1, -2) + n * np.eye(n)
+
+
+def test_cholesky_reads_the_lower_triangle():
+    r = rng(33)
+    a = _spd(r, (2,), 4)
+    noisy = a + np.triu(r.standard_normal((2, 4, 4)), 1)  # the upper triangle is never read
+    check(lax.cholesky, (noisy,), lambda a: np.linalg.cholesky(np.tril(a) + np.swapaxes(np.tril(a, -1), -1, -2)),
+          backends=DEFAULT_BACKENDS + ("torchscript",))
+
+
+@pytest.mark.parametrize("left_side", [True, False])
+@pytest.mark.parametrize("lower", [True, False])
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("unit_diagonal", [False, True])
+def test_triangular_solve(left_side, lower, transpose_a, unit_diagonal):
+    r = rng(34)
+    a = r.standard_normal((2, 4, 4)) + 4 * np.eye(4)  # the other triangle is garbage, never read
+    b = r.standard_normal((2, 4, 3) if left_side else (2, 3, 4))
+
+    def ref(a, b):
+        t = np.tril(a) if lower else np.triu(a)
+        if unit_diagonal:
+            t = t * (1 - np.eye(4)) + np.eye(4)
+        t = np.swapaxes(t, -1, -2) if transpose_a else t
+        return np.linalg.solve(t, b) if left_side else np.swapaxes(
+            np.linalg.solve(np.swapaxes(t, -1, -2), np.swapaxes(b, -1, -2)), -1, -2)
+    fn = lambda a, b: lax.triangular_solve(a, b, left_side=left_side, lower=lower, transpose_a=transpose_a,  # noqa
+                                           unit_diagonal=unit_diagonal)
+    check(fn, (a, b), ref, tol=dict(rtol=1e-10, atol=1e-12))
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4), (3, 5), (5, 3)])
+def test_lu_matches_lapack_pivoting(shape):
+    import scipy.linalg
+    a = rng(35).standard_normal(shape)
+
+    def ref(a):
+        batch = a.reshape((-1,) + a.shape[-2:])
+        outs = [scipy.linalg.lu_factor(m) for m in batch]
+        lu = np.stack([o[0] for o in outs]).reshape(a.shape)
+        piv = np.stack([o[1] for o in outs]).astype(I32).reshape(a.shape[:-2] + (min(a.shape[-2:]),))
+        perm = []
+        for m in batch:
+            p, _, _ = scipy.linalg.lu(m)
+            perm.append(np.argmax(p, axis=0))
+        return lu, piv, np.stack(perm).astype(I32).reshape(a.shape[:-1])
+    check(lax.lu, (a,), ref, tol=dict(rtol=1e-10, atol=1e-12), backends=DEFAULT_BACKENDS + ("torchscript",))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3), (4, 4), (3, 5)])
+@pytest.mark.parametrize("full_matrices", [False, True])
+def test_qr(shape, full_matrices):
+    a = rng(36).standard_normal(shape)
+    mode = "complete" if full_matrices else "reduced"
+    check(lambda a: lax.qr(a, full_matrices), (a,), lambda a: tuple(np.linalg.qr(a, mode=mode)),
+          tol=dict(rtol=1e-10, atol=1e-12))
+
+
+def test_eigh_and_svd_up_to_the_sign_of_each_vector():
+    r = rng(37)
+    s = r.standard_normal((2, 4, 4))
+    s = s + np.swapaxes(s, -1, -2)
+    g = rt.trace(lambda a: lax.eigh(a), s)
+    for backend in DEFAULT_BACKENDS:
+        w, v = BACKENDS[backend](g, (s,))
+        np.testing.assert_allclose(w, np.linalg.eigvalsh(s), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(v @ (w[..., None] * np.swapaxes(v, -1, -2)), s, atol=1e-12)
+        np.testing.assert_allclose(np.abs(v), np.abs(np.linalg.eigh(s)[1]), atol=1e-10)
+    for shape, full in [((2, 5, 3), False), ((3, 5), True), ((4, 4), False)]:
+        a = r.standard_normal(shape)
+        g = rt.trace(lambda a: lax.svd(a, full), a)
+        for backend in DEFAULT_BACKENDS:
+            u, sv, vh = BACKENDS[backend](g, (a,))
+            np.testing.assert_allclose(sv, np.linalg.svd(a, compute_uv=False), rtol=1e-12)
+            k = sv.shape[-1]
+            np.testing.assert_allclose((u[..., :k] * sv[..., None, :]) @ vh[..., :k, :], a, atol=1e-12)
+            np.testing.assert_allclose(np.swapaxes(u, -1, -2) @ u, np.broadcast_to(np.eye(u.shape[-1]), u.shape[:-2]
+                                       + (u.shape[-1],) * 2), atol=1e-12)
+
+
+def test_pinv_cuts_small_singular_values():
+    r = rng(38)
+    a = r.standard_normal((2, 5, 2)) @ r.standard_normal((2, 2, 3))  # rank 2
+    atol, rtol = np.zeros(2), np.full(2, 1e-10)
+    check(op(P.pinv_p, hermitian=False), (a, atol, rtol), lambda a, *_: np.linalg.pinv(a, rcond=1e-10),
+          tol=dict(rtol=1e-8, atol=1e-10))
+    s = a[:, :3, :] @ np.swapaxes(a[:, :3, :], -1, -2)  # symmetric, rank 2
+    check(op(P.pinv_p, hermitian=True), (s, atol, rtol), lambda s, *_: np.linalg.pinv(s, rcond=1e-10, hermitian=True),
+          tol=dict(rtol=1e-8, atol=1e-10))
+
+
 # ----------------------------------------------------------------------------- random
 
 @pytest.mark.parametrize("dtype", [F32, F64])
@@ -778,6 +919,11 @@ def every_primitive_program(x, y, b, idx, key):
     outs += [lax.bind(P.random_p, key, shape=(2, 3), dtype=np.dtype(F32), distribution=d)
              for d in ("uniform", "normal")]
     outs.append(lax.bind(P.random_fold_in_p, key, data=3))
+    outs += list(lax.sort(x, 1, True))
+    spd = lax.add(lax.dot_general(x, x, (((1,), (1,)), ((), ()))), lax.full((4, 4), 6.0, x.dtype))
+    outs += [lax.cholesky(spd), lax.triangular_solve(spd, x, left_side=True, lower=False, transpose_a=True)]
+    outs += list(lax.lu(x)) + list(lax.qr(x)) + list(lax.eigh(spd)) + list(lax.svd(x))
+    outs.append(lax.pinv(x, np.array(0.0), np.array(1e-12)))
     return tuple(outs)
 
 

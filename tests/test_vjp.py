@@ -519,6 +519,113 @@ def test_gather_scatter():
     check_gradients(rows, [x])
 
 
+def test_sort_sends_cotangents_back_through_the_permutation():
+    x = _r(3, 5)
+    for axis, descending in [(1, False), (0, True)]:
+        g = rt.trace(lambda a: lax.mul(lax.sort(a, axis, descending)[0], lax.sin(a)), x)
+        check_gradients(g, [x])
+    ties = np.array([[1.0, 3.0, 1.0, 2.0, 3.0]])  # tied values keep their own cotangents (a permutation)
+    g = rt.trace(lambda a: lax.sort(a, 1)[0], ties)
+    ct = np.arange(5.0)[None]
+    _, (grad,) = run_joint(g, [ties], [ct])
+    np.testing.assert_array_equal(grad, [[0.0, 3.0, 1.0, 2.0, 4.0]])
+
+
+# ----------------------------------------------------------------------------- linear algebra
+# References: torch.autograd (whose conventions for symmetric inputs the rules follow) and central
+# differences of functions that symmetrize their input, so every direction is a valid one.
+
+def _symmetric(a):
+    return lax.add(a, lax.transpose(a, tuple(range(a.ndim - 2)) + (a.ndim - 1, a.ndim - 2)))
+
+
+def check_against_torch(fn, torch_fn, args, seed: int = RNG_SEED, rtol: float = 1e-8,
+                        finite_differences: bool = True) -> None:
+    """reftrace's gradients of ``fn`` (run on JAX) equal torch.autograd's of ``torch_fn``, and finite differences."""
+    import torch
+    args = [np.asarray(a) for a in args]
+    graph = rt.trace(fn, *args)
+    rng = np.random.default_rng(seed)
+    cts = random_cotangents(graph, rng)
+    outs, grads = run_joint(graph, args, cts)
+    targs = [torch.from_numpy(a).requires_grad_() for a in args]
+    touts = torch_fn(*targs)
+    touts = touts if isinstance(touts, tuple) else (touts,)
+    for got, want in zip(outs, touts):
+        np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-10, atol=1e-10)
+    pairs = [(o, torch.from_numpy(c)) for o, c in zip(touts, cts) if o.dtype.is_floating_point]
+    want = torch.autograd.grad([o for o, _ in pairs], targs, [c for _, c in pairs])
+    for got, w in zip(grads, want):
+        np.testing.assert_allclose(got, w.numpy(), rtol=rtol, atol=1e-9)
+    if finite_differences:
+        finite_difference_check(graph, args, cts, differentiable_inputs(graph), grads, rng)
+
+
+def _spd(seed, *shape):
+    a = _r(*shape, seed=seed)
+    return a @ np.swapaxes(a, -1, -2) / shape[-1] + np.eye(shape[-1])
+
+
+def test_cholesky_and_triangular_solve():
+    import torch
+    s, b = _spd(1, 2, 4, 4), _r(2, 4, 3, seed=2)
+    check_against_torch(lambda a: lax.cholesky(_symmetric(a)), lambda a: torch.linalg.cholesky(a + a.mT), [s])
+    lower = np.tril(_r(2, 4, 4, seed=3)) + 3 * np.eye(4)
+    for left, lower_, transpose, unit in [(True, True, False, False), (False, False, True, True),
+                                          (True, False, True, False), (False, True, False, True)]:
+        a = lower if lower_ else np.swapaxes(lower, -1, -2)
+        rhs = b if left else np.swapaxes(b, -1, -2)
+
+        def fn(a, b, left=left, lower_=lower_, transpose=transpose, unit=unit):
+            return lax.triangular_solve(a, b, left_side=left, lower=lower_, transpose_a=transpose,
+                                        unit_diagonal=unit)
+
+        def tfn(a, b, left=left, lower_=lower_, transpose=transpose, unit=unit):
+            m = a.mT if transpose else a
+            return torch.linalg.solve_triangular(m, b, upper=lower_ == transpose, left=left, unitriangular=unit)
+        check_against_torch(fn, tfn, [a, rhs])
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4), (3, 5), (5, 3)])
+def test_lu(shape):
+    import torch
+
+    def tlu(a):
+        packed, pivots = torch.linalg.lu_factor(a)
+        return packed, (pivots - 1).to(torch.int32), torch.argmax(torch.lu_unpack(packed, pivots)[0], -2).int()
+    check_against_torch(lax.lu, tlu, [_r(*shape, seed=4)])
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3), (4, 4), (3, 5)])
+def test_qr_and_svd(shape):
+    import torch
+    a = _r(*shape, seed=5)
+    check_against_torch(lambda a: lax.qr(a), lambda a: tuple(torch.linalg.qr(a)), [a])
+    # singular vectors are defined up to sign: differentiate a sign-invariant function of them
+    check_against_torch(lambda a: (lambda u, s, vh: (lax.mul(u, u), s, lax.mul(vh, vh)))(*lax.svd(a)),
+                        lambda a: (lambda u, s, vh: (u * u, s, vh * vh))(*torch.linalg.svd(a, full_matrices=False)),
+                        [a])
+
+
+def test_eigh_with_torchs_convention():
+    import torch
+    a = _r(2, 4, 4, seed=6)
+    check_against_torch(lambda a: (lambda w, v: (w, lax.mul(v, v)))(*lax.eigh(_symmetric(a))),
+                        lambda a: (lambda w, v: (w, v * v))(*torch.linalg.eigh(a + a.mT)), [a])
+
+
+def test_pinv_is_differentiable_at_rank_deficient_matrices():
+    import torch
+    a = _r(5, 2, seed=7) @ _r(2, 4, seed=8)  # rank 2: differentiating an SVD would divide by zero
+    tol = np.array(1e-10)
+    # (no finite differences: a generic perturbation raises the rank, where pinv jumps)
+    check_against_torch(lambda a: lax.pinv(a, np.array(0.0), tol), lambda a: torch.linalg.pinv(a, rtol=1e-10), [a],
+                        finite_differences=False)
+    full_rank = _r(5, 4, seed=9)
+    check_against_torch(lambda a: lax.pinv(a, np.array(0.0), tol), lambda a: torch.linalg.pinv(a, rtol=1e-10),
+                        [full_rank])
+
+
 def test_integer_values_inside_the_graph():
     x = _r(3, 4)
     g = rt.trace(lambda a: rnp.take(rnp.sin(a), rnp.argmax(a, axis=1), axis=1) * rnp.sum(a > 0), x)

@@ -134,6 +134,39 @@ def _conv(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation, dime
 jax_rules[P.conv_general_dilated_p] = _conv
 
 
+jax_rules[P.cholesky_p] = lambda a: jax.lax.linalg.cholesky(a, symmetrize_input=False)
+jax_rules[P.triangular_solve_p] = (
+    lambda a, b, *, left_side, lower, transpose_a, unit_diagonal: jax.lax.linalg.triangular_solve(
+        a, b, left_side=left_side, lower=lower, transpose_a=transpose_a, unit_diagonal=unit_diagonal))
+jax_rules[P.lu_p] = lambda a: jax.lax.linalg.lu(a)
+jax_rules[P.qr_p] = lambda a, *, full_matrices: jax.lax.linalg.qr(a, full_matrices=full_matrices)
+
+
+def _eigh(a, *, lower):
+    v, w = jax.lax.linalg.eigh(a, lower=lower, symmetrize_input=False, sort_eigenvalues=True)
+    return w, v
+
+
+jax_rules[P.eigh_p] = _eigh
+jax_rules[P.svd_p] = lambda a, *, full_matrices: tuple(
+    jax.lax.linalg.svd(a, full_matrices=full_matrices, compute_uv=True))
+
+
+def _pinv(a, atol, rtol, *, hermitian):
+    if hermitian:
+        v, w = jax.lax.linalg.eigh(a, symmetrize_input=False)
+        s, u, vh = jnp.abs(w), v * jnp.sign(w)[..., None, :], jnp.swapaxes(v, -1, -2)
+    else:
+        u, s, vh = jax.lax.linalg.svd(a, full_matrices=False)
+    largest = jnp.max(s, axis=-1, initial=0.0)
+    cutoff = jnp.maximum(atol, rtol * largest)[..., None]
+    inv = jnp.where(s > cutoff, 1 / jnp.where(s > cutoff, s, 1), 0)
+    return jnp.einsum("...ji,...j,...kj->...ik", vh, inv, u, precision=lax.Precision.HIGHEST)
+
+
+jax_rules[P.pinv_p] = _pinv
+
+
 def _full_index(indices, axis):
     """Index tuple for torch-style gather/scatter: iotas everywhere but ``axis``."""
     grids = [lax.broadcasted_iota(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32, indices.shape, d)

@@ -495,6 +495,64 @@ _CONV_TRANSPOSE = {1: torch.conv_transpose1d, 2: torch.conv_transpose2d, 3: torc
 torch_rules[P.conv_general_dilated_p] = _conv
 
 
+# ----------------------------------------------------------------------------- linear algebra
+
+def _cholesky(a: Any) -> Any:
+    """torch.linalg.cholesky_ex (no error on values): a matrix that is not positive definite gives NaN."""
+    factor, info = torch.linalg.cholesky_ex(_t(a))
+    nan = torch.div(torch.zeros_like(factor), 0.0)  # computed: TorchScript cannot read a nan literal
+    return torch.where(torch.eq(info, 0).unsqueeze(-1).unsqueeze(-1), factor, nan)
+
+
+def _triangular_solve(a: Any, b: Any, *, left_side: bool, lower: bool, transpose_a: bool,
+                      unit_diagonal: bool) -> Any:
+    m = _t(a)
+    upper = not lower
+    if transpose_a:
+        m, upper = m.mT, lower
+    return torch.linalg.solve_triangular(m, _t(b), upper=upper, left=left_side, unitriangular=unit_diagonal)
+
+
+def _lu(a: Any) -> tuple[Any, Any, Any]:
+    """LAPACK's getrf through torch.linalg.lu_factor_ex; the permutation is read off lu_unpack's P."""
+    av = aval_of(a)
+    m, n = av.shape[-2:]
+    factor, pivots, info = torch.linalg.lu_factor_ex(_t(a))
+    if m == 0 or n == 0:  # nothing to pivot (argmax refuses empty dimensions)
+        order = torch.arange(m, dtype=torch.int32).expand(list(av.shape[:-2]) + [m])
+        return factor, torch.sub(pivots, 1), order
+    p, lower, upper = torch.lu_unpack(factor, pivots, unpack_data=False)
+    permutation = torch.argmax(p, dim=-2).to(torch.int32)  # a = P L U: row i of L U is row perm[i] of a
+    return factor, torch.sub(pivots, 1), permutation
+
+
+torch_rules[P.cholesky_p] = _cholesky
+torch_rules[P.triangular_solve_p] = _triangular_solve
+torch_rules[P.lu_p] = _lu
+
+
+def _qr(a: Any, *, full_matrices: bool) -> tuple[Any, Any]:
+    q, r = torch.linalg.qr(_t(a), mode="complete" if full_matrices else "reduced")
+    return q, r
+
+
+def _eigh(a: Any, *, lower: bool) -> tuple[Any, Any]:
+    w, v = torch.linalg.eigh(_t(a), UPLO="L" if lower else "U")
+    return w, v
+
+
+def _svd(a: Any, *, full_matrices: bool) -> tuple[Any, Any, Any]:
+    u, s, vh = torch.linalg.svd(_t(a), full_matrices=full_matrices)
+    return u, s, vh
+
+
+torch_rules[P.pinv_p] = lambda a, atol, rtol, *, hermitian: torch.linalg.pinv(_t(a), atol=_t(atol), rtol=_t(rtol),
+                                                                             hermitian=hermitian)
+torch_rules[P.qr_p] = _qr
+torch_rules[P.eigh_p] = _eigh
+torch_rules[P.svd_p] = _svd
+
+
 # ----------------------------------------------------------------------------- indexing
 
 def _index64(indices: Any) -> Any:

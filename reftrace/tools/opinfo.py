@@ -5,8 +5,8 @@
 
 For each OpInfo entry with ``supports_autograd`` (variants such as ``max.reduction_with_dim``
 are separate entries) and each of its sample inputs (float64 where the op supports it,
-else float32), the op runs eagerly and through ``reftrace.compile.aot_function`` with the
-chosen compiler. The compiled run must give the same values and the same gradients
+else float32), the op (through its OpInfo ``gradcheck_wrapper``, as torch's gradient tests
+call it) runs eagerly and through ``reftrace.compile.aot_function`` with the chosen compiler. The compiled run must give the same values and the same gradients
 (``torch.autograd.grad`` of the outputs against one random cotangent per output) as eager,
 or raise a ``ReftraceError`` that says what is unsupported. Anything else is a defect:
 
@@ -180,8 +180,10 @@ def _run(op: Any, sample: Any, call_args: Any, fn: Callable[..., Any] | None = N
 
 
 def _as_function(op: Any) -> Callable[..., Any]:
+    """The op through its OpInfo ``gradcheck_wrapper``, as torch's own gradient tests call it: ops on
+    symmetric or triangular matrices see such matrices (their gradients elsewhere are conventions)."""
     def call(inp: Any, args: Any, kwargs: Any) -> Any:
-        return op(inp, *args, **kwargs)
+        return op.gradcheck_wrapper(op.op, inp, *args, **kwargs)
     call.__name__ = variant_name(op).replace(".", "_")
     return call
 

@@ -172,6 +172,8 @@ class _UserFrames(TorchDispatchMode):
     """
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._linalg_check_errors.default:
+            return None  # raises on values (a singular matrix); a capture cannot: results are inf/NaN instead
         fx_traceback.set_stack_trace([user_stack_string()])
         stop = func in _DETACH_OPS or (not torch.is_grad_enabled() and not _in_autograd_function_forward())
         try:
@@ -230,6 +232,8 @@ def _mutate_straight_through(func: Any, args: Any, kwargs: Any) -> Any:
     stopped, then a ``copy`` node tagged ``STRAIGHT_THROUGH`` joins it to the old value.
     """
     target = args[0]
+    while target._base is not None:  # writing through a view writes its base: pass the base straight through
+        target = target._base
     before = torch.ops.aten.clone.default(target)
     with _node_flag(STOP_GRADIENT):
         out = func(*args, **kwargs)

@@ -27,7 +27,10 @@ import numpy as np
 
 from reftrace import lax
 from reftrace import primitives as P
+from reftrace.errors import UnsupportedOperatorError
 from reftrace.lax import TracedArray
+from reftrace.matrices import (diag_embed, diagonal, eye_mask, leading, matmul, mT, scale_columns, scale_rows,
+                               trailing, triangle)
 from reftrace.primitives import Primitive, is_float
 
 Cotangent = TracedArray | None
@@ -533,6 +536,178 @@ def _conv_vjp(cts, primals, outs, *, window_strides, padding, lhs_dilation, rhs_
         dimension_numbers=(_swap_first_two(lhs_spec), _swap_first_two(out_spec), _swap_first_two(rhs_spec)),
         feature_group_count=batch_group_count, batch_group_count=feature_group_count)
     return ct_lhs, ct_rhs
+
+
+# ----------------------------------------------------------------------------- linear algebra
+# The formulas are torch's (linalg backward functions), so gradients agree with torch.autograd even
+# where a factorization's derivative is a convention (symmetric inputs of cholesky/eigh).
+
+def _zeros_if_none(ct: Cotangent, like: TracedArray) -> TracedArray:
+    return lax.zeros(like.aval) if ct is None else ct
+
+
+@_register(P.cholesky_p)
+def _cholesky_vjp(cts, primals, outs):
+    """ct_a = sym(L^-T Phi(L^T ct) L^-1), Phi = lower triangle with the diagonal halved."""
+    (ct,), (factor,) = cts, outs
+    m = matmul(mT(factor), ct)
+    phi = lax.sub(triangle(m, 0, True), lax.mul(_const(0.5, m), diag_embed(diagonal(m))))
+    left = lax.triangular_solve(factor, phi, left_side=True, lower=True, transpose_a=True)
+    both = lax.triangular_solve(factor, left, left_side=False, lower=True, transpose_a=False)
+    return (lax.mul(_const(0.5, both), lax.add(both, mT(both))),)
+
+
+@_register(P.triangular_solve_p)
+def _triangular_solve_vjp(cts, primals, outs, *, left_side, lower, transpose_a, unit_diagonal):
+    """ct_b solves the transposed system; ct_a = -(ct_b x^T) (or its transpose), kept on a's triangle."""
+    (ct,), (a, _), (x,) = cts, primals, outs
+    ct_b = lax.triangular_solve(a, ct, left_side=left_side, lower=lower, transpose_a=not transpose_a,
+                                unit_diagonal=unit_diagonal)
+    ct_op = lax.neg(matmul(ct_b, mT(x)) if left_side else matmul(mT(x), ct_b))
+    ct_a = mT(ct_op) if transpose_a else ct_op
+    ct_a = triangle(ct_a, (-1 if lower else 1) if unit_diagonal else 0, lower)
+    return ct_a, ct_b
+
+
+def _lu_square_vjp(unit_lower, upper, ct_l, ct_u):
+    """P^T a = L U (square): ct = L^-T (tril_-1(L^T ct_L) + triu(ct_U U^T)) U^-T."""
+    inner = lax.add(triangle(matmul(mT(unit_lower), ct_l), -1, True), triangle(matmul(ct_u, mT(upper)), 0, False))
+    left = lax.triangular_solve(unit_lower, inner, left_side=True, lower=True, transpose_a=True, unit_diagonal=True)
+    return lax.triangular_solve(upper, left, left_side=False, lower=False, transpose_a=True)
+
+
+@_register(P.lu_p)
+def _lu_vjp(cts, primals, outs):
+    """a = P L U. Square: the formula of ``_lu_square_vjp``. Wide (m < n): U = [U1 U2] with U2 = L^-1 (P^T a)_2,
+    which sends L^-T ct_U2 to a's right block and -L^-T ct_U2 U2^T to L. Tall (m > n): L = [L1; L2] with
+    L2 = (P^T a)_2 U^-1, which sends ct_L2 U^-T to a's bottom block and -L2^T ct_L2 U^-T to U."""
+    ct = cts[0]
+    (a,), (packed, _, permutation) = primals, outs
+    if ct is None or a.size == 0:
+        return (None if ct is None else lax.zeros(a.aval),)
+    m, n = a.shape[-2:]
+    k = min(m, n)
+    unit_lower = lax.add(triangle(leading(packed, 1, k), -1, True), lax.convert_element_type(
+        eye_mask(a.shape[:-2] + (m, k)), a.dtype))
+    upper = triangle(leading(leading(packed, 1, k), 2, k), 0, False)
+    ct_l = triangle(leading(ct, 1, k), -1, True)
+    ct_u = triangle(leading(leading(ct, 1, k), 2, k), 0, False)
+    if m == n:
+        moved = _lu_square_vjp(unit_lower, upper, ct_l, ct_u)
+    elif m < n:
+        ct_u2, u2 = trailing(ct, 1, k), trailing(packed, 1, k)
+        back = lax.triangular_solve(unit_lower, ct_u2, left_side=True, lower=True, transpose_a=True,
+                                    unit_diagonal=True)
+        ct_l = lax.sub(ct_l, triangle(matmul(back, mT(u2)), -1, True))
+        moved = lax.concatenate([_lu_square_vjp(unit_lower, upper, ct_l, ct_u), back], a.ndim - 1)
+    else:
+        l1, l2 = leading(unit_lower, 2, k), trailing(unit_lower, 2, k)
+        ct_l1, ct_l2 = leading(ct_l, 2, k), trailing(ct_l, 2, k)
+        back = lax.triangular_solve(upper, ct_l2, left_side=False, lower=False, transpose_a=True)
+        ct_u = lax.sub(ct_u, triangle(matmul(mT(l2), back), 0, False))
+        moved = lax.concatenate([_lu_square_vjp(l1, upper, ct_l1, ct_u), back], a.ndim - 2)
+    rows = lax.broadcast_in_dim(lax.convert_element_type(permutation, np.int64), a.shape, tuple(range(a.ndim - 1)))
+    return (lax.scatter(lax.zeros(a.aval), rows, moved, a.ndim - 2),)
+
+
+def _qr_tall_vjp(q, r, ct_q, ct_r):
+    """m >= n: ct_a = (ct_q + q copyltu(r ct_r^T - ct_q^T q)) r^-T."""
+    m = lax.sub(matmul(r, mT(ct_r)), matmul(mT(ct_q), q))
+    copyltu = lax.add(triangle(m, 0, True), mT(triangle(m, -1, True)))
+    b = lax.add(ct_q, matmul(q, copyltu))
+    return lax.triangular_solve(r, b, left_side=False, lower=False, transpose_a=True)
+
+
+@_register(P.qr_p)
+def _qr_vjp(cts, primals, outs, *, full_matrices):
+    (a,), (q, r) = primals, outs
+    ct_q, ct_r = _zeros_if_none(cts[0], q), _zeros_if_none(cts[1], r)
+    rows, cols = a.shape[-2:]
+    if full_matrices and rows > cols:
+        raise UnsupportedOperatorError("the QR decomposition with complete Q of a tall matrix is not "
+                                       "differentiable (as in torch); use mode='reduced'")
+    if rows >= cols:
+        return (_qr_tall_vjp(q, r, ct_q, ct_r),)
+    # wide: a = q [x | y] with x square; y = q^T a_y contributes through q
+    x = leading(r, 1, rows)
+    ct_x = leading(ct_r, 1, rows)
+    ct_y, a_y = trailing(ct_r, 1, rows), trailing(a, 1, rows)
+    ct_q = lax.add(ct_q, matmul(a_y, mT(ct_y)))
+    return (lax.concatenate([_qr_tall_vjp(q, x, ct_q, ct_x), matmul(q, ct_y)], a.ndim - 1),)
+
+
+@_register(P.pinv_p)
+def _pinv_vjp(cts, primals, outs, *, hermitian):
+    """Golub & Pereyra's constant-rank derivative (torch's pinv_backward), written as a VJP:
+    ct_a = -P^T g P^T + (I - A P) g^T P P^T + P^T P g^T (I - P A)."""
+    (g,), (a, _, _), (p,) = cts, primals, outs
+    pt, gt = mT(p), mT(g)
+    first = lax.neg(matmul(matmul(pt, g), pt))
+    left_residual = lax.sub(gt, matmul(matmul(a, p), gt))                # (I - A P) g^T
+    right_residual = lax.sub(gt, matmul(gt, matmul(p, a)))               # g^T (I - P A)
+    ct_a = lax.add(first, lax.add(matmul(left_residual, matmul(p, pt)), matmul(matmul(pt, p), right_residual)))
+    return ct_a, None, None
+
+
+def _spectral_gaps(w: TracedArray) -> tuple[TracedArray, TracedArray]:
+    """(E, off) with E[..., i, j] = w[j] - w[i] (1 on the diagonal) and the off-diagonal mask."""
+    shape = w.shape + w.shape[-1:]
+    batch = tuple(range(w.ndim - 1))
+    gaps = lax.sub(lax.broadcast_in_dim(w, shape, batch + (w.ndim,)),
+                   lax.broadcast_in_dim(w, shape, batch + (w.ndim - 1,)))
+    eye = eye_mask(shape)
+    return lax.select(eye, _const(1, w), gaps), lax.bitwise_not(eye)
+
+
+@_register(P.eigh_p)
+def _eigh_vjp(cts, primals, outs, *, lower):
+    """ct_a = V (diag(ct_w) + skew(V^T ct_V) / E) V^T with skew(M) = (M - M^T)/2, E_ij = w_j - w_i."""
+    ct_w, ct_v = cts
+    w, v = outs
+    inner = diag_embed(_zeros_if_none(ct_w, w))
+    if ct_v is not None:
+        m = matmul(mT(v), ct_v)
+        skew = lax.mul(_const(0.5, m), lax.sub(m, mT(m)))
+        gaps, off = _spectral_gaps(w)
+        inner = lax.add(inner, lax.select(off, lax.div(skew, gaps), _const(0, m)))
+    return (matmul(matmul(v, inner), mT(v)),)
+
+
+@_register(P.svd_p)
+def _svd_vjp(cts, primals, outs, *, full_matrices):
+    """torch's svd_backward (real): U [skew(U^T gU)/E S + S skew(V^T gV)/E + diag(gS)] V^T, plus the
+    parts of gU / gV outside the column spaces of U / V; with full matrices only the first
+    min(m, n) singular vectors are differentiated (torch ignores the rest)."""
+    (a,), (u, s, vh) = primals, outs
+    ct_u, ct_s, ct_vh = cts
+    k = s.shape[-1]
+    rows, cols = a.shape[-2:]
+    if full_matrices:
+        u, vh = leading(u, 1, k), leading(vh, 2, k)
+        ct_u = None if ct_u is None else leading(ct_u, 1, k)
+        ct_vh = None if ct_vh is None else leading(ct_vh, 2, k)
+    v = mT(vh)
+    inner = diag_embed(_zeros_if_none(ct_s, s))
+    gaps, off = _spectral_gaps(lax.mul(s, s))
+
+    def skew_over_gaps(x, ct):
+        m = matmul(mT(x), ct)
+        return lax.select(off, lax.div(lax.sub(m, mT(m)), gaps), _const(0, m))
+
+    inv_s = lax.div(_const(1, s), s)
+    if ct_u is not None:
+        inner = lax.add(inner, scale_columns(skew_over_gaps(u, ct_u), s))
+    if ct_vh is not None:
+        ct_v = mT(ct_vh)
+        inner = lax.add(inner, scale_rows(s, skew_over_gaps(v, ct_v)))
+    ct_a = matmul(matmul(u, inner), vh)
+    if ct_u is not None and rows > k:
+        outside = lax.sub(ct_u, matmul(u, matmul(mT(u), ct_u)))
+        ct_a = lax.add(ct_a, matmul(scale_columns(outside, inv_s), vh))
+    if ct_vh is not None and cols > k:
+        outside = lax.sub(ct_vh, matmul(matmul(ct_vh, v), vh))
+        ct_a = lax.add(ct_a, matmul(u, scale_rows(inv_s, outside)))
+    return (ct_a,)
 
 
 # ----------------------------------------------------------------------------- indexing

@@ -26,6 +26,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.filterwarnings("ignore:The TorchScript type system:UserWarning"))
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Run torch single-threaded here. On 2 shared cores, torch's OpenMP threads spin while other
+    processes hold the cores: the same step measured 5 s alone and 130 s under contention."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ARG001
     if not ERRORS or config.getoption("verbose") < 0:  # pyproject adds -q: shown with -v
         return

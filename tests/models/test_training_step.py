@@ -1,13 +1,16 @@
 """Real models, one training step through ``aot_module`` against eager torch.
 
 Every model of ``tests.models.zoo`` is stepped (forward, ``loss.backward()``, SGD, a second
-forward) with each compiler — ``nop`` (the emitted FX run as is), ``ts_compile``
+forward) with the compilers of ``PLAN`` — ``nop`` (the emitted FX run as is), ``ts_compile``
 (TorchScript) and ``xla_compile`` (one XLA computation through JAX) — and every output,
 gradient, updated parameter and buffer must equal a deepcopy stepped in eager torch.
 float64 runs check to ~1e-10; float32 runs to what float32 summation order allows.
-Two models also run with the min-cut partition under every compiler, the others with ``nop``.
+Every (model, dtype) also runs with the min-cut partition under ``nop``, two under every compiler.
+``pytest -v tests/models`` ends with a table of the errors each run showed.
 """
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -22,37 +25,46 @@ DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 f32, f64 = torch.float32, torch.float64
 ALL = ("nop", "ts", "xla")
 
-# model -> dtype -> compilers run with the default partition.
+# model -> dtype -> compilers run with the default partition. XLA compiles dominate the folder's time
+# (3-25 s each), so float64 XLA runs on three models that between them cover attention, LayerNorm,
+# embeddings, convolutions (plain and transposed), GroupNorm and interpolation.
+NOP_TS = ("nop", "ts")
 PLAN = {
-    # BatchNorm in train mode. float64 with nop only: XLA compiles of these graphs take 10-25 s each,
-    # and float64 XLA is covered by the smaller models (convolutions by upsampling_net).
+    # Train-mode BatchNorm; the XLA compiles of these two take 10-25 s each.
     "resnet18": {f32: ALL, f64: ("nop",)},
     "mobilenet_v3_small": {f32: ALL, f64: ("nop",)},
-    "vit": {f32: ALL, f64: ALL},
+    "vit": {f32: ALL, f64: NOP_TS},
     "upsampling_net": {f32: ALL, f64: ALL},
     "gpt2": {f32: ALL},  # labels=: transformers computes that loss in float32 whatever the model's dtype
     "gpt2_logits_loss": {f64: ALL},
-    "bert": {f32: ALL, f64: ALL},
+    "bert": {f32: ALL, f64: NOP_TS},
     # No float64 run: LlamaRMSNorm and the rotary embedding cast to float32 inside the model.
     "llama": {f32: ALL},
     "transformer_encoder": {f32: ALL, f64: ALL},
-    "lstm": {f32: ALL, f64: ALL},
+    "lstm": {f32: ALL, f64: NOP_TS},
 }
 
 # The min-cut partition runs with nop for every (model, dtype) of PLAN, and with every compiler here.
 MINCUT_ALL_COMPILERS = {("gpt2", f32), ("vit", f32)}
 
-# (rtol, atol). float32: the compiled graphs sum in other orders than torch's kernels.
-TOLERANCE = {f32: (1e-4, 1e-5), f64: (1e-10, 1e-12)}
+# (rtol, atol). float32: the compiled graphs sum in other orders than torch's kernels (observed errors are
+# 5-10x below these; run with -v for the table).
+TOLERANCE = {f32: (2e-5, 2e-6), f64: (1e-10, 1e-12)}
 TOLERANCE_OVERRIDES = {
+    # Train-mode BatchNorm over few values per channel (2x2 at the last stage, batch 2) amplifies float32
+    # rounding: gradients reach ~10 with errors ~2e-5, about 1e-5 of each tensor's scale. Inputs are 64x64
+    # (at 32x32 the last stage normalises 2 values per channel and float32 gradients are noise).
+    ("resnet18", f32): (1e-4, 1e-4),
+    ("mobilenet_v3_small", f32): (5e-5, 5e-6),
     # torch's CPU hardsigmoid backward multiplies by the float32 constant 1/6 even in float64
-    # (ATen's hardsigmoid_backward kernel), a relative error of 3e-8 in eager torch itself; reftrace's
-    # gradient is exact (test_hardsigmoid_gradient_is_exact_in_float64).
-    ("mobilenet_v3_small", f64): (1e-7, 1e-12),
+    # (ATen's hardsigmoid_backward kernel): a relative error of 3e-8 in eager torch itself, which the
+    # squeeze-excitation blocks spread upstream; reftrace's gradient is exact
+    # (test_hardsigmoid_gradient_is_exact_in_float64).
+    ("mobilenet_v3_small", f64): (1e-7, 1e-9),
 }
 
 # The slowest variants (XLA compiles of the largest graphs); they still run by default.
-SLOW = {("resnet18", f32, "xla"), ("mobilenet_v3_small", f32, "xla")}
+SLOW = {("resnet18", f32, "xla"), ("mobilenet_v3_small", f32, "xla"), ("mobilenet_v3_small", f32, "ts")}
 
 
 def _params():
@@ -85,11 +97,11 @@ def _kept(name, dtype, compiler):
 
 
 @pytest.mark.parametrize("name,dtype", [("resnet18", torch.float32), ("gpt2", torch.float32)])
-def test_min_cut_saves_no_more_than_default(name, dtype):
+def test_min_cut_saves_less_than_default(name, dtype):
     case = CASES[name]
     default = case.compiled(dtype, nop, default_partition, keep=True).saved_bytes()
     mincut = case.compiled(dtype, nop, min_cut_rematerialization_partition, keep=True).saved_bytes()
-    assert 0 < mincut <= default
+    assert 0 < mincut < default, (mincut, default)
 
 
 def test_gpt2_tied_embeddings_stay_tied_and_get_the_summed_gradient():
@@ -99,7 +111,7 @@ def test_gpt2_tied_embeddings_stay_tied_and_get_the_summed_gradient():
     assert model.lm_head.weight is model.transformer.wte.weight
     # The same model with the tie cut: the tied gradient is the sum of the two uses' gradients.
     base, args, kwargs = case.base(torch.float32)
-    untied = __import__("copy").deepcopy(base)
+    untied = copy.deepcopy(base)
     untied.lm_head.weight = torch.nn.Parameter(untied.transformer.wte.weight.detach().clone())
     case.loss_fn(untied(*args, **kwargs)).backward()
     summed = untied.lm_head.weight.grad + untied.transformer.wte.weight.grad
@@ -126,3 +138,27 @@ def test_hardsigmoid_gradient_is_exact_in_float64():
     x = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
     (g,) = torch.autograd.grad(aot_function(torch.nn.functional.hardsigmoid, nop)(x).sum(), x)
     assert torch.equal(g, torch.full_like(g, 1 / 6))
+
+
+def test_attention_rows_with_nothing_to_attend_to_are_zero():
+    """Left padding under a causal mask leaves query rows with every key masked (gpt2 and llama above):
+    torch's CPU attention kernel gives 0 there and a zero gradient; a plain softmax would give NaN."""
+    from reftrace.compile import aot_function
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=g, dtype=f64) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]  # grouped-query attention: 2 key/value heads for 4 query heads
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    mask[1, :, :, :2] = False  # batch 1: keys 0 and 1 are padding, so query rows 0 and 1 see nothing
+
+    def attend(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    results = []
+    for fn in (attend, aot_function(attend, nop)):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*inputs)
+        grads = torch.autograd.grad(out, inputs, torch.randn(out.shape, generator=g.manual_seed(1), dtype=f64))
+        results.append((out, *grads))
+    assert torch.equal(results[1][0][1, :, :2], torch.zeros(4, 2, 8, dtype=f64))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

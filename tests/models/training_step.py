@@ -82,6 +82,8 @@ def training_step(model: torch.nn.Module, args: Sequence[Any], loss_fn: LossFn, 
     for name, b in model.named_buffers():
         result.tensors[f"buffer {name}"] = b.detach().clone()
     result.tensors.update(_flat_tensors("second out", run(*args, **kwargs)))
+    if compiler is not None:  # the second step reuses the first compile: the guards see nothing new
+        assert len(run._compiled.cache) == 1, "the second forward recompiled"
     return result
 
 

@@ -354,3 +354,61 @@ def nonzero_static(x: Any, *, size: int, fill_value: int = -1) -> Any:
 
 def to_bool_tensor(x: Any) -> Any:
     return x if P.is_bool(x.dtype) else lax.ne(x, literal(0, x.dtype))
+
+
+@register(aten._embedding_bag.default, aten._embedding_bag_forward_only.default)
+def embedding_bag(weight: Any, indices: Any, offsets: Any, scale_grad_by_freq: bool = False, mode: int = 0,
+                  sparse: bool = False, per_sample_weights: Any = None, include_last_offset: bool = False,
+                  padding_idx: int = -1) -> tuple[Any, Any, Any, Any]:
+    """Sum / mean / max of ``weight`` rows per bag; bag membership is a (bag, position) mask from the offsets.
+
+    Also torch's bookkeeping outputs: the bag of each index, the bag sizes (mean and max modes)
+    and, in max mode, the row that gave each maximum.
+    """
+    d = weight.dtype
+    idx = cast(indices, np.int64)
+    if idx.ndim == 2:  # (bags, length): fixed-size bags
+        bags_, length = idx.shape
+        idx = lax.reshape(idx, (bags_ * length,))
+        starts = literal(np.arange(bags_, dtype=np.int64) * length, np.int64)
+        if per_sample_weights is not None:
+            per_sample_weights = lax.reshape(per_sample_weights, (bags_ * length,))
+    else:
+        starts = cast(offsets, np.int64)
+        if include_last_offset:
+            starts = lax.slice(starts, (0,), (starts.shape[0] - 1,))
+    n, bags = idx.shape[0], starts.shape[0]
+    ends = lax.concatenate([lax.slice(starts, (1,), (bags,)), literal(np.array([n]), np.int64)], 0) if bags else starts
+    if include_last_offset and idx.ndim == 1 and offsets.shape[0]:
+        ends = lax.slice(cast(offsets, np.int64), (1,), (offsets.shape[0],))
+    grid = (bags, n)
+    position = lax.iota(np.int64, grid, 1)
+    member = lax.logical_and(lax.le(lax.broadcast_in_dim(starts, grid, (0,)), position),
+                             lax.lt(position, lax.broadcast_in_dim(ends, grid, (0,))))
+    if padding_idx >= 0:
+        member = lax.logical_and(member, lax.broadcast_in_dim(lax.ne(idx, literal(padding_idx, np.int64)), grid, (1,)))
+    rows = take(weight, 0, idx)                                                     # (n, dim)
+    if per_sample_weights is not None:
+        rows = lax.mul(rows, lax.broadcast_in_dim(cast(per_sample_weights, d), rows.shape, (0,)))
+    counts = lax.reduce_sum(cast(member, np.int64), (1,))
+    bag_of = lax.reduce_max(lax.select(lax.le(lax.broadcast_in_dim(starts, grid, (0,)), position),
+                                       lax.iota(np.int64, grid, 0), literal(0, np.int64)), (0,)) if bags else \
+        lax.full((n,), 0, np.int64)
+    dim = weight.shape[1]
+    out_shape = out_aval(0).shape
+    if mode in (0, 1):
+        total = lax.dot_general(cast(member, d), rows, (((1,), (0,)), ((), ())))
+        if mode == 0:
+            return (total, bag_of, lax.full(out_aval(2).shape, 0, np.int64), lax.full(out_aval(3).shape, 0, np.int64))
+        safe = lax.select(lax.eq(counts, literal(0, np.int64)), literal(1, np.int64), counts)
+        mean = lax.div(total, lax.broadcast_in_dim(cast(safe, d), out_shape, (0,)))
+        return mean, bag_of, counts, counts
+    cube = (bags, n, dim)
+    inside = lax.broadcast_in_dim(member, cube, (0, 1))
+    candidates = lax.select(inside, lax.broadcast_in_dim(rows, cube, (1, 2)), literal(-np.inf, d))
+    which = lax.argmax(candidates, 1, np.int64) if n else lax.full((bags, dim), 0, np.int64)   # first maximum
+    empty = lax.broadcast_in_dim(lax.eq(counts, literal(0, np.int64)), (bags, dim), (0,))
+    picked_row = lax.gather(lax.broadcast_in_dim(idx, (bags, n), (1,)), which, 1) if n else which
+    values = lax.gather(candidates, lax.reshape(which, (bags, 1, dim)), 1) if n else lax.full((bags, dim), 0, d)
+    values = lax.select(empty, literal(0, d), lax.reshape(values, (bags, dim)))
+    return values, bag_of, counts, lax.select(empty, literal(0, np.int64), picked_row)

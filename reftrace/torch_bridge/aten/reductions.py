@@ -11,8 +11,8 @@ import numpy as np
 
 from reftrace import lax
 from reftrace import primitives as P
-from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, highest, keep_dims, literal, norm_dim,
-                                                norm_dims, out_aval, promote, register, unsupported)
+from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, highest, keep_dims, literal, lowest,
+                                                norm_dim, norm_dims, out_aval, promote, register, unsupported)
 from reftrace.torch_bridge.aten.elementwise import to_bool
 
 
@@ -482,3 +482,60 @@ def _pick_index(x: Any, index: Any, axis: int, keepdim: bool) -> tuple[Any, Any]
         kept = x.shape[:axis] + x.shape[axis + 1:]
         return lax.reshape(value, kept), lax.reshape(index, kept)
     return value, index
+
+
+@register(aten.segment_reduce.default)
+def segment_reduce(data: Any, reduce: str, *, lengths: Any = None, indices: Any = None, offsets: Any = None,
+                   axis: int = 0, unsafe: bool = False, initial: Any = None) -> Any:
+    """Reduce consecutive segments along ``axis``; a mask compares every (segment, position) pair.
+
+    ``initial`` joins every segment's reduction (an empty segment gives it; without it: 0 for sum,
+    1 for prod, +-inf for min/max, NaN for mean).
+    """
+    if indices is not None or (lengths is None) == (offsets is None):
+        raise unsupported("segment_reduce needs exactly one of lengths= or offsets=")
+    d = out_aval().dtype
+    x = cast(data, d)
+    a = norm_dim(axis, x.ndim)
+    if lengths is not None:
+        lengths = cast(lengths, np.int64)
+        ends = lax.cumsum(lengths, lengths.ndim - 1)
+        starts = lax.sub(ends, lengths)
+    else:
+        offsets = cast(offsets, np.int64)
+        k = offsets.shape[-1] - 1
+        starts = lax.slice(offsets, (0,) * offsets.ndim, offsets.shape[:-1] + (k,))
+        ends = lax.slice(offsets, (0,) * (offsets.ndim - 1) + (1,), offsets.shape)
+    segments, n = starts.shape[-1], x.shape[a]
+    grid = x.shape[:a] + (segments, n) + x.shape[a + 1:]
+    lead, rest = tuple(range(a)), tuple(range(a + 2, len(grid)))
+    position = lax.iota(np.int64, grid, a + 1)
+    inside = lax.logical_and(lax.le(lax.broadcast_in_dim(starts, grid, lead + (a,)), position),
+                             lax.lt(position, lax.broadcast_in_dim(ends, grid, lead + (a,))))
+    values = lax.broadcast_in_dim(x, grid, lead + (a + 1,) + rest)
+    over = (a + 1,)
+    start = None if initial is None else literal(initial, d)
+    if reduce in ("sum", "mean"):
+        total = lax.reduce_sum(lax.select(inside, values, literal(0, d)), over)
+        if start is not None:
+            total = lax.add(total, start)
+        if reduce == "sum":
+            return total
+        count = lax.reduce_sum(cast(inside, d), over)
+        if start is None:
+            return lax.div(total, count)  # an empty segment: 0/0 = NaN, as torch
+        empty = lax.eq(count, literal(0, d))
+        return lax.select(empty, start, lax.div(total, lax.select(empty, literal(1, d), count)))
+    if reduce == "prod":
+        result = lax.reduce_prod(lax.select(inside, values, literal(1, d)), over)
+        return result if start is None else lax.mul(result, start)
+    if reduce in ("max", "min"):
+        prim = P.reduce_max_p if reduce == "max" else P.reduce_min_p
+        fill = lowest(d) if reduce == "max" else highest(d)
+        candidates = lax.select(inside, values, literal(fill, d))
+        if start is not None:  # the initial value is one more candidate of every segment
+            shape = list(grid)
+            shape[a + 1] = 1
+            candidates = lax.concatenate([candidates, lax.full(shape, initial, d)], a + 1)
+        return lax.reduce(prim, candidates, over)
+    raise unsupported(f"reduce={reduce!r}")
