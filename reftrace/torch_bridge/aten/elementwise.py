@@ -15,7 +15,7 @@ import torch
 from reftrace import lax
 from reftrace import primitives as P
 from reftrace.torch_bridge.aten._common import (aten, bcast, broadcast_shapes, cast, elementwise, float_dtype,
-                                                is_tensor, literal, out_aval, promote, register)
+                                                is_tensor, literal, out_aval, promote, register, unsupported)
 
 
 def _out_dtype() -> np.dtype:
@@ -739,3 +739,15 @@ def log_ndtr(x: Any) -> Any:
     xp = lax.select(low, literal(0, d), x)
     body = lax.log1p(lax.mul(literal(-0.5, d), lax.erfc(lax.mul(xp, literal(np.sqrt(0.5), d)))))
     return lax.select(low, tail, body)
+
+
+# ----------------------------------------------------------------------------- complex numbers
+
+def _complex_unsupported(*args: Any, **kwargs: Any) -> Any:
+    raise unsupported("it makes or reads complex tensors; reftrace graphs hold real, integer and bool values "
+                      "only (FFTs, complex(), polar(), view_as_complex(), eig())")
+
+
+register(aten.complex.default, aten.polar.default, aten.view_as_complex.default, aten.view_as_real.default,
+         aten._conj.default, aten._fft_r2c.default, aten._fft_c2c.default, aten._fft_c2r.default,
+         aten.linalg_eig.default)(_complex_unsupported)

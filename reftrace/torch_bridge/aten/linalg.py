@@ -499,7 +499,7 @@ def linalg_polar(a: Any) -> tuple[Any, Any]:
 
 
 _EXPM_TERMS = 16      # Taylor terms once the 1-norm is <= 1/2: the remainder is below 2e-19
-_EXPM_SQUARINGS = 64  # enough for any matrix whose exponential does not overflow
+_EXPM_SQUARINGS = 40  # 1-norms up to 2^39; beyond that the result is NaN rather than inaccurate
 
 
 @register(aten.linalg_matrix_exp.default)
@@ -507,7 +507,8 @@ def linalg_matrix_exp(a: Any) -> Any:
     """Scaling and squaring: exp(A) = exp(A / 2^s)^(2^s), s chosen from the 1-norm at run time.
 
     s depends on the values, so all squarings are emitted and step k applies only where k < s
-    (a select); the Taylor polynomial is evaluated by Horner's rule.
+    (a select); the Taylor polynomial is evaluated by Horner's rule. A 1-norm above 2^39 (more
+    squarings than emitted) gives NaN.
     """
     a = _float(a)
     d = a.dtype
@@ -517,8 +518,9 @@ def linalg_matrix_exp(a: Any) -> Any:
     eye = M.eye(a.shape, d)
     norm = lax.reduce_max(lax.reduce_sum(lax.abs(a), (a.ndim - 2,)), (a.ndim - 2,))    # 1-norm per matrix
     steps = lax.ceil(lax.div(lax.log(lax.mul(norm, literal(2.0, d))), literal(np.log(2.0), d)))
-    steps = lax.min(lax.max(lax.select(lax.is_finite(steps), steps, literal(0, d)), literal(0, d)),
-                    literal(_EXPM_SQUARINGS, d))
+    steps = lax.max(lax.select(lax.is_finite(steps), steps, literal(0, d)), literal(0, d))
+    too_large = lax.gt(steps, literal(_EXPM_SQUARINGS, d))
+    steps = lax.min(steps, literal(_EXPM_SQUARINGS, d))
     scale = lax.pow(literal(2.0, d), lax.neg(steps))
     batch = tuple(range(a.ndim - 2))
     x = lax.mul(a, lax.broadcast_in_dim(scale, a.shape, batch))
@@ -528,7 +530,7 @@ def linalg_matrix_exp(a: Any) -> Any:
     for k in range(_EXPM_SQUARINGS):
         apply = lax.broadcast_in_dim(lax.lt(literal(k, d), steps), a.shape, batch)
         t = lax.select(apply, M.matmul(t, t), t)
-    return t
+    return lax.select(lax.broadcast_in_dim(too_large, a.shape, batch), literal(np.nan, d), t)
 
 
 @register(aten._trilinear.default)
