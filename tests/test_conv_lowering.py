@@ -1,13 +1,11 @@
 """The torch lowering's fast paths for convolutions agree with the JAX backend.
 
-Gradient convolutions take special routes in ``torch_rules``: input-dilated convs (input
-gradients of strided convs) run as ``conv_transpose``, and convs whose kernel dwarfs their
-output (weight gradients) run as unfold + matmul. Both must equal lax's semantics.
+Input-dilated convs (the input gradients of strided convs) run as ``conv_transpose`` in
+``torch_rules``; they must equal lax's semantics, and fall back where the pattern does not fit.
 """
 import itertools
 
 import numpy as np
-import pytest
 
 import reftrace as rt
 import reftrace.backends.torch_rules as torch_rules
@@ -50,17 +48,3 @@ def test_input_dilated_convs_as_conv_transpose(monkeypatch):
             x, w, (1, 1), ((lo, hi), (lo, hi)), lhs_dilation=(s, s), rhs_dilation=(d, d), feature_group_count=g),
             x, w)
     assert checked > 50 and sum(calls) > 20  # the fast path ran, and fell back where it must
-
-
-@pytest.mark.parametrize("groups,batch_groups", [(1, 1), (2, 1), (1, 2)])
-def test_large_kernel_convs_by_unfold(monkeypatch, groups, batch_groups):
-    calls = _count_calls(monkeypatch, "_conv_by_unfold")
-    rng = np.random.default_rng(1)
-    checked = 0
-    for s, d, lo, hi, h in itertools.product([1, 2], [1, 2], [0, 1], [0, 2], [9, 12]):
-        c, o = 2 * groups, 2 * groups * batch_groups
-        x, w = rng.standard_normal((4, c, h, h + 1)), rng.standard_normal((o, c // groups, h - 3, h - 4))
-        checked += _agree(lambda x, w: lax.conv_general_dilated(
-            x, w, (s, s), ((lo, hi), (lo, hi + 1)), rhs_dilation=(d, d), feature_group_count=groups,
-            batch_group_count=batch_groups), x, w)
-    assert checked >= 8 and len(calls) >= 4

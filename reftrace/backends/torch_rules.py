@@ -438,10 +438,6 @@ def _conv(lhs: Any, rhs: Any, *, window_strides, padding, lhs_dilation, rhs_dila
                                     lhs_dilation, rhs_dilation, feature_group_count, batch_group_count)
     if transposed is not None:
         return _permute_unless_identity(transposed, [int(i) for i in np.argsort(out_spec)])
-    if _unfold_pays(x_shape, [ra.shape[d] for d in rhs_spec], out_shape, out_spec, lhs_dilation):
-        y = _conv_by_unfold(x, w, x_shape, [ra.shape[d] for d in rhs_spec], [out_shape[d] for d in out_spec],
-                            window_strides, padding, rhs_dilation, feature_group_count, batch_group_count, la.dtype)
-        return _permute_unless_identity(y, [int(i) for i in np.argsort(out_spec)])
     conv_padding = [0] * max(nspatial, 1)
     if all(lo == hi >= 0 for lo, hi in padding) and all(d == 1 for d in lhs_dilation):
         conv_padding, padding = [lo for lo, _ in padding] or [0], [(0, 0)] * nspatial  # torch pads itself
@@ -498,43 +494,6 @@ def _as_conv_transpose(x: Any, w: Any, x_shape: Sequence[int], w_shape: Sequence
 _CONV_TRANSPOSE = {1: torch.conv_transpose1d, 2: torch.conv_transpose2d, 3: torch.conv_transpose3d}
 
 
-def _unfold_pays(x_shape: Sequence[int], w_shape: Sequence[int], out_shape: Sequence[int], out_spec,
-                 lhs_dilation) -> bool:
-    """A 2-D conv whose kernel is much larger than its output: a weight gradient (the kernel is
-    the output cotangent). torch's direct convolution is very slow there; im2col + GEMM is not."""
-    if len(x_shape) != 4 or any(d != 1 for d in lhs_dilation):
-        return False
-    kernel = w_shape[2] * w_shape[3]
-    output = out_shape[out_spec[2]] * out_shape[out_spec[3]]
-    return kernel >= 16 and kernel >= 4 * output
-
-
-def _conv_by_unfold(x: Any, w: Any, x_shape: Sequence[int], w_shape: Sequence[int], y_shape: Sequence[int],
-                    window_strides, padding, rhs_dilation, groups: int, batch_groups: int, dtype) -> Any:
-    """The conv as ``unfold`` (im2col) and one batched matrix product, in (N, C, H, W) layout.
-
-    ``out[n, o, l] = sum_k w[o, k] * cols[n, k, l]`` with ``k`` running over (channel, ky, kx);
-    feature groups pair channel group g with output group g, batch groups pair batch group b
-    (major split of N) with output group b, as in lax.conv_general_dilated.
-    """
-    n, c = x_shape[0], x_shape[1]
-    o, c_g, kh, kw = w_shape
-    oh, ow = y_shape[2], y_shape[3]
-    config = [(0, 0, 0), (0, 0, 0)] + [(lo, hi, 0) for lo, hi in padding]
-    if any(cfg != (0, 0, 0) for cfg in config):
-        x = pad_with_scalar(x, list(x_shape), _py(np.zeros((), dtype)), config)
-    cols = torch.nn.functional.unfold(x, [kh, kw], dilation=list(rhs_dilation), padding=0,
-                                      stride=list(window_strides))
-    cols = cols[:, :, :oh * ow]  # unfold also counts windows that torch's conv would (never more)
-    k = c_g * kh * kw
-    if batch_groups > 1:
-        b = batch_groups
-        cols = cols.reshape([b, n // b, k, oh * ow])
-        y = torch.einsum("bok,bnkl->nbol", w.reshape([b, o // b, k]), cols)
-        return y.reshape([n // b, o, oh, ow])
-    cols = cols.reshape([n, groups, k, oh * ow])
-    y = torch.einsum("gok,ngkl->ngol", w.reshape([groups, o // groups, k]), cols)
-    return y.reshape([n, o, oh, ow])
 torch_rules[P.conv_general_dilated_p] = _conv
 
 
