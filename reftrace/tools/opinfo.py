@@ -529,6 +529,16 @@ def write_report(sweeps: Sequence[Sweep], path: str) -> None:
         ok = sum(c[label] for label, statuses in _CATEGORIES if set(statuses) <= {PASS, RANDOM, EAGER_GRAD_WRONG})
         rates.append(f"{ok}/{checked} = {100.0 * ok / max(checked, 1):.1f}%")
     lines.append("| **pass rate** (of variants checked) | " + " | ".join(rates) + " |")
+    lines += _unsupported_summary(sweeps[0].results)
+    lines += ["", "### Semantics that differ from torch's (documented, not counted as failures)", "",
+              "- A captured graph cannot raise on values: where torch raises for a singular or indefinite matrix "
+              "(`linalg.inv`, `linalg.solve`, `linalg.cholesky`, ...), reftrace returns inf/NaN, and the `info` "
+              "outputs of the `_ex` variants are nonzero.",
+              "- Eigenvectors and singular vectors are unique up to sign; the xla backend's LAPACK calls may pick "
+              "other signs than torch's (wide matrices in `svd`). Sign-invariant results and their gradients agree.",
+              "- `topk(sorted=False)` returns the sorted order (torch leaves the order unspecified).",
+              "- Random ops draw from reftrace's counter-based RNG (docs/torch.md#random-operators), not torch's "
+              "generator stream."]
     lines += ["", "## Every op variant", "",
               "| op variant | dtype | samples | " + " | ".join(backends) + " | why (first backend with a note) |",
               "|---|---|---|" + "---|" * len(backends) + "---|"]
@@ -539,6 +549,33 @@ def write_report(sweeps: Sequence[Sweep], path: str) -> None:
         lines.append(f"| `{r.name}` | {r.dtype} | {r.samples} | {statuses} | {_md(why)} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _reason(message: str) -> str:
+    """A short cause for grouping unsupported ops in the report."""
+    if "complex tensors" in message:
+        return "complex numbers (reftrace graphs are real-valued)"
+    if "data-dependent" in message or "DataDependentControlFlowError" in message:
+        return "data-dependent: an output shape or a branch depends on tensor values"
+    if "sparse" in message:
+        return "sparse tensors"
+    if "slice is neither a tensor nor a hashable constant" in message:
+        return "`slice` arguments: aot_function cannot guard on them (unhashable in Python 3.11)"
+    found = re.search(r"(\S+) has no reftrace mapping", message)
+    return f"no ATen row for {found.group(1)}" if found else message[:100]
+
+
+def _unsupported_summary(results: Sequence[OpResult]) -> list[str]:
+    groups: dict[str, list[str]] = {}
+    for r in results:
+        if r.status in (UNSUPPORTED, CRASH, TIMEOUT):
+            groups.setdefault(_reason(r.message), []).append(r.name)
+    if not groups:
+        return []
+    lines = ["", f"### Not supported on {results[0].backend}, by cause", ""]
+    for reason, names in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"- {reason} ({len(names)}): " + ", ".join(f"`{n}`" for n in names))
+    return lines
 
 
 def _md(text: str) -> str:
@@ -561,7 +598,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     ops = find_ops(ns.ops.split(",") if ns.ops else None) if ns.backend != "none" else []
     backends = [b.strip() for b in ns.backend.split(",") if b.strip() and b.strip() != "none"]
-    command = ("python -m reftrace.tools.opinfo " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    given = list(sys.argv[1:] if argv is None else argv)
+    shown = [a for i, a in enumerate(given)  # the run's own options, not where its files went
+             if a not in ("--save", "--include", "--out") and (i == 0 or given[i - 1] not in ("--save", "--include",
+                                                                                             "--out"))]
+    command = ("python -m reftrace.tools.opinfo " + " ".join(shown)).strip()
     sweeps = [Sweep(b, run_sweep(ops, b, ns.limit_samples, ns.time_limit), command, ns.limit_samples,
                     ns.time_limit) for b in backends]
     for sweep in sweeps:

@@ -316,11 +316,11 @@ def linalg_solve_ex(a: Any, b: Any, *, left: bool = True, check_errors: bool = F
 
 
 def _parity(pivots: Any) -> Any:
-    """+1 or -1: the sign of the row interchanges (pivots 0-based)."""
-    k = pivots.shape[-1]
+    """1 where the row interchanges (0-based pivots) are an odd permutation, else 0; None without pivots."""
+    if pivots.shape[-1] == 0:
+        return None
     swaps = lax.ne(cast(pivots, np.int64), lax.iota(np.int64, pivots.shape, pivots.ndim - 1))
-    odd = lax.rem(lax.reduce_sum(cast(swaps, np.int64), (pivots.ndim - 1,)), literal(2, np.int64)) if k else None
-    return odd
+    return lax.rem(lax.reduce_sum(cast(swaps, np.int64), (pivots.ndim - 1,)), literal(2, np.int64))
 
 
 @register(aten._linalg_det.default)
