@@ -1,9 +1,12 @@
 """Side-by-side benchmark: reftrace.compile vs functorch.compile (and torch eager / torch.compile).
 
-    .venv/bin/python benchmarks/run.py [--quick] [--torch-compile]
+    .venv/bin/python benchmarks/run.py [--quick] [--repeat N] [--torch-compile]
 
 Compile latency: wall time of the first call (capture, autodiff, partition, both compilers
-with `nop`) plus the first backward, each measured in a fresh process-local object.
+with `nop`) plus the first backward. Each measurement runs in a fresh Python process that
+has imported both libraries and compiled one unrelated tiny function with the system under
+test (so imports and one-time set-up are not counted, and neither system warms caches for
+the other); the median of ``--repeat`` processes is reported.
 Per-call overhead: forward + backward of the seed function on 3 elements, median of
 repeated timings. Prints ratios reftrace / functorch (lower is better).
 """
@@ -11,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 
@@ -77,37 +82,64 @@ def per_call_us(fn, x, repeat=7, number=300):
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="skip resnet18 and GPT-2")
-    parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile (slow on CPU)")
-    args = parser.parse_args()
-
+def _systems() -> dict:
     import functorch.compile as fc
     import reftrace.compile as rc
-
-    systems = {
+    return {
         "reftrace": (lambda f: rc.aot_function(f, rc.nop, rc.nop), lambda m: rc.aot_module(m, rc.nop, rc.nop)),
         "functorch": (lambda f: fc.aot_function(f, fc.nop, fc.nop), lambda m: fc.aot_module(m, fc.nop, fc.nop)),
     }
-    cases = [("seed fn (3 elems)", lambda: (seed_fn, (torch.randn(3, requires_grad=True),)), False),
-             ("MLP LayerNorm/GELU", make_mlp, True)]
-    if not args.quick:
-        cases += [("resnet18 1x3x64x64", make_resnet18, True), ("GPT-2 2 layers", make_gpt2, True)]
 
+
+CASES = {
+    "seed fn (3 elems)": lambda: (seed_fn, (torch.randn(3, requires_grad=True),)),
+    "MLP LayerNorm/GELU": make_mlp,
+    "resnet18 1x3x64x64": make_resnet18,
+    "GPT-2 2 layers": make_gpt2,
+}
+
+
+def _child(system: str, case: str) -> None:
+    """One compile-latency measurement in this (fresh) process; prints seconds."""
+    import transformers  # noqa: F401 - imported by both systems' processes alike, outside the timing
+    wrap_fn, wrap_mod = _systems()[system]
+    first_call_seconds(wrap_fn, lambda x: (x * 2).sin(), (torch.randn(2, requires_grad=True),))
+    make = CASES[case]
+    torch.manual_seed(0)
+    target, inputs = make()
+    print(first_call_seconds(wrap_mod if isinstance(target, torch.nn.Module) else wrap_fn, target, inputs))
+
+
+def _measure(system: str, case: str, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        out = subprocess.run([sys.executable, __file__, "--child", system, case], capture_output=True, text=True,
+                             check=True)
+        times.append(float(out.stdout.strip().splitlines()[-1]))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="skip resnet18 and GPT-2")
+    parser.add_argument("--repeat", type=int, default=3, help="fresh processes per compile measurement")
+    parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile (slow on CPU)")
+    parser.add_argument("--child", nargs=2, metavar=("SYSTEM", "CASE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(*args.child)
+        return
+
+    systems = _systems()
+    cases = list(CASES)[:2] if args.quick else list(CASES)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    for wrap_fn, _ in systems.values():  # one-time imports and caches are not compile latency
-        first_call_seconds(wrap_fn, lambda x: (x * 2).sin(), (torch.randn(2, requires_grad=True),))
-    print("\ncompile latency, first call forward+backward, nop compilers (seconds)")
+    print(f"\ncompile latency, first call forward+backward, nop compilers (seconds, median of {args.repeat} "
+          "fresh processes)")
     print(f"{'case':24s} {'reftrace':>10s} {'functorch':>10s} {'ratio':>8s}")
-    for name, make, is_module in cases:
-        row = {}
-        for sys_name, (wrap_fn, wrap_mod) in systems.items():
-            torch.manual_seed(0)
-            target, inputs = make()
-            row[sys_name] = first_call_seconds(wrap_mod if is_module else wrap_fn, target, inputs)
+    for name in cases:
+        row = {system: _measure(system, name, args.repeat) for system in systems}
         print(f"{name:24s} {row['reftrace']:10.3f} {row['functorch']:10.3f} "
-              f"{row['reftrace'] / row['functorch']:8.2f}")
+              f"{row['reftrace'] / row['functorch']:8.2f}", flush=True)
 
     print("\nper-call overhead, seed fn forward+backward on 3 elements (microseconds, median)")
     x = torch.randn(3, requires_grad=True)

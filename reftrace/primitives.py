@@ -13,6 +13,8 @@ promotion: front ends insert ``convert_element_type``). Axes are non-negative in
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -70,7 +72,7 @@ def infer_avals(prim: Primitive, in_avals: Sequence[Aval], params: Params | dict
         rule = shape_rules[prim]
     except KeyError:
         raise UnsupportedOperatorError(f"primitive {prim.name} has no shape rule") from None
-    out = rule(*in_avals, **dict(params))
+    out = rule(*in_avals, **(params.to_dict() if isinstance(params, Params) else params))
     return tuple(out) if prim.multiple_results else (out,)
 
 
@@ -79,16 +81,19 @@ def infer_avals(prim: Primitive, in_avals: Sequence[Aval], params: Params | dict
 _EXTENDED_FLOATS = frozenset({"bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"})
 
 
+@functools.lru_cache(maxsize=None)  # shape rules ask for every equation built
 def is_float(dtype: Any) -> bool:
     """Floating point, including ml_dtypes' bfloat16/float8 (whose numpy kind is 'V')."""
     dtype = np.dtype(dtype)
     return np.issubdtype(dtype, np.floating) or dtype.name in _EXTENDED_FLOATS
 
 
+@functools.lru_cache(maxsize=None)
 def is_int(dtype: Any) -> bool:
     return np.issubdtype(np.dtype(dtype), np.integer)
 
 
+@functools.lru_cache(maxsize=None)
 def is_bool(dtype: Any) -> bool:
     return np.dtype(dtype) == np.bool_
 

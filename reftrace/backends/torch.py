@@ -2,14 +2,16 @@
 
 ``to_fx`` is ``eval_graph`` with an ``apply`` that calls the torch rules on fx
 proxies, so each rule's torch calls are recorded as nodes: one idiom for every
-primitive, and the same rules run eagerly in ``apply_torch``. The generated code
-prints readably and is accepted by ``torch.jit.script`` (and ``torch.jit.freeze``).
+primitive, and the same rules run eagerly in ``apply_torch``. A torch function mode
+turns the calls into nodes through a trimmed tracer, since emission is on every
+model's compile path. The generated code prints readably and is accepted by
+``torch.jit.script`` (and ``torch.jit.freeze``).
 ``lower_torch`` wraps the module in a callable that checks its arguments.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -63,28 +65,72 @@ def eval_torch(graph: Graph, *args: Any) -> tuple[torch.Tensor, ...]:
 
 # ----------------------------------------------------------------------------- FX emission
 
-_FACTORIES = (torch.full, torch.arange, torch.tensor, torch.zeros, torch.ones, torch.empty)
+_FACTORIES = frozenset({torch.full, torch.arange, torch.tensor, torch.zeros, torch.ones, torch.empty})
+_LEAVES = frozenset(fx.node.base_types) | {type(None)}  # arguments fx stores as they are
 
 
-class _RecordFactories(TorchFunctionMode):
-    """While emitting, records torch calls with no proxy operand (``torch.full``, ``torch.arange``,
-    ``torch.tensor``) as graph nodes, on ``device`` if one is given; calls on proxies go to
-    ``fx.Proxy`` as usual."""
+class _Tracer(fx.proxy.GraphAppendingTracer):
+    """Appends nodes to ``graph`` by a short path: a model's graph makes thousands of them.
 
-    def __init__(self, tracer: fx.proxy.TracerBase, device: str | None) -> None:
+    The stock ``create_proxy`` spends most of its time on generality the rules do not
+    need: scope and stack-trace bookkeeping, a pytree walk of every argument looking for
+    SymInts, and a regex per node name. Nodes, names and arguments come out the same.
+    Rule arguments are mostly proxies, Python scalars, dtypes, strings, ``None`` and
+    lists/tuples of those; anything else (slices, dicts) takes the stock ``create_arg``.
+    """
+
+    def __init__(self, graph: fx.Graph) -> None:
+        super().__init__(graph)
+        self._stems: dict[Any, str] = {}  # target -> name stem, as fx derives it
+
+    def create_arg(self, a: Any) -> Any:
+        kind = type(a)
+        if kind in _LEAVES:
+            return a
+        if kind is fx.Proxy:
+            return a.node
+        if kind is tuple or kind is list:
+            return kind([x if type(x) in _LEAVES else self.create_arg(x) for x in a])
+        return super().create_arg(a)
+
+    def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     name: str | None = None, type_expr: Any | None = None,
+                     proxy_factory_fn: Callable[[fx.Node], fx.Proxy] | None = None) -> fx.Proxy:
+        args, kwargs = self.create_arg(args), self.create_arg(kwargs)  # first: may add getattr nodes
+        if name is None:
+            name = self._stems.get(target) or self._stems.setdefault(target, self.graph._target_to_str(target))
+        # Created bare, then given its arguments as Node.__init__ does: Graph.create_node would
+        # walk them for SymInts, and assigning ``node.args`` would re-index the node.
+        node = self.graph.create_node(kind, target, name=name, type_expr=type_expr)
+        node._update_args_kwargs(args, kwargs)
+        return proxy_factory_fn(node) if proxy_factory_fn else fx.Proxy(node, self)
+
+
+class _RecordTorchCalls(TorchFunctionMode):
+    """While emitting, records every torch function call as a graph node: calls on proxies
+    (directly, not through ``fx.Proxy.__torch_function__`` again), and factories with none
+    (``torch.full``, ``torch.arange``, ``torch.tensor``), made on ``device`` if one is given."""
+
+    def __init__(self, tracer: _Tracer, device: str | None) -> None:
         super().__init__()
         self.tracer = tracer
         self.device = device
+        self._methods: dict[Any, bool] = {}  # func -> is a Tensor method (is_tensor_method_or_property is slow)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func: Callable[..., Any], types: tuple[type, ...], args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
-        if _has_proxy((args, kwargs)):
-            return func(*args, **kwargs)
-        if self.device is not None and func in _FACTORIES:
-            kwargs = {**kwargs, "device": self.device}
-        node = self.tracer.create_node("call_function", func, self.tracer.create_arg(args),
-                                       self.tracer.create_arg(kwargs))
-        return fx.Proxy(node, self.tracer)
+        if not types:  # torch saw no proxy argument
+            if _has_proxy((args, kwargs)):  # one inside a list (einsum's operands): let func unpack it
+                return func(*args, **kwargs)
+            if self.device is not None and func in _FACTORIES:
+                kwargs = {**kwargs, "device": self.device}
+        is_method = self._methods.get(func)
+        if is_method is None:
+            is_method = self._methods[func] = torch.overrides.is_tensor_method_or_property(func)
+        if is_method:
+            return self.tracer.create_proxy("call_method", func.__name__, args, kwargs)
+        return self.tracer.create_proxy("call_function", func, args, kwargs)
 
 
 def _has_proxy(tree: Any) -> bool:
@@ -98,12 +144,12 @@ def _inline(lit: Literal) -> bool:
     return lit.aval.ndim == 0 and not (lit.dtype.kind in "fc" and np.isnan(lit.value))
 
 
-def _buffered_literals(graph: Graph) -> list[Literal]:
-    """Literals that become buffers (arrays, NaN scalars), in first-use order."""
+def _literals(graph: Graph) -> list[Literal]:
+    """The graph's distinct literals, in first-use order."""
     seen: dict[Literal, None] = {}
     for atoms in [e.inputs for e in graph.eqns] + [graph.outputs]:
         for a in atoms:
-            if isinstance(a, Literal) and not _inline(a):
+            if isinstance(a, Literal):
                 seen.setdefault(a)
     return list(seen)
 
@@ -126,7 +172,7 @@ def to_fx(graph: Graph, input_names: Sequence[str] | None = None, output_as_list
     if len(names) != len(graph.inputs):
         raise ArgumentError(f"to_fx: {len(names)} input names for a graph with {len(graph.inputs)} inputs")
     fx_graph = fx.Graph()
-    tracer = fx.proxy.GraphAppendingTracer(fx_graph)
+    tracer = _Tracer(fx_graph)
     root = torch.nn.Module()
 
     def proxy(node: fx.Node, aval: Aval) -> fx.Proxy:
@@ -134,29 +180,28 @@ def to_fx(graph: Graph, input_names: Sequence[str] | None = None, output_as_list
         return fx.Proxy(node, tracer)
 
     inputs = [proxy(fx_graph.placeholder(name), v.aval) for name, v in zip(names, graph.inputs)]
-    buffers: dict[Literal, fx.Proxy] = {}
-    for i, lit in enumerate(_buffered_literals(graph)):
+    literals = _literals(graph)
+    constants = {lit: lit.value for lit in literals if _inline(lit)}  # literal -> numpy scalar or buffer proxy
+    for i, lit in enumerate([lit for lit in literals if lit not in constants]):
         buffer = tensor_from_numpy(lit.value, copy=True)
         root.register_buffer(f"_literal_{i}", buffer if device is None else buffer.to(device))
-        buffers[lit] = proxy(fx_graph.get_attr(f"_literal_{i}"), lit.aval)
+        constants[lit] = proxy(fx_graph.get_attr(f"_literal_{i}"), lit.aval)
 
-    def literal(lit: Literal) -> Any:
-        return lit.value if _inline(lit) else buffers[lit]
+    out_vars = (e.outputs for e in graph.eqns)  # eval_graph applies the equations in order
 
     def apply(prim: Primitive, operands: Sequence[Any], params: Params) -> tuple[Any, ...]:
         outs = _call_rule(prim, operands, params)
-        for out, aval in zip(outs, infer_avals(prim, [aval_of(o) for o in operands], params), strict=True):
+        for out, var in zip(outs, next(out_vars), strict=True):
             if not isinstance(out, fx.Proxy):
                 raise RuntimeError(f"internal: torch rule for {prim.name} returned {type(out).__name__} "
                                    "instead of a traced value")
-            out.node.meta[AVAL_META] = aval
+            out.node.meta[AVAL_META] = var.aval
         return outs
 
-    with _RecordFactories(tracer, None if device is None else str(device)):
-        outs = eval_graph(graph, inputs, apply, literal)
+    with _RecordTorchCalls(tracer, None if device is None else str(device)):
+        outs = eval_graph(graph, inputs, apply, constants.__getitem__)
         outs = [as_tensor(o) for o in outs]  # a rank-0 literal output becomes a torch.full node
     fx_graph.output(tracer.create_arg(list(outs) if output_as_list else tuple(outs)))
-    fx_graph.lint()
     gm = fx.GraphModule(root, fx_graph)
     gm.reftrace_graph = graph
     # fx's deepcopy keeps only attributes listed here (functorch-style pipelines deepcopy modules)

@@ -1,11 +1,12 @@
 """Capturing torch functions and ``nn.Module``s as reftrace Graphs.
 
-torch does the capture: ``make_fx`` traces with FakeTensors (no real compute;
-a branch on a tensor value raises instead of being silently specialised),
-``FunctionalTensorMode`` (AOTAutograd's functionalization) removes mutations and
-views, and ``core_aten_decompositions()`` (plus the caller's ``decompositions``,
-which win) lowers composite ops. reftrace only translates the resulting ATen
-graph through its table (``reftrace.torch_bridge.aten``).
+torch's own machinery runs the function, as ``make_fx`` would: FakeTensors (no real
+compute; a branch on a tensor value raises instead of being silently specialised),
+``FunctionalTensorMode`` (AOTAutograd's functionalization) to remove mutations and
+views, and ``core_aten_decompositions()`` (plus the caller's ``decompositions``, which
+win) to lower composite ops. Where make_fx would record each remaining ATen op as an FX
+node, reftrace's mode in that slot translates it through the ATen table
+(``reftrace.torch_bridge.aten``) on the spot: one pass, no intermediate graph.
 
 Mutated inputs (``x.add_(1)``, BatchNorm running statistics) become trailing
 outputs: graph outputs are ``(*fn outputs, *new values of mutated inputs)``.
@@ -19,25 +20,26 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.utils._pytree as pytree
-from torch import fx
 from torch._decomp import core_aten_decompositions, get_decompositions
 from torch._dispatch.python import enable_python_dispatcher
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
-from torch.fx import traceback as fx_traceback
-from torch.fx.experimental.proxy_tensor import make_fx
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.fx.experimental.proxy_tensor import disable_autocast_cache
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.utils._python_dispatch import TorchDispatchMode, autograd_would_have_decomposed
 
+from reftrace import lax
 from reftrace.errors import ArgumentError, DataDependentControlFlowError, ReftraceError, TracingError
 from reftrace.graph import Graph
+from reftrace.torch_bridge.aten.random import key_stream
 from reftrace.torch_bridge.modules import ModuleState, functional_module, module_state
-from reftrace.torch_bridge.translate import (STOP_GRADIENT, STRAIGHT_THROUGH, functional_variant, fx_to_graph,
-                                             op_display_name, unsupported_operator)
-from reftrace.torch_bridge.user_frames import innermost_user_frame, location_from_traceback, user_stack_string
+from reftrace.torch_bridge.translate import Translator, functional_variant, op_display_name, unsupported_operator
+from reftrace.torch_bridge.user_frames import innermost_user_frame, location_from_traceback
 
 __all__ = ["Captured", "capture", "capture_flat", "capture_tree", "decomposition_table"]
 
@@ -57,7 +59,6 @@ class Captured:
       ``None`` / ``()`` / ``()`` from ``capture_flat``.
     - ``num_state``: leading inputs that are module parameters and buffers (0 for functions).
     - ``state``: the module's ModuleState, or ``None``.
-    - ``aten_graph``: torch's functional ATen ``fx.GraphModule`` the graph was translated from.
     - ``key_input``: index of the ``u32[2]`` key input random ops draw from (the last input), or
       ``None`` when the function draws no random numbers. Callers feed a fresh key per call
       (``reftrace.torch_bridge.autograd.new_rng_key``) to get fresh random numbers.
@@ -73,7 +74,6 @@ class Captured:
     arg_slots: tuple[int, ...] = ()
     num_state: int = 0
     state: ModuleState | None = None
-    aten_graph: fx.GraphModule | None = field(default=None, repr=False)
     key_input: int | None = None
 
     def unflatten_outputs(self, flat: Sequence[Any]) -> Any:
@@ -160,27 +160,53 @@ _DATA_DEPENDENT_HINT = ("Its value is unknown while tracing (tensors are fake), 
 
 
 _DETACH_OPS = (torch.ops.aten.detach.default, torch.ops.aten.detach_.default)
+_METADATA_OPS = (torch.ops.aten.size.default, torch.ops.aten.stride.default, torch.ops.aten.storage_offset.default)
+
+
+class _TraceState:
+    """What the two modes share: the translator, and what the op being dispatched was called under."""
+
+    def __init__(self, table: Mapping[Any, Callable[..., Any]]) -> None:
+        self.translator = Translator()
+        self.table = table
+        self.location: str | None = None  # the user's line behind the op being dispatched
+        self.stops = False  # made under no_grad() or by detach(): gradients stop where the value leaves
+        self.straight = False  # the ``copy`` that writes an in-place op's result under no_grad()
+
+    @contextlib.contextmanager
+    def flag(self, name: str) -> Any:
+        previous = getattr(self, name)
+        setattr(self, name, True)
+        try:
+            yield
+        finally:
+            setattr(self, name, previous)
 
 
 class _UserFrames(TorchDispatchMode):
-    """Tags every ATen node with the user's stack, and stops data-dependent values at their source.
+    """Notes the user's line behind every ATen op, and stops data-dependent values at their source.
 
     It sits above functionalization, so it sees ops as the user called them and the
-    nodes made beneath it (decompositions included) inherit the user's line. Ops run
-    under ``torch.no_grad()`` and ``detach`` tag their nodes with ``STOP_GRADIENT``:
-    reftrace's own VJP must not differentiate through what torch autograd would not.
+    ops made beneath it (decompositions included) inherit the user's line. Ops run
+    under ``torch.no_grad()`` and ``detach`` are flagged ``stops``: reftrace's own VJP
+    must not differentiate through what torch autograd would not.
     """
+
+    def __init__(self, state: _TraceState) -> None:
+        super().__init__()
+        self.state = state
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is torch.ops.aten._linalg_check_errors.default:
             return None  # raises on values (a singular matrix); a capture cannot: results are inf/NaN instead
-        fx_traceback.set_stack_trace([user_stack_string()])
+        state = self.state
+        state.location = innermost_user_frame()
         stop = func in _DETACH_OPS or (not torch.is_grad_enabled() and not _in_autograd_function_forward())
         try:
             if stop and func not in _DETACH_OPS and _writes_float_tensor(func, args):
-                out = _mutate_straight_through(func, args, kwargs or {})
-            elif stop:  # nodes made for this op carry the flag; translate stops gradients where they leave
-                with _node_flag(STOP_GRADIENT):
+                out = _mutate_straight_through(state, func, args, kwargs or {})
+            elif stop:  # ops made for this one carry the flag; the translator stops gradients where they leave
+                with state.flag("stops"):
                     out = func(*args, **(kwargs or {}))
             else:
                 out = func(*args, **(kwargs or {}))
@@ -204,18 +230,84 @@ class _UserFrames(TorchDispatchMode):
         return out
 
 
-@contextlib.contextmanager
-def _node_flag(key: str) -> Any:
-    """Nodes made inside carry ``key`` in ``node.meta["custom"]``."""
-    custom = fx_traceback.current_meta.get("custom")
-    fx_traceback.current_meta["custom"] = {**(custom or {}), key: True}
-    try:
-        yield
-    finally:
-        if custom is None:
-            fx_traceback.current_meta.pop("custom", None)
-        else:
-            fx_traceback.current_meta["custom"] = custom
+class _Translating(TorchDispatchMode):
+    """Between functionalization and fake tensors (make_fx's proxy slot): translates each functional ATen op.
+
+    It applies the decomposition table (and CompositeImplicitAutograd decompositions)
+    as make_fx does, lets FakeTensorMode compute the op's output metadata, and hands
+    the op to the Translator, which emits the reftrace equations right away: no
+    intermediate FX graph is built.
+    """
+
+    def __init__(self, state: _TraceState) -> None:
+        super().__init__()
+        self.state = state
+        self._mode_key = torch._C._TorchDispatchModeKey.PROXY
+        self.tracer = _NoTensorTracker()
+        self.enter_stack: list[Any] = []
+
+    @classmethod
+    def is_infra_mode(cls) -> bool:
+        return True
+
+    def __enter__(self) -> "_Translating":
+        self.enter_stack.append(torch.utils._python_dispatch._unset_infra_mode(self._mode_key))
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        previous = self.enter_stack.pop()
+        if previous is not None:
+            torch.utils._python_dispatch._push_mode(previous)
+
+    def __sym_dispatch__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        # arithmetic on a data-dependent size (after nonzero): evaluated, not recorded; _UserFrames
+        # refuses the op that made the size
+        return func(*args, **kwargs)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.ops.prim.device.default:
+            return func(*args, **kwargs)
+        state = self.state
+        decomposition = state.table.get(func)
+        if decomposition is not None:
+            with self:
+                out = decomposition(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        if func not in _METADATA_OPS and autograd_would_have_decomposed(func, pytree.tree_leaves((args, kwargs))):
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        if func is torch.ops.aten.is_nonzero.default:
+            with self:
+                return bool(args[0] != 0)
+        if func is torch.ops.aten.lift_fresh.default:  # the copy keeps a later in-place op off the constant
+            func = torch.ops.aten.lift_fresh_copy.default
+        out = func(*args, **kwargs)
+        state.translator.call(func, args, kwargs, out, location=state.location, stops=state.stops,
+                              straight=state.straight)
+        return out
+
+
+class _NoTensorTracker:
+    """FunctionalTensorMode asks the proxy-slot mode's tracer for FX nodes to annotate view replays with."""
+
+    class _Map:
+        def __getitem__(self, t: torch.Tensor) -> Any:
+            return _NO_NODE
+
+    tensor_tracker = _Map()
+
+
+class _NoNode:
+    class proxy:  # noqa: N801 - mirrors make_fx's tracker entries: ``entry.proxy.node``
+        node = None
+
+
+_NO_NODE = _NoNode()
 
 
 def _writes_float_tensor(func: Any, args: Any) -> bool:
@@ -223,21 +315,21 @@ def _writes_float_tensor(func: Any, args: Any) -> bool:
             and args[0].is_floating_point())
 
 
-def _mutate_straight_through(func: Any, args: Any, kwargs: Any) -> Any:
+def _mutate_straight_through(state: _TraceState, func: Any, args: Any, kwargs: Any) -> Any:
     """An in-place op under ``no_grad()``: the tensor takes the new value, its gradient passes unchanged.
 
     torch autograd does not record the mutation, so the tensor keeps its history and the
     gradient reaching it flows to its old value as if the op were the identity (torch's
     ``cosine_similarity`` clamps norms this way). The new value is computed with gradients
-    stopped, then a ``copy`` node tagged ``STRAIGHT_THROUGH`` joins it to the old value.
+    stopped, then a ``copy`` flagged ``straight`` joins it to the old value.
     """
     target = args[0]
     while target._base is not None:  # writing through a view writes its base: pass the base straight through
         target = target._base
     before = torch.ops.aten.clone.default(target)
-    with _node_flag(STOP_GRADIENT):
+    with state.flag("stops"):
         out = func(*args, **kwargs)
-    with _node_flag(STRAIGHT_THROUGH):
+    with state.flag("straight"):
         torch.ops.aten.copy_.default(before, target)
     torch.ops.aten.copy_.default(target, before)
     return out
@@ -279,32 +371,31 @@ class _Record:
     mutated: tuple[int, ...]
 
 
-def _functionalized(fn: Callable[[list[torch.Tensor]], Any], record: _Record) -> Callable[..., list[torch.Tensor]]:
-    """``fn`` made functional: returns ``[*outputs, *new values of mutated inputs]``."""
-    def run(*flat: torch.Tensor) -> list[torch.Tensor]:
-        with FunctionalTensorMode():
-            inputs = [FunctionalTensor.to_functional(t) for t in flat]
-            with _UserFrames():
-                out = fn(list(inputs))
-            fx_traceback.set_stack_trace([])
-            leaves, spec = pytree.tree_flatten(out)
-            for i, leaf in enumerate(leaves):
-                if not isinstance(leaf, torch.Tensor) and leaf is not None:
-                    raise TracingError(f"output {i} of the captured function is a {type(leaf).__name__} "
-                                       f"({leaf!r}); only tensors (in tuples, lists and dicts; None allowed) "
-                                       "can be graph outputs")
-            slots = tuple(i for i, leaf in enumerate(leaves) if leaf is not None)
-            for t in inputs:
-                torch._sync(t)
-            mutated = tuple(i for i, t in enumerate(inputs) if torch._functionalize_has_data_mutation(t.elem))
-            for i, t in enumerate(inputs):
-                if tuple(t.shape) != tuple(flat[i].shape):
-                    raise TracingError(f"input {i} had its shape changed in place ({tuple(flat[i].shape)} -> "
-                                       f"{tuple(t.shape)}); reftrace captures value mutations only")
-            results = [_unwrap(leaves[i]) for i in slots] + [_unwrap(inputs[i]) for i in mutated]
-        record.out_spec, record.output_slots, record.mutated = spec, slots, mutated
-        return results
-    return run
+def _run_functionalized(fn: Callable[[list[torch.Tensor]], Any], fakes: Sequence[torch.Tensor],
+                        state: _TraceState, record: _Record) -> list[torch.Tensor]:
+    """Runs ``fn`` functionalized; returns the (fake) ``[*outputs, *new values of mutated inputs]``."""
+    with FunctionalTensorMode():
+        inputs = [FunctionalTensor.to_functional(t) for t in fakes]
+        with _UserFrames(state):
+            out = fn(list(inputs))
+        state.location = None
+        leaves, spec = pytree.tree_flatten(out)
+        for i, leaf in enumerate(leaves):
+            if not isinstance(leaf, torch.Tensor) and leaf is not None:
+                raise TracingError(f"output {i} of the captured function is a {type(leaf).__name__} "
+                                   f"({leaf!r}); only tensors (in tuples, lists and dicts; None allowed) "
+                                   "can be graph outputs")
+        slots = tuple(i for i, leaf in enumerate(leaves) if leaf is not None)
+        for t in inputs:
+            torch._sync(t)
+        mutated = tuple(i for i, t in enumerate(inputs) if torch._functionalize_has_data_mutation(t.elem))
+        for i, t in enumerate(inputs):
+            if tuple(t.shape) != tuple(fakes[i].shape):
+                raise TracingError(f"input {i} had its shape changed in place ({tuple(fakes[i].shape)} -> "
+                                   f"{tuple(t.shape)}); reftrace captures value mutations only")
+        results = [_unwrap(leaves[i]) for i in slots] + [_unwrap(inputs[i]) for i in mutated]
+    record.out_spec, record.output_slots, record.mutated = spec, slots, mutated
+    return results
 
 
 def _unwrap(t: torch.Tensor) -> torch.Tensor:
@@ -314,19 +405,29 @@ def _unwrap(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _trace_aten(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tensor],
-                table: Mapping[Any, Callable[..., Any]]) -> tuple[fx.GraphModule, _Record]:
+def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tensor],
+           table: Mapping[Any, Callable[..., Any]]) -> tuple[Graph, _Record]:
+    """``fn`` run on fake tensors, functionalized, with every ATen op translated as it is dispatched."""
     record = _Record()
-    traced = make_fx(_functionalized(fn, record), decomposition_table=table, tracing_mode="fake",
-                     _allow_non_fake_inputs=True)
+    state = _TraceState(table)
+    translator = state.translator
+    fake_mode = FakeTensorMode(allow_fallback_kernels=True, allow_non_fake_inputs=True, shape_env=ShapeEnv(),
+                               static_shapes=True)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(lax.tracing(translator.builder))
+        keys = stack.enter_context(key_stream(translator.builder))
+        fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
+        for fake in fakes:
+            translator.input(fake)
         stack.enter_context(enable_python_dispatcher())  # native_batch_norm -> its correctly-schema'd variants
-        stack.enter_context(fx_traceback.preserve_node_meta())
         stack.enter_context(_mkldnn_disabled())  # LSTM decomposes to portable ops, not mkldnn's kernel
         stack.enter_context(torch.enable_grad())  # the differentiable (decomposable) paths, no fused fast paths
         stack.enter_context(_compiling_flag())
+        stack.enter_context(disable_autocast_cache())
+        stack.enter_context(fake_mode)
+        stack.enter_context(_Translating(state))
         try:
-            gm = traced(*tensors)
+            outputs = _run_functionalized(fn, fakes, state, record)
         except ReftraceError as err:
             raise err.with_traceback(None) from None
         except _data_dependent_errors() as err:
@@ -342,7 +443,11 @@ def _trace_aten(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch
                 f"an in-place operation writes into a tensor computed only from constants the function reads from "
                 f"its enclosing scope{f' (at {where})' if where else ''}; torch's functionalization cannot "
                 "capture that: pass those tensors as arguments (or register them as module buffers)") from None
-    return gm, record
+    try:
+        graph = translator.finish(outputs, keys.key)
+    except ReftraceError as err:
+        raise err.with_traceback(None) from None
+    return graph, record
 
 
 @contextlib.contextmanager
@@ -393,12 +498,10 @@ def capture_flat(fn: Callable[[list[torch.Tensor]], Any], example_tensors: Seque
     if not callable(fn):
         raise ArgumentError(f"capture_flat expects a callable, got {type(fn).__name__}")
     tensors = _check_tensors(list(example_tensors), "example tensor")
-    gm, record = _trace_aten(fn, tensors, decomposition_table(decompositions))
-    graph = fx_to_graph(gm)
-    key_input = len(tensors) if len(graph.inputs) > len(tensors) else None  # fx_to_graph appends the key
+    graph, record = _trace(fn, tensors, decomposition_table(decompositions))
+    key_input = len(tensors) if len(graph.inputs) > len(tensors) else None  # the key follows the tensors
     return Captured(graph=graph, num_outputs=len(record.output_slots), mutated_inputs=record.mutated,
-                    out_spec=record.out_spec, output_slots=record.output_slots, aten_graph=gm,
-                    key_input=key_input)
+                    out_spec=record.out_spec, output_slots=record.output_slots, key_input=key_input)
 
 
 _STATIC_LEAVES = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -445,7 +548,7 @@ def capture_tree(fn_or_module: Callable[..., Any], *args: Any,
     return Captured(graph=captured.graph, num_outputs=captured.num_outputs,
                     mutated_inputs=captured.mutated_inputs, out_spec=captured.out_spec,
                     output_slots=captured.output_slots, in_spec=in_spec, static_args=static,
-                    arg_slots=tensor_slots, num_state=num_state, state=state, aten_graph=captured.aten_graph,
+                    arg_slots=tensor_slots, num_state=num_state, state=state,
                     key_input=captured.key_input)
 
 

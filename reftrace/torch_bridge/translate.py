@@ -1,45 +1,35 @@
-"""Translating a functional ATen FX graph into a reftrace Graph, one table row per node.
+"""Translating functional ATen ops into reftrace equations, one table row per op, as torch dispatches them.
 
-Every node's result is checked against torch's own meta (``node.meta["val"]``):
-a shape that differs is a bug in the table and raises; a dtype that differs is
-converted, so the captured graph always has torch's type promotion. Nodes whose
-results are never used are skipped (they need no row), and equations left dead
-by multi-output rules are pruned.
+Every op's result is checked against the (fake) tensors torch computed for it: a
+shape that differs is a bug in the table and raises; a dtype that differs is
+converted, so the captured graph always has torch's type promotion. An op with no
+row only fails if its result is used (torch dispatches checks whose results are
+discarded), and equations nothing reads are pruned at the end.
 
 A graph with random ops gets one extra input, its ``u32[2]`` key, after the
-placeholders (so it is the last input); see ``reftrace.torch_bridge.aten.random``.
+tensor inputs (so it is the last input); see ``reftrace.torch_bridge.aten.random``.
 """
 from __future__ import annotations
 
-import operator
-from typing import Any, Iterable
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch import fx
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._mode_utils import no_dispatch
 
 from reftrace import lax
 from reftrace import primitives as P
 from reftrace.backends.torch_dtypes import numpy_dtype
 from reftrace.builder import Builder
-from reftrace.errors import ReftraceError, TracingError, UnsupportedOperatorError
+from reftrace.errors import DataDependentControlFlowError, ReftraceError, TracingError, UnsupportedOperatorError
 from reftrace.graph import Aval, Graph, Literal, Var
 from reftrace.lax import TracedArray
 from reftrace.torch_bridge.aten import NodeContext, aten_rules
 from reftrace.torch_bridge.aten import _common
-from reftrace.torch_bridge.aten.random import key_stream
-from reftrace.torch_bridge.user_frames import location_from_stack_trace
 
 DOCS_ANCHOR = "docs/torch.md#unsupported-operators"
-STOP_GRADIENT = "reftrace_stop_gradient"  # key in node.meta["custom"]: made under no_grad() or by detach()
-# key in node.meta["custom"] of ``copy(old, new)`` nodes that capture writes for an in-place op under
-# no_grad(): the value is ``new``, the gradient goes to ``old`` unchanged (torch does not record the op)
-STRAIGHT_THROUGH = "reftrace_straight_through"
-
-
-def _stops_gradient(node: fx.Node) -> bool:
-    custom = node.meta.get("custom")
-    return isinstance(custom, dict) and bool(custom.get(STOP_GRADIENT))
 
 
 def aval_of_meta(val: Any, what: str) -> Aval:
@@ -100,84 +90,71 @@ def functional_variant(op: Any) -> Any | None:
     return getattr(packet, op._overloadname, None) if packet is not None else None
 
 
-def _live_nodes(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes the outputs depend on; an in-place op counts as a write to its first argument."""
-    writers: dict[fx.Node, list[fx.Node]] = {}
-    for node in graph.nodes:
-        if node.op == "call_function" and functional_variant(node.target) is not None:
-            if node.args and isinstance(node.args[0], fx.Node):
-                writers.setdefault(node.args[0], []).append(node)
-    live: set[fx.Node] = set()
-    stack = [n for n in graph.nodes if n.op == "output"]
-    while stack:
-        node = stack.pop()
-        if node in live:
-            continue
-        live.add(node)
-        stack.extend(node.all_input_nodes)
-        stack.extend(writers.get(node, ()))
-    return live
-
-
 def _metas(val: Any) -> list[Any]:
     return list(val) if isinstance(val, (tuple, list)) else [val]
 
 
-class _Translator:
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
+class _Unsupported:
+    """The value of an op reftrace cannot translate: the error is raised only if the value is used.
+
+    torch runs (and so dispatches) ops whose results the function never uses, such as
+    checks whose outputs are discarded; like dead code, they need no row.
+    """
+
+    def __init__(self, error: ReftraceError) -> None:
+        self.error = error
+
+
+class _Entry:
+    """What a dispatched tensor stands for: its traced value, and whether it was made with gradients stopped."""
+
+    __slots__ = ("tensor", "value", "stops", "stopped")
+
+    def __init__(self, tensor: torch.Tensor, value: Any, stops: bool) -> None:
+        self.tensor = tensor  # keeps the tensor alive, so its id() is not reused while tracing
+        self.value = value
+        self.stops = stops
+        self.stopped: Any = None
+
+
+class Translator:
+    """Builds a reftrace Graph from functional ATen ops as they are dispatched, one table row per op.
+
+    ``capture`` calls ``input`` for each (fake) input tensor, ``call`` for each ATen op
+    after torch has run it on fake tensors (its outputs carry torch's shapes and dtypes,
+    which every row's result is checked against), and ``finish`` with the output tensors.
+    Tensors are known by identity; a real (non-fake) tensor an op reads is a constant.
+    Must run inside ``lax.tracing(translator.builder)``.
+    """
+
+    def __init__(self) -> None:
         self.builder = Builder()
-        self.env: dict[fx.Node, Any] = {}
-        self.stopped: dict[fx.Node, Any] = {}
+        self.env: dict[int, _Entry] = {}
+        self.inputs: list[TracedArray] = []
 
-    def _read(self, node: fx.Node, consumer_stops: bool) -> Any:
-        """A node's value; leaving a no_grad()/detach region it passes through ``stop_gradient``."""
-        if consumer_stops or not _stops_gradient(node):
-            return self.env[node]
-        if node not in self.stopped:
-            self.stopped[node] = _stop_gradient(self.env[node])
-        return self.stopped[node]
+    def input(self, t: torch.Tensor) -> None:
+        value = lax.new_input(self.builder, aval_of_meta(t, f"input {len(self.inputs)}"))
+        self.inputs.append(value)
+        self.env[id(t)] = _Entry(t, value, False)
 
-    def run(self) -> Graph:
-        live = _live_nodes(self.gm.graph)
-        inputs: list[TracedArray] = []
-        outputs: list[Any] = []
-        with lax.tracing(self.builder), key_stream(self.builder) as keys:
-            for node in self.gm.graph.nodes:
-                if node.op == "placeholder":
-                    aval = aval_of_meta(node.meta["val"], f"input {node.name}")
-                    self.env[node] = lax.new_input(self.builder, aval)
-                    inputs.append(self.env[node])
-                elif node not in live:
-                    continue
-                elif node.op == "get_attr":
-                    self.env[node] = self._constant(getattr(self.gm, node.target))
-                elif node.op == "call_function":
-                    self.env[node] = self._call(node)
-                elif node.op == "output":
-                    outputs = [self._output(v, i) for i, v in enumerate(_flat_outputs(node.args[0]))]
-                else:
-                    raise TracingError(f"unexpected FX node {node.format_node()}")
-        if keys.key is not None:  # random ops drew from it: the key is the last input
-            inputs.append(keys.key)
-        graph = self.builder.build([t.atom for t in inputs], outputs)
-        return prune(graph)
-
-    def _constant(self, value: Any) -> Any:
-        """A tensor constant becomes a literal; other objects (a Generator) stay static for the op using them."""
-        if not isinstance(value, torch.Tensor):
-            return value
-        return lax._wrap_literal(Literal.of(tensor_to_numpy(value)))
-
-    def _output(self, value: Any, i: int) -> Any:
-        if isinstance(value, fx.Node):
-            value = self._read(value, consumer_stops=False)
-        if isinstance(value, TracedArray):
-            return value.atom
-        raise TracingError(f"output {i} of the captured function is a {type(value).__name__}, not a tensor")
+    def _read(self, t: torch.Tensor, consumer_stops: bool) -> Any:
+        """A tensor's value; leaving a no_grad()/detach region it passes through ``stop_gradient``."""
+        entry = self.env.get(id(t))
+        if entry is None:
+            if isinstance(t, FakeTensor):
+                raise TracingError(f"reftrace bug: a {tuple(t.shape)} {t.dtype} tensor reached an ATen op "
+                                   "without being made by one; please report it")
+            with no_dispatch():  # a constant's values, read beneath the fake-tensor mode we run inside
+                value = Literal.of(tensor_to_numpy(t))
+            entry = self.env[id(t)] = _Entry(t, lax._wrap_literal(value), False)
+        if consumer_stops or not entry.stops or isinstance(entry.value, _Unsupported):
+            return entry.value
+        if entry.stopped is None:
+            entry.stopped = _stop_gradient(entry.value)
+        return entry.stopped
 
     def _arg(self, a: Any, stops: bool) -> Any:
-        if isinstance(a, fx.Node):
+        if isinstance(a, torch.Tensor):
             return self._read(a, stops)
         if isinstance(a, (list, tuple)):
             return type(a)(self._arg(x, stops) for x in a)
@@ -185,32 +162,41 @@ class _Translator:
             return {k: self._arg(v, stops) for k, v in a.items()}
         if isinstance(a, torch.dtype):
             return numpy_dtype(a)
-        if isinstance(a, torch.Tensor):
-            return lax._wrap_literal(Literal.of(tensor_to_numpy(a)))
         return a
 
-    def _call(self, node: fx.Node) -> Any:
-        target = node.target
-        stops = _stops_gradient(node)
-        if target is operator.getitem:
-            container, index = node.args
-            return self._read(container, stops)[index]
-        if _is_straight_through(node):
-            old, new = node.args[:2]
-            return straight_through(self._read(old, False), self._read(new, False))
-        location = location_from_stack_trace(node.meta.get("stack_trace"))
-        rule = aten_rules.get(target)
-        mutated = None
-        if rule is None and (functional := functional_variant(target)) is not None:
-            rule, mutated = aten_rules.get(functional), node.args[0]
-        if rule is None:
-            raise unsupported_operator(target, location)
-        args, kwargs = self._arg(node.args, stops), self._arg(node.kwargs, stops)
-        metas = _metas(node.meta.get("val"))
-        out_avals = [aval_of_meta(m, f"output of {op_display_name(target)}") if isinstance(m, torch.Tensor)
-                     else None for m in metas]
-        in_vals = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args]
-        _common._context.append(NodeContext(target, out_avals, in_vals))
+    def call(self, op: Any, args: tuple, kwargs: dict, out: Any, *, location: str | None = None,
+             stops: bool = False, straight: bool = False) -> None:
+        """Translate one dispatched op whose (fake) results are ``out``."""
+        metas = _metas(out)
+        if not any(isinstance(m, torch.Tensor) for m in metas):
+            return  # metadata queries, asserts: nothing a graph computes
+        if straight and op is torch.ops.aten.copy.default:
+            result = straight_through(self._read(args[0], False), self._read(args[1], False))
+            self._bind(metas, [result], stops)
+            return
+        rule, mutated = aten_rules.get(op), None
+        if rule is None and (functional := functional_variant(op)) is not None:
+            rule, mutated = aten_rules.get(functional), args[0]
+        a, k = self._arg(args, stops), self._arg(kwargs, stops)
+        poisoned = next((x for x in pytree.tree_leaves((a, k)) if isinstance(x, _Unsupported)), None)
+        if poisoned is not None:
+            results: Any = [poisoned] * len(metas)
+        elif rule is None:
+            results = [_Unsupported(unsupported_operator(op, location))] * len(metas)
+        else:
+            try:
+                results = self._apply(op, rule, a, k, metas, isinstance(out, (tuple, list)), args, location)
+            except ReftraceError as err:
+                results = [_Unsupported(err)] * len(metas)
+        self._bind(metas, results, stops)
+        if isinstance(mutated, torch.Tensor):  # later readers of the mutated tensor see its new value
+            self.env[id(mutated)] = _Entry(mutated, results[0], stops)
+
+    def _apply(self, op: Any, rule: Any, args: tuple, kwargs: dict, metas: list[Any], multiple: bool,
+               raw_args: tuple, location: str | None) -> list[Any]:
+        out_avals = [_aval_of_result(m, op) if isinstance(m, torch.Tensor) else None for m in metas]
+        in_vals = [x if isinstance(x, torch.Tensor) else None for x in raw_args]
+        _common._context.append(NodeContext(op, out_avals, in_vals))
         try:
             result = rule(*args, **kwargs)
         except ReftraceError as err:
@@ -219,35 +205,54 @@ class _Translator:
             raise
         finally:
             _common._context.pop()
-        result = self._check(target, result, out_avals, isinstance(node.meta.get("val"), (tuple, list)))
-        if isinstance(mutated, fx.Node):  # later readers of the mutated tensor see its new value
-            self.env[mutated] = result
-            self.stopped.pop(mutated, None)
-        return result
+        return _check(op, result, out_avals, multiple)
 
-    def _check(self, op: Any, result: Any, out_avals: list[Aval | None], multiple: bool) -> Any:
-        results = list(result) if multiple else [result]
-        if len(results) != len(out_avals):
-            raise ReftraceError(f"reftrace bug: the ATen rule for {op_display_name(op)} returned {len(results)} "
-                                f"values but torch's meta has {len(out_avals)}; please report it")
-        checked = []
-        for r, aval in zip(results, out_avals):
-            if aval is None:
-                checked.append(r)
-                continue
-            if not isinstance(r, TracedArray):
-                r = lax._wrap_literal(Literal.of(np.asarray(r, dtype=aval.dtype)))
-            if r.shape != aval.shape:
-                raise ReftraceError(f"reftrace bug: the ATen rule for {op_display_name(op)} produced "
-                                    f"{r.aval.str_short()} but torch says {aval.str_short()}; please report it")
-            checked.append(lax.convert_element_type(r, aval.dtype))
-        return type(result)(checked) if multiple else checked[0]
+    def _bind(self, metas: list[Any], results: list[Any], stops: bool) -> None:
+        for m, r in zip(metas, results):
+            if isinstance(m, torch.Tensor):
+                self.env[id(m)] = _Entry(m, r, stops)
+
+    def finish(self, outputs: Sequence[torch.Tensor], key: TracedArray | None) -> Graph:
+        """The Graph with the inputs seen so far (then ``key``, if random ops drew from it) and ``outputs``."""
+        atoms = []
+        for i, t in enumerate(outputs):
+            value = self._read(t, consumer_stops=False)
+            if isinstance(value, _Unsupported):
+                raise value.error
+            if not isinstance(value, TracedArray):
+                raise TracingError(f"output {i} of the captured function is a {type(value).__name__}, "
+                                   "not a tensor")
+            atoms.append(value.atom)
+        inputs = [t.atom for t in self.inputs] + ([key.atom] if key is not None else [])
+        return prune(self.builder.build(inputs, atoms))
 
 
-def _is_straight_through(node: fx.Node) -> bool:
-    custom = node.meta.get("custom")
-    return (isinstance(custom, dict) and bool(custom.get(STRAIGHT_THROUGH))
-            and node.target is torch.ops.aten.copy.default)
+def _aval_of_result(meta: torch.Tensor, op: Any) -> Aval:
+    if not all(isinstance(d, int) for d in meta.shape):
+        raise DataDependentControlFlowError(
+            f"data-dependent control flow: the output shape of {op_display_name(op)} depends on tensor values; "
+            "reftrace captures static shapes")
+    return aval_of_meta(meta, f"output of {op_display_name(op)}")
+
+
+def _check(op: Any, result: Any, out_avals: list[Aval | None], multiple: bool) -> list[Any]:
+    """Each result checked against torch's shape (a mismatch is a table bug) and cast to torch's dtype."""
+    results = list(result) if multiple else [result]
+    if len(results) != len(out_avals):
+        raise ReftraceError(f"reftrace bug: the ATen rule for {op_display_name(op)} returned {len(results)} "
+                            f"values but torch's meta has {len(out_avals)}; please report it")
+    checked = []
+    for r, aval in zip(results, out_avals):
+        if aval is None:
+            checked.append(r)
+            continue
+        if not isinstance(r, TracedArray):
+            r = lax._wrap_literal(Literal.of(np.asarray(r, dtype=aval.dtype)))
+        if r.shape != aval.shape:
+            raise ReftraceError(f"reftrace bug: the ATen rule for {op_display_name(op)} produced "
+                                f"{r.aval.str_short()} but torch says {aval.str_short()}; please report it")
+        checked.append(lax.convert_element_type(r, aval.dtype))
+    return checked
 
 
 def straight_through(old: TracedArray, new: Any) -> TracedArray:
@@ -271,10 +276,6 @@ def _stop_gradient(value: Any) -> Any:
     return value
 
 
-def _flat_outputs(args: Any) -> Iterable[Any]:
-    return list(args) if isinstance(args, (tuple, list)) else [args]
-
-
 def prune(graph: Graph) -> Graph:
     """Drop equations whose outputs nothing uses (every primitive is pure)."""
     needed = {a for a in graph.outputs if isinstance(a, Var)}
@@ -286,11 +287,3 @@ def prune(graph: Graph) -> Graph:
     if len(kept) == len(graph.eqns):
         return graph
     return graph.replace(eqns=tuple(reversed(kept)))
-
-
-def fx_to_graph(gm: fx.GraphModule) -> Graph:
-    """The reftrace Graph of a functional ATen ``GraphModule`` (placeholders become inputs, in order).
-
-    If it has random ops, one more input follows the placeholders: the ``u32[2]`` key they draw from.
-    """
-    return _Translator(gm).run()

@@ -106,8 +106,8 @@ def _replay_forward(builder: Builder, graph: Graph, primals: Sequence[TracedArra
     records: list[Record] = []
 
     def apply(prim: Primitive, values: Sequence[TracedArray], params: Params) -> tuple[TracedArray, ...]:
-        result = lax.bind(prim, *values, **dict(params))
-        outs = tuple(result) if prim.multiple_results else (result,)
+        # the equation verbatim: its params are already frozen, so the builder takes them as they are
+        outs = tuple(TracedArray(builder, v) for v in builder.bind(prim, [v.atom for v in values], params))
         records.append((list(values), outs))
         return outs
 
@@ -140,7 +140,7 @@ def _backward(graph: Graph, records: Sequence[Record], active: set[Var], ct_env:
                 f"primitive {eqn.primitive.name} has no VJP rule, so vjp cannot differentiate through it; "
                 "add one to reftrace.transforms.vjp_rules.vjp_rules (see docs/autodiff.md), or wrap the "
                 "value in stop_gradient")
-        in_cts = rule(cts, tuple(primals), outs, **dict(eqn.params))
+        in_cts = rule(cts, tuple(primals), outs, **eqn.params.to_dict())
         if len(in_cts) != len(eqn.inputs):
             raise GraphError(f"the VJP rule of {eqn.primitive.name} returned {len(in_cts)} cotangents for "
                              f"{len(eqn.inputs)} operands")

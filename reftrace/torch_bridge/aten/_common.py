@@ -1,11 +1,11 @@
 """The ATen table itself and the helpers its rows share.
 
-``aten_rules[OpOverload](*args, **kwargs)`` receives an FX node's arguments with
+``aten_rules[OpOverload](*args, **kwargs)`` receives a dispatched ATen op's arguments with
 every tensor as a ``TracedArray`` and every other argument static (Python
 numbers, lists, ``np.dtype`` for torch dtypes, ``None``). It returns a TracedArray
 or a tuple/list of them, built with ``reftrace.lax`` inside the capture's builder.
 
-Rules may read the node's output avals with ``out_aval()``: the translator checks
+Rules may read the op's output avals with ``out_aval()``: the translator checks
 every result's shape against them and converts dtypes to them afterwards, so type
 promotion is always torch's and a rule only has to pick a sensible compute dtype.
 """
@@ -36,15 +36,15 @@ def register(*ops: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return deco
 
 
-# ----------------------------------------------------------------------------- the node being translated
+# ----------------------------------------------------------------------------- the op being translated
 
 class NodeContext:
-    """What a rule may know about the FX node it translates (set by the translator)."""
+    """What a rule may know about the ATen op it translates (set by the translator)."""
 
     def __init__(self, op: Any, out_avals: Sequence[Aval | None], in_vals: Sequence[Any]) -> None:
         self.op = op
         self.out_avals = tuple(out_avals)
-        self.in_vals = tuple(in_vals)  # node.meta["val"] of each positional argument (FakeTensor or None)
+        self.in_vals = tuple(in_vals)  # each positional argument's fake tensor (or None)
 
 
 _context: list[NodeContext] = []
@@ -55,7 +55,7 @@ def current() -> NodeContext:
 
 
 def out_aval(i: int = 0) -> Aval:
-    """The aval torch's meta says output ``i`` of the current node has."""
+    """The aval torch's meta says output ``i`` of the current op has."""
     aval = current().out_avals[i]
     assert aval is not None, f"output {i} of {current().op} has no tensor meta"
     return aval

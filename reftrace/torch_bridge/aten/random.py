@@ -58,7 +58,7 @@ _streams: list[KeyStream] = []
 
 @contextlib.contextmanager
 def key_stream(builder: Builder) -> Iterator[KeyStream]:
-    """Make a KeyStream current while a capture translates its ATen graph (the rows below draw from it)."""
+    """Make a KeyStream current while a capture translates ATen ops (the rows below draw from it)."""
     stream = KeyStream(builder)
     _streams.append(stream)
     try:
