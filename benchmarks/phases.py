@@ -1,9 +1,12 @@
 """Where compile time goes: capture, vjp, simplify, partition and FX emission, timed one by one.
 
     .venv/bin/python benchmarks/phases.py
+
+As in ``aot_function``, the garbage collector is paused while compiling.
 """
 from __future__ import annotations
 
+import gc
 import time
 
 import torch
@@ -30,9 +33,13 @@ def phases(model: torch.nn.Module, args: tuple) -> dict[str, float]:
     times: dict[str, float] = {}
 
     def timed(name, f, *a, **k):
-        t0 = time.perf_counter()
-        out = f(*a, **k)
-        times[name] = time.perf_counter() - t0
+        gc.disable()
+        try:
+            t0 = time.perf_counter()
+            out = f(*a, **k)
+            times[name] = time.perf_counter() - t0
+        finally:
+            gc.enable()
         return out
 
     cap = timed("capture", capture_flat, fn, tensors)

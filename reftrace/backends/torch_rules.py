@@ -285,12 +285,15 @@ def _broadcast_in_dim(x: Any, *, shape: tuple[int, ...], broadcast_dimensions: t
     if av.shape == tuple(shape):
         return _t(x)
     y = _t(x)
-    if av.ndim:  # put operand dims where broadcast_dimensions says, 1 elsewhere; then expand
+    leading = tuple(broadcast_dimensions) == tuple(range(len(shape) - av.ndim, len(shape)))
+    if av.ndim and not leading:  # put operand dims where broadcast_dimensions says, 1 elsewhere; then expand
         inter = [1] * len(shape)
         for d, od in zip(av.shape, broadcast_dimensions):
             inter[od] = d
         y = y.reshape(inter)
-    return y.expand(list(shape))
+        if inter == list(shape):  # only unit dims inserted: nothing to expand
+            return y
+    return y.expand(list(shape))  # expand also prepends new leading dims
 
 
 def _slice(x: Any, *, start_indices: tuple[int, ...], limit_indices: tuple[int, ...],

@@ -588,6 +588,22 @@ def test_custom_op_without_fake_impl_is_unsupported_too():
         capture(lambda x: no_fake(x) + 1, randn(3))
 
 
+def test_an_unsupported_op_whose_result_is_unused_needs_no_row():
+    # capture translates ops as torch dispatches them; like dead code, an unused result needs no row
+    x = randn(3, seed=77)
+    g = capture(lambda x: (mystery(x), x.cos())[1], x)
+    assert "mystery" not in str(g)
+    np.testing.assert_allclose(np.asarray(rt.lower(g, "jax")(x.numpy().copy())[0]), x.cos().numpy(), rtol=1e-12)
+
+
+def test_an_unsupported_op_reaching_an_output_through_other_ops_is_named():
+    line = _line_of(UsesMystery.forward, "return mystery(y)")
+    with pytest.raises(rt.UnsupportedOperatorError) as err:
+        capture(lambda x: UsesMystery()(x).exp().sum(), randn(3))
+    assert str(err.value).startswith("reftrace_capture_test::mystery has no reftrace mapping (called from ")
+    assert f"test_capture.py:{line} in forward)" in str(err.value)
+
+
 def test_a_decomposition_maps_a_custom_op():
     decomps = {torch.ops.reftrace_capture_test.mystery.default: lambda x: x.sin() * 3}
     x = randn(4, seed=78)
