@@ -281,9 +281,11 @@ class _Translating(TorchDispatchMode):
                 out = func.decompose(*args, **kwargs)
             if out is not NotImplemented:
                 return out
-        if func is torch.ops.aten.is_nonzero.default:
+        if func is torch.ops.aten.is_nonzero.default:  # as make_fx: reads the value (data-dependent)
             with self:
-                return bool(args[0] != 0)
+                torch._check(args[0].numel() == 1,
+                             lambda: "Boolean value of Tensor with more than one value is ambiguous")
+                return (args[0] != 0).item()
         if func is torch.ops.aten.lift_fresh.default:  # the copy keeps a later in-place op off the constant
             func = torch.ops.aten.lift_fresh_copy.default
         out = func(*args, **kwargs)
