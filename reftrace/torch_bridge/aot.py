@@ -95,12 +95,7 @@ class AOTFunction:
                 parts.append((tuple(x.shape), x.dtype, x.device, x.requires_grad))
                 j += 1
             else:
-                try:
-                    hash(x)
-                except TypeError:
-                    raise ArgumentError(f"argument leaf {i} of type {type(x).__name__} is neither a tensor nor "
-                                        "a hashable constant; reftrace guards on non-tensor values") from None
-                parts.append((type(x), x))
+                parts.append(_guard_value(x, i))
         return tuple(parts)
 
     def _compile(self, leaves: list, spec: Any, tensor_pos: list[int], tensors: list[torch.Tensor]) -> _Compiled:
@@ -135,6 +130,18 @@ class AOTFunction:
                                       bw_compiler=self.bw_compiler, partitioner=self.partitioner,
                                       example_inputs=examples, mutated_inputs=captured.mutated_inputs)
         return _Compiled(run, n_out, captured.mutated_inputs, out_spec_box[0], captured.key_input)
+
+
+def _guard_value(x: Any, i: int) -> Any:
+    """What a non-tensor argument is guarded on: its type and value (a slice by its bounds)."""
+    if isinstance(x, slice):  # slices are unhashable before Python 3.12
+        return (slice, _guard_value(x.start, i), _guard_value(x.stop, i), _guard_value(x.step, i))
+    try:
+        hash(x)
+    except TypeError:
+        raise ArgumentError(f"argument leaf {i} of type {type(x).__name__} is neither a tensor nor "
+                            "a hashable constant; reftrace guards on non-tensor values") from None
+    return (type(x), x)
 
 
 def aot_function(fn: Callable[..., Any], fw_compiler: Compiler, bw_compiler: Compiler | None = None,

@@ -104,6 +104,17 @@ def test_guards_recompile_on_shape_dtype_requires_grad_and_constants():
     assert len(nf.cache) == n
 
 
+def test_slice_arguments_are_guarded_by_their_bounds():
+    nf = aot_function(lambda x, idx: x[idx] * 2, nop)
+    x = leaf(5, 4)
+    for idx in [slice(1, 3), slice(0, 5, 2), (slice(None), 1), (Ellipsis, slice(1, None)), slice(1, 3)]:
+        (gx,) = torch.autograd.grad(nf(x, idx).sum(), x)
+        (ref,) = torch.autograd.grad((x[idx] * 2).sum(), x)
+        torch.testing.assert_close(nf(x, idx), x[idx] * 2)
+        torch.testing.assert_close(gx, ref)
+    assert len(nf.cache) == 4  # the repeated slice(1, 3) reuses its graph
+
+
 def test_kwargs_and_pytrees():
     def fn(d, *, w):
         return {"a": d["x"] * w, "b": [d["y"].exp()]}
