@@ -99,6 +99,13 @@ class Var(_ValueMixin):
     id: int
     aval: Aval
 
+    # Vars key every transform's dicts: hash the id alone (equal Vars have equal ids), not the aval
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (other.__class__ is Var and self.id == other.id and self.aval == other.aval)
+
     def __repr__(self) -> str:
         return f"Var({self.id}:{self.aval.str_short()})"
 
