@@ -27,10 +27,11 @@ import torch
 import torch.utils._pytree as pytree
 from torch._decomp import core_aten_decompositions, get_decompositions
 from torch._dispatch.python import enable_python_dispatcher
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.fx.experimental.proxy_tensor import disable_autocast_cache
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode, autograd_would_have_decomposed
 
 from reftrace import lax
@@ -288,10 +289,47 @@ class _Translating(TorchDispatchMode):
                 return (args[0] != 0).item()
         if func is torch.ops.aten.lift_fresh.default:  # the copy keeps a later in-place op off the constant
             func = torch.ops.aten.lift_fresh_copy.default
-        out = func(*args, **kwargs)
+        out = _batch_norm_outputs(*args, **kwargs) if func is _BATCH_NORM else None
+        if out is None:
+            out = func(*args, **kwargs)
         state.translator.call(func, args, kwargs, out, location=state.location, stops=state.stops,
                               straight=state.straight)
         return out
+
+
+_BATCH_NORM = torch.ops.aten._native_batch_norm_legit_functional.default
+
+
+def _batch_norm_outputs(x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any, training: bool,
+                        momentum: float, eps: float) -> tuple[torch.Tensor, ...] | None:
+    """Fake outputs of training-mode BatchNorm's functional op, made directly from its (simple) metadata rule.
+
+    The translator only needs the outputs' metadata, and torch's fake kernel for this op runs
+    the whole Python decomposition on fake tensors for every new shape: a fifth of resnet18's
+    capture. ``out`` is laid out like a dense input; the saved mean and rstd are ``(C,)`` in
+    the input's dtype (``(0,)`` outside training); the new running statistics are like the old.
+    ``tests/torch_bridge/test_capture.py`` checks this against the fake kernel. Returns None
+    (use the kernel) for inputs this rule does not cover.
+    """
+    if not (isinstance(x, FakeTensor) and isinstance(running_mean, FakeTensor)
+            and isinstance(running_var, FakeTensor) and x.ndim >= 2):
+        return None
+    if x.is_contiguous():
+        out_stride = x.stride()
+    elif x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        out_stride = x.stride()
+    else:
+        return None
+
+    def fake(shape: Sequence[int], stride: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        with no_dispatch():  # a plain meta tensor, beneath the fake mode this runs inside
+            meta = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+        return FakeTensor(x.fake_mode, meta, x.device)
+
+    n = x.shape[1] if training else 0
+    return (fake(x.shape, out_stride, x.dtype), fake((n,), (1,), x.dtype), fake((n,), (1,), x.dtype),
+            fake(running_mean.shape, running_mean.stride(), running_mean.dtype),
+            fake(running_var.shape, running_var.stride(), running_var.dtype))
 
 
 class _NoTensorTracker:

@@ -742,3 +742,28 @@ def test_binary_ops_follow_torch_promotion_and_broadcasting(operands, name):
     except (RuntimeError, TypeError):
         return  # torch refuses this combination (e.g. bool subtraction); nothing to compare
     check(fn, a, b, rtol=1e-6, atol=1e-6, backends=("torch",))
+
+
+@pytest.mark.parametrize("shape,dtype,channels_last,training", [
+    ((2, 8, 4, 4), torch.float32, False, True), ((2, 8, 4, 4), torch.float32, True, True),
+    ((2, 8), torch.float64, False, True), ((2, 8, 5), torch.bfloat16, False, True),
+    ((2, 8, 4, 4), torch.float32, False, False), ((2, 8, 3, 4, 4), torch.float16, False, True)])
+def test_batch_norm_fake_outputs_match_torchs_fake_kernel(shape, dtype, channels_last, training):
+    # capture makes BatchNorm's fake outputs from their metadata rule instead of running torch's kernel
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from reftrace.torch_bridge.capture import _batch_norm_outputs
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    x = torch.randn(shape).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    stats_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    c = shape[1]
+    args = [mode.from_tensor(t) for t in (x, torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype),
+                                          torch.randn(c, dtype=stats_dtype), torch.rand(c, dtype=stats_dtype))]
+
+    def meta(t):
+        return tuple(t.shape), t.dtype, t.stride(), t.device, type(t)
+    with mode:
+        expected = torch.ops.aten._native_batch_norm_legit_functional(*args, training, 0.1, 1e-5)
+        got = _batch_norm_outputs(*args, training, 0.1, 1e-5)
+    assert [meta(t) for t in got] == [meta(t) for t in expected]
