@@ -302,11 +302,12 @@ _BATCH_NORM = torch.ops.aten._native_batch_norm_legit_functional.default
 
 def _batch_norm_outputs(x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any, training: bool,
                         momentum: float, eps: float) -> tuple[torch.Tensor, ...] | None:
-    """Fake outputs of training-mode BatchNorm's functional op, made directly from its (simple) metadata rule.
+    """Fake outputs of BatchNorm's functional op (the one that returns new running statistics),
+    made directly from its simple metadata rule.
 
     The translator only needs the outputs' metadata, and torch's fake kernel for this op runs
-    the whole Python decomposition on fake tensors for every new shape: a fifth of resnet18's
-    capture. ``out`` is laid out like a dense input; the saved mean and rstd are ``(C,)`` in
+    the whole Python decomposition on fake tensors for every new shape: about a fifth of
+    resnet18's capture. ``out`` is laid out like a dense input; the saved mean and rstd are ``(C,)`` in
     the input's dtype (``(0,)`` outside training); the new running statistics are like the old.
     ``tests/torch_bridge/test_capture.py`` checks this against the fake kernel. Returns None
     (use the kernel) for inputs this rule does not cover.
