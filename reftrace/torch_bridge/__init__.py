@@ -6,7 +6,8 @@
 - ``aten_rules``: the ATen -> primitives table (``reftrace.torch_bridge.aten``).
 """
 from reftrace.torch_bridge.aten import aten_rules
-from reftrace.torch_bridge.capture import Captured, capture, capture_flat, capture_tree, decomposition_table
+from reftrace.torch_bridge.capture import Captured, capture, capture_flat, capture_tree
+from reftrace.torch_bridge.decompositions import decomposition_table
 from reftrace.torch_bridge.modules import ModuleState, functional_module, module_state
 
 __all__ = ["capture", "capture_flat", "capture_tree", "Captured", "decomposition_table", "module_state",
