@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from reftrace.errors import (ArgumentError, DataDependentControlFlowError, GraphError, PartitionError,
-                             ReftraceError, ShapeError, TracingError, UnsupportedOperatorError)
+                             ReftraceError, ShapeError, TracingError, UnsupportedOperatorError, expect_graph)
 from reftrace.graph import Aval, Eqn, Graph, Literal, Params, Var, typecheck
 from reftrace.primitives import Primitive
 from reftrace.transforms.trace import trace
@@ -22,10 +22,11 @@ def lower(graph: Graph, backend: str = "jax") -> Callable[..., tuple[Any, ...]]:
     """A callable running ``graph``: arrays in, tuple of arrays out.
 
     ``"jax"``: one jitted XLA computation (returns JAX arrays). ``"torch"``: torch ops
-    through a generated ``fx.GraphModule`` (returns torch tensors). Both accept numpy arrays.
+    through a generated ``fx.GraphModule`` (returns torch tensors). Both take the same
+    positional arguments: numpy arrays, torch tensors, JAX arrays, and Python scalars for
+    rank-0 inputs, checked against the graph's inputs (``reftrace.backends.signature``).
     """
-    if not isinstance(graph, Graph):
-        raise ArgumentError(f"lower expects a reftrace Graph, got {type(graph).__name__}")
+    expect_graph(graph, "lower")
     if backend == "jax":
         from reftrace.backends.jax import lower_jax
         return lower_jax(graph)

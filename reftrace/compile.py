@@ -4,7 +4,8 @@ from reftrace.torch_bridge.compilers import (default_partition, make_boxed_compi
                                              min_cut_rematerialization_partition, nop, print_compile, ts_compile,
                                              xla_compile)
 from reftrace.torch_bridge.drawing import draw_graph
+from reftrace.torch_bridge.dynamo import reftrace_backend
 
 __all__ = ["aot_function", "aot_module", "draw_graph", "make_boxed_func", "make_boxed_compiler", "nop",
            "print_compile", "ts_compile", "xla_compile", "default_partition",
-           "min_cut_rematerialization_partition", "AOTFunction", "AOTModule"]
+           "min_cut_rematerialization_partition", "AOTFunction", "AOTModule", "reftrace_backend"]

@@ -12,7 +12,7 @@ import numpy as np
 
 from reftrace import primitives as P
 from reftrace.builder import Builder
-from reftrace.errors import DataDependentControlFlowError, TracingError
+from reftrace.errors import ArgumentError, DataDependentControlFlowError, ShapeError, TracingError
 from reftrace.graph import Atom, Aval, Literal, Var
 from reftrace.primitives import Primitive
 
@@ -43,11 +43,23 @@ class TracedArray:
             f"data-dependent control flow: the truth value of a traced {self.aval.str_short()} is not "
             "known while tracing. Use reftrace.numpy.where (or select) instead of if/while on array values.")
 
-    def __index__(self) -> int:
-        raise DataDependentControlFlowError(
-            f"a traced {self.aval.str_short()} was used as a Python int; its value is unknown while tracing.")
+    def _concrete(self, conversion: str) -> DataDependentControlFlowError:
+        return DataDependentControlFlowError(
+            f"{conversion} on a traced {self.aval.str_short()}: its value is unknown while tracing, so it cannot "
+            "become a Python number. Keep it an array (reftrace.numpy functions, reftrace.numpy.where for "
+            "choices), or pass the number to the function as a Python constant instead of an argument.")
 
-    __int__ = __float__ = __index__
+    def __float__(self) -> float:
+        raise self._concrete("float(x)")
+
+    def __int__(self) -> int:
+        raise self._concrete("int(x)")
+
+    def __complex__(self) -> complex:
+        raise self._concrete("complex(x)")
+
+    def __index__(self) -> int:
+        raise self._concrete("use as a Python index (operator.index: range(), a list index, a shape)")
 
     def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
         raise TracingError(f"a traced {self.aval.str_short()} cannot become a concrete numpy array while "
@@ -55,8 +67,15 @@ class TracedArray:
 
     def __len__(self) -> int:
         if self.ndim == 0:
-            raise TypeError("len() of a rank-0 array")
+            raise ArgumentError(f"len() of a rank-0 traced {self.aval.str_short()}: it has no length; "
+                                "use .shape or .size")
         return self.shape[0]
+
+    def __iter__(self) -> Any:
+        """Rows along the first axis, as numpy (a bounded loop: shapes are static)."""
+        if self.ndim == 0:
+            raise ArgumentError(f"iteration over a rank-0 traced {self.aval.str_short()}: it has no rows")
+        return (self[i] for i in range(self.shape[0]))
 
     def __hash__(self) -> int:
         return id(self)
@@ -98,6 +117,35 @@ class TracedArray:
     reshape, astype, transpose = _np("reshape"), _np("astype"), _np("transpose")
     T = property(_np("transpose"))
     del _np, _rnp
+
+
+def check_dtype(dtype: Any, what: str) -> np.dtype:
+    """``dtype`` as a numpy dtype a graph can hold (bool, integer, floating), else ArgumentError naming ``what``."""
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError as exc:
+        raise ArgumentError(f"{what}: {dtype!r} is not a dtype ({exc})") from None
+    if dtype.kind == "c":
+        raise ArgumentError(f"complex dtypes are not supported yet ({what} is {dtype.name})")
+    if not (P.is_bool(dtype) or P.is_int(dtype) or P.is_float(dtype)):
+        raise ArgumentError(f"{what} has dtype {dtype}, which a graph cannot hold; graphs hold bool, integer "
+                            "and floating arrays")
+    return dtype
+
+
+def scalar_of_dtype(value: Any, dtype: np.dtype, what: str) -> np.ndarray:
+    """``value`` (a number or 0-d array) as a rank-0 array of ``dtype``; ArgumentError if it is no number,
+    or a Python int out of ``dtype``'s range (numpy 2 refuses those too instead of wrapping)."""
+    if isinstance(value, int) and not isinstance(value, bool) and P.is_int(dtype):
+        info = np.iinfo(dtype)
+        if not info.min <= value <= info.max:
+            raise ArgumentError(f"{what} {value} does not fit {dtype.name} (range {info.min}..{info.max}); "
+                                "use a value in range, or a wider dtype")
+    try:
+        return np.asarray(value, dtype)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ArgumentError(f"{what} must be a number of dtype {dtype.name}, got {type(value).__name__} "
+                            f"{value!r:.40} ({exc})") from None
 
 
 def current_builder() -> Builder | None:
@@ -195,6 +243,9 @@ maximum, minimum = _binary(P.max_p), _binary(P.min_p)
 
 
 def integer_pow(x: Any, y: int) -> Any:
+    if not isinstance(y, (int, np.integer)) or isinstance(y, (bool, np.bool_)):
+        raise ArgumentError(f"integer_pow: the exponent must be a Python int, got {type(y).__name__} {y!r:.40}; "
+                            "use pow for array or float exponents")
     return bind(P.integer_pow_p, x, y=int(y))
 
 
@@ -204,7 +255,7 @@ def select(pred: Any, on_true: Any, on_false: Any) -> Any:
 
 
 def convert_element_type(x: Any, dtype: Any) -> Any:
-    dtype = np.dtype(dtype)
+    dtype = check_dtype(dtype, "convert_element_type: new dtype")
     if getattr(x, "dtype", None) == dtype:
         return x
     return bind(P.convert_element_type_p, x, new_dtype=dtype)
@@ -271,7 +322,7 @@ def broadcast_to_rank(x: Any, shape: Sequence[int]) -> Any:
 
 def full(shape: Sequence[int], value: Any, dtype: Any) -> Any:
     """A constant array: a rank-0 Literal broadcast to ``shape``."""
-    lit = Literal.of(value, np.dtype(dtype))
+    lit = Literal.of(scalar_of_dtype(value, check_dtype(dtype, "full: dtype"), "full: the fill value"))
     if tuple(shape) == ():
         return _wrap_literal(lit)
     return bind(P.broadcast_in_dim_p, _wrap_literal(lit), shape=tuple(shape), broadcast_dimensions=())
@@ -290,7 +341,10 @@ def reshape(x: Any, new_sizes: Sequence[int]) -> Any:
 
 def transpose(x: Any, permutation: Sequence[int]) -> Any:
     permutation = tuple(int(p) for p in permutation)
-    if permutation == tuple(range(len(permutation))):
+    if len(permutation) != x.ndim:
+        raise ShapeError(f"transpose: permutation {permutation} has {len(permutation)} axes for an array of "
+                         f"rank {x.ndim}")
+    if permutation == tuple(range(x.ndim)):
         return x
     return bind(P.transpose_p, x, permutation=permutation)
 
@@ -325,13 +379,19 @@ def rev(x: Any, dimensions: Sequence[int]) -> Any:
 
 
 def iota(dtype: Any, shape: Sequence[int], dimension: int = 0) -> Any:
-    return bind(P.iota_p, dtype=np.dtype(dtype), shape=tuple(int(s) for s in shape), dimension=int(dimension))
+    return bind(P.iota_p, dtype=check_dtype(dtype, "iota: dtype"), shape=tuple(int(s) for s in shape),
+                dimension=int(dimension))
 
 
 def dot_general(lhs: Any, rhs: Any, dimension_numbers: Any, preferred_element_type: Any = None) -> Any:
-    (lc, rc), (lb, rb) = dimension_numbers
-    dn = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
-    pet = np.dtype(preferred_element_type) if preferred_element_type is not None else None
+    try:
+        (lc, rc), (lb, rb) = dimension_numbers
+        dn = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
+    except (TypeError, ValueError):
+        raise ArgumentError(f"dot_general: dimension_numbers must be ((lhs_contracting, rhs_contracting), "
+                            f"(lhs_batch, rhs_batch)), tuples of axes; got {dimension_numbers!r:.80}") from None
+    pet = (check_dtype(preferred_element_type, "dot_general: preferred_element_type")
+           if preferred_element_type is not None else None)
     return bind(P.dot_general_p, lhs, rhs, dimension_numbers=dn, preferred_element_type=pet)
 
 

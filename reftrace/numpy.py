@@ -24,7 +24,7 @@ import numpy as np
 
 from reftrace import lax
 from reftrace import primitives as P
-from reftrace.errors import ShapeError, TracingError
+from reftrace.errors import ArgumentError, ShapeError, TracingError
 from reftrace.lax import TracedArray
 
 ndarray = TracedArray
@@ -38,12 +38,21 @@ def _dtype_or_weak(x: Any) -> Any:
     if isinstance(x, TracedArray):
         return x.dtype
     if isinstance(x, (bool, int, float)) and not isinstance(x, np.generic):
+        if isinstance(x, int) and not -2**63 <= x < 2**64:
+            raise ArgumentError(f"a Python int operand ({x}) does not fit int64 or uint64; use a float")
         return x  # weak Python scalar, as NEP 50
+    if x is None or isinstance(x, (str, bytes, dict, set)):
+        raise ArgumentError(f"reftrace.numpy operands must be arrays or numbers, got {type(x).__name__} {x!r:.40}")
     return np.asarray(x).dtype
 
 
 def result_type(*args: Any) -> np.dtype:
-    return np.result_type(*[_dtype_or_weak(a) for a in args])
+    """numpy's promotion (NEP 50) of the operands; a dtype a graph cannot hold is an ArgumentError."""
+    return lax.check_dtype(np.result_type(*[_dtype_or_weak(a) for a in args]), "an operand")
+
+
+def _dtype_arg(dtype: Any, fn: str) -> np.dtype:
+    return lax.check_dtype(dtype, f"{fn}: dtype")
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -52,6 +61,7 @@ def _shape(x: Any) -> tuple[int, ...]:
 
 def asarray(x: Any, dtype: Any = None) -> Any:
     """A traced value stays traced (converted if ``dtype``); anything else becomes a numpy array."""
+    dtype = _dtype_arg(dtype, "asarray") if dtype is not None else None
     if isinstance(x, TracedArray):
         return lax.convert_element_type(x, dtype) if dtype is not None else x
     return np.asarray(x, dtype=dtype)
@@ -73,14 +83,21 @@ def _broadcast(x: Any, shape: tuple[int, ...]) -> Any:
     return lax.broadcast_to_rank(x, shape)
 
 
+def _broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
+    try:
+        return tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        raise ShapeError(f"operands could not be broadcast together with shapes {list(shapes)}") from None
+
+
 def _prepare(*args: Any, dtype: Any = None) -> tuple[list[Any], np.dtype]:
     """Promote ``args`` to one dtype and broadcast them to one shape (rank-0 stay rank 0)."""
     dtype = np.dtype(dtype) if dtype is not None else result_type(*args)
-    try:
-        shape = tuple(np.broadcast_shapes(*[_shape(a) for a in args]))
-    except ValueError:
-        raise ShapeError(f"operands could not be broadcast together with shapes "
-                         f"{[_shape(a) for a in args]}") from None
+    if P.is_int(dtype):
+        for a in args:  # NEP 50: a weak Python int must fit the integer dtype it meets, not wrap around
+            if isinstance(a, int) and not isinstance(a, bool):
+                lax.scalar_of_dtype(a, dtype, "a Python int operand")
+    shape = _broadcast_shapes(*[_shape(a) for a in args])
     return [_broadcast(_cast(a, dtype), shape) for a in args], dtype
 
 
@@ -155,6 +172,9 @@ def power(x: Any, y: Any) -> Any:
         if P.is_float(dtype) or y >= 0:
             return lax.integer_pow(_cast(x, dtype), y)
     (a, b), dtype = _prepare(x, y)
+    if P.is_int(dtype) and not isinstance(y, TracedArray) and np.any(np.asarray(y) < 0):
+        raise ArgumentError("power: integers to negative integer powers are not allowed (as in numpy); "
+                            "make the base a float array first")
     if dtype == np.bool_:
         raise ShapeError("power of bool arrays is not supported")
     return lax.bind(P.pow_p, a, b)
@@ -243,23 +263,39 @@ def clip(x: Any, a_min: Any = None, a_max: Any = None) -> Any:
 
 def where(condition: Any, x: Any, y: Any) -> Any:
     (a, b), dtype = _prepare(x, y)
-    shape = tuple(np.broadcast_shapes(_shape(condition), _shape(a), _shape(b)))
+    shape = _broadcast_shapes(_shape(condition), _shape(a), _shape(b))
     cond = _broadcast(_cast(condition, np.dtype(bool)), shape)
     return lax.bind(P.select_p, cond, _broadcast(a, shape), _broadcast(b, shape))
 
 
 # ----------------------------------------------------------------------------- reductions
 
-def _axes(axis: Any, ndim: int) -> tuple[int, ...]:
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _axis(axis: Any, ndim: int, fn: str) -> int:
+    """One axis in ``[-ndim, ndim)``, made non-negative."""
+    if not _is_int(axis):
+        raise ArgumentError(f"{fn}: axis must be an int, got {type(axis).__name__} {axis!r:.40}")
+    if not -ndim <= axis < ndim:
+        raise ShapeError(f"{fn}: axis {axis} is out of bounds for an array of rank {ndim}")
+    return int(axis) % ndim
+
+
+def _axes(axis: Any, ndim: int, fn: str) -> tuple[int, ...]:
+    """``None`` (all axes), one axis or a tuple of distinct axes, sorted and non-negative."""
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
-    out = []
-    for a in axes:
-        if not -ndim <= a < ndim:
-            raise ShapeError(f"axis {a} is out of bounds for an array of rank {ndim}")
-        out.append(a % ndim)
-    return tuple(sorted(out))
+    if _is_int(axis):
+        return (_axis(axis, ndim, fn),)
+    if not isinstance(axis, (tuple, list)):
+        raise ArgumentError(f"{fn}: axis must be None, an int or a tuple of ints, got {type(axis).__name__} "
+                            f"{axis!r:.40}")
+    axes = [_axis(a, ndim, fn) for a in axis]
+    if len(set(axes)) != len(axes):
+        raise ShapeError(f"{fn}: repeated axis in {tuple(axis)}")
+    return tuple(sorted(axes))
 
 
 def _keep(x: Any, reduced: Any, axes: tuple[int, ...], keepdims: bool) -> Any:
@@ -279,18 +315,20 @@ def _as_traced(x: Any) -> Any:
 
 def sum(x: Any, axis: Any = None, keepdims: bool = False, dtype: Any = None) -> Any:  # noqa: A001
     x = _as_traced(x)
-    if dtype is None:
+    if dtype is not None:
+        dtype = _dtype_arg(dtype, "sum")
+    else:
         dtype = x.dtype
         if P.is_bool(dtype) or (P.is_int(dtype) and dtype.itemsize < 8):
             dtype = np.dtype(np.uint64 if np.issubdtype(dtype, np.unsignedinteger) else np.int64)
-    axes = _axes(axis, x.ndim)
+    axes = _axes(axis, x.ndim, "sum")
     return _keep(x, lax.reduce_sum(lax.convert_element_type(x, dtype), axes), axes, keepdims)
 
 
 def mean(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
     x = _as_traced(x)
     dtype = x.dtype if P.is_float(x.dtype) else np.dtype(np.float64)
-    axes = _axes(axis, x.ndim)
+    axes = _axes(axis, x.ndim, "mean")
     count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
     return divide(sum(x, axes, keepdims, dtype=dtype), np.asarray(count, dtype))
 
@@ -298,7 +336,7 @@ def mean(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
 def _minmax(prim: P.Primitive, name: str):
     def f(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
         x = _as_traced(x)
-        axes = _axes(axis, x.ndim)
+        axes = _axes(axis, x.ndim, name)
         if any(x.shape[a] == 0 for a in axes):
             raise ShapeError(f"{name}: zero-size reduction along axes {axes} of shape {x.shape}")
         return _keep(x, lax.reduce(prim, x, axes), axes, keepdims)
@@ -312,7 +350,7 @@ min = amin = _minmax(P.reduce_min_p, "min")  # noqa: A001
 
 def prod(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
     x = _as_traced(x)
-    axes = _axes(axis, x.ndim)
+    axes = _axes(axis, x.ndim, "prod")
     return _keep(x, lax.reduce_prod(x, axes), axes, keepdims)
 
 
@@ -321,7 +359,10 @@ def _arg(fn, name: str):
         x = _as_traced(x)
         if axis is None:
             x, axis = lax.reshape(x, (x.size,)), 0
-        return fn(x, _axes(axis, x.ndim)[0])
+        axis = _axis(axis, x.ndim, name)
+        if x.shape[axis] == 0:
+            raise ShapeError(f"{name}: axis {axis} of shape {x.shape} is empty, so there is no {name}")
+        return fn(x, axis)
     f.__name__ = name
     return f
 
@@ -334,16 +375,16 @@ def cumsum(x: Any, axis: int | None = None) -> Any:
     x = _as_traced(x)
     if axis is None:
         x, axis = lax.reshape(x, (x.size,)), 0
-    return lax.cumsum(x, _axes(axis, x.ndim)[0])
+    return lax.cumsum(x, _axis(axis, x.ndim, "cumsum"))
 
 
 # ----------------------------------------------------------------------------- shapes
 
 def reshape(x: Any, *shape: Any) -> Any:
     x = _as_traced(x)
-    if len(shape) == 1 and not isinstance(shape[0], int):
-        shape = tuple(shape[0])
-    shape = list(shape)
+    if len(shape) == 1 and not _is_int(shape[0]):
+        shape = shape[0]
+    shape = list(_shape_arg(shape, "reshape", allow_minus_one=True))
     if shape.count(-1) > 1:
         raise ShapeError("reshape: only one dimension may be -1")
     if -1 in shape:
@@ -356,49 +397,76 @@ def reshape(x: Any, *shape: Any) -> Any:
 
 def transpose(x: Any, axes: Sequence[int] | None = None) -> Any:
     x = _as_traced(x)
-    perm = tuple(reversed(range(x.ndim))) if axes is None else tuple(a % x.ndim for a in axes)
+    if axes is None:
+        return lax.transpose(x, tuple(reversed(range(x.ndim))))
+    if not isinstance(axes, (tuple, list, range, np.ndarray)):
+        raise ArgumentError(f"transpose: axes must be a tuple of ints, got {type(axes).__name__} {axes!r:.40}")
+    perm = tuple(_axis(a, x.ndim, "transpose") for a in axes)
+    if sorted(perm) != list(range(x.ndim)):
+        raise ShapeError(f"transpose: axes {tuple(axes)} are not a permutation of the {x.ndim} axes of {x.shape}")
     return lax.transpose(x, perm)
 
 
 def swapaxes(x: Any, a: int, b: int) -> Any:
+    x = _as_traced(x)
     perm = list(range(x.ndim))
+    a, b = _axis(a, x.ndim, "swapaxes"), _axis(b, x.ndim, "swapaxes")
     perm[a], perm[b] = perm[b], perm[a]
     return transpose(x, perm)
 
 
 def broadcast_to(x: Any, shape: Sequence[int]) -> Any:
     x = _as_traced(x)
-    shape = tuple(shape)
-    if tuple(np.broadcast_shapes(x.shape, shape)) != shape:
+    shape = _shape_arg(shape, "broadcast_to")
+    if len(shape) < x.ndim or _broadcast_shapes(x.shape, shape) != shape:
         raise ShapeError(f"broadcast_to: cannot broadcast {x.shape} to {shape}")
     return lax.broadcast_to_rank(x, shape)
 
 
 def expand_dims(x: Any, axis: int) -> Any:
     x = _as_traced(x)
-    axis = axis % (x.ndim + 1)
+    axis = _axis(axis, x.ndim + 1, "expand_dims")
     return lax.reshape(x, x.shape[:axis] + (1,) + x.shape[axis:])
 
 
 def squeeze(x: Any, axis: Any = None) -> Any:
     x = _as_traced(x)
-    axes = tuple(i for i, d in enumerate(x.shape) if d == 1) if axis is None else _axes(axis, x.ndim)
+    axes = tuple(i for i, d in enumerate(x.shape) if d == 1) if axis is None else _axes(axis, x.ndim, "squeeze")
+    for a in axes:
+        if x.shape[a] != 1:
+            raise ShapeError(f"squeeze: axis {a} of shape {x.shape} has size {x.shape[a]}, not 1")
     return lax.reshape(x, tuple(d for i, d in enumerate(x.shape) if i not in axes))
 
 
-def concatenate(arrays: Sequence[Any], axis: int = 0) -> Any:
+def _array_list(arrays: Sequence[Any], fn: str) -> list[Any]:
+    if isinstance(arrays, (str, bytes, dict)) or not hasattr(arrays, "__iter__"):
+        raise ArgumentError(f"{fn} takes a sequence of arrays, got {type(arrays).__name__}")
     arrays = [_as_traced(a) for a in arrays]
+    if not arrays:
+        raise ArgumentError(f"{fn} needs at least one array")
+    return arrays
+
+
+def concatenate(arrays: Sequence[Any], axis: int = 0) -> Any:
+    arrays = _array_list(arrays, "concatenate")
+    if arrays[0].ndim == 0:
+        raise ShapeError("concatenate: rank-0 arrays cannot be concatenated; use stack")
+    if len({a.ndim for a in arrays}) > 1:
+        raise ShapeError(f"concatenate: arrays have different ranks, shapes {[a.shape for a in arrays]}")
     dtype = result_type(*arrays)
     arrays = [_cast(a, dtype) for a in arrays]
-    return lax.concatenate(arrays, _axes(axis, arrays[0].ndim)[0])
+    return lax.concatenate(arrays, _axis(axis, arrays[0].ndim, "concatenate"))
 
 
 def stack(arrays: Sequence[Any], axis: int = 0) -> Any:
+    arrays = _array_list(arrays, "stack")
+    if len({a.shape for a in arrays}) > 1:
+        raise ShapeError(f"stack: arrays must have one shape, got {[a.shape for a in arrays]}")
     return concatenate([expand_dims(a, axis) for a in arrays], axis)
 
 
 def astype(x: Any, dtype: Any) -> Any:
-    return _cast(x, np.dtype(dtype))
+    return _cast(x, _dtype_arg(dtype, "astype"))
 
 
 def zeros_like(x: Any) -> Any:
@@ -409,24 +477,35 @@ def ones_like(x: Any) -> Any:
     return lax.full(_shape(x), 1, result_type(x))
 
 
-def _shape_arg(shape: int | Sequence[int]) -> tuple[int, ...]:
-    return (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+def _shape_arg(shape: Any, fn: str, allow_minus_one: bool = False) -> tuple[int, ...]:
+    """A shape from an int or a sequence of ints, each >= 0 (or -1 where ``allow_minus_one``)."""
+    dims = (shape,) if _is_int(shape) else shape.tolist() if isinstance(shape, np.ndarray) else shape
+    if not isinstance(dims, (tuple, list, range)) or not all(_is_int(d) for d in dims):
+        raise ArgumentError(f"{fn}: a shape must be an int or a tuple of ints, got {shape!r:.60}")
+    lowest = -1 if allow_minus_one else 0
+    if any(d < lowest for d in dims):
+        raise ShapeError(f"{fn}: negative dimension in shape {tuple(dims)}")
+    return tuple(int(d) for d in dims)
 
 
 def zeros(shape: int | Sequence[int], dtype: Any = np.float64) -> Any:
-    return lax.full(_shape_arg(shape), 0, dtype)
+    return lax.full(_shape_arg(shape, "zeros"), 0, _dtype_arg(dtype, "zeros"))
 
 
 def ones(shape: int | Sequence[int], dtype: Any = np.float64) -> Any:
-    return lax.full(_shape_arg(shape), 1, dtype)
+    return lax.full(_shape_arg(shape, "ones"), 1, _dtype_arg(dtype, "ones"))
 
 
 def full(shape: int | Sequence[int], fill_value: Any, dtype: Any = None) -> Any:
-    return lax.full(_shape_arg(shape), fill_value, dtype if dtype is not None else result_type(fill_value))
+    dtype = _dtype_arg(dtype, "full") if dtype is not None else result_type(fill_value)
+    return lax.full(_shape_arg(shape, "full"), fill_value, dtype)
 
 
 def arange(n: int, dtype: Any = np.int64) -> Any:
-    return lax.iota(dtype, (int(n),), 0)
+    """``0, 1, ..., n-1``; ``n`` must be an int (the length is a shape, known while tracing)."""
+    if not _is_int(n):
+        raise ArgumentError(f"arange: n must be an int (the length of the result), got {type(n).__name__} {n!r:.40}")
+    return lax.iota(_dtype_arg(dtype, "arange"), (builtins.max(int(n), 0),), 0)
 
 
 # ----------------------------------------------------------------------------- contractions
@@ -501,6 +580,11 @@ def getitem(x: Any, key: Any) -> Any:
             k %= n
             starts.append(k), limits.append(k + 1), strides.append(1), flips.append(False)
         elif isinstance(k, builtins.slice):
+            bounds = (k.start, k.stop, k.step)
+            if not builtins.all(b is None or _is_int(b) or isinstance(b, TracedArray) for b in bounds):
+                raise ArgumentError(f"slice {k} has a bound that is not an int or None")
+            if k.step == 0:
+                raise ArgumentError("slice step cannot be zero")
             s0, s1, st = k.indices(n)
             m = len(range(s0, s1, st))
             if st > 0:
@@ -513,11 +597,13 @@ def getitem(x: Any, key: Any) -> Any:
         elif isinstance(k, (TracedArray, np.ndarray, list)):
             if array_index is not None:
                 raise ShapeError("only one integer-array index is supported")
+            k = _index_array(k)
             array_index = (dim, k)
             starts.append(0), limits.append(n), strides.append(1), flips.append(False)
-            final.extend(_shape(k) if not isinstance(k, list) else np.shape(k))
+            final.extend(_shape(k))
         else:
-            raise ShapeError(f"unsupported index {k!r}")
+            raise ArgumentError(f"unsupported index {k!r:.40} ({type(k).__name__}); valid indices are ints, slices, "
+                                "None, ... and one integer array")
         dim += 1
     y = lax.rev(x, [i for i, f in enumerate(flips) if f])
     y = lax.slice(y, starts, limits, strides)
@@ -525,6 +611,21 @@ def getitem(x: Any, key: Any) -> Any:
         y = _take(y, *array_index)
     # integer-indexed axes are size 1 here and new axes are size 1: a reshape finishes the job
     return lax.reshape(y, tuple(final))
+
+
+def _index_array(index: Any) -> Any:
+    """An integer index array (traced, or numpy); a boolean mask or a float array is an ArgumentError."""
+    if not isinstance(index, TracedArray):
+        index = np.asarray(index)
+        if index.size == 0 and index.dtype.kind == "f":  # ``[]`` is an empty integer index, as in numpy
+            index = index.astype(np.int64)
+    if P.is_bool(index.dtype):
+        raise ArgumentError("boolean-mask indexing is not supported: its result shape depends on the mask's "
+                            "values; use rnp.where(mask, x, 0), or integer indices (np.flatnonzero(mask)) for a "
+                            "mask known before tracing")
+    if not P.is_int(index.dtype):
+        raise ArgumentError(f"an index array must hold integers, got {np.dtype(index.dtype).name}")
+    return index
 
 
 def _take(x: Any, axis: int, index: Any) -> Any:
@@ -552,4 +653,4 @@ def _take(x: Any, axis: int, index: Any) -> Any:
 
 def take(x: Any, indices: Any, axis: int = 0) -> Any:
     x = _as_traced(x)
-    return _take(x, _axes(axis, x.ndim)[0], indices)
+    return _take(x, _axis(axis, x.ndim, "take"), _index_array(indices))

@@ -1029,3 +1029,93 @@ def test_device_placement_of_created_tensors():
     f = lower_torch(g)
     metas = f(*[torch.from_numpy(a).to("meta") for a in args])
     assert metas[0].device.type == "meta" and f(*args)[0].device.type == "cpu"
+
+
+# ----------------------------------------------------------------------------- argument kinds, both backends
+
+def _bf16():
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+# values each dtype keeps only if nothing rounds them through another dtype on the way in
+EXACT_VALUES = {
+    "float64": np.array([1 + 2**-52, -1e300, 5e-324]),
+    "int64": np.array([BIG + 1, -BIG - 3, 2**63 - 1]),
+    "bool": np.array([True, False, True]),
+    "bfloat16": np.array([1.0078125, -3.0, 65280.0]),  # 1 + 2**-7: the smallest step above 1 in bfloat16
+    "float32": np.array([1 + 2**-23, -3.5, 1e-30]),
+    "int32": np.array([2**31 - 1, -(2**31), 7]),
+}
+
+
+def _as_kind(arr: np.ndarray, kind: str):
+    """``arr`` as a numpy array, a torch tensor (bfloat16 bit for bit) or a JAX array."""
+    if kind == "numpy":
+        return arr
+    if kind == "torch":
+        if arr.dtype == _bf16():
+            return torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16)
+        return torch.from_numpy(arr.copy())
+    import jax
+    with jax.enable_x64(True):
+        return jax.numpy.asarray(arr)
+
+
+def _to_numpy(out) -> np.ndarray:
+    if isinstance(out, torch.Tensor):
+        if out.dtype == torch.bfloat16:
+            return out.view(torch.int16).numpy().view(_bf16())
+        return out.numpy()
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+@pytest.mark.parametrize("kind", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("dtype", sorted(EXACT_VALUES))
+def test_every_backend_takes_every_array_kind_bit_exactly(backend, kind, dtype):
+    dtype = _bf16() if dtype == "bfloat16" else np.dtype(dtype)
+    x = EXACT_VALUES[dtype.name].astype(dtype)
+    g = rt.trace(lambda a: (a, lax.stop_gradient(a)), x)  # one copy through an equation, one forwarded
+    for out in rt.lower(g, backend)(_as_kind(x, kind)):
+        got = _to_numpy(out)
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got.view(np.uint8), x.view(np.uint8))  # bits, not values
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_both_backends_take_python_scalars_for_rank0_inputs_at_the_input_dtype(backend):
+    g = rt.trace(lambda i, f, b: (i, f, b), np.array(1, I64), np.array(1.0, F32), np.array(True))
+    i, f, b = (_to_numpy(o) for o in rt.lower(g, backend)(2**62 + 1, 3, False))
+    assert (i.dtype, f.dtype, b.dtype) == (np.dtype(I64), np.dtype(F32), np.dtype(BOOL))
+    assert int(i) == 2**62 + 1 and float(f) == 3.0 and not bool(b)
+
+
+def test_jax_backend_detaches_tensors_that_require_grad():
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    g = rt.trace(lambda a: lax.bind(P.mul_p, a, a), np.ones(2, F64))
+    (out,) = rt.lower(g, "jax")(x)
+    np.testing.assert_array_equal(np.asarray(out), [1.0, 4.0])
+    assert x.grad is None and x.requires_grad  # the caller's tensor is untouched
+
+
+def test_jax_backend_falls_back_to_numpy_when_dlpack_refuses(monkeypatch):
+    import jax.dlpack
+
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError("no DLPack today")
+    monkeypatch.setattr(jax.dlpack, "from_dlpack", refuse)
+    cases = [(torch.bfloat16, [1.0078125, -3.0]), (torch.int64, [BIG + 1, -1]), (torch.bool, [True, False])]
+    for dtype, values in cases:
+        t = torch.tensor(values, dtype=dtype, requires_grad=dtype.is_floating_point)
+        g = rt.trace(lambda a: lax.stop_gradient(a), np.zeros(2, numpy_dtype(dtype)))
+        (out,) = rt.lower(g, "jax")(t)
+        want = _to_numpy(t.detach())
+        assert _to_numpy(out).dtype == want.dtype
+        np.testing.assert_array_equal(_to_numpy(out).view(np.uint8), want.view(np.uint8))
+
+
+def test_jax_backend_names_a_tensor_on_a_device_it_cannot_read():
+    g = rt.trace(lambda a: lax.stop_gradient(a), np.zeros(2, F32))
+    with pytest.raises(ArgumentError, match=r"argument 0 .* torch tensor on meta.*tensor\.cpu\(\)"):
+        rt.lower(g, "jax")(torch.zeros(2, device="meta"))

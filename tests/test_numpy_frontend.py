@@ -138,3 +138,21 @@ def test_python_scalar_outputs_and_multiple_outputs():
     outs = rt.lower(g)(x64)
     np.testing.assert_array_equal(outs[0], x64)
     assert float(outs[1]) == 2.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_axis_and_shape_arguments_follow_numpy(backend):
+    """Negative axes, numpy integer axes and shapes, empty aranges and ``[]`` indices are numpy's."""
+    check(lambda x: (rnp.expand_dims(x, -3), rnp.swapaxes(x, -1, 0), rnp.transpose(x, (-1, 0)),
+                     rnp.sum(x, axis=np.int64(-1)), rnp.reshape(x, np.int64(12)), x[[]]),
+          lambda x: (np.expand_dims(x, -3), np.swapaxes(x, -1, 0), np.transpose(x, (-1, 0)),
+                     np.sum(x, axis=np.int64(-1)), np.reshape(x, np.int64(12)), x[[]]),
+          x64, backend=backend)
+    check(lambda x: (x, rnp.arange(-2), rnp.arange(np.int32(3), np.int32)),
+          lambda x: (x, np.arange(-2), np.arange(np.int32(3), dtype=np.int32)), x64, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_iterating_a_traced_array_gives_its_rows(backend):
+    check(lambda x: tuple(row * 2 for row in x), lambda x: tuple(row * 2 for row in x), x64, backend=backend)
+    check(lambda x: rnp.stack(list(x), axis=1), lambda x: np.stack(list(x), axis=1), x64, backend=backend)

@@ -37,7 +37,15 @@ SUPPORTED = [
 # Documented as unsupported (docs/coverage.md): the output shape depends on the values.
 UNSUPPORTED = ["masked_select", "linalg.lstsq"]
 
-_OPS = {opinfo.variant_name(op): op for op in opinfo.find_ops(SUPPORTED + UNSUPPORTED)}
+# Ops with kinks, ties or bounds, checked on samples rounded to a grid of halves (``opinfo.on_grid``): repeated
+# values and values on the kinks, where the subgradient must be eager's too. Selections whose tied index is an
+# accident of torch's algorithm (topk, kthvalue, median with dim) are in tests/torch_bridge/test_subgradients.py.
+AT_TIES = ["clamp", "clamp_min", "maximum", "fmax", "max.reduction_with_dim", "max.reduction_no_dim", "amax",
+           "nn.functional.relu6", "nn.functional.hardtanh", "nn.functional.hardswish", "nn.functional.leaky_relu",
+           "nn.functional.max_pool2d", "nn.functional.adaptive_max_pool2d", "mode", "cummax", "linalg.vector_norm",
+           "dist", "cdist", "nn.functional.pdist", "atan2", "std", "pow", "xlogy", "sinc"]
+
+_OPS = {opinfo.variant_name(op): op for op in opinfo.find_ops(SUPPORTED + UNSUPPORTED + AT_TIES)}
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
@@ -45,6 +53,13 @@ def test_matches_eager(name):
     result = opinfo.check_op(_OPS[name], "nop", limit_samples=SAMPLES, time_limit=60)
     assert result.samples > 0, result
     assert result.status in (opinfo.PASS, opinfo.RANDOM, opinfo.EAGER_GRAD_WRONG), result
+
+
+@pytest.mark.parametrize("name", AT_TIES)
+def test_matches_eager_at_ties(name):
+    result = opinfo.check_op(_OPS[name], "nop", limit_samples=SAMPLES, time_limit=60, ties=True)
+    assert result.samples > 0, result
+    assert result.status == opinfo.PASS, result  # no "eager grad wrong": finite differences are moot at kinks
 
 
 @pytest.mark.parametrize("name", UNSUPPORTED)

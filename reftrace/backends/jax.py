@@ -12,8 +12,8 @@ import jax
 import numpy as np
 
 from reftrace.backends.jax_rules import jax_rules
-from reftrace.backends.signature import check_args
-from reftrace.errors import UnsupportedOperatorError
+from reftrace.backends.signature import check_args, is_torch_tensor
+from reftrace.errors import ArgumentError, UnsupportedOperatorError
 from reftrace.graph import Aval, Eqn, Graph, Literal, Params, Var
 from reftrace.interpreter import eval_graph
 from reftrace.primitives import Primitive, infer_avals
@@ -40,18 +40,39 @@ def graph_function(graph: Graph):
     return run
 
 
+def tensor_to_jax(tensor: Any, index: int) -> Any:
+    """A torch tensor as a JAX (or numpy) array with the same dtype and bits (bfloat16, bool, 64-bit).
+
+    DLPack shares the memory when JAX has the tensor's device, else a CPU tensor goes through
+    numpy; a tensor that requires grad is detached first (JAX computes no torch gradients).
+    Call inside ``jax.enable_x64(True)`` so 64-bit dtypes stay 64-bit.
+    """
+    tensor = tensor.detach().resolve_conj().resolve_neg()
+    try:
+        return jax.dlpack.from_dlpack(tensor)
+    except Exception as exc:  # noqa: BLE001 - JAX has no such device, or DLPack refuses the layout
+        if tensor.device.type != "cpu":
+            raise ArgumentError(f"argument {index} of the JAX-lowered graph is a torch tensor on {tensor.device}, "
+                                f"which JAX cannot read here ({type(exc).__name__}: {exc}); pass tensor.cpu()"
+                                ) from None
+    import torch
+    from reftrace.backends.torch_dtypes import numpy_dtype
+    if tensor.dtype == torch.bfloat16:  # numpy has no native bfloat16: move the bits, as ml_dtypes' bfloat16
+        return tensor.contiguous().view(torch.int16).numpy().view(numpy_dtype(tensor.dtype))
+    return tensor.numpy()
+
+
 class JaxExecutable:
-    """``graph`` compiled by XLA; call with numpy/JAX arrays, get a tuple of JAX arrays."""
+    """``graph`` compiled by XLA; call with numpy/JAX arrays or torch tensors, get a tuple of JAX arrays."""
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
         self._jitted = jax.jit(graph_function(graph))
 
-    def __call__(self, *args: Any) -> tuple[Any, ...]:
-        check_args(self.graph, args, "JAX-lowered graph")
-        args = [np.asarray(a, dtype=v.dtype) if isinstance(a, (bool, int, float)) else a
-                for a, v in zip(args, self.graph.inputs)]
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        args = check_args(self.graph, args, "JAX-lowered graph", kwargs)
         with jax.enable_x64(True):
+            args = [tensor_to_jax(a, i) if is_torch_tensor(a) else a for i, a in enumerate(args)]
             # block: inputs may alias caller memory (numpy, DLPack) that the caller may overwrite next
             return tuple(jax.block_until_ready(self._jitted(*args)))
 

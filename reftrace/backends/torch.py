@@ -20,7 +20,7 @@ from torch.fx.node import map_aggregate
 from torch.overrides import TorchFunctionMode
 
 from reftrace.backends.signature import check_args
-from reftrace.backends.torch_dtypes import tensor_from_numpy, torch_dtype
+from reftrace.backends.torch_dtypes import tensor_from_numpy
 from reftrace.backends.torch_rules import AVAL_META, as_tensor, aval_of, torch_rules
 from reftrace.errors import ArgumentError, UnsupportedOperatorError
 from reftrace.graph import Aval, Graph, Literal, Params
@@ -59,8 +59,8 @@ def apply_torch(prim: Primitive, operands: Sequence[Any], params: Params | dict)
 
 def eval_torch(graph: Graph, *args: Any) -> tuple[torch.Tensor, ...]:
     """Interpret ``graph`` op by op with eager torch (no FX); handy for debugging a rule."""
-    check_args(graph, args, "eagerly evaluated graph")
-    return tuple(eval_graph(graph, [_to_tensor(a, v.aval) for a, v in zip(args, graph.inputs)], apply_torch))
+    tensors = [_to_tensor(a) for a in check_args(graph, args, "eagerly evaluated graph")]
+    return tuple(eval_graph(graph, tensors, apply_torch))
 
 
 # ----------------------------------------------------------------------------- FX emission
@@ -211,17 +211,16 @@ def to_fx(graph: Graph, input_names: Sequence[str] | None = None, output_as_list
 
 # ----------------------------------------------------------------------------- lowering
 
-def _to_tensor(x: Any, aval: Aval) -> torch.Tensor:
-    """An argument as a tensor: tensors pass through, numpy arrays are shared (no copy)."""
+def _to_tensor(x: Any) -> torch.Tensor:
+    """A checked argument as a tensor: tensors pass through, numpy arrays are shared (no copy),
+    JAX arrays are copied through numpy (bit-exact, bfloat16 included; JAX memory is immutable)."""
     if isinstance(x, torch.Tensor):
         return x
-    if isinstance(x, (bool, int, float)):
-        return torch.tensor(x, dtype=torch_dtype(aval.dtype))
     return tensor_from_numpy(np.asarray(x))
 
 
 class TorchExecutable:
-    """``graph`` as a torch callable: numpy arrays / tensors in, a tuple of tensors out.
+    """``graph`` as a torch callable: numpy arrays, tensors, JAX arrays in, a tuple of tensors out.
 
     Runs on the device of its tensor arguments (one module per device, built on first
     use). Outputs may alias inputs (an output that is an input, or a view such as a reshape).
@@ -232,9 +231,8 @@ class TorchExecutable:
         self.module = to_fx(graph)
         self._modules: dict[str, fx.GraphModule] = {"cpu": self.module}
 
-    def __call__(self, *args: Any) -> tuple[torch.Tensor, ...]:
-        check_args(self.graph, args, "torch-lowered graph")
-        tensors = [_to_tensor(a, v.aval) for a, v in zip(args, self.graph.inputs)]
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        tensors = [_to_tensor(a) for a in check_args(self.graph, args, "torch-lowered graph", kwargs)]
         device = next((str(t.device) for t in tensors if t.device.type != "cpu"), "cpu")
         if device not in self._modules:
             self._modules[device] = to_fx(self.graph, device=device)

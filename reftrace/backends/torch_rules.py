@@ -402,7 +402,32 @@ def _dot_general(lhs: Any, rhs: Any, *, dimension_numbers: Any, preferred_elemen
     if preferred_element_type is not None and np.dtype(preferred_element_type) != la.dtype:
         # accumulate in the preferred type, as XLA does: cast the (exactly representable) inputs
         x, y = x.to(torch_dtype(preferred_element_type)), y.to(torch_dtype(preferred_element_type))
-    return torch.einsum(dot_general_equation(la.ndim, ra.ndim, dimension_numbers), [x, y])
+    layout = _matmul_layout(la.ndim, ra.ndim, dimension_numbers)
+    if layout is None:
+        return torch.einsum(dot_general_equation(la.ndim, ra.ndim, dimension_numbers), [x, y])
+    transpose_lhs, transpose_rhs = layout
+    return torch.matmul(x.transpose(-1, -2) if transpose_lhs else x, y.transpose(-1, -2) if transpose_rhs else y)
+
+
+def _matmul_layout(lhs_ndim: int, rhs_ndim: int, dimension_numbers: Any) -> tuple[bool, bool] | None:
+    """Whether a dot_general is a (batched) matmul of possibly transposed operands, and which.
+
+    Leading batch dims, one contracting dim among the last two of each operand:
+    ``(*b, m, k) @ (*b, k, n)`` is ``(False, False)``; a Linear layer's ``x @ wᵀ`` is
+    ``(False, True)``; its weight gradient ``gᵀ @ x`` is ``(True, False)``. Anything else is
+    None (an einsum). ``torch.matmul`` reads better than an einsum in printed and drawn graphs
+    and skips einsum's equation parsing on every call.
+    """
+    (lc, rc), (lb, rb) = dimension_numbers
+    nb = len(lb)
+    if len(lc) != 1 or lhs_ndim != nb + 2 or rhs_ndim != nb + 2:
+        return None
+    if tuple(lb) != tuple(range(nb)) or tuple(rb) != tuple(range(nb)):
+        return None
+    (l,), (r,) = lc, rc
+    if l not in (nb, nb + 1) or r not in (nb, nb + 1):
+        return None
+    return l == nb, r == nb + 1
 
 
 torch_rules[P.dot_general_p] = _dot_general

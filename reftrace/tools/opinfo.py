@@ -40,7 +40,7 @@ from torch.utils import _pytree as pytree
 from reftrace.errors import GraphError, ReftraceError, ShapeError
 
 __all__ = ["OpResult", "SampleResult", "Sweep", "check_op", "check_sample", "differentiable_ops", "find_ops",
-           "load_sweep", "main", "run_sweep", "save_sweep", "variant_name", "write_report", "STATUSES"]
+           "load_sweep", "main", "on_grid", "run_sweep", "save_sweep", "variant_name", "write_report", "STATUSES"]
 
 PASS = "pass"
 EAGER_GRAD_WRONG = "pass (eager grad wrong)"
@@ -397,9 +397,20 @@ def _raise_timeout(signum: int, frame: Any) -> None:
     raise _Timeout()
 
 
+def on_grid(sample: Any) -> Any:
+    """``sample`` with every floating tensor rounded to a multiple of 1/2: repeated values and values on
+    kinks and bounds (0, +-1, +-3, x == min...), which random samples almost never hit."""
+    def snap(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return torch.round(t * 2).div_(2).requires_grad_(t.requires_grad)
+        return t
+    return sample.transform(snap)
+
+
 def check_op(op: Any, backend: str = "nop", limit_samples: int | None = None,
-             time_limit: float | None = 120.0) -> OpResult:
-    """Every sample of ``op`` (at most ``limit_samples``) on ``backend``; the op gets its worst sample's status."""
+             time_limit: float | None = 120.0, ties: bool = False) -> OpResult:
+    """Every sample of ``op`` (at most ``limit_samples``) on ``backend``; the op gets its worst sample's status.
+    ``ties``: the samples ``on_grid`` instead (subgradients at ties and boundaries must be eager's too)."""
     name = variant_name(op)
     dtype = _dtype_for(op)
     if dtype is None:
@@ -416,6 +427,7 @@ def check_op(op: Any, backend: str = "nop", limit_samples: int | None = None,
                 torch.manual_seed(0)
                 samples = op.sample_inputs("cpu", dtype, requires_grad=True)
                 for k, sample in enumerate(itertools.islice(samples, limit_samples)):
+                    sample = on_grid(sample) if ties else sample
                     results.append(check_sample(op, sample, compiler, dtype, tolerance, seed=k))
                     if _SEVERITY[results[-1].status] >= _SEVERITY[WRONG_GRAD]:
                         break  # a wrong result is reported as soon as it is found

@@ -4,7 +4,11 @@ At the first call with a given signature the function is captured (forward graph
 differentiated by reftrace's ``vjp``, partitioned, emitted as FX and handed to the
 compilers — forward and backward both, ahead of time. Guards: the cache key is the
 argument structure, every tensor's shape/dtype/device/requires_grad, the values of
-non-tensor arguments and whether grad mode is on; anything new recompiles.
+non-tensor arguments and whether grad mode is on; anything new recompiles. A module's
+plain attributes (numbers, strings, flags such as ``training``) are guarded too.
+
+Inputs that share memory, one of them mutated in place, are captured as views of one
+base tensor (``_AliasPlan``), so the mutation reaches every alias as in eager torch.
 
 A function with random ops (dropout in training mode...) is captured with one more
 input, a ``u32[2]`` key (``Captured.key_input``, the last input); every call feeds a
@@ -15,15 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
 
-from reftrace.errors import ArgumentError, TracingError
+from reftrace.errors import ArgumentError
 from reftrace.primitives import is_float
 from reftrace.torch_bridge.autograd import Compiler, InferenceFunction, PartitionedFunction, new_rng_key
 from reftrace.torch_bridge.compilers import as_partitioner, default_partition
+from reftrace.torch_bridge.modules import ModuleGuard
+from reftrace.torch_bridge.outputs import OutputSpec, flatten_outputs
 
 
 @contextlib.contextmanager
@@ -39,17 +46,115 @@ def _gc_paused() -> Any:
             gc.enable()
 
 
+# ----------------------------------------------------------------------------- aliased inputs
+
+@dataclass(frozen=True)
+class _AliasGroup:
+    """Inputs whose memory overlaps: ``members`` (tensor positions), each a view
+    ``(shape, stride, offset)`` of one base that spans ``span`` elements from storage offset ``start``."""
+
+    members: tuple[int, ...]
+    views: tuple[tuple[tuple[int, ...], tuple[int, ...], int], ...]
+    start: int
+    span: int
+
+
+@dataclass(frozen=True)
+class _AliasPlan:
+    """How a call whose inputs overlap is captured: each group's members become views of one base input.
+
+    The graph's inputs are the tensors in no group (in order), then one base per group.
+    Hashable: it is part of the cache key (same overlap, same graph).
+    """
+
+    groups: tuple[_AliasGroup, ...]
+
+    def graph_inputs(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        grouped = {i for g in self.groups for i in g.members}
+        plain = [t for i, t in enumerate(tensors) if i not in grouped]
+        return plain + [torch.as_strided(tensors[g.members[0]], (g.span,), (1,), g.start) for g in self.groups]
+
+    def user_tensors(self, inputs: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
+        """Inside the capture: the user's tensors again, the grouped ones as views of their bases."""
+        grouped = {i for g in self.groups for i in g.members}
+        plain = iter(inputs)
+        tensors = [None if i in grouped else next(plain) for i in range(count)]
+        bases = inputs[count - len(grouped):]
+        for group, base in zip(self.groups, bases):
+            for i, (shape, stride, offset) in zip(group.members, group.views):
+                tensors[i] = torch.as_strided(base, shape, stride, offset)
+        return tensors  # type: ignore[return-value]
+
+
+def _alias_plan(tensors: Sequence[torch.Tensor], mutated: Sequence[int]) -> _AliasPlan | None:
+    """The overlapping groups among ``tensors`` that hold a mutated one, or None when none does.
+
+    Overlap is judged on storage byte ranges (a conservative test: interleaved views count as
+    overlapping, and capturing them through a base is still exact).
+    """
+    by_storage: dict[int, list[tuple[int, int, int]]] = {}
+    for i, t in enumerate(tensors):
+        if t.numel() == 0 or t.layout != torch.strided:
+            continue
+        start = t.storage_offset()
+        end = start + 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        size = t.element_size()
+        by_storage.setdefault(t.untyped_storage().data_ptr(), []).append((start * size, end * size, i))
+    if len(by_storage) == sum(1 for t in tensors if t.numel() and t.layout == torch.strided):
+        return None  # every tensor has a storage of its own
+    groups = []
+    mutated_set = set(mutated)
+
+    def close(members: list[int]) -> None:
+        if len(members) > 1 and mutated_set.intersection(members):
+            groups.append(_group(tensors, members))
+
+    for ranges in by_storage.values():
+        ranges.sort()
+        members: list[int] = []
+        end = 0
+        for lo, hi, i in ranges:
+            if members and lo < end:
+                members.append(i)
+                end = max(end, hi)
+            else:
+                close(members)
+                members, end = [i], hi
+        close(members)
+    return _AliasPlan(tuple(groups)) if groups else None
+
+
+def _group(tensors: Sequence[torch.Tensor], members: list[int]) -> _AliasGroup:
+    members = sorted(members)
+    ts = [tensors[i] for i in members]
+    if len({t.dtype for t in ts}) > 1:
+        raise ArgumentError(f"inputs {members} share memory with different dtypes "
+                            f"({', '.join(str(t.dtype) for t in ts)}) and one is mutated in place; reftrace "
+                            "cannot capture that: pass copies (.clone()) instead")
+    if any(t.requires_grad for t in ts):
+        raise ArgumentError(f"inputs {members} share memory, one is mutated in place, and some require grad; "
+                            "reftrace does not capture that case: pass copies (.clone()) instead")
+    start = min(t.storage_offset() for t in ts)
+    end = max(t.storage_offset() + 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) for t in ts)
+    views = tuple((tuple(t.shape), tuple(t.stride()), t.storage_offset() - start) for t in ts)
+    return _AliasGroup(tuple(members), views, start, end - start)
+
+
+# ----------------------------------------------------------------------------- compiled signatures
+
 class _Compiled:
     """One compiled signature: the graph functions plus how to rebuild the outputs."""
 
     def __init__(self, run: Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, ...]],
-                 num_outputs: int, mutated_inputs: Sequence[int], out_spec: Any, key_input: int | None = None
-                 ) -> None:
+                 num_outputs: int, mutated_inputs: Sequence[int], out_spec: OutputSpec, key_input: int | None = None,
+                 alias_plan: _AliasPlan | None = None) -> None:
         self.run = run
         self.num_outputs = num_outputs
-        self.mutated_inputs = tuple(mutated_inputs)
+        self.mutated_inputs = tuple(mutated_inputs)  # graph input positions
         self.out_spec = out_spec
         self.key_input = key_input  # the graph's random key input (after the user's tensors), or None
+        self.alias_plan = alias_plan  # how the user's tensors became the graph's inputs, or None (as they are)
+        self.aliased: dict[_AliasPlan, _Compiled] = {}  # variants of this signature for overlapping inputs
 
 
 class AOTFunction:
@@ -57,6 +162,13 @@ class AOTFunction:
 
     def __init__(self, fn: Callable[..., Any], fw_compiler: Compiler, bw_compiler: Compiler | None,
                  partition_fn: Any, decompositions: dict | None, inference_compiler: Compiler | None) -> None:
+        for role, compiler in (("fw_compiler", fw_compiler), ("bw_compiler", bw_compiler),
+                               ("inference_compiler", inference_compiler)):
+            if not callable(compiler) and not (compiler is None and role != "fw_compiler"):
+                raise ArgumentError(f"{role} must be a compiler, a callable (fx.GraphModule, example_inputs) -> "
+                                    f"callable, got {compiler!r}; use reftrace.compile.nop to run graphs as they are")
+        if not callable(fn):
+            raise ArgumentError(f"aot_function expects a callable, got {type(fn).__name__}")
         self.fn = fn
         self.fw_compiler = fw_compiler
         self.bw_compiler = bw_compiler or fw_compiler
@@ -75,16 +187,16 @@ class AOTFunction:
         compiled = self.cache.get(key)
         if compiled is None:
             with _gc_paused():
-                compiled = self.cache[key] = self._compile(leaves, spec, tensor_pos, tensors)
-        if compiled.key_input is None:
-            outs = compiled.run(tensors)
-        else:  # a fresh key per call; the autograd Function keeps it for double backward
-            outs = compiled.run([*tensors, new_rng_key(tensors[0].device if tensors else None)])
+                compiled = self.cache[key] = self._compile(leaves, spec, tensor_pos, tensors, None)
         if compiled.mutated_inputs:
-            with torch.no_grad():
-                for i, new in zip(compiled.mutated_inputs, outs[compiled.num_outputs:]):
-                    tensors[i].copy_(new)
-        return pytree.tree_unflatten(list(outs[:compiled.num_outputs]), compiled.out_spec)
+            plan = _alias_plan(tensors, compiled.mutated_inputs)
+            if plan is not None:
+                variant = compiled.aliased.get(plan)
+                if variant is None:
+                    with _gc_paused():
+                        variant = compiled.aliased[plan] = self._compile(leaves, spec, tensor_pos, tensors, plan)
+                compiled, tensors = variant, plan.graph_inputs(tensors)
+        return _run(compiled, tensors)
 
     @staticmethod
     def _key(leaves: list, spec: Any, tensor_pos: list[int]) -> Any:
@@ -98,38 +210,53 @@ class AOTFunction:
                 parts.append(_guard_value(x, i))
         return tuple(parts)
 
-    def _compile(self, leaves: list, spec: Any, tensor_pos: list[int], tensors: list[torch.Tensor]) -> _Compiled:
+    def _compile(self, leaves: list, spec: Any, tensor_pos: list[int], tensors: list[torch.Tensor],
+                 plan: _AliasPlan | None) -> _Compiled:
         from reftrace.torch_bridge.capture import capture_flat
-        out_spec_box: list[Any] = []
 
-        def fn_flat(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        def fn_flat(ts: Sequence[torch.Tensor]) -> Any:
+            if plan is not None:
+                ts = plan.user_tensors(ts, len(tensor_pos))
             new_leaves = list(leaves)
             for i, t in zip(tensor_pos, ts):
                 new_leaves[i] = t
             a, k = pytree.tree_unflatten(new_leaves, spec)
-            out_leaves, out_spec = pytree.tree_flatten(self.fn(*a, **k))
-            for o in out_leaves:
-                if not isinstance(o, torch.Tensor):
-                    raise TracingError(f"{self.__name__} returned a {type(o).__name__}; compiled functions "
-                                       "must return tensors (in tuples/lists/dicts)")
-            out_spec_box[:] = [out_spec]
-            return out_leaves
+            return self.fn(*a, **k)
 
-        captured = capture_flat(fn_flat, tensors, decompositions=self.decompositions)
+        inputs = tensors if plan is None else plan.graph_inputs(tensors)
+        captured = capture_flat(fn_flat, inputs, decompositions=self.decompositions)
         graph = captured.graph
-        n_out = captured.num_outputs
-        examples = list(tensors)
+        examples = list(inputs)
         if captured.key_input is not None:
             examples.append(torch.zeros(2, dtype=torch.uint32))
-        wrt = [i for i, t in enumerate(tensors) if t.requires_grad and is_float(graph.inputs[i].dtype)]
+        wrt = [i for i, t in enumerate(inputs) if t.requires_grad and is_float(graph.inputs[i].dtype)]
         if not (torch.is_grad_enabled() and wrt):
-            run = InferenceFunction(graph, self.inference_compiler, examples)
+            run: Any = InferenceFunction(graph, self.inference_compiler, examples)
         else:
-            nondiff = [i for i, v in enumerate(graph.outputs) if i >= n_out or not is_float(v.dtype)]
-            run = PartitionedFunction(graph, wrt, nondiff, fw_compiler=self.fw_compiler,
-                                      bw_compiler=self.bw_compiler, partitioner=self.partitioner,
-                                      example_inputs=examples, mutated_inputs=captured.mutated_inputs)
-        return _Compiled(run, n_out, captured.mutated_inputs, out_spec_box[0], captured.key_input)
+            run = PartitionedFunction(graph, wrt, fw_compiler=self.fw_compiler, bw_compiler=self.bw_compiler,
+                                      partitioner=self.partitioner, example_inputs=examples,
+                                      mutated_inputs=captured.mutated_inputs)
+        return _Compiled(run, captured.num_outputs, captured.mutated_inputs, captured.out_spec, captured.key_input,
+                         plan)
+
+
+def _run(compiled: _Compiled, tensors: list[torch.Tensor]) -> Any:
+    """Run one compiled signature on the graph's input tensors; write mutations back; rebuild the outputs."""
+    if compiled.key_input is None:
+        outs = compiled.run(tensors)
+    else:  # a fresh key per call; the autograd Function keeps it for double backward
+        outs = compiled.run([*tensors, new_rng_key(tensors[0].device if tensors else None)])
+    n = compiled.num_outputs
+    for i, new in zip(compiled.mutated_inputs, outs[n:]):
+        target = tensors[i]
+        # as eager: the input's new value carries its gradient history, except for a leaf that requires
+        # grad, which eager could only have mutated under no_grad() (an optimizer step)
+        if new.requires_grad and torch.is_grad_enabled() and not (target.is_leaf and target.requires_grad):
+            target.copy_(new)
+        else:
+            with torch.no_grad():
+                target.copy_(new)
+    return compiled.out_spec.rebuild(outs[:n])
 
 
 def _guard_value(x: Any, i: int) -> Any:
@@ -141,7 +268,16 @@ def _guard_value(x: Any, i: int) -> Any:
     except TypeError:
         raise ArgumentError(f"argument leaf {i} of type {type(x).__name__} is neither a tensor nor "
                             "a hashable constant; reftrace guards on non-tensor values") from None
+    if type(x) not in _PLAIN_ARGUMENTS and not isinstance(x, tuple) and flatten_outputs(x)[0]:
+        raise ArgumentError(f"argument leaf {i} is a {type(x).__name__} holding tensors; reftrace takes tensors "
+                            "in tuples, lists, dicts and types registered with torch.utils._pytree, not inside "
+                            "other objects (it would read them as constants). Pass the tensors themselves, or "
+                            "register the type with torch.utils._pytree.register_pytree_node")
     return (type(x), x)
+
+
+_PLAIN_ARGUMENTS = frozenset({bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device,
+                              torch.memory_format, torch.layout, type(Ellipsis)})
 
 
 def aot_function(fn: Callable[..., Any], fw_compiler: Compiler, bw_compiler: Compiler | None = None,
@@ -170,12 +306,11 @@ class AOTModule(torch.nn.Module):
         super().__init__()
         self.orig_module = mod
         self._compiled = compiled
+        self._guard = ModuleGuard(mod)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        from reftrace.torch_bridge.modules import module_state
-        state = module_state(self.orig_module)
-        modes = tuple(m.training for m in self.orig_module.modules())
-        return self._compiled(state.tensors, modes, *args, **kwargs)
+        state, attributes = self._guard.check()
+        return self._compiled(state.tensors, attributes, *args, **kwargs)
 
 
 def aot_module(mod: torch.nn.Module, fw_compiler: Compiler, bw_compiler: Compiler | None = None,
@@ -184,14 +319,18 @@ def aot_module(mod: torch.nn.Module, fw_compiler: Compiler, bw_compiler: Compile
     """``aot_function`` for an ``nn.Module``: parameters and buffers become graph inputs.
 
     Tied weights are one input (their gradient is summed); buffer updates made in the
-    forward (BatchNorm running statistics) are written back after each call; the
-    module's ``training`` flag is part of the guard.
+    forward (BatchNorm running statistics) are written back after each call; every
+    submodule's plain attributes (``training``, ``eps``, ...) are part of the guard.
+    The module itself is never changed by compiling it.
     """
     from reftrace.torch_bridge.modules import module_state
+    if not isinstance(mod, torch.nn.Module):
+        raise ArgumentError(f"aot_module expects an nn.Module, got {type(mod).__name__}; use aot_function "
+                            "for functions")
 
-    def functional(tensors: Sequence[torch.Tensor], modes: tuple[bool, ...], *args: Any, **kw: Any) -> Any:
-        # ``modes`` (every submodule's training flag) is only a guard: the module traces in its current mode.
-        del modes
+    def functional(tensors: Sequence[torch.Tensor], attributes: Any, *args: Any, **kw: Any) -> Any:
+        # ``attributes`` is only a guard: the module traces with its current attributes.
+        del attributes
         state = module_state(mod)
         return torch.func.functional_call(mod, dict(zip(state.names, tensors)), args, kw)
 

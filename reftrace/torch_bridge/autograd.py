@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from reftrace.errors import CompilerError
 from reftrace.graph import Graph
 from reftrace.primitives import is_float
 
@@ -68,31 +69,52 @@ class PartitionedFunction:
     """A graph compiled for training with a fixed set of differentiable inputs.
 
     ``graph``: inputs are tensors; outputs are the function's outputs. ``wrt``: input indices
-    that get gradients; ``nondiff_outputs``: outputs that receive no cotangent (buffer
-    updates, integer outputs).
+    that get gradients. Outputs that depend on no ``wrt`` input through differentiable
+    primitives (integer outputs, detached values, BatchNorm's running statistics) are
+    non-differentiable, as in eager torch, and receive no cotangent; so are ``nondiff_outputs``.
+    A gradient no incoming cotangent reaches is ``None``, as eager torch leaves it.
     """
 
-    def __init__(self, graph: Graph, wrt: Sequence[int], nondiff_outputs: Sequence[int], *,
+    def __init__(self, graph: Graph, wrt: Sequence[int], nondiff_outputs: Sequence[int] = (), *,
                  fw_compiler: Compiler, bw_compiler: Compiler, partitioner: Any,
                  example_inputs: Sequence[torch.Tensor], mutated_inputs: Sequence[int] = ()) -> None:
-        from reftrace.transforms.vjp import vjp
+        from reftrace.transforms.vjp import output_dependencies, vjp
         self.graph = graph
         self.wrt = tuple(wrt)
-        self.nondiff_outputs = tuple(nondiff_outputs)
+        dependencies = output_dependencies(graph, self.wrt)
+        self.nondiff_outputs = tuple(j for j, deps in enumerate(dependencies)
+                                     if not deps or j in set(nondiff_outputs))
         self.num_inputs = len(graph.inputs)
         self.num_outputs = len(graph.outputs)
         self.mutated_inputs = frozenset(mutated_inputs)  # written back by the caller after forward
+        self.ct_outputs = tuple(j for j in range(self.num_outputs) if j not in set(self.nondiff_outputs))
+        self.ct_dependencies = tuple(dependencies[j] for j in self.ct_outputs)
+        self._reached: dict[tuple[bool, ...], frozenset[int]] = {}
         joint = vjp(graph, wrt=self.wrt, nondiff_outputs=self.nondiff_outputs)
         self.joint = joint
         self.device = device_of(example_inputs)
         fw_gm, bw_gm = partitioner.split(joint, num_fwd_outputs=self.num_outputs, device=self.device)
         self.num_saved = len(fw_gm.graph.find_nodes(op="output")[0].args[0]) - self.num_outputs
         self.fw_gm, self.bw_gm = fw_gm, bw_gm
-        self.compiled_fw = fw_compiler(fw_gm, list(example_inputs))
+        self.compiled_fw = _compile(fw_compiler, fw_gm, list(example_inputs), "fw_compiler")
         bw_examples = _placeholder_examples(bw_gm, self.device)
-        self.compiled_bw = bw_compiler(bw_gm, bw_examples)
+        self.compiled_bw = _compile(bw_compiler, bw_gm, bw_examples, "bw_compiler")
         self._double: dict[tuple[bool, ...], PartitionedFunction] = {}
         self._fn = _make_autograd_function(self)
+
+    def reached(self, present: tuple[bool, ...]) -> frozenset[int]:
+        """The inputs a gradient reaches when only the cotangent outputs flagged in ``present`` have one."""
+        got = self._reached.get(present)
+        if got is None:
+            got = frozenset().union(*(d for d, p in zip(self.ct_dependencies, present) if p))
+            self._reached[present] = got
+        return got
+
+    def zero_cotangent(self, k: int) -> torch.Tensor:
+        """Zeros standing for the missing cotangent of the ``k``-th differentiable output."""
+        from reftrace.backends.torch_dtypes import torch_dtype
+        aval = self.graph.outputs[self.ct_outputs[k]].aval
+        return torch.zeros(aval.shape, dtype=torch_dtype(aval.dtype), device=self.device)
 
     def __call__(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return self._fn.apply(*tensors)
@@ -131,6 +153,18 @@ class PartitionedFunction:
         return fn
 
 
+def _compile(compiler: Compiler, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor], role: str
+             ) -> Callable[..., Any]:
+    """``compiler(gm, example_inputs)``, checked: a compiler must return something callable."""
+    compiled = compiler(gm, example_inputs)
+    if not callable(compiled):
+        name = getattr(compiler, "__name__", type(compiler).__name__)
+        raise CompilerError(f"the {role} {name} returned {type(compiled).__name__}, not a callable; a compiler "
+                            "takes (fx.GraphModule, example_inputs) and returns a callable (return the "
+                            "GraphModule itself to run it as it is)")
+    return compiled
+
+
 def _placeholder_examples(gm: torch.fx.GraphModule, device: torch.device | None) -> list[torch.Tensor]:
     graph = getattr(gm, "reftrace_graph", None)
     if graph is not None:
@@ -145,13 +179,14 @@ def _placeholder_examples(gm: torch.fx.GraphModule, device: torch.device | None)
 
 def _make_autograd_function(pf: PartitionedFunction) -> type[torch.autograd.Function]:
     n_in, n_out, wrt = pf.num_inputs, pf.num_outputs, pf.wrt
-    nondiff = set(pf.nondiff_outputs)
+    nondiff = pf.nondiff_outputs
     mutated = pf.mutated_inputs
-    ct_outputs = [i for i in range(n_out) if i not in nondiff]
+    ct_outputs = pf.ct_outputs
 
     class ReftraceFunction(torch.autograd.Function):
         @staticmethod
         def forward(ctx: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            ctx.set_materialize_grads(False)  # a missing cotangent stays None: its gradient paths are symbolic zeros
             outs = call_compiled(pf.compiled_fw, tensors)
             saved = outs[n_out:]
             if mutated:  # the caller overwrites these inputs after forward: keep their current values
@@ -166,16 +201,22 @@ def _make_autograd_function(pf: PartitionedFunction) -> type[torch.autograd.Func
             return results
 
         @staticmethod
-        def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        def backward(ctx: Any, *grad_outputs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+            present = tuple(grad_outputs[i] is not None for i in ct_outputs)
+            reached = pf.reached(present)
+            result: list[torch.Tensor | None] = [None] * n_in
+            if not reached:
+                return tuple(result)
             saved, primals = ctx.saved_tensors, ctx.primals
-            cts = [grad_outputs[i] for i in ct_outputs]
+            cts = [grad_outputs[i] if p else pf.zero_cotangent(k)
+                   for k, (i, p) in enumerate(zip(ct_outputs, present))]
             if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
                 grads = pf.double_backward(primals, cts)
             else:
                 grads = call_compiled(pf.compiled_bw, [*saved, *(c.contiguous() for c in cts)])
-            result: list[torch.Tensor | None] = [None] * n_in
             for i, g in zip(wrt, grads):
-                result[i] = g
+                if i in reached:
+                    result[i] = g
             return tuple(result)
 
     return ReftraceFunction
@@ -189,7 +230,7 @@ class InferenceFunction:
         self.graph = graph
         self.gm = to_fx(graph, input_names=_input_names("arg", len(graph.inputs)), output_as_list=True,
                         device=device_of(example_inputs))
-        self.compiled = compiler(self.gm, list(example_inputs))
+        self.compiled = _compile(compiler, self.gm, list(example_inputs), "inference_compiler")
 
     def __call__(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():

@@ -18,7 +18,9 @@ function that uses any gets one extra graph input, the key, always the last one
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -33,11 +35,13 @@ from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode, autograd_would_have_decomposed
 
 from reftrace import lax
-from reftrace.errors import ArgumentError, DataDependentControlFlowError, ReftraceError, TracingError
+from reftrace.errors import (ArgumentError, DataDependentControlFlowError, ReftraceError, TracingError,
+                             UnsupportedOperatorError)
 from reftrace.graph import Graph
 from reftrace.torch_bridge.aten.random import key_stream
 from reftrace.torch_bridge.decompositions import decomposition_table
 from reftrace.torch_bridge.modules import ModuleState, functional_module, module_state
+from reftrace.torch_bridge.outputs import OutputSpec, flatten_outputs
 from reftrace.torch_bridge.translate import Translator, functional_variant, op_display_name, unsupported_operator
 from reftrace.torch_bridge.user_frames import innermost_user_frame, location_from_traceback
 
@@ -52,8 +56,8 @@ class Captured:
       ``reftrace.torch_bridge.modules``); outputs are ``(*fn outputs, *mutations)``.
     - ``num_outputs``: how many leading graph outputs are the function's (flat) outputs.
     - ``mutated_inputs``: for each trailing output, the graph input index it is the new value of.
-    - ``out_spec``: pytree spec of the function's outputs (``unflatten_outputs`` rebuilds them);
-      ``output_slots``: the positions of the tensor leaves among its leaves (the others are ``None``).
+    - ``out_spec``: how the function's return value is rebuilt from its output tensors
+      (``unflatten_outputs``; see ``reftrace.torch_bridge.outputs``).
     - ``in_spec`` / ``static_args`` / ``arg_slots``: pytree spec of the user's arguments, its leaves
       with ``None`` where a tensor goes, and the tensor leaves' positions (for ``flatten_args``);
       ``None`` / ``()`` / ``()`` from ``capture_flat``.
@@ -67,8 +71,7 @@ class Captured:
     graph: Graph
     num_outputs: int
     mutated_inputs: tuple[int, ...]
-    out_spec: pytree.TreeSpec
-    output_slots: tuple[int, ...] = ()
+    out_spec: OutputSpec
     in_spec: pytree.TreeSpec | None = None
     static_args: tuple[Any, ...] = ()
     arg_slots: tuple[int, ...] = ()
@@ -77,11 +80,8 @@ class Captured:
     key_input: int | None = None
 
     def unflatten_outputs(self, flat: Sequence[Any]) -> Any:
-        """The function's outputs (its pytree) from the graph's leading ``num_outputs`` values."""
-        leaves: list[Any] = [None] * self.out_spec.num_leaves
-        for slot, value in zip(self.output_slots, flat[:self.num_outputs], strict=True):
-            leaves[slot] = value
-        return pytree.tree_unflatten(leaves, self.out_spec)
+        """The function's return value, rebuilt around the graph's leading ``num_outputs`` values."""
+        return self.out_spec.rebuild(flat[:self.num_outputs])
 
     def flatten_args(self, *args: Any) -> list[torch.Tensor]:
         """The user tensors of a call with the captured structure (state inputs not included)."""
@@ -115,9 +115,11 @@ _METADATA_OPS = (torch.ops.aten.size.default, torch.ops.aten.stride.default, tor
 class _TraceState:
     """What the two modes share: the translator, and what the op being dispatched was called under."""
 
-    def __init__(self, table: Mapping[Any, Callable[..., Any]]) -> None:
+    def __init__(self, table: Mapping[Any, Callable[..., Any]], devices: set[torch.device]) -> None:
         self.translator = Translator()
         self.table = table
+        self.devices = devices  # where the inputs live: the only devices a captured value may be on
+        self.custom_functions: set[type] = set()  # custom autograd.Functions met (warned about once each)
         self.location: str | None = None  # the user's line behind the op being dispatched
         self.stops = False  # made under no_grad() or by detach(): gradients stop where the value leaves
         self.straight = False  # the ``copy`` that writes an in-place op's result under no_grad()
@@ -150,7 +152,18 @@ class _UserFrames(TorchDispatchMode):
             return None  # raises on values (a singular matrix); a capture cannot: results are inf/NaN instead
         state = self.state
         state.location = innermost_user_frame()
-        stop = func in _DETACH_OPS or (not torch.is_grad_enabled() and not _in_autograd_function_forward())
+        stop = func in _DETACH_OPS
+        if not stop and not torch.is_grad_enabled():
+            function = _autograd_function_running()
+            stop = function is None
+            if function is not None and function not in state.custom_functions:
+                state.custom_functions.add(function)
+                warnings.warn(f"{function.__qualname__} is a custom torch.autograd.Function (at "
+                              f"{innermost_user_frame()}): reftrace differentiates its forward with its own "
+                              "rules, so its custom backward is not used. If the backward is not the "
+                              "forward's true derivative (a straight-through estimator, gradient clipping), "
+                              "gradients will differ from eager; torch.compile(backend='reftrace') runs such "
+                              "Functions eagerly", CustomBackwardIgnoredWarning, stacklevel=2)
         try:
             if stop and func not in _DETACH_OPS and _writes_float_tensor(func, args):
                 out = _mutate_straight_through(state, func, args, kwargs or {})
@@ -164,6 +177,9 @@ class _UserFrames(TorchDispatchMode):
         except Exception as err:
             if _is_missing_fake_impl(err):
                 raise unsupported_operator(func, innermost_user_frame()) from None
+            if type(err) in (RuntimeError, ValueError, IndexError, TypeError) and not _is_functionalization_error(err):
+                # the user's code is wrong for these shapes/dtypes (eager torch raises the same): say where
+                raise TracingError(f"{op_display_name(func)} failed at {innermost_user_frame()}: {err}") from None
             raise
         if func is torch.ops.aten._local_scalar_dense.default and isinstance(out, (torch.SymInt, torch.SymFloat,
                                                                                      torch.SymBool)):
@@ -171,7 +187,21 @@ class _UserFrames(TorchDispatchMode):
                 f"data-dependent control flow: a tensor value was read as a Python number (.item(), .tolist(), "
                 f"bool(), if/while on a tensor) (at {innermost_user_frame()}). {_DATA_DEPENDENT_HINT}.")
         for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and not all(isinstance(d, int) for d in t.shape):
+            if not isinstance(t, torch.Tensor):
+                continue
+            if t.is_complex():
+                raise UnsupportedOperatorError(
+                    f"{op_display_name(func)} makes a complex tensor ({t.dtype}) (at {innermost_user_frame()}); "
+                    "reftrace does not support complex numbers yet, and will not return a result whose "
+                    "gradient it cannot compute. Keep complex arithmetic outside the compiled function")
+            if t.device not in state.devices and t.device.type != "meta" and not (t.device.type == "cpu"
+                                                                                  and t.ndim == 0):
+                raise UnsupportedOperatorError(
+                    f"{op_display_name(func)} makes a tensor on {t.device}, but the function's inputs are on "
+                    f"{' and '.join(sorted(map(str, state.devices)))} (at {innermost_user_frame()}); graph values "
+                    "carry no device, so reftrace cannot honour a device change inside a compiled function. "
+                    "Move the tensors before calling it")
+            if not all(isinstance(d, int) for d in t.shape):
                 raise DataDependentControlFlowError(
                     f"data-dependent control flow: the output shape of {op_display_name(func)} depends on tensor "
                     f"values (at {innermost_user_frame()}). reftrace captures static shapes; use masking with "
@@ -324,8 +354,12 @@ def _mutate_straight_through(state: _TraceState, func: Any, args: Any, kwargs: A
     return out
 
 
-def _in_autograd_function_forward() -> bool:
-    """True inside a custom ``torch.autograd.Function.forward`` (autograd runs it with grad off).
+class CustomBackwardIgnoredWarning(UserWarning):
+    """A captured custom ``torch.autograd.Function`` whose backward reftrace does not use."""
+
+
+def _autograd_function_running() -> type | None:
+    """The custom ``torch.autograd.Function`` whose forward is running (autograd runs it with grad off), or None.
 
     reftrace differentiates that forward itself (the custom backward cannot be honoured),
     so its ops must not be mistaken for a ``no_grad()`` region.
@@ -334,10 +368,15 @@ def _in_autograd_function_forward() -> bool:
     while frame is not None:
         code = frame.f_code
         if code.co_name == "forward" and code.co_argcount:
-            if isinstance(frame.f_locals.get(code.co_varnames[0]), torch.autograd.function.FunctionCtx):
-                return True
+            ctx = frame.f_locals.get(code.co_varnames[0])
+            if isinstance(ctx, torch.autograd.function.FunctionCtx):
+                return getattr(ctx, "_forward_cls", type(ctx))
         frame = frame.f_back
-    return False
+    return None
+
+
+def _is_functionalization_error(err: Exception) -> bool:
+    return "mutating a non-functional tensor with a functional tensor" in str(err)
 
 
 def _is_missing_fake_impl(err: Exception) -> bool:
@@ -352,29 +391,16 @@ def _data_dependent_errors() -> tuple[type[BaseException], ...]:
     return (GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException)
 
 
-class _Record:
-    """What the functional wrapper learns while tracing (the output structure, the mutated inputs)."""
-
-    out_spec: pytree.TreeSpec
-    output_slots: tuple[int, ...]
-    mutated: tuple[int, ...]
-
-
 def _run_functionalized(fn: Callable[[list[torch.Tensor]], Any], fakes: Sequence[torch.Tensor],
-                        state: _TraceState, record: _Record) -> list[torch.Tensor]:
-    """Runs ``fn`` functionalized; returns the (fake) ``[*outputs, *new values of mutated inputs]``."""
+                        state: _TraceState) -> tuple[list[torch.Tensor], OutputSpec, tuple[int, ...]]:
+    """Runs ``fn`` functionalized: the (fake) ``[*outputs, *new values of mutated inputs]``, the spec that
+    rebuilds the function's return value from its output tensors, and the mutated inputs' indices."""
     with FunctionalTensorMode():
         inputs = [FunctionalTensor.to_functional(t) for t in fakes]
         with _UserFrames(state):
             out = fn(list(inputs))
         state.location = None
-        leaves, spec = pytree.tree_flatten(out)
-        for i, leaf in enumerate(leaves):
-            if not isinstance(leaf, torch.Tensor) and leaf is not None:
-                raise TracingError(f"output {i} of the captured function is a {type(leaf).__name__} "
-                                   f"({leaf!r}); only tensors (in tuples, lists and dicts; None allowed) "
-                                   "can be graph outputs")
-        slots = tuple(i for i, leaf in enumerate(leaves) if leaf is not None)
+        leaves, spec = flatten_outputs(out)
         for t in inputs:
             torch._sync(t)
         mutated = tuple(i for i, t in enumerate(inputs) if torch._functionalize_has_data_mutation(t.elem))
@@ -382,9 +408,8 @@ def _run_functionalized(fn: Callable[[list[torch.Tensor]], Any], fakes: Sequence
             if tuple(t.shape) != tuple(fakes[i].shape):
                 raise TracingError(f"input {i} had its shape changed in place ({tuple(fakes[i].shape)} -> "
                                    f"{tuple(t.shape)}); reftrace captures value mutations only")
-        results = [_unwrap(leaves[i]) for i in slots] + [_unwrap(inputs[i]) for i in mutated]
-    record.out_spec, record.output_slots, record.mutated = spec, slots, mutated
-    return results
+        results = [_unwrap(t) for t in leaves] + [_unwrap(inputs[i]) for i in mutated]
+    return results, spec, mutated
 
 
 def _unwrap(t: torch.Tensor) -> torch.Tensor:
@@ -395,14 +420,16 @@ def _unwrap(t: torch.Tensor) -> torch.Tensor:
 
 
 def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tensor],
-           table: Mapping[Any, Callable[..., Any]]) -> tuple[Graph, _Record]:
-    """``fn`` run on fake tensors, functionalized, with every ATen op translated as it is dispatched."""
-    record = _Record()
-    state = _TraceState(table)
+           table: Mapping[Any, Callable[..., Any]]) -> tuple[Graph, OutputSpec, tuple[int, ...]]:
+    """``fn`` run on fake tensors, functionalized, with every ATen op translated as it is dispatched:
+    the graph, the spec of the function's return value, and the indices of the inputs it mutates."""
+    devices = {t.device for t in tensors} or {torch.device("cpu")}
+    state = _TraceState(table, devices)
     translator = state.translator
     fake_mode = FakeTensorMode(allow_fallback_kernels=True, allow_non_fake_inputs=True, shape_env=ShapeEnv(),
                                static_shapes=True)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_fake_tensor_logs_silenced())
         stack.enter_context(lax.tracing(translator.builder))
         keys = stack.enter_context(key_stream(translator.builder))
         fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
@@ -416,7 +443,7 @@ def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tens
         stack.enter_context(fake_mode)
         stack.enter_context(_Translating(state))
         try:
-            outputs = _run_functionalized(fn, fakes, state, record)
+            outputs, out_spec, mutated = _run_functionalized(fn, fakes, state)
         except ReftraceError as err:
             raise err.with_traceback(None) from None
         except _data_dependent_errors() as err:
@@ -425,7 +452,7 @@ def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tens
                 f"data-dependent control flow: a branch or size depends on a tensor value"
                 f"{f' (at {where})' if where else ''}. {_DATA_DEPENDENT_HINT}.") from None
         except RuntimeError as err:
-            if "mutating a non-functional tensor with a functional tensor" not in str(err):
+            if not _is_functionalization_error(err):
                 raise
             where = location_from_traceback(err.__traceback__)
             raise TracingError(
@@ -436,7 +463,7 @@ def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tens
         graph = translator.finish(outputs, keys.key)
     except ReftraceError as err:
         raise err.with_traceback(None) from None
-    return graph, record
+    return graph, out_spec, mutated
 
 
 @contextlib.contextmanager
@@ -452,6 +479,18 @@ def _compiling_flag() -> Any:
         yield
     finally:
         torch.compiler._is_compiling_flag = previous
+
+
+@contextlib.contextmanager
+def _fake_tensor_logs_silenced() -> Any:
+    """FakeTensorMode logs a traceback for every meta kernel that raises; the error reftrace raises says it."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    previous = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = previous
 
 
 @contextlib.contextmanager
@@ -487,10 +526,10 @@ def capture_flat(fn: Callable[[list[torch.Tensor]], Any], example_tensors: Seque
     if not callable(fn):
         raise ArgumentError(f"capture_flat expects a callable, got {type(fn).__name__}")
     tensors = _check_tensors(list(example_tensors), "example tensor")
-    graph, record = _trace(fn, tensors, decomposition_table(decompositions))
+    graph, out_spec, mutated = _trace(fn, tensors, decomposition_table(decompositions))
     key_input = len(tensors) if len(graph.inputs) > len(tensors) else None  # the key follows the tensors
-    return Captured(graph=graph, num_outputs=len(record.output_slots), mutated_inputs=record.mutated,
-                    out_spec=record.out_spec, output_slots=record.output_slots, key_input=key_input)
+    return Captured(graph=graph, num_outputs=out_spec.num_tensors, mutated_inputs=mutated, out_spec=out_spec,
+                    key_input=key_input)
 
 
 _STATIC_LEAVES = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -535,8 +574,8 @@ def capture_tree(fn_or_module: Callable[..., Any], *args: Any,
     example = list(state.tensors if state is not None else ()) + user_tensors
     captured = capture_flat(flat_fn, example, decompositions=decompositions)
     return Captured(graph=captured.graph, num_outputs=captured.num_outputs,
-                    mutated_inputs=captured.mutated_inputs, out_spec=captured.out_spec,
-                    output_slots=captured.output_slots, in_spec=in_spec, static_args=static,
+                    mutated_inputs=captured.mutated_inputs, out_spec=captured.out_spec, in_spec=in_spec,
+                    static_args=static,
                     arg_slots=tensor_slots, num_state=num_state, state=state,
                     key_input=captured.key_input)
 
@@ -553,5 +592,10 @@ def capture(fn_or_module: Callable[..., Any], *args: Any,
     if options:
         raise ArgumentError(f"unexpected keyword arguments {sorted(options)}; the torch bridge takes "
                             "decompositions=")
-    return capture_tree(fn_or_module, *args, decompositions=decompositions).graph
+    captured = capture_tree(fn_or_module, *args, decompositions=decompositions)
+    if captured.out_spec.bare_static is not None:
+        raise TracingError(f"the function returns {captured.out_spec.bare_static} among its outputs, which is not "
+                           "a tensor; a Graph's outputs are tensors. Return only tensors (None is allowed), or use "
+                           "reftrace.compile.aot_function, which hands static values back as they were")
+    return captured.graph
 

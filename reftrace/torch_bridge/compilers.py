@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from reftrace.errors import ArgumentError
+from reftrace.errors import ArgumentError, CompilerError
 from reftrace.graph import Graph
 
 
@@ -141,20 +141,38 @@ min_cut_rematerialization_partition = ReftracePartitioner("mincut", "min_cut_rem
 
 
 class ForeignPartitioner:
-    """Adapts a functorch-style ``partition_fn`` (works on an FX joint module)."""
+    """Adapts a functorch-style ``partition_fn`` (works on an FX joint module).
+
+    functorch's partitioners expect what AOTAutograd hands them: a joint graph of ATen ops
+    whose nodes carry ``meta["val"]``, with placeholders named ``primals_*`` and
+    ``tangents_*``. reftrace's joint is emitted as torch calls, then retraced with
+    ``make_fx`` into exactly that form.
+    """
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
 
     def split(self, joint: Graph, num_fwd_outputs: int, device: torch.device | None = None
               ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
         from reftrace.backends.torch import to_fx
         from reftrace.torch_bridge.autograd import example_tensors
         num_primals = joint.joint[0]
         names = [f"primals_{i + 1}" for i in range(num_primals)]
         names += [f"tangents_{i + 1}" for i in range(len(joint.inputs) - num_primals)]
         gm = to_fx(joint, input_names=names, output_as_list=True, device=device)
-        return self.fn(gm, example_tensors(joint, device=device), num_fwd_outputs=num_fwd_outputs)
+        examples = example_tensors(joint, device=device)
+        aten_joint = make_fx(gm, tracing_mode="fake")(*examples)
+        for node, name in zip(aten_joint.graph.find_nodes(op="placeholder"), names, strict=True):
+            node.name = node.target = name  # functorch tells primals from tangents by these names
+        aten_joint.recompile()
+        parts = self.fn(aten_joint, examples, num_fwd_outputs=num_fwd_outputs)
+        if not (isinstance(parts, tuple) and len(parts) == 2
+                and all(isinstance(p, torch.fx.GraphModule) for p in parts)):
+            raise CompilerError(f"the partition_fn {getattr(self.fn, '__name__', self.fn)!r} returned "
+                                f"{type(parts).__name__}; a partitioner returns (forward, backward) fx.GraphModules")
+        return parts
 
 
 def as_partitioner(partition_fn: Any) -> Any:

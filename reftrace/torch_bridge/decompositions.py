@@ -27,7 +27,10 @@ _EXTRA_DECOMPOSITIONS = ("grid_sampler_2d.default", "upsample_bicubic2d.default"
 # own backward masks, a duplicate index counted twice): reftrace's ATen rows map them instead.
 _OWN_ROWS = ("index_fill.int_Tensor", "index_fill.int_Scalar", "_safe_softmax.default",
              "linalg_vector_norm.default", "take.default", "special_log_ndtr.default",
-             "_scaled_dot_product_flash_attention_for_cpu.default")
+             "_scaled_dot_product_flash_attention_for_cpu.default",
+             # torch's gradient at a boundary: std at zero variance, sinc and xlogy at 0, hardswish at NaN
+             "std.correction", "std_mean.correction", "sinc.default", "xlogy.Tensor", "hardswish.default",
+             "hardsigmoid.default")
 
 
 def _ops(names: Sequence[str]) -> list[Any]:

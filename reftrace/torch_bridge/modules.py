@@ -90,3 +90,58 @@ def functional_module(module: torch.nn.Module, state: ModuleState) -> Callable[.
         mapping = dict(zip(state.names, state_tensors))
         return torch.func.functional_call(module, mapping, args, tie_weights=True, strict=False)
     return call
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain(value: Any) -> bool:
+    """Numbers, strings, flags, None and tuples of them: what a trace bakes in when it reads them."""
+    if type(value) is tuple:
+        return all(_plain(v) for v in value)
+    return type(value) in _PLAIN
+
+
+class ModuleGuard:
+    """What a compiled module depends on besides its tensors' shapes, checked cheaply per call.
+
+    Two parts: the module's *structure* — its submodules, their parameter and buffer objects
+    and their forward hooks, compared by identity — and its *attributes*: every submodule's
+    plain attributes (``training``, ``eps``, ``momentum``, ``scale``...), compared by value.
+    While the structure holds, the ``ModuleState`` is reused; the attributes go into the
+    compile cache key, so changing ``ln.eps`` after compiling recompiles instead of reusing a
+    stale graph. Plain attributes added after the first call are not seen.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self._snapshot()
+
+    def _snapshot(self) -> None:
+        self.dicts = [m.__dict__ for m in self.module.modules()]
+        self.plain_names = [tuple(k for k, v in d.items() if _plain(v)) for d in self.dicts]
+        self.structure = self._structure()
+        self.state = module_state(self.module)
+
+    def _structure(self) -> tuple[int, ...]:
+        ids: list[int] = []
+        for d in self.dicts:
+            for key in ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks"):
+                ids.extend(map(id, d[key].values()))
+                ids.append(-1)  # a separator, so moving an object between dicts changes the tuple
+        return tuple(ids)
+
+    def check(self) -> tuple[ModuleState, tuple[Any, ...]]:
+        """The module's state tensors (re-read if its structure changed) and its plain attributes now."""
+        try:
+            if self._structure() != self.structure:
+                self._snapshot()
+            attributes = tuple(tuple(d[k] for k in names) for d, names in zip(self.dicts, self.plain_names))
+        except KeyError:  # an attribute was deleted: look again
+            self._snapshot()
+            attributes = tuple(tuple(d[k] for k in names) for d, names in zip(self.dicts, self.plain_names))
+        return self.state, _Attributes(attributes)
+
+
+class _Attributes(tuple):
+    """A module's plain attributes as one guard value (one pytree leaf, hashed once per call)."""

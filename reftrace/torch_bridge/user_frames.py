@@ -13,6 +13,7 @@ import re
 import sys
 import sysconfig
 import types
+import weakref
 from typing import Iterable
 
 import torch
@@ -48,14 +49,46 @@ def _describe(filename: str, line: int, name: str) -> str:
 
 
 def innermost_user_frame(frame: types.FrameType | None = None) -> str | None:
-    """``"file.py:LINE in function"`` for the innermost user frame of the current stack."""
+    """``"file.py:LINE in function"`` for the innermost user frame of the current stack.
+
+    A frame running FX-generated code (a Dynamo graph under ``torch.compile``) stands for
+    the user line its node was recorded from, when the node has a ``stack_trace``.
+    """
     frame = frame or sys._getframe(1)
     while frame is not None:
         code = frame.f_code
         if is_user_file(code.co_filename):
+            if code.co_filename.startswith("<eval_with_key>"):
+                where = _fx_node_location(frame)
+                if where is not None:
+                    return where
             return _describe(code.co_filename, frame.f_lineno, code.co_name)
         frame = frame.f_back
     return None
+
+
+# generated code object -> {line: the user location of the node that line runs}; one code object per
+# GraphModule.recompile(), so lines never go stale
+_fx_locations: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fx_node_location(frame: types.FrameType) -> str | None:
+    """The user location recorded on the FX node that ``frame``'s current line of generated code runs."""
+    locations = _fx_locations.get(frame.f_code)
+    if locations is None:
+        locations = _fx_locations[frame.f_code] = _fx_line_locations(frame.f_locals.get("self"))
+    return locations.get(frame.f_lineno)
+
+
+def _fx_line_locations(gm: object) -> dict[int, str | None]:
+    """Every generated line of ``gm.forward`` mapped to the user line its node's ``stack_trace`` names."""
+    lineno_map = getattr(gm, "_lineno_map", None)
+    if not isinstance(gm, torch.fx.GraphModule) or not lineno_map:
+        return {}
+    nodes = list(gm.graph.nodes)
+    prologue = getattr(gm, "_prologue_start", 0)
+    return {line + prologue: location_from_stack_trace(nodes[index].meta.get("stack_trace"))
+            for line, index in lineno_map.items() if index is not None and index < len(nodes)}
 
 
 def user_stack_string(limit: int = 8) -> str:

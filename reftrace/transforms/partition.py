@@ -14,13 +14,14 @@ in the forward, in the backward (recomputed from saved values), or both. The
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 
 from reftrace.builder import Builder
-from reftrace.errors import ArgumentError, PartitionError
+from reftrace.errors import PartitionError, expect_graph
 from reftrace.graph import Eqn, Graph, Var
 from reftrace.primitives import eqn_is_random
 from reftrace.transforms.policies import (MinCut, Policy, default_ban, dots_saveable, resolve_policy, save_all,
@@ -87,18 +88,32 @@ def partition(joint: Graph, policy: str | Policy | MinCut = "default") -> Partit
     ``policy(eqn) -> bool`` (True: this forward equation's outputs may be saved; False:
     recompute it in the backward). The joint is simplified first so nothing is saved twice.
     """
-    if not isinstance(joint, Graph):
-        raise ArgumentError(f"partition expects a reftrace Graph, got {type(joint).__name__}")
+    expect_graph(joint, "partition")
     if joint.joint is None:
         raise PartitionError("partition needs a joint graph (one with .joint = (num_primals, num_outputs)); "
                              "make one with rt.vjp(graph)")
     chosen = resolve_policy(policy)
+    _check_takes_one_equation(chosen.banned if isinstance(chosen, MinCut) else chosen,
+                              "MinCut(banned=...)" if isinstance(chosen, MinCut) else "a policy")
     analysis = JointAnalysis(simplify(joint))
     if isinstance(chosen, MinCut):
         saved = min_cut_saved(analysis, chosen.banned)
     else:
         saved = policy_saved(analysis, chosen)
     return split(analysis, saved)
+
+
+def _check_takes_one_equation(fn: Any, what: str) -> None:
+    """A policy or ban is called as ``fn(eqn)``; say so here rather than fail inside the algorithm."""
+    if not callable(fn):
+        raise PartitionError(f"{what} must be a callable fn(eqn) -> bool, got {type(fn).__name__} {fn!r:.40}")
+    try:
+        inspect.signature(fn).bind(None)
+    except TypeError:
+        raise PartitionError(f"{what} must take one argument, the equation: fn(eqn) -> bool; "
+                             f"{getattr(fn, '__name__', fn)!s}{inspect.signature(fn)} does not") from None
+    except ValueError:  # no signature to inspect (a builtin): the call will tell
+        pass
 
 
 # ----------------------------------------------------------------------------- analysis

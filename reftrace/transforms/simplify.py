@@ -34,7 +34,7 @@ import numpy as np
 
 from reftrace import primitives as P
 from reftrace.builder import Builder
-from reftrace.errors import ArgumentError
+from reftrace.errors import expect_graph
 from reftrace.graph import Atom, Eqn, Graph, Literal, Params, Var
 from reftrace.interpreter import eval_graph
 from reftrace.primitives import Primitive, infer_avals
@@ -51,8 +51,7 @@ _FOLD_DTYPES = frozenset(np.dtype(d) for d in (
 def simplify(graph: Graph) -> Graph:
     """``graph`` with identities forwarded, small constants folded, common subexpressions
     shared and dead code removed. The result computes the same outputs from the same inputs."""
-    if not isinstance(graph, Graph):
-        raise ArgumentError(f"simplify expects a reftrace Graph, got {type(graph).__name__}")
+    expect_graph(graph, "simplify")
     eqns, outputs = _rewrite(graph, fold=True)
     return Graph(graph.inputs, tuple(live_eqns(eqns, outputs)), tuple(outputs), graph.joint)
 

@@ -8,11 +8,14 @@ The rules emit ordinary primitives, so the joint is an ordinary Graph and
 """
 from __future__ import annotations
 
-from typing import Sequence
+import operator
+from typing import Any, Iterable, Sequence
+
+import numpy as np
 
 from reftrace import lax
 from reftrace.builder import Builder
-from reftrace.errors import ArgumentError, GraphError, UnsupportedOperatorError
+from reftrace.errors import ArgumentError, GraphError, UnsupportedOperatorError, expect_graph
 from reftrace.graph import Atom, Eqn, Graph, Params, Var
 from reftrace.interpreter import eval_graph
 from reftrace.lax import TracedArray, new_input, tracing
@@ -20,22 +23,22 @@ from reftrace.primitives import Primitive, is_float, stop_gradient_p
 from reftrace.transforms.vjp_rules import vjp_rules
 
 
-def vjp(graph: Graph, wrt: Sequence[int] | None = None, nondiff_outputs: Sequence[int] = ()) -> Graph:
+def vjp(graph: Graph, wrt: int | Sequence[int] | None = None, nondiff_outputs: int | Sequence[int] = ()) -> Graph:
     """The joint graph of ``graph``: ``(*primals, *cotangents) -> (*outs, *grads)``.
 
     - One cotangent input per output of ``graph`` except those in ``nondiff_outputs``
       (they get none; their cotangent is taken as zero). A cotangent's aval equals its
       output's; the cotangent of an integer/bool output is accepted and ignored.
     - One gradient output per differentiable input, in input order. Differentiable means a
-      floating dtype and, if ``wrt`` (a sequence of input indices) is given, listed there;
-      listing an integer/bool input in ``wrt`` is an ArgumentError.
+      floating dtype and, if ``wrt`` (an input index or a sequence of them, like ``jax.grad``'s
+      ``argnums``) is given, listed there; listing an integer/bool input in ``wrt`` is an
+      ArgumentError. ``nondiff_outputs`` likewise takes one index or a sequence.
     - An input no cotangent reaches gets a zeros gradient (a broadcast literal).
     - The result has ``joint == (len(graph.inputs), len(graph.outputs))``.
 
     Raises UnsupportedOperatorError naming a primitive that has no VJP rule.
     """
-    if not isinstance(graph, Graph):
-        raise ArgumentError(f"vjp expects a reftrace Graph, got {type(graph).__name__}; use rt.trace first")
+    expect_graph(graph, "vjp")
     diff_inputs = _differentiable_inputs(graph, wrt)
     skipped = _check_output_indices(graph, nondiff_outputs)
     with_ct = [j for j in range(len(graph.outputs)) if j not in skipped]
@@ -64,19 +67,34 @@ def vjp(graph: Graph, wrt: Sequence[int] | None = None, nondiff_outputs: Sequenc
     return builder.build(inputs, outputs, joint=(len(graph.inputs), len(graph.outputs)))
 
 
-def differentiable_inputs(graph: Graph, wrt: Sequence[int] | None = None) -> tuple[int, ...]:
+def differentiable_inputs(graph: Graph, wrt: int | Sequence[int] | None = None) -> tuple[int, ...]:
     """Indices of the inputs ``vjp(graph, wrt)`` returns gradients for, in order."""
     return _differentiable_inputs(graph, wrt)
 
 
 # ----------------------------------------------------------------------------- argument checks
 
-def _differentiable_inputs(graph: Graph, wrt: Sequence[int] | None) -> tuple[int, ...]:
+def _index_list(indices: int | Iterable[int], name: str) -> list[Any]:
+    """``indices`` as a list of ints; one int means ``[int]``, as ``jax.grad``'s ``argnums``.
+    numpy integers count as ints; anything else is kept for the caller to reject by name."""
+    if _is_index(indices):
+        return [operator.index(indices)]
+    if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
+        raise ArgumentError(f"vjp: {name} must be an int or a sequence of ints, got {type(indices).__name__} "
+                            f"{indices!r}")
+    return [operator.index(i) if _is_index(i) else i for i in indices]
+
+
+def _is_index(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _differentiable_inputs(graph: Graph, wrt: int | Iterable[int] | None) -> tuple[int, ...]:
     n = len(graph.inputs)
     if wrt is None:
         return tuple(i for i, v in enumerate(graph.inputs) if is_float(v.dtype))
     chosen = set()
-    for i in wrt:
+    for i in _index_list(wrt, "wrt"):
         if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n:
             raise ArgumentError(f"vjp: wrt index {i!r} is not an input index (the graph has {n} inputs)")
         if not is_float(graph.inputs[i].dtype):
@@ -86,13 +104,14 @@ def _differentiable_inputs(graph: Graph, wrt: Sequence[int] | None) -> tuple[int
     return tuple(sorted(chosen))
 
 
-def _check_output_indices(graph: Graph, nondiff_outputs: Sequence[int]) -> frozenset[int]:
+def _check_output_indices(graph: Graph, nondiff_outputs: int | Iterable[int]) -> frozenset[int]:
     n = len(graph.outputs)
-    for j in nondiff_outputs:
+    indices = _index_list(nondiff_outputs, "nondiff_outputs")
+    for j in indices:
         if not isinstance(j, int) or isinstance(j, bool) or not 0 <= j < n:
             raise ArgumentError(f"vjp: nondiff_outputs index {j!r} is not an output index "
                                 f"(the graph has {n} outputs)")
-    return frozenset(nondiff_outputs)
+    return frozenset(indices)
 
 
 # ----------------------------------------------------------------------------- forward replay
@@ -117,13 +136,42 @@ def _replay_forward(builder: Builder, graph: Graph, primals: Sequence[TracedArra
 
 def _active_vars(graph: Graph, diff_inputs: Sequence[Var]) -> set[Var]:
     """Floating values that depend on a differentiable input through differentiable primitives."""
-    active = set(diff_inputs)
+    return set(_dependencies(graph, diff_inputs))
+
+
+def _dependencies(graph: Graph, diff_inputs: Sequence[Var]) -> dict[Var, int]:
+    """For each active value, the bit set (bit k: ``diff_inputs[k]``) of the inputs it depends on
+    through differentiable primitives. Values missing from the map depend on none."""
+    deps = {v: 1 << k for k, v in enumerate(diff_inputs)}
     for e in graph.eqns:
         if not e.primitive.differentiable or e.primitive is stop_gradient_p:
             continue
-        if any(isinstance(a, Var) and a in active for a in e.inputs):
-            active.update(v for v in e.outputs if is_float(v.dtype))
-    return active
+        mask = 0
+        for a in e.inputs:
+            if isinstance(a, Var):
+                mask |= deps.get(a, 0)
+        if mask:
+            for v in e.outputs:
+                if is_float(v.dtype):
+                    deps[v] = mask
+    return deps
+
+
+def output_dependencies(graph: Graph, wrt: Sequence[int] | None = None) -> tuple[frozenset[int], ...]:
+    """For each output of ``graph``, the differentiable inputs (indices into the graph's inputs, as
+    ``vjp(graph, wrt)`` chooses them) it depends on through differentiable primitives.
+
+    An input no output with a cotangent depends on gets a symbolic-zero gradient from ``vjp``; an
+    output that depends on no input carries no gradient at all. The torch bridge uses this to return
+    ``None`` gradients and non-differentiable outputs exactly where eager torch does.
+    """
+    diff_inputs = _differentiable_inputs(graph, wrt)
+    deps = _dependencies(graph, [graph.inputs[i] for i in diff_inputs])
+    result = []
+    for out in graph.outputs:
+        mask = deps.get(out, 0) if isinstance(out, Var) else 0
+        result.append(frozenset(i for k, i in enumerate(diff_inputs) if mask >> k & 1))
+    return tuple(result)
 
 
 # ----------------------------------------------------------------------------- backward walk

@@ -183,19 +183,22 @@ def _binary(prim: Primitive, partials: Callable[..., tuple[Cotangent, Cotangent]
 
 
 def _pow_partials(ct, x, y, out):
-    # d/dx: y * x^(y-1), but 0 where y == 0 (so 0^0 has slope 0, not nan); d/dy: out * log x with
-    # log(1) stand-in at x == 0 (slope 0 for y > 0), as JAX.
+    # d/dx: y * x^(y-1), but 0 where y == 0 (so 0^0 has slope 0, not nan). d/dy: out * log x with a
+    # log(1) stand-in at x == 0 for y >= 0 (slope 0, not 0 * -inf); at x == 0 with y < 0 it stays
+    # inf * log(0) = -inf, torch's value (JAX puts the stand-in there too and gets inf * 0 = nan).
     zero, one = _const(0, x), _const(1, x)
     slope_x = lax.select(lax.eq(y, zero), zero, lax.mul(y, lax.pow(x, lax.sub(y, one))))
-    log_x = lax.log(lax.select(lax.eq(x, zero), one, x))
+    flat_at_zero = lax.logical_and(lax.eq(x, zero), lax.ge(y, zero))
+    log_x = lax.log(lax.select(flat_at_zero, one, x))
     return lax.mul(ct, slope_x), lax.mul(ct, lax.mul(out, log_x))
 
 
-def _choice_weight(a: TracedArray, b: TracedArray, a_wins: Callable) -> TracedArray:
-    """1 where ``a`` is chosen, 0.5 on a tie, 0 otherwise (JAX and torch split ties equally)."""
-    half, zero = _const(0.5, a), _const(0, a)
-    tie = lax.select(lax.eq(a, b), half, zero)
-    return lax.select(a_wins(a, b), _const(1, a), tie)
+def _choice_weight(a: TracedArray, b: TracedArray, b_wins: Callable) -> TracedArray:
+    """0 where ``b`` is chosen, 0.5 on a tie, 1 otherwise: JAX and torch split ties equally, and a NaN
+    operand (the result is NaN) sends the whole cotangent to both, as torch does (JAX sends none)."""
+    one = _const(1, a)
+    not_lost = lax.select(lax.eq(a, b), _const(0.5, a), one)
+    return lax.select(b_wins(b, a), _const(0, a), not_lost)
 
 
 def _rem_partials(ct, x, y, out):
@@ -262,9 +265,14 @@ def _reduce_sum_vjp(cts, primals, outs, *, axes):
 
 @_register((P.reduce_max_p, P.reduce_min_p))
 def _reduce_choose_vjp(cts, primals, outs, *, axes):
-    """The cotangent is split equally among the positions equal to the result (ties)."""
+    """The cotangent is split equally among the positions equal to the result (ties); a NaN result
+    (NaN propagates) is split among the NaNs, as torch's ``max()``."""
     (ct,), (x,), (out,) = cts, primals, outs
-    chosen = _as_float(lax.eq(x, _expand_reduced(out, x.shape, axes)), x)
+    result = _expand_reduced(out, x.shape, axes)
+    chosen = lax.eq(x, result)
+    if is_float(x.dtype):
+        chosen = lax.logical_or(chosen, lax.logical_and(lax.ne(x, x), lax.ne(result, result)))
+    chosen = _as_float(chosen, x)
     count = lax.reduce_sum(chosen, axes)
     return (lax.mul(chosen, _expand_reduced(lax.div(ct, count), x.shape, axes)),)
 

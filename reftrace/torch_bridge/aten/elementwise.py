@@ -14,8 +14,9 @@ import torch
 
 from reftrace import lax
 from reftrace import primitives as P
-from reftrace.torch_bridge.aten._common import (aten, bcast, broadcast_shapes, cast, elementwise, float_dtype,
-                                                is_tensor, literal, out_aval, promote, register, unsupported)
+from reftrace.torch_bridge.aten._common import (aten, bcast, bcast_full, broadcast_shapes, cast, elementwise,
+                                                float_dtype, is_tensor, literal, out_aval, promote, register,
+                                                unsupported)
 
 
 def _out_dtype() -> np.dtype:
@@ -168,7 +169,14 @@ def pow_scalar(base: Any, exponent: Any) -> Any:
 
 @register(aten.atan2.default)
 def atan2(x: Any, y: Any) -> Any:
-    return elementwise(P.atan2_p, x, y, dtype=float_dtype(_out_dtype()))
+    """At the origin torch's gradient is 0 (reftrace's rule would give 0/0): the value there comes
+    without a gradient, and the differentiated atan2 sees a stand-in point (1, 1)."""
+    d = float_dtype(_out_dtype())
+    a, b = _same_shape(x, y, d)
+    zero, one = literal(0, d), literal(1, d)
+    origin = lax.logical_and(lax.eq(a, zero), lax.eq(b, zero))
+    away = lax.atan2(lax.select(origin, one, a), lax.select(origin, one, b))
+    return lax.select(origin, lax.stop_gradient(lax.atan2(a, b)), away)
 
 
 @register(aten.maximum.default, aten.max.other)
@@ -183,12 +191,15 @@ def minimum(x: Any, y: Any) -> Any:
 
 def _fminmax(prim: P.Primitive):
     def rule(x: Any, y: Any) -> Any:
+        """max/min ignoring a NaN operand; ties split the gradient, two NaNs give NaN and send it to both."""
         d = _out_dtype()
         a, b = _same_shape(x, y, d)
         m = lax.bind(prim, a, b)
         if not P.is_float(d):
             return m
-        return lax.select(lax.ne(a, a), b, lax.select(lax.ne(b, b), a, m))
+        a_nan, b_nan = lax.ne(a, a), lax.ne(b, b)
+        m = lax.select(lax.logical_and(b_nan, lax.bitwise_not(a_nan)), a, m)
+        return lax.select(lax.logical_and(a_nan, lax.bitwise_not(b_nan)), b, m)
     return rule
 
 
@@ -292,48 +303,111 @@ def round_decimals(x: Any, decimals: int = 0) -> Any:
 
 @register(aten.relu.default)
 def relu(x: Any) -> Any:
-    """``select(x > 0, x, 0)``: the gradient at 0 is 0, as torch's threshold_backward."""
+    """``select(x <= 0, 0, x)``: slope 0 at 0, and NaN stays NaN with slope 1, as torch's threshold_backward."""
     zero = literal(0, x.dtype)
-    return lax.select(lax.gt(x, zero), x, bcast(zero, x.shape))
+    return lax.select(lax.le(x, zero), bcast(zero, x.shape), x)
 
 
-def _clamped(x: Any, lo: Any, hi: Any, *, pass_at_bounds: bool) -> Any:
-    """Clamp built from selects so gradients at the bounds follow torch.
+# torch's clamp family at its bounds (x == min or x == max) and at NaN, in float64 eager:
+#
+#   op                             gradient of x                      of a tensor bound
+#   clamp(x, min, max), scalars    1 strictly inside, 0 at the bounds  -
+#                                  and at NaN
+#   clamp(x, min=t) / clamp_min    as maximum(x, t): 0.5 each on a tie, 1 to both where one is NaN
+#   clamp(x, max=t) / clamp_max    as minimum(x, t)
+#   clamp(x, t_lo, t_hi)           0.5 / 0.5 on a tie with either bound while t_lo < t_hi; with
+#                                  t_lo == t_hi all to x at x == t_lo; t_lo > t_hi: all to t_hi
+#   hardtanh, relu6                1 strictly inside, 0 at the bounds, 1 at NaN
 
-    ``clamp`` passes the gradient to ``x`` at ``x == min``/``x == max`` (torch: ``min <= x <= max``);
-    ``hardtanh`` does not (torch: ``min < x < max``). NaN stays NaN (both comparisons are false).
+
+def _clamp_scalar_bounds(x: Any, lo: Any, hi: Any) -> Any:
+    """torch's value ``min(max(x, lo), hi)``; the gradient passes to ``x`` strictly between the bounds."""
+    d = _out_dtype()
+    y = bcast_full(cast(x, d), out_aval().shape)
+    value, inside = y, None
+    for bound, pick, passes in ((lo, lax.max, lax.gt), (hi, lax.min, lax.lt)):
+        if bound is None:
+            continue
+        b = literal(bound, d)
+        value = pick(value, b)
+        inside = passes(y, b) if inside is None else lax.logical_and(inside, passes(y, b))
+    if not P.is_float(d) or inside is None:
+        return value
+    return lax.select(inside, y, lax.stop_gradient(value))
+
+
+def _clamp_tensor_bounds(y: Any, lo: Any, hi: Any) -> Any:
+    """clamp between two tensor bounds with torch's gradients (see the table above), as selects.
+
+    Ties use max/min, whose rule splits the cotangent; NaN bounds make the value NaN without
+    taking the gradient from ``x``; a NaN ``x`` with ``lo > hi`` sends it to both ``x`` and ``hi``.
     """
+    d = y.dtype
+    nan = literal(np.nan, d)
+    ordered, open_ = lax.le(lo, hi), lax.lt(lo, hi)
+    below = lax.logical_and(lax.lt(y, lo), ordered)
+    above = lax.logical_or(lax.logical_and(lax.gt(y, hi), ordered), lax.gt(lo, hi))
+    out = lax.select(lax.logical_or(lax.lt(y, lo), lax.gt(y, hi)), nan, y)  # left only where a bound is NaN
+    out = lax.select(lax.logical_and(lax.eq(y, hi), open_), lax.min(y, hi), out)
+    out = lax.select(lax.logical_and(lax.eq(y, lo), open_), lax.max(y, lo), out)
+    out = lax.select(above, hi, out)
+    out = lax.select(below, lo, out)
+    out = lax.select(lax.logical_and(lax.ne(y, y), lax.gt(lo, hi)), lax.add(y, hi), out)
+    bound_nan = lax.logical_or(lax.ne(lo, lo), lax.ne(hi, hi))
+    return lax.select(bound_nan, lax.add(out, nan), out)
+
+
+@register(aten.clamp.default)
+def clamp(x: Any, min: Any = None, max: Any = None) -> Any:  # noqa: A002 - ATen's argument names
+    return _clamp_scalar_bounds(x, min, max)
+
+
+@register(aten.clamp.Tensor)
+def clamp_tensor(x: Any, min: Any = None, max: Any = None) -> Any:  # noqa: A002
+    if min is None and max is None:
+        raise unsupported("clamp needs min or max")
     d = _out_dtype()
     shape = out_aval().shape
-    y = bcast(cast(x, d), shape)
-    below, above = (lax.lt, lax.gt) if pass_at_bounds else (lax.le, lax.ge)
-    if lo is not None:
-        lo_b = bcast(cast(lo, d), shape)
-        y = lax.select(below(y, lo_b), lo_b, y)
-    if hi is not None:
-        hi_b = bcast(cast(hi, d), shape)
-        y = lax.select(above(y, hi_b), hi_b, y)
-    return y
+    y = bcast_full(cast(x, d), shape)
+    lo = None if min is None else bcast(cast(min, d), shape)
+    hi = None if max is None else bcast(cast(max, d), shape)
+    if hi is None:
+        return lax.max(y, lo)
+    if lo is None:
+        return lax.min(y, hi)
+    if not P.is_float(d):
+        return lax.min(lax.max(y, lo), hi)
+    return _clamp_tensor_bounds(y, lo, hi)
 
 
-@register(aten.clamp.default, aten.clamp.Tensor)
-def clamp(x: Any, min: Any = None, max: Any = None) -> Any:  # noqa: A002 - ATen's argument names
-    return _clamped(x, min, max, pass_at_bounds=True)
-
-
-@register(aten.clamp_min.default, aten.clamp_min.Tensor)
+@register(aten.clamp_min.default)
 def clamp_min(x: Any, min: Any) -> Any:  # noqa: A002
-    return clamp(x, min, None)
+    return _clamp_scalar_bounds(x, min, None)
 
 
-@register(aten.clamp_max.default, aten.clamp_max.Tensor)
+@register(aten.clamp_max.default)
 def clamp_max(x: Any, max: Any) -> Any:  # noqa: A002
-    return clamp(x, None, max)
+    return _clamp_scalar_bounds(x, None, max)
+
+
+@register(aten.clamp_min.Tensor)
+def clamp_min_tensor(x: Any, min: Any) -> Any:  # noqa: A002
+    return clamp_tensor(x, min, None)
+
+
+@register(aten.clamp_max.Tensor)
+def clamp_max_tensor(x: Any, max: Any) -> Any:  # noqa: A002
+    return clamp_tensor(x, None, max)
 
 
 @register(aten.hardtanh.default)
 def hardtanh(x: Any, min_val: float = -1.0, max_val: float = 1.0) -> Any:
-    return _clamped(x, min_val, max_val, pass_at_bounds=False)
+    """Selects on ``x <= min`` and ``x >= max``: 0 at the bounds, and NaN passes its gradient (torch's)."""
+    d = _out_dtype()
+    y = bcast_full(cast(x, d), out_aval().shape)
+    lo, hi = literal(min_val, d), literal(max_val, d)
+    y = lax.select(lax.le(y, lo), lo, y)
+    return lax.select(lax.ge(y, hi), hi, y)
 
 
 # ----------------------------------------------------------------------------- comparisons and logic
@@ -507,6 +581,35 @@ def hypot(x: Any, y: Any) -> Any:
     d = float_dtype(_out_dtype())
     a, b = _same_shape(x, y, d)
     return lax.sqrt(lax.add(lax.mul(a, a), lax.mul(b, b)))
+
+
+@register(aten.xlogy.Tensor)
+def xlogy(x: Any, y: Any) -> Any:
+    """``x * log(y)``, 0 where ``x == 0`` (unless ``y`` is NaN), with torch's slope ``log(y)`` in ``x`` there.
+
+    Where ``x == 0`` and ``log(y)`` is not finite (``y <= 0`` or ``inf``) the log sees a stand-in 1, so
+    the value is 0 and no ``0 * inf`` reaches the gradient (torch's decomposition selects 0 and so
+    loses the slope ``log(y)`` at ``x == 0`` altogether). Unlike eager: at ``x == 0`` the slope in
+    ``y`` is 0 also at ``y == 0`` (eager: ``0/0``), and the slope in ``x`` is 0 at ``y == inf``.
+    """
+    d = float_dtype(_out_dtype())
+    a, b = _same_shape(x, y, d)
+    zero, one = literal(0, d), literal(1, d)
+    log_unsafe = lax.logical_or(lax.le(b, zero), lax.eq(b, literal(np.inf, d)))
+    at_zero = lax.eq(a, zero)
+    product = lax.mul(a, lax.log(lax.select(lax.logical_and(at_zero, log_unsafe), one, b)))
+    return lax.select(at_zero, lax.add(product, zero), product)  # torch's 0 there is +0.0
+
+
+@register(aten.sinc.default)
+def sinc(x: Any) -> Any:
+    """``sin(pi x) / (pi x)``, 1 at 0 with slope 0 there: the quotient sees a stand-in 1 at 0, so its
+    gradient is not 0/0 (torch's decomposition selects after dividing and gets NaN)."""
+    d = float_dtype(_out_dtype())
+    y = cast(x, d)
+    zero = lax.eq(y, literal(0, d))
+    product = lax.mul(literal(np.pi, d), lax.select(zero, literal(1, d), y))
+    return lax.select(zero, literal(1, d), lax.div(lax.sin(product), product))
 
 
 @register(aten.copysign.Tensor, aten.copysign.Scalar)

@@ -14,6 +14,7 @@ from reftrace import lax
 from reftrace import matrices as M
 from reftrace import primitives as P
 from reftrace.torch_bridge.aten._common import aten, cast, literal, out_aval, register, unsupported
+from reftrace.torch_bridge.aten.reductions import chebyshev_norm, linalg_vector_norm
 
 
 def _dot(a: Any, b: Any, contract: tuple[int, int], batch: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
@@ -133,17 +134,10 @@ def cdist(x1: Any, x2: Any, p: float, compute_mode: int | None = None) -> Any:
     nb = len(batch)
     a = lax.broadcast_in_dim(cast(x1, d), full, tuple(range(nb - (x1.ndim - 2), nb)) + (nb, nb + 2))
     b = lax.broadcast_in_dim(cast(x2, d), full, tuple(range(nb - (x2.ndim - 2), nb)) + (nb + 1, nb + 2))
-    diff = lax.abs(lax.sub(a, b))
-    last = (len(full) - 1,)
-    if p == 0:
-        return lax.reduce_sum(cast(lax.ne(diff, literal(0, d)), d), last)
+    last = [len(full) - 1]
     if p == float("inf"):
-        return lax.reduce_max(diff, last)
-    if p == 1:
-        return lax.reduce_sum(diff, last)
-    if p == 2:
-        return lax.sqrt(lax.reduce_sum(lax.mul(diff, diff), last))
-    return lax.pow(lax.reduce_sum(lax.pow(diff, literal(p, d)), last), literal(1.0 / p, d))
+        return chebyshev_norm(lax.sub(a, b), last)  # torch's cdist backward: every tied coordinate, whole
+    return linalg_vector_norm(lax.sub(a, b), p, last)  # the norm's subgradients: 0 at coincident points
 
 
 # ----------------------------------------------------------------------------- factorizations and solves

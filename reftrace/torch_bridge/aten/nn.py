@@ -19,7 +19,7 @@ from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, literal
                                                 register, unsupported)
 from reftrace.torch_bridge.aten.elementwise import trunc
 from reftrace.torch_bridge.aten.indexing import take
-from reftrace.torch_bridge.aten.reductions import linalg_vector_norm
+from reftrace.torch_bridge.aten.reductions import chebyshev_norm, linalg_vector_norm
 
 # ----------------------------------------------------------------------------- activations
 
@@ -47,20 +47,29 @@ def silu(x: Any) -> Any:
 
 
 def _relu6_of_shift(x: Any) -> Any:
+    """``min(max(x + 3, 0), 6)`` as selects: slope 1 strictly inside, and the constants 0 and 6 (no
+    gradient) from the bounds on, NaN included (it lands on 6)."""
     d = x.dtype
-    return lax.min(lax.max(lax.add(x, literal(3, d)), literal(0, d)), literal(6, d))
+    shifted = lax.add(x, literal(3, d))
+    inside = lax.select(lax.le(shifted, literal(0, d)), literal(0, d), shifted)
+    return lax.select(lax.lt(shifted, literal(6, d)), inside, literal(6, d))
 
 
 @register(aten.hardswish.default)
 def hardswish(x: Any) -> Any:
+    """``x * relu6(x + 3) / 6``: slope 0 up to -3, ``x/3 + 1/2`` inside, 1 from 3 on and at NaN (torch's)."""
     x = _f(x)
     return lax.div(lax.mul(x, _relu6_of_shift(x)), literal(6, x.dtype))
 
 
 @register(aten.hardsigmoid.default)
 def hardsigmoid(x: Any) -> Any:
+    """``relu6(x + 3) / 6`` with slope 1/6 strictly inside (-3, 3) only; NaN stays NaN with slope 0 (torch's)."""
     x = _f(x)
-    return lax.div(_relu6_of_shift(x), literal(6, x.dtype))
+    d = x.dtype
+    value = lax.div(lax.min(lax.max(lax.add(x, literal(3, d)), literal(0, d)), literal(6, d)), literal(6, d))
+    inside = lax.logical_and(lax.gt(x, literal(-3, d)), lax.lt(x, literal(3, d)))
+    return lax.select(inside, value, lax.stop_gradient(value))
 
 
 @register(aten.leaky_relu.default)
@@ -74,8 +83,12 @@ def leaky_relu(x: Any, negative_slope: float = 0.01) -> Any:
 def elu(x: Any, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0) -> Any:
     x = _f(x)
     d = x.dtype
-    negative = lax.mul(lax.expm1(lax.mul(x, literal(input_scale, d))), literal(alpha * scale, d))
-    return lax.select(lax.gt(x, literal(0, d)), lax.mul(x, literal(scale, d)), negative)
+    # torch's elu_backward takes the exponential branch for x <= 0 (0 included), the linear one at NaN;
+    # the exponential sees 0 elsewhere, so neither NaN nor a large x (exp overflows) leaks 0 * inf into the gradient
+    on_exp = lax.le(x, literal(0, d))
+    safe = lax.select(on_exp, x, literal(0, d))
+    negative = lax.mul(lax.expm1(lax.mul(safe, literal(input_scale, d))), literal(alpha * scale, d))
+    return lax.select(on_exp, negative, lax.mul(x, literal(scale, d)))
 
 
 @register(aten.softplus.default)
@@ -200,8 +213,9 @@ def _batch_norm(x: Any, weight: Any, bias: Any, running_mean: Any, running_var: 
             keep = literal(1 - momentum, d)
             rm, rv = cast(running_mean, d), cast(running_var, d)
             unbiased = lax.mul(var, literal(n / max(n - 1, 1), d))
-            new_mean = cast(lax.add(lax.mul(keep, rm), lax.mul(m, mean)), running_mean.dtype)
-            new_var = cast(lax.add(lax.mul(keep, rv), lax.mul(m, unbiased)), running_var.dtype)
+            # torch's running statistics carry no gradient (the kernel updates them outside autograd)
+            new_mean = lax.stop_gradient(cast(lax.add(lax.mul(keep, rm), lax.mul(m, mean)), running_mean.dtype))
+            new_var = lax.stop_gradient(cast(lax.add(lax.mul(keep, rv), lax.mul(m, unbiased)), running_var.dtype))
         save_mean, save_rstd = mean, rstd
     else:
         mean = cast(running_mean, d)
@@ -301,6 +315,30 @@ def _stack_last(xs: list[Any]) -> Any:
     return lax.concatenate([lax.reshape(w, w.shape + (1,)) for w in xs], xs[0].ndim)
 
 
+def _window_argmax(stacked: Any) -> Any:
+    """Position of the max over the trailing window axis as torch's pooling kernels scan a window
+    (``val > best || isnan(val)``): the first maximum, or the last NaN if there is one."""
+    last = stacked.ndim - 1
+    which = lax.argmax(stacked, last, np.int64)
+    if not P.is_float(stacked.dtype):
+        return which
+    nan = lax.ne(stacked, stacked)
+    last_nan = lax.reduce_max(lax.select(nan, lax.iota(np.int64, stacked.shape, last), literal(-1, np.int64)),
+                              (last,))
+    return lax.select(lax.ge(last_nan, literal(0, np.int64)), last_nan, which)
+
+
+def _window_max(stacked: Any) -> tuple[Any, Any]:
+    """(max, its position) over the trailing window axis, the max gathered at that position.
+
+    So the whole gradient goes to the one input element whose index torch returns (a reduce_max
+    would split it among ties).
+    """
+    which = _window_argmax(stacked)
+    values = lax.gather(stacked, lax.reshape(which, which.shape + (1,)), stacked.ndim - 1)
+    return lax.reshape(values, which.shape), which
+
+
 def _max_pool(n: int):
     def rule(x: Any, kernel_size: Any, stride: Any = (), padding: Any = 0, dilation: Any = 1,
              ceil_mode: bool = False) -> tuple[Any, Any]:
@@ -309,8 +347,7 @@ def _max_pool(n: int):
         padding_, dilation_ = _per_dim(padding, n), _per_dim(dilation, n)
         out_spatial = out_aval(0).shape[-n:]
         stacked = _stack_last(_windows(x, kernel, stride_, padding_, dilation_, out_spatial, lowest(x.dtype)))
-        values = lax.reduce_max(stacked, (stacked.ndim - 1,))
-        which = lax.argmax(stacked, stacked.ndim - 1, np.int64)
+        values, which = _window_max(stacked)
         # table[..., k] = flat input position read by window offset k at each output position
         in_spatial = x.shape[-n:]
         offsets = list(itertools.product(*[range(k) for k in kernel]))
@@ -418,8 +455,7 @@ def _adaptive_max_pool(n: int):
         index = lax.broadcast_in_dim(literal(table.reshape(-1), np.int64), batch + (table.size,), (len(batch),))
         windows_ = lax.reshape(lax.gather(flat, index, len(batch)), batch + table.shape)
         last = windows_.ndim - 1
-        values = lax.reduce_max(windows_, (last,))
-        which = lax.argmax(windows_, last, np.int64)
+        values, which = _window_max(windows_)
         operand = lax.broadcast_in_dim(literal(table, np.int64), batch + table.shape,
                                        tuple(range(len(batch), len(batch) + n + 1)))
         picked = lax.gather(operand, lax.reshape(which, which.shape + (1,)), last)
@@ -489,6 +525,8 @@ def pdist(x: Any, p: float = 2.0) -> Any:
         return lax.full(out_aval().shape, 0, out_aval().dtype)
     x = cast(x, out_aval().dtype)
     diff = lax.sub(take(x, 0, literal(first, np.int64)), take(x, 0, literal(second, np.int64)))
+    if p == np.inf:
+        return chebyshev_norm(diff, [1])  # torch's pdist backward: every tied coordinate, whole
     return linalg_vector_norm(diff, p, [1])
 
 
@@ -535,7 +573,7 @@ def _fractional_max_pool(n: int):
             position = term if position is None else lax.add(position, term)
         index = lax.reshape(position, lead + (int(np.prod(cells)),))
         windows = lax.reshape(lax.gather(flat, index, len(lead)), lead + cells)
-        which = lax.argmax(windows, windows.ndim - 1, np.int64)
+        which = _window_argmax(windows)
         picked = lax.gather(position, lax.reshape(which, which.shape + (1,)), windows.ndim - 1)
         picked = lax.reshape(picked, which.shape)
         values = lax.reshape(lax.gather(flat, lax.reshape(picked, lead + (int(np.prod(out)),)), len(lead)),

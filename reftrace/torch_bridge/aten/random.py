@@ -192,12 +192,12 @@ def bernoulli_tensor(x: Any, p: Any, **kwargs: Any) -> Any:
 @register(aten.native_dropout.default)
 def native_dropout(x: Any, p: float, train: bool | None) -> Any:
     """``(x * mask / (1 - p), mask)`` with ``mask ~ Bernoulli(1 - p)``; the identity and an all-true
-    mask outside training (``train=False``) or for ``p == 0``; zeros and an all-false mask for ``p == 1``."""
+    mask outside training (``train=False``) or for ``p == 0``; ``x * 0`` and an all-false mask for ``p == 1``."""
     shape, p = x.shape, float(p)
     if train is False or p == 0.0:
         return x, lax.full(shape, True, np.bool_)
-    if p >= 1.0:
-        return lax.full(shape, 0, x.dtype), lax.full(shape, False, np.bool_)
+    if p >= 1.0:  # x * 0, as eager (NaN where x is inf or NaN, and the result still carries a gradient)
+        return lax.mul(x, literal(0, x.dtype)), lax.full(shape, False, np.bool_)
     d = _compute_dtype(x.dtype)
     keep = lax.lt(_uniform(shape, d), literal(1.0 - p, d))
     scale = lax.select(keep, literal(1.0 / (1.0 - p), x.dtype), literal(0, x.dtype))

@@ -93,18 +93,24 @@ argmax = register(aten.argmax.default)(_arg(lax.argmax))
 argmin = register(aten.argmin.default)(_arg(lax.argmin))
 
 
-def _extremum_with_index(prim: P.Primitive, arg: Any):
+def _extremum_with_index(arg: Any):
     def rule(x: Any, dim: int, keepdim: bool = False) -> tuple[Any, Any]:
+        """``x`` gathered at the returned index (the first extremum, or the first NaN), so the whole
+        gradient goes to that one element, as torch's backward (``amax`` splits ties instead)."""
         if x.ndim == 0:
             return x, lax.full((), 0, np.int64)
         axis = norm_dim(dim, x.ndim)
-        values = keep_dims(lax.reduce(prim, x, (axis,)), x.shape, (axis,), keepdim)
-        return values, arg(x, axis, keepdim)
+        index = arg(x, axis, True)
+        values = lax.gather(x, index, axis)
+        if not keepdim:
+            kept = x.shape[:axis] + x.shape[axis + 1:]
+            return lax.reshape(values, kept), lax.reshape(index, kept)
+        return values, index
     return rule
 
 
-register(aten.max.dim)(_extremum_with_index(P.reduce_max_p, argmax))
-register(aten.min.dim)(_extremum_with_index(P.reduce_min_p, argmin))
+register(aten.max.dim)(_extremum_with_index(argmax))
+register(aten.min.dim)(_extremum_with_index(argmin))
 
 
 def _logical_reduce(prim: P.Primitive):
@@ -148,13 +154,14 @@ def var_mean(x: Any, dim: Any = None, *, correction: Any = None, keepdim: bool =
 
 @register(aten.std.correction)
 def std(x: Any, dim: Any = None, *, correction: Any = None, keepdim: bool = False) -> Any:
-    return lax.sqrt(_moments(x, dim, correction, keepdim)[0])
+    """``sqrt(var)`` with gradient 0 where the variance is 0 (torch's std_backward masks it)."""
+    return _root_of_zero_safe(_moments(x, dim, correction, keepdim)[0], 2)
 
 
 @register(aten.std_mean.correction)
 def std_mean(x: Any, dim: Any = None, *, correction: Any = None, keepdim: bool = False) -> tuple[Any, Any]:
     v, m = _moments(x, dim, correction, keepdim)
-    return lax.sqrt(v), m
+    return _root_of_zero_safe(v, 2), m
 
 
 def _scan(prim: P.Primitive):
@@ -225,18 +232,11 @@ def logcumsumexp(x: Any, dim: int) -> Any:
 
 @register(aten.dist.default)
 def dist(x: Any, y: Any, p: Any = 2) -> Any:
+    """The p-norm of ``x - y``, with the vector norm's subgradients (0 where ``x == y``, as torch's)."""
     d = float_dtype(out_aval().dtype)
     shape = tuple(np.broadcast_shapes(x.shape, y.shape))
-    diff = lax.abs(lax.sub(lax.broadcast_to_rank(cast(x, d), shape), lax.broadcast_to_rank(cast(y, d), shape)))
-    axes = tuple(range(len(shape)))
-    if p == np.inf:
-        return lax.reduce_max(diff, axes)
-    if p == -np.inf:
-        return lax.reduce_min(diff, axes)
-    if p == 0:
-        return lax.reduce_sum(cast(lax.ne(diff, literal(0, d)), d), axes)
-    total = lax.reduce_sum(lax.pow(diff, literal(p, d)), axes)
-    return lax.pow(total, literal(1.0 / p, d))
+    diff = lax.sub(lax.broadcast_to_rank(cast(x, d), shape), lax.broadcast_to_rank(cast(y, d), shape))
+    return linalg_vector_norm(diff, p)
 
 
 def _search(boundaries: Any, values: Any, right: bool) -> Any:
@@ -289,6 +289,22 @@ def _root_of_zero_safe(total: Any, p: float) -> Any:
     safe = lax.select(zero, literal(1, total.dtype), total)
     root = lax.sqrt(safe) if p == 2 else lax.pow(safe, literal(1.0 / p, total.dtype))
     return lax.select(zero, literal(0, total.dtype), root)
+
+
+def chebyshev_norm(x: Any, axes: Any) -> Any:
+    """max |x| over ``axes`` where every element attaining it gets the whole gradient (times its sign),
+    as torch's cdist/pdist backward (the vector norm's inf-norm splits it among ties instead).
+
+    The value is the max with no gradient plus, for each tied element, ``a - stop_gradient(a)``
+    (exactly 0, slope 1); infinite ties carry none (``inf - inf`` would be NaN).
+    """
+    axes = norm_dims(axes, x.ndim)
+    a = lax.abs(x)
+    peak = lax.stop_gradient(lax.reduce_max(a, axes))
+    tied = lax.logical_and(lax.eq(a, lax.broadcast_in_dim(peak, a.shape, [i for i in range(a.ndim) if i not in axes])),
+                           lax.is_finite(a))
+    slope = lax.select(tied, lax.sub(a, lax.stop_gradient(a)), literal(0, a.dtype))
+    return lax.add(peak, lax.reduce_sum(slope, axes))
 
 
 @register(aten.linalg_vector_norm.default)
@@ -425,18 +441,38 @@ def _median(x: Any, axis: int, keepdim: bool, ignore_nan: bool) -> tuple[Any, An
     return _pick(x, order, axis, position, keepdim)
 
 
+def _split_evenly(x: Any, value: Any) -> Any:
+    """``value`` (an element of the 1-d ``x``) with its gradient split evenly among the elements equal to
+    it, NaN equal to NaN: torch's backward of the reductions without ``dim`` (``median()``, ``max()``).
+
+    The max of the equal elements (fill -inf) is ``value`` exactly and reduce_max's rule splits the
+    cotangent among them; where ``value`` is -inf the fill would tie, so the min (fill +inf) is used.
+    """
+    if not P.is_float(x.dtype):
+        return value
+    d = x.dtype
+    v = lax.stop_gradient(value)
+    vb = lax.broadcast_in_dim(v, x.shape, ())
+    equal = lax.logical_or(lax.eq(x, vb), lax.logical_and(lax.ne(x, x), lax.ne(vb, vb)))
+    top = lax.reduce_max(lax.select(equal, x, literal(-np.inf, d)), (0,))
+    bottom = lax.reduce_min(lax.select(equal, x, literal(np.inf, d)), (0,))
+    return lax.select(lax.eq(v, literal(-np.inf, d)), bottom, top)
+
+
 @register(aten.median.default)
 def median_all(x: Any) -> Any:
     if x.size == 0:
         return lax.full((), np.nan, x.dtype)
-    return _median(lax.reshape(x, (x.size,)), 0, False, ignore_nan=False)[0]
+    flat = lax.reshape(x, (x.size,))
+    return _split_evenly(flat, _median(flat, 0, False, ignore_nan=False)[0])
 
 
 @register(aten.nanmedian.default)
 def nanmedian_all(x: Any) -> Any:
     if x.size == 0:
         return lax.full((), np.nan, x.dtype)
-    return _median(lax.reshape(x, (x.size,)), 0, False, ignore_nan=True)[0]
+    flat = lax.reshape(x, (x.size,))
+    return _split_evenly(flat, _median(flat, 0, False, ignore_nan=True)[0])
 
 
 def _median_dim(ignore_nan: bool):

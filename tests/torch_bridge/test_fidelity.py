@@ -1,0 +1,393 @@
+"""Real-use fidelity: what eager torch does, reftrace.compile does too (issues found with real models).
+
+Models come from configs with random weights. Training runs several AdamW steps with weight decay
+(which turns a zero gradient where eager has None into a parameter change) against a deepcopy
+trained eagerly, and checks that compiling never changes the module.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import reftrace as rt
+from reftrace.compile import aot_function, aot_module, draw_graph, nop, xla_compile
+from reftrace.errors import ArgumentError, CompilerError, UnsupportedOperatorError
+
+COMPILERS = {"nop": nop, "xla": xla_compile}
+
+
+class Logits(torch.nn.Module):
+    """A model returning ``.logits`` (or another field) of its output."""
+
+    def __init__(self, model: torch.nn.Module, field: str = "logits") -> None:
+        super().__init__()
+        self.model, self.field = model, field
+
+    def forward(self, *args, **kwargs):
+        return getattr(self.model(*args, **kwargs), self.field)
+
+
+def t5() -> torch.nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+    return T5ForConditionalGeneration(T5Config(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4,
+                                               vocab_size=211, dropout_rate=0.0, decoder_start_token_id=0))
+
+
+def bert_model() -> torch.nn.Module:
+    from transformers import BertConfig, BertModel
+    return BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                vocab_size=101, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                attention_probs_dropout_prob=0.0))
+
+
+def gpt2(**config) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=101, n_positions=32, bos_token_id=0,
+                                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **config))
+
+
+def _projection_loss(out: torch.Tensor) -> torch.Tensor:
+    """A loss with gradients everywhere (a mean of squares after LayerNorm is constant)."""
+    g = torch.Generator().manual_seed(7)
+    return (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
+
+
+def _train_adamw(model: torch.nn.Module, run, args, kwargs, loss_fn, steps: int = 3) -> list[str]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    none_grads = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(run(*args, **kwargs)).backward()
+        none_grads = [n for n, p in model.named_parameters() if p.grad is None]
+        opt.step()
+    return none_grads
+
+
+def _assert_trains_like_eager(make_model, args, kwargs, loss_fn, compiler, dtype=torch.float64):
+    torch.manual_seed(0)
+    model = make_model().to(dtype)
+    eager = copy.deepcopy(model)
+    params_before = [id(p) for p in model.parameters()]
+    names_before = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    compiled = aot_module(model, compiler)
+    got_none = _train_adamw(model, compiled, args, kwargs, loss_fn)
+    want_none = _train_adamw(eager, eager, args, kwargs, loss_fn)
+    assert got_none == want_none  # eager's None gradients stay None (weight decay would move zeros)
+    assert [id(p) for p in model.parameters()] == params_before  # the module is never changed
+    assert [n for n, _ in model.named_parameters(remove_duplicate=False)] == names_before
+    for (name, got), want in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    return model, compiled
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_t5_tied_weights_stay_tied_and_train_like_eager(compiler):
+    ids = torch.randint(0, 211, (2, 7), generator=torch.Generator().manual_seed(1))
+    dec = torch.randint(0, 211, (2, 5), generator=torch.Generator().manual_seed(2))
+    model, _ = _assert_trains_like_eager(lambda: Logits(t5()), (), {"input_ids": ids, "decoder_input_ids": dec},
+                                         _projection_loss, COMPILERS[compiler])
+    t5_model = model.model
+    assert t5_model.lm_head.weight is t5_model.shared.weight
+    assert t5_model.encoder.embed_tokens.weight is t5_model.shared.weight
+    assert t5_model.shared.weight.grad is not None
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_unreached_parameters_keep_none_gradients(compiler):
+    """BertModel's pooler runs, but a loss on last_hidden_state leaves its gradients None in eager."""
+    ids = torch.randint(0, 101, (2, 6), generator=torch.Generator().manual_seed(1))
+    model, _ = _assert_trains_like_eager(lambda: Logits(bert_model(), "last_hidden_state"), (ids,), {},
+                                         _projection_loss, COMPILERS[compiler])
+    assert model.model.pooler.dense.weight.grad is None
+    assert model.model.embeddings.word_embeddings.weight.grad is not None
+
+
+def test_unreached_inputs_get_none_and_partly_reached_get_values():
+    def fn(x, y, z):
+        return x * 2, y.sin() + x, z.detach() * 3
+
+    x, y, z = (torch.randn(3, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    a, b, c = aot_function(fn, nop)(x, y, z)
+    assert not c.requires_grad  # a detached value carries no gradient, as in eager
+    a.sum().backward(retain_graph=True)  # y is not reached from a
+    assert y.grad is None and z.grad is None
+    torch.testing.assert_close(x.grad, torch.full((3,), 2.0, dtype=torch.float64))
+    b.sum().backward()
+    torch.testing.assert_close(y.grad, y.detach().cos())
+    torch.testing.assert_close(x.grad, torch.full((3,), 3.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_gpt2_default_outputs_with_cache(compiler):
+    """use_cache=True by default: the output holds a DynamicCache, rebuilt with compiled tensors."""
+    torch.manual_seed(0)
+    model = gpt2().double()
+    eager = copy.deepcopy(model)
+    ids = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(3))
+    got = aot_module(model, COMPILERS[compiler])(input_ids=ids, labels=ids)
+    want = eager(input_ids=ids, labels=ids)
+    assert type(got) is type(want) and list(got.keys()) == list(want.keys())
+    assert type(got.past_key_values) is type(want.past_key_values)
+    assert got.past_key_values.get_seq_length() == want.past_key_values.get_seq_length() == 8
+    for lg, lw in zip(got.past_key_values.layers, want.past_key_values.layers, strict=True):
+        assert type(lg) is type(lw) and lg.is_initialized == lw.is_initialized
+        torch.testing.assert_close(lg.keys, lw.keys)
+        torch.testing.assert_close(lg.values, lw.values)
+    torch.testing.assert_close(got.loss, want.loss)
+    got.loss.backward()
+    want.loss.backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_t5_encoder_decoder_cache_output():
+    from transformers.cache_utils import EncoderDecoderCache
+    torch.manual_seed(0)
+    model = t5()
+    ids = torch.randint(0, 211, (2, 7))
+    got = aot_module(model, nop)(input_ids=ids, labels=ids)
+    want = model(input_ids=ids, labels=ids)
+    assert isinstance(got.past_key_values, EncoderDecoderCache)
+    assert got.past_key_values.get_seq_length() == want.past_key_values.get_seq_length()
+    torch.testing.assert_close(got.loss, want.loss)
+
+
+def test_outputs_in_objects_dataclasses_and_namedtuples():
+    import collections
+    import dataclasses
+
+    Pair = collections.namedtuple("Pair", "a b")
+
+    @dataclasses.dataclass
+    class Out:
+        value: torch.Tensor
+        extra: dict
+        label: str = "x"
+
+    class Holder:
+        def __init__(self, t):
+            self.t = t
+            self.me = self  # a cycle is kept
+
+    def fn(x):
+        return Out(x.sin(), {"pair": Pair(x * 2, None), "holder": Holder(x.exp())}, "y"), None
+
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    got, none = aot_function(fn, nop)(x)
+    want, _ = fn(x)
+    assert none is None and isinstance(got, Out) and got.label == "y"
+    assert isinstance(got.extra["pair"], Pair) and got.extra["pair"].b is None
+    holder = got.extra["holder"]
+    assert isinstance(holder, Holder) and holder.me is holder
+    torch.testing.assert_close(holder.t, want.extra["holder"].t)
+    (got.value.sum() + got.extra["pair"].a.sum() + holder.t.sum()).backward()
+    torch.testing.assert_close(x.grad, x.detach().cos() + 2 + x.detach().exp())
+
+
+def test_static_values_and_tensors_in_sets():
+    x = torch.randn(3)
+    assert aot_function(lambda x: (x * 2, x.shape[0], "tag"), nop)(x)[1:] == (3, "tag")
+    with pytest.raises(rt.TracingError, match="set"):
+        aot_function(lambda x: {x * 2}, nop)(x)
+    with pytest.raises(rt.TracingError, match="returns a str"):
+        rt.trace(lambda x: (x * 2, "hello"), x)
+
+
+def test_tensors_inside_argument_objects_are_refused():
+    class Box:
+        def __init__(self, t):
+            self.t = t
+    with pytest.raises(ArgumentError, match="Box holding tensors"):
+        aot_function(lambda x, box: x + box.t, nop)(torch.ones(2), Box(torch.ones(2)))
+
+
+@pytest.mark.parametrize("make", [lambda x: x.cdouble(), lambda x: torch.view_as_complex(x.reshape(-1, 2)).real,
+                                  lambda x: torch.fft.fft(x).abs()])
+def test_real_to_complex_raises_instead_of_detaching(make):
+    x = torch.randn(4, requires_grad=True)
+    with pytest.raises(UnsupportedOperatorError, match="complex"):
+        aot_function(make, nop)(x)
+
+
+# ----------------------------------------------------------------------------- edge semantics
+
+def test_aliased_inputs_mutated_in_place():
+    def f(a, b):
+        a.mul_(2)
+        return a + b
+
+    for _ in range(2):  # the second call reuses the aliased variant
+        y, y_eager = torch.ones(3), torch.ones(3)
+        torch.testing.assert_close(aot_function(f, nop)(y, y), f(y_eager, y_eager))
+        torch.testing.assert_close(y, y_eager)
+    compiled = aot_function(f, nop)
+    a, b = torch.ones(3), torch.ones(3)
+    torch.testing.assert_close(compiled(a, b), torch.full((3,), 3.0))  # not aliased: its own graph
+    y = torch.ones(3)
+    torch.testing.assert_close(compiled(y, y), torch.full((3,), 4.0))
+
+
+def test_overlapping_views_mutated_in_place():
+    def g(a, b):
+        a.add_(1)
+        return b * 1
+
+    base, base_eager = torch.arange(6.0), torch.arange(6.0)
+    compiled = aot_function(g, nop)
+    torch.testing.assert_close(compiled(base[:2], base), g(base_eager[:2], base_eager))
+    torch.testing.assert_close(base, base_eager)
+    m, m_eager = torch.arange(12.0).reshape(3, 4), torch.arange(12.0).reshape(3, 4)
+    torch.testing.assert_close(compiled(m[:, 1], m.t()), g(m_eager[:, 1], m_eager.t()))
+    torch.testing.assert_close(m, m_eager)
+    # disjoint slices of one storage are independent: no aliasing variant is needed
+    d = torch.arange(6.0)
+    torch.testing.assert_close(compiled(d[:3], d[3:]), torch.tensor([3.0, 4.0, 5.0]))
+
+
+def test_mutated_input_keeps_its_gradient_history():
+    def h(a):
+        a.mul_(2)
+        return a.sum()
+
+    def k(x, buf):
+        buf.add_(x)
+        return x * 2
+
+    x, x_eager = (torch.randn(3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    with torch.no_grad():
+        x_eager.copy_(x)
+    a, a_eager = x * 1, x_eager * 1
+    s, s_eager = aot_function(h, nop)(a), h(a_eager)
+    (a.sum() + s).backward()
+    (a_eager.sum() + s_eager).backward()
+    torch.testing.assert_close(x.grad, x_eager.grad)
+    buf, buf_eager = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    out, out_eager = aot_function(k, nop)(x, buf), k(x_eager, buf_eager)
+    assert buf.requires_grad == buf_eager.requires_grad is True
+    x.grad = x_eager.grad = None
+    (out.sum() + (buf * 3).sum()).backward()
+    (out_eager.sum() + (buf_eager * 3).sum()).backward()
+    torch.testing.assert_close(x.grad, x_eager.grad)
+
+
+def test_batchnorm_buffers_do_not_require_grad():
+    bn = torch.nn.BatchNorm1d(3).train()
+    out = aot_module(bn, nop)(torch.randn(4, 3, requires_grad=True))
+    assert out.requires_grad and not bn.running_mean.requires_grad and not bn.running_var.requires_grad
+
+
+def test_device_moves_are_refused():
+    x = torch.randn(3)
+    target = "meta" if torch.cuda.is_available() else "cuda"
+    with pytest.raises(UnsupportedOperatorError, match="device"):
+        aot_function(lambda x, d: x.to(d) * 2, nop)(x, target)
+    torch.testing.assert_close(aot_function(lambda x: x.to("cpu") * 2, nop)(x), x * 2)
+
+
+def test_module_attributes_changed_after_compiling_recompile():
+    ln = torch.nn.LayerNorm(4)
+    compiled = aot_module(ln, nop)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(compiled(x), ln(x))
+    ln.eps = 10.0
+    torch.testing.assert_close(compiled(x), ln(x))
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.scale = 2.0
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    m = Scaled()
+    compiled = aot_module(m, nop)
+    torch.testing.assert_close(compiled(x), m(x))
+    m.scale = 5.0
+    torch.testing.assert_close(compiled(x), m(x))
+    m.lin = torch.nn.Linear(4, 4)  # a replaced submodule: its new parameters are read
+    torch.testing.assert_close(compiled(x), m(x))
+    m.act = torch.nn.Identity()
+    m.train(False)
+    torch.testing.assert_close(compiled(x), m(x))
+
+
+def test_none_outputs_are_returned():
+    x = torch.randn(3, requires_grad=True)
+    out, none = aot_function(lambda x: (x * 2, None), nop)(x)
+    assert none is None
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((3,), 2.0))
+
+
+def test_draw_graph_with_matmuls_and_einsums(tmp_path):
+    os.chdir(tmp_path)
+    seen = []
+
+    def drawer(name):
+        def compiler(gm, _):
+            seen.append(gm.code)
+            draw_graph(gm, name)
+            return gm
+        return compiler
+
+    lin = torch.nn.Linear(4, 3)
+    fn = aot_function(lambda x, w: (torch.einsum("abc,cd->abd", x, w).relu().sum() + lin(x.sum(0)).sum()),
+                      drawer("fw"), drawer("bw"))
+    fn(torch.randn(2, 3, 4, requires_grad=True), torch.randn(4, 5, requires_grad=True)).backward()
+    assert any("matmul" in code for code in seen)
+    for name in ("fw.svg", "bw.svg"):
+        assert (tmp_path / name).read_text().lstrip().startswith(("<?xml", "<svg"))
+    # an FX graph whose arguments hold graphviz's record syntax ("->")
+    einsum = torch.fx.symbolic_trace(lambda x, y: torch.einsum("ab,bc->ac", x, y))
+    draw_graph(einsum, "einsum")
+    assert "ab,bc" in (tmp_path / "einsum.svg").read_text()
+    g = rt.trace(lambda x: torch.einsum("abc,cd->abd", x, x[0]).sum(), torch.randn(2, 4, 4))
+    draw_graph(rt.vjp(g), "joint")
+    assert (tmp_path / "joint.svg").stat().st_size > 0
+
+
+def test_torch_partitioners_as_partition_fn():
+    from functorch.compile import default_partition, min_cut_rematerialization_partition
+
+    def fn(x):
+        return (x.sin() ** 3 * x.unsqueeze(0).expand(2, 5)).sum()
+
+    for partition in (default_partition, min_cut_rematerialization_partition):
+        x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+        x_eager = x.detach().clone().requires_grad_()
+        out = aot_function(fn, nop, partition_fn=partition)(x)
+        out.backward()
+        fn(x_eager).backward()
+        torch.testing.assert_close(out, fn(x_eager))
+        torch.testing.assert_close(x.grad, x_eager.grad)
+
+
+def test_compiler_contract_errors():
+    x = torch.randn(2, requires_grad=True)
+    with pytest.raises(CompilerError, match="returned NoneType"):
+        aot_function(lambda x: x * 2, lambda gm, ex: None)(x)
+    with pytest.raises(ArgumentError, match="fw_compiler"):
+        aot_function(lambda x: x * 2, None)
+    with pytest.raises(ArgumentError, match="nn.Module"):
+        aot_module(lambda x: x, nop)
+
+
+def test_custom_autograd_function_backward_ignored_is_said():
+    from reftrace.torch_bridge.capture import CustomBackwardIgnoredWarning
+
+    class RoundSTE(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.round()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    with pytest.warns(CustomBackwardIgnoredWarning, match="RoundSTE"):
+        aot_function(lambda x: RoundSTE.apply(x) * 3, nop)(torch.randn(3, requires_grad=True))
