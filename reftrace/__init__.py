@@ -7,15 +7,50 @@
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 from reftrace.errors import (ArgumentError, DataDependentControlFlowError, GraphError, PartitionError,
                              ReftraceError, ShapeError, TracingError, UnsupportedOperatorError, expect_graph)
 from reftrace.graph import Aval, Eqn, Graph, Literal, Params, Var, typecheck
 from reftrace.primitives import Primitive
-from reftrace.transforms.trace import trace
+from reftrace import lax
+from reftrace.transforms import trace as _numpy_trace
 
 __version__ = "0.1.0"
+
+
+def trace(fn: Callable[..., Any], *example_args: Any, **options: Any) -> Graph:
+    """The Graph of ``fn`` at the shapes/dtypes of ``example_args``.
+
+    torch tensors and ``nn.Module``s go to the torch bridge (``reftrace.torch_bridge.capture``:
+    a module's parameters and buffers become leading inputs; ``options`` such as
+    ``decompositions=`` are passed there); numpy arrays and Python numbers go to the
+    ``reftrace.numpy`` tracer (``reftrace.transforms.trace``).
+    """
+    if _is_torch(fn) or any(_is_torch(a) for a in example_args):
+        from reftrace.torch_bridge.capture import capture
+        return capture(fn, *example_args, **options)
+    return _numpy_trace.trace(fn, *example_args, **options)
+
+
+def _is_torch(x: Any) -> bool:
+    torch = sys.modules.get("torch")  # a torch value implies torch is imported: never import it here
+    return torch is not None and isinstance(x, (torch.Tensor, torch.nn.Module))
+
+
+def _evaluate_with_jax(prim: Primitive, args: Any, params: dict[str, Any]) -> Any:
+    """How ``reftrace.lax``/``reftrace.numpy`` run on concrete arrays outside a trace: one XLA call."""
+    try:
+        from reftrace.backends.jax import apply_eager
+    except ModuleNotFoundError as err:
+        raise UnsupportedOperatorError(
+            f"{prim.name} on concrete arrays (outside rt.trace) runs through the JAX backend, and "
+            f"{err.name} is not installed: pip install jax, or call it inside rt.trace") from None
+    return apply_eager(prim, args, params)
+
+
+lax.set_eager_evaluator(_evaluate_with_jax)
 
 
 def lower(graph: Graph, backend: str = "jax") -> Callable[..., tuple[Any, ...]]:

@@ -9,8 +9,9 @@ when a graph is printed.
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -342,6 +343,35 @@ def format_graph(graph: Graph, indent: int = 0) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- dead-code elimination
+
+def live_eqns(eqns: Sequence[Eqn], outputs: Iterable[Atom], available: Collection[Var] = ()) -> list[Eqn]:
+    """The equations (in order) that ``outputs`` need: reftrace's one dead-code elimination.
+
+    One backward sweep; every primitive is pure, so an equation none of whose outputs is
+    needed can go. Values in ``available`` are given rather than computed (a backward graph
+    reads saved values): an equation is kept only for a needed output that is not available.
+    """
+    # within one graph (or builder) a Var's id names it: sets of ints hash faster than sets of Vars
+    needed = {a.id for a in outputs if type(a) is Var}
+    given = {v.id for v in available}
+    kept: list[Eqn] = []
+    for eqn in reversed(eqns):
+        if any(v.id in needed and v.id not in given for v in eqn.outputs):
+            kept.append(eqn)
+            needed.update(a.id for a in eqn.inputs if type(a) is Var)
+    kept.reverse()
+    return kept
+
+
+def free_vars(eqns: Sequence[Eqn], outputs: Iterable[Atom]) -> set[Var]:
+    """The values ``eqns`` read or ``outputs`` name that ``eqns`` do not define: what they need as inputs."""
+    defined = {v for e in eqns for v in e.outputs}
+    used = {a for e in eqns for a in e.inputs if isinstance(a, Var)}
+    used.update(a for a in outputs if isinstance(a, Var))
+    return used - defined
+
+
 # ----------------------------------------------------------------------------- typecheck
 
 def typecheck(graph: Graph) -> None:
@@ -363,6 +393,20 @@ def typecheck(graph: Graph) -> None:
         num_primals, num_outs = graph.joint
         if not (0 <= num_primals <= len(graph.inputs) and 0 <= num_outs <= len(graph.outputs)):
             raise GraphError(f"joint spec {graph.joint} does not fit the graph's inputs/outputs")
+
+
+def checked(graph: Graph, transform: str) -> Graph:
+    """``graph`` as a transform returns it, typechecked first when ``REFTRACE_CHECK=1``.
+
+    Autodidax checks every jaxpr a transform makes; here that costs a shape-rule call per
+    equation, so it is a debug flag (the test suite turns it on). A failure names the transform.
+    """
+    if os.environ.get("REFTRACE_CHECK") == "1":
+        try:
+            typecheck(graph)
+        except (ShapeError, GraphError) as err:
+            raise GraphError(f"{transform} produced an ill-typed graph (REFTRACE_CHECK=1): {err}") from None
+    return graph
 
 
 def graph_from(inputs: Sequence[Var], eqns: Sequence[Eqn], outputs: Sequence[Atom],

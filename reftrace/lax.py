@@ -6,7 +6,7 @@ other operand's dtype) broadcast. Outside any trace, a call evaluates eagerly.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -195,10 +195,28 @@ def bind(prim: Primitive, *args: Any, **params: Any) -> Any:
     return wrapped if prim.multiple_results else wrapped[0]
 
 
+EagerEvaluator = Callable[[Primitive, Sequence[np.ndarray], dict[str, Any]], Any]
+_eager_evaluator: EagerEvaluator | None = None
+
+
+def set_eager_evaluator(evaluator: EagerEvaluator | None) -> EagerEvaluator | None:
+    """Choose how primitives run on concrete arrays outside a trace; returns the previous choice.
+
+    The core evaluates nothing itself: ``import reftrace`` installs the JAX backend's evaluator
+    (one XLA call per primitive), so the arrow runs from the facade to the backend, never from
+    the core.
+    """
+    global _eager_evaluator
+    previous, _eager_evaluator = _eager_evaluator, evaluator
+    return previous
+
+
 def _eager(prim: Primitive, args: Sequence[Any], params: dict[str, Any]) -> Any:
-    """Run one primitive on concrete arrays (through the JAX backend) outside any trace."""
-    from reftrace.backends.jax import apply_eager
-    return apply_eager(prim, [np.asarray(a) for a in args], params)
+    """Run one primitive on concrete arrays outside any trace, with the installed evaluator."""
+    if _eager_evaluator is None:
+        raise TracingError(f"{prim.name} was called on concrete arrays outside rt.trace, and no eager "
+                           "evaluator is installed (reftrace.lax.set_eager_evaluator); call it inside rt.trace")
+    return _eager_evaluator(prim, [np.asarray(a) for a in args], params)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -211,11 +229,21 @@ def _scalar_like(x: Any, other: Any) -> Any:
     return x
 
 
+def constant(value: Any, dtype: Any = None) -> Any:
+    """A constant operand: the one way rules, front ends and the torch bridge make constants.
+
+    ``value`` is a ``Literal`` or anything numpy reads (converted to ``dtype`` when given). Inside
+    a trace it is a TracedArray over a literal; outside, the plain numpy value.
+    """
+    lit = value if isinstance(value, Literal) else Literal.of(
+        np.asarray(value, dtype=None if dtype is None else np.dtype(dtype)))
+    b = current_builder()
+    return TracedArray(b, lit) if b is not None else lit.value
+
+
 def _wrap_literal(x: Any) -> Any:
-    if isinstance(x, Literal):
-        b = current_builder()
-        return TracedArray(b, x) if b is not None else x.value
-    return x
+    """Operands as given, Literals made into constants (Python scalars stay for the op to type)."""
+    return constant(x) if isinstance(x, Literal) else x
 
 
 def _unary(prim: Primitive):

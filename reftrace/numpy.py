@@ -71,7 +71,7 @@ def _cast(x: Any, dtype: np.dtype) -> Any:
     if isinstance(x, TracedArray):
         return lax.convert_element_type(x, dtype)
     arr = np.asarray(x).astype(dtype)
-    return lax._wrap_literal(lax.Literal.of(arr)) if lax.current_builder() is not None else arr
+    return lax.constant(arr)
 
 
 def _broadcast(x: Any, shape: tuple[int, ...]) -> Any:
@@ -79,7 +79,7 @@ def _broadcast(x: Any, shape: tuple[int, ...]) -> Any:
     if xs == shape or len(xs) == 0:
         return x
     if not isinstance(x, TracedArray) and lax.current_builder() is not None:
-        x = lax._wrap_literal(lax.Literal.of(np.asarray(x)))
+        x = lax.constant(x)
     return lax.broadcast_to_rank(x, shape)
 
 
@@ -310,7 +310,7 @@ def _as_traced(x: Any) -> Any:
         return x
     if lax.current_builder() is None:
         raise TracingError("reftrace.numpy reductions need a traced array (call them inside rt.trace)")
-    return lax._wrap_literal(lax.Literal.of(np.asarray(x)))
+    return lax.constant(x)
 
 
 def sum(x: Any, axis: Any = None, keepdims: bool = False, dtype: Any = None) -> Any:  # noqa: A001
@@ -635,7 +635,7 @@ def _take(x: Any, axis: int, index: Any) -> Any:
         n = x.shape[axis]
         if idx.size and (idx.min() < -n or idx.max() >= n):
             raise ShapeError(f"index out of bounds for axis {axis} with size {n}")
-        idx = lax._wrap_literal(lax.Literal.of((idx % n).astype(np.int64)))
+        idx = lax.constant((idx % n).astype(np.int64))
     else:
         idx = where(less(idx, 0), add(idx, x.shape[axis]), idx)
     ishape = idx.shape

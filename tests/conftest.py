@@ -1,5 +1,8 @@
-"""Test configuration: hypothesis profiles ("ci" by default, "deep" for long runs)."""
+"""Test configuration: hypothesis profiles ("ci" by default, "deep" for long runs), and every graph a
+transform makes is typechecked (``REFTRACE_CHECK=1``, unless the environment sets it otherwise)."""
 import os
+
+os.environ.setdefault("REFTRACE_CHECK", "1")
 
 from hypothesis import HealthCheck, settings
 

@@ -162,3 +162,46 @@ def test_core_does_not_import_torch_or_jax():
             "import reftrace.graph, reftrace.primitives, reftrace.lax, reftrace.interpreter;"
             "bad = [m for m in ('torch', 'jax') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_reftrace_check_typechecks_what_a_transform_returns(monkeypatch):
+    from reftrace.graph import checked
+    g = rt.trace(lambda x: rnp.cos(x), np.ones(3, np.float32))
+    bad = g.replace(outputs=g.outputs)  # a well-typed graph passes through unchanged
+    assert checked(bad, "test") is bad
+    eqn = g.eqns[0]
+    wrong = Var(eqn.outputs[0].id, Aval((4,), np.dtype(np.float32)))
+    ill = Graph(g.inputs, (Eqn(eqn.primitive, eqn.inputs, (wrong,), eqn.params),), (wrong,))
+    monkeypatch.setenv("REFTRACE_CHECK", "1")
+    with pytest.raises(rt.GraphError, match="test produced an ill-typed graph"):
+        checked(ill, "test")
+    monkeypatch.setenv("REFTRACE_CHECK", "0")
+    assert checked(ill, "test") is ill
+
+
+def test_core_never_imports_the_outer_layers():
+    """The arrows run one way: only the facades (``reftrace/__init__.py``, ``compile.py``) reach
+    ``backends/`` and ``torch_bridge/`` from the core (``reftrace/*.py``, ``reftrace/transforms/``)."""
+    import ast
+    import pathlib
+    root = pathlib.Path(rt.__file__).parent
+    core = [p for p in root.glob("*.py") if p.name not in ("__init__.py", "compile.py", "__main__.py")]
+    core += list((root / "transforms").glob("*.py"))
+    offenders = []
+    for path in core:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names
+                          if n.startswith(("reftrace.backends", "reftrace.torch_bridge", "torch", "jax"))]
+    assert offenders == []
+
+
+def test_eager_evaluation_without_an_evaluator_says_so():
+    previous = lax.set_eager_evaluator(None)
+    try:
+        with pytest.raises(rt.TracingError, match="no eager evaluator"):
+            rnp.cos(np.ones(2))
+    finally:
+        lax.set_eager_evaluator(previous)
+    np.testing.assert_allclose(rnp.cos(np.ones(2)), np.cos(np.ones(2)))

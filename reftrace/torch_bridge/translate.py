@@ -24,10 +24,11 @@ from reftrace import primitives as P
 from reftrace.backends.torch_dtypes import numpy_dtype
 from reftrace.builder import Builder
 from reftrace.errors import DataDependentControlFlowError, ReftraceError, TracingError, UnsupportedOperatorError
-from reftrace.graph import Aval, Graph, Literal, Var
+from reftrace.graph import Aval, Graph, Literal, checked
 from reftrace.lax import TracedArray
 from reftrace.torch_bridge.aten import NodeContext, aten_rules
 from reftrace.torch_bridge.aten import _common
+from reftrace.transforms.simplify import eliminate_dead_code
 
 DOCS_ANCHOR = "docs/torch.md#unsupported-operators"
 
@@ -146,7 +147,7 @@ class Translator:
                                    "without being made by one; please report it")
             with no_dispatch():  # a constant's values, read beneath the fake-tensor mode we run inside
                 value = Literal.of(tensor_to_numpy(t))
-            entry = self.env[id(t)] = _Entry(t, lax._wrap_literal(value), False)
+            entry = self.env[id(t)] = _Entry(t, lax.constant(value), False)
         if consumer_stops or not entry.stops or isinstance(entry.value, _Unsupported):
             return entry.value
         if entry.stopped is None:
@@ -224,7 +225,7 @@ class Translator:
                                    "not a tensor")
             atoms.append(value.atom)
         inputs = [t.atom for t in self.inputs] + ([key.atom] if key is not None else [])
-        return prune(self.builder.build(inputs, atoms))
+        return checked(eliminate_dead_code(self.builder.build(inputs, atoms)), "capture")
 
 
 def _aval_of_result(meta: torch.Tensor, op: Any) -> Aval:
@@ -247,7 +248,7 @@ def _check(op: Any, result: Any, out_avals: list[Aval | None], multiple: bool) -
             checked.append(r)
             continue
         if not isinstance(r, TracedArray):
-            r = lax._wrap_literal(Literal.of(np.asarray(r, dtype=aval.dtype)))
+            r = lax.constant(r, aval.dtype)
         if r.shape != aval.shape:
             raise ReftraceError(f"reftrace bug: the ATen rule for {op_display_name(op)} produced "
                                 f"{r.aval.str_short()} but torch says {aval.str_short()}; please report it")
@@ -274,16 +275,3 @@ def _stop_gradient(value: Any) -> Any:
     if isinstance(value, TracedArray) and P.is_float(value.dtype):
         return lax.stop_gradient(value)
     return value
-
-
-def prune(graph: Graph) -> Graph:
-    """Drop equations whose outputs nothing uses (every primitive is pure)."""
-    needed = {a for a in graph.outputs if isinstance(a, Var)}
-    kept = []
-    for eqn in reversed(graph.eqns):
-        if any(v in needed for v in eqn.outputs):
-            kept.append(eqn)
-            needed.update(a for a in eqn.inputs if isinstance(a, Var))
-    if len(kept) == len(graph.eqns):
-        return graph
-    return graph.replace(eqns=tuple(reversed(kept)))

@@ -22,7 +22,7 @@ import numpy as np
 
 from reftrace.builder import Builder
 from reftrace.errors import PartitionError, expect_graph
-from reftrace.graph import Eqn, Graph, Var
+from reftrace.graph import Eqn, Graph, Var, checked, free_vars, live_eqns
 from reftrace.primitives import eqn_is_random
 from reftrace.transforms.policies import (MinCut, Policy, default_ban, dots_saveable, resolve_policy, save_all,
                                           save_anything_except_these, save_nothing, save_only_these)
@@ -398,21 +398,13 @@ def split(analysis: JointAnalysis, saved: Iterable[Var]) -> Partition:
             raise PartitionError(f"cannot save {v!r}: it depends on the cotangents")
         is_saved[v.id] = True
 
-    needed = [False] * len(analysis.values)
-    for a in analysis.grads:
-        if isinstance(a, Var):
-            needed[a.id] = True
-    backward_eqns: list[Eqn] = []
-    for k in range(len(joint.eqns) - 1, -1, -1):
-        eqn = joint.eqns[k]
-        if any(needed[v.id] and not is_saved[v.id] for v in eqn.outputs):
-            backward_eqns.append(eqn)
-            for i in analysis.operands[k]:
-                needed[i] = True
-    missing = [v for v in analysis.primals if needed[v.id] and not is_saved[v.id]]
+    saved_set = {v for v in analysis.values if is_saved[v.id]}
+    backward_eqns = live_eqns(joint.eqns, analysis.grads, available=saved_set)
+    needed = free_vars(backward_eqns, analysis.grads)
+    missing = [v for v in analysis.primals if v in needed and not is_saved[v.id]]
     if missing:
         raise PartitionError(f"the backward needs primal inputs {missing} that the policy did not save")
-    saved_vars = tuple(v for v in analysis.values if is_saved[v.id] and needed[v.id])
+    saved_vars = tuple(v for v in analysis.values if is_saved[v.id] and v in needed)
 
     # An equation recomputed in the backward may also have a saved output (multiple results):
     # that output is already a backward input, so the recomputed copy gets a fresh name.
@@ -421,20 +413,10 @@ def split(analysis: JointAnalysis, saved: Iterable[Var]) -> Partition:
         e if not any(is_saved[v.id] for v in e.outputs) else
         Eqn(e.primitive, e.inputs, tuple(fresh.new_var(v.aval) if is_saved[v.id] else v for v in e.outputs),
             e.params)
-        for e in reversed(backward_eqns)]
+        for e in backward_eqns]
     backward = Graph(saved_vars + tuple(analysis.cotangents), tuple(backward_eqns), analysis.grads)
 
     targets = tuple(analysis.outs) + saved_vars
-    live = [False] * len(analysis.values)
-    for a in targets:
-        if isinstance(a, Var):
-            live[a.id] = True
-    forward_eqns: list[Eqn] = []
-    for k in range(len(joint.eqns) - 1, -1, -1):
-        eqn = joint.eqns[k]
-        if any(live[v.id] for v in eqn.outputs):
-            forward_eqns.append(eqn)
-            for i in analysis.operands[k]:
-                live[i] = True
-    forward = Graph(tuple(analysis.primals), tuple(reversed(forward_eqns)), targets)
-    return Partition(forward, backward, len(saved_vars))
+    forward = Graph(tuple(analysis.primals), tuple(live_eqns(joint.eqns, targets)), targets)
+    return Partition(checked(forward, "partition (forward)"), checked(backward, "partition (backward)"),
+                     len(saved_vars))

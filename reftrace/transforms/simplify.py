@@ -35,7 +35,7 @@ import numpy as np
 from reftrace import primitives as P
 from reftrace.builder import Builder
 from reftrace.errors import expect_graph
-from reftrace.graph import Atom, Eqn, Graph, Literal, Params, Var
+from reftrace.graph import Atom, Eqn, Graph, Literal, Params, Var, checked, live_eqns
 from reftrace.interpreter import eval_graph
 from reftrace.primitives import Primitive, infer_avals
 
@@ -53,7 +53,7 @@ def simplify(graph: Graph) -> Graph:
     shared and dead code removed. The result computes the same outputs from the same inputs."""
     expect_graph(graph, "simplify")
     eqns, outputs = _rewrite(graph, fold=True)
-    return Graph(graph.inputs, tuple(live_eqns(eqns, outputs)), tuple(outputs), graph.joint)
+    return checked(Graph(graph.inputs, tuple(live_eqns(eqns, outputs)), tuple(outputs), graph.joint), "simplify")
 
 
 def rewrite(graph: Graph, fold: bool = True) -> Graph:
@@ -67,18 +67,6 @@ def eliminate_dead_code(graph: Graph) -> Graph:
     """``graph`` without the equations that no output needs."""
     kept = live_eqns(graph.eqns, graph.outputs)
     return graph if len(kept) == len(graph.eqns) else graph.replace(eqns=tuple(kept))
-
-
-def live_eqns(eqns: Sequence[Eqn], outputs: Sequence[Atom]) -> list[Eqn]:
-    """The equations (in order) that ``outputs`` need, one backward sweep."""
-    live: set[Var] = {a for a in outputs if isinstance(a, Var)}
-    kept: list[Eqn] = []
-    for eqn in reversed(eqns):
-        if any(v in live for v in eqn.outputs):
-            kept.append(eqn)
-            live.update(a for a in eqn.inputs if isinstance(a, Var))
-    kept.reverse()
-    return kept
 
 
 def _rewrite(graph: Graph, fold: bool) -> tuple[list[Eqn], list[Atom]]:

@@ -1,27 +1,21 @@
-"""``trace``: run a function on example arguments and return its Graph.
+"""``trace``: run a ``reftrace.numpy`` function on example arrays and return its Graph.
 
-numpy arrays (and Python scalars) go to the ``reftrace.numpy`` tracer; torch
-tensors and ``nn.Module`` callables go to the torch bridge.
+``rt.trace`` (the facade, ``reftrace/__init__.py``) sends torch tensors and ``nn.Module``s to
+the torch bridge instead; the core never imports it.
 """
 from __future__ import annotations
 
 import inspect
-import sys
 from typing import Any, Callable
 
 import numpy as np
 
 from reftrace.builder import Builder
 from reftrace.errors import ArgumentError, TracingError
-from reftrace.graph import Atom, Aval, Graph, Literal
+from reftrace.graph import Atom, Aval, Graph, Literal, checked
 from reftrace.lax import TracedArray, check_dtype, new_input, tracing
 
 _OUTPUTS_MUST_BE_ARRAYS = "rt.trace outputs must be arrays: return one array, or a flat tuple/list of arrays"
-
-
-def _is_torch(x: Any) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and (isinstance(x, torch.Tensor) or isinstance(x, torch.nn.Module))
 
 
 def trace(fn: Callable[..., Any], *example_args: Any, **kwargs: Any) -> Graph:
@@ -30,13 +24,10 @@ def trace(fn: Callable[..., Any], *example_args: Any, **kwargs: Any) -> Graph:
     Example arguments are numpy arrays or Python numbers of bool, integer or floating
     dtype; anything else (a string, None, a complex array) is an ArgumentError, and so is a
     count that ``fn`` cannot take. Outputs may be one array or a flat tuple/list of arrays;
-    anything else is a TracingError. For torch functions and modules see
-    ``reftrace.torch_bridge.capture`` (keyword options are passed there).
+    anything else is a TracingError. Keyword options are for torch functions (see
+    ``reftrace.torch_bridge.capture``), which ``rt.trace`` sends there.
     """
     _check_callable(fn)
-    if _is_torch(fn) or any(_is_torch(a) for a in example_args):
-        from reftrace.torch_bridge.capture import capture
-        return capture(fn, *example_args, **kwargs)
     if kwargs:
         raise ArgumentError(f"rt.trace got keyword arguments {sorted(kwargs)}; a numpy trace passes its example "
                             "arguments by position (keyword options such as decompositions= are for torch "
@@ -48,7 +39,8 @@ def trace(fn: Callable[..., Any], *example_args: Any, **kwargs: Any) -> Graph:
     with tracing(builder):
         out = fn(*inputs)
     outs = out if isinstance(out, (tuple, list)) else (out,)
-    return builder.build([t.atom for t in inputs], [_output_atom(builder, o, i) for i, o in enumerate(outs)])
+    graph = builder.build([t.atom for t in inputs], [_output_atom(builder, o, i) for i, o in enumerate(outs)])
+    return checked(graph, "trace")
 
 
 def _check_callable(fn: Any) -> None:

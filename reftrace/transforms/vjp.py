@@ -16,7 +16,7 @@ import numpy as np
 from reftrace import lax
 from reftrace.builder import Builder
 from reftrace.errors import ArgumentError, GraphError, UnsupportedOperatorError, expect_graph
-from reftrace.graph import Atom, Eqn, Graph, Params, Var
+from reftrace.graph import Graph, Params, Var, checked, live_eqns
 from reftrace.interpreter import eval_graph
 from reftrace.lax import TracedArray, new_input, tracing
 from reftrace.primitives import Primitive, is_float, stop_gradient_p
@@ -62,9 +62,11 @@ def vjp(graph: Graph, wrt: int | Sequence[int] | None = None, nondiff_outputs: i
             grads.append(ct_env[v] if v in ct_env else lax.zeros(v.aval))
 
     outputs = [o.atom for o in outs] + [g.atom for g in grads]
-    builder.eqns = _drop_dead_backward(builder.eqns, num_forward_eqns, outputs)
+    # the forward replay stays verbatim; rules compute a cotangent for every operand, and the ones no
+    # gradient needs (a constant's, a non-``wrt`` input's) die here instead of complicating each rule
+    builder.eqns = builder.eqns[:num_forward_eqns] + live_eqns(builder.eqns[num_forward_eqns:], outputs)
     inputs = [p.atom for p in primals] + [c.atom for c in cotangents]
-    return builder.build(inputs, outputs, joint=(len(graph.inputs), len(graph.outputs)))
+    return checked(builder.build(inputs, outputs, joint=(len(graph.inputs), len(graph.outputs))), "vjp")
 
 
 def differentiable_inputs(graph: Graph, wrt: int | Sequence[int] | None = None) -> tuple[int, ...]:
@@ -204,20 +206,3 @@ def _backward(graph: Graph, records: Sequence[Record], active: set[Var], ct_env:
 def _accumulate(ct_env: dict[Var, TracedArray], v: Var, ct: TracedArray) -> None:
     """Cotangents of a value used more than once add up."""
     ct_env[v] = lax.add(ct_env[v], ct) if v in ct_env else ct
-
-
-def _drop_dead_backward(eqns: Sequence[Eqn], num_forward: int, outputs: Sequence[Atom]) -> list[Eqn]:
-    """Keep the forward replay verbatim; drop backward equations nothing uses.
-
-    Rules compute a cotangent for every operand; the ones no gradient needs (a
-    constant's, a non-``wrt`` input's) die here instead of complicating each rule.
-    """
-    live = {a for a in outputs if isinstance(a, Var)}
-    kept: list[Eqn] = []
-    for index in range(len(eqns) - 1, -1, -1):
-        e = eqns[index]
-        if index < num_forward or any(v in live for v in e.outputs):
-            kept.append(e)
-            live.update(a for a in e.inputs if isinstance(a, Var))
-    kept.reverse()
-    return kept

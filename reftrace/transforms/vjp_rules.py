@@ -43,7 +43,7 @@ vjp_rules: dict[Primitive, VjpRule] = {}
 
 def _const(value: float, like: TracedArray) -> TracedArray:
     """A rank-0 constant of ``like``'s dtype (rank-0 operands broadcast in elementwise ops)."""
-    return lax.full((), value, like.dtype)
+    return lax.constant(value, like.dtype)
 
 
 def _unbroadcast(ct: TracedArray, aval: Any) -> TracedArray:

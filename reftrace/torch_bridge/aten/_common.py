@@ -20,7 +20,7 @@ from reftrace import lax
 from reftrace import primitives as P
 from reftrace.backends.torch_dtypes import numpy_dtype, torch_dtype
 from reftrace.errors import UnsupportedOperatorError
-from reftrace.graph import Aval, Literal
+from reftrace.graph import Aval
 from reftrace.lax import TracedArray
 
 aten = torch.ops.aten
@@ -73,8 +73,8 @@ def is_tensor(x: Any) -> bool:
 
 
 def literal(value: Any, dtype: Any) -> TracedArray:
-    """A constant (scalar or array) as a traced operand of ``dtype``."""
-    return lax._wrap_literal(Literal.of(np.asarray(value, dtype=np.dtype(dtype))))
+    """A constant (scalar or array) as a traced operand of ``dtype`` (``lax.constant`` with its dtype required)."""
+    return lax.constant(value, dtype)
 
 
 def cast(x: Any, dtype: Any) -> TracedArray:
