@@ -14,17 +14,17 @@ from reftrace.primitives import Primitive
 jax_rules: dict[Primitive, Callable[..., Any]] = {}
 
 _UNARY = {
-    "exp": jnp.exp, "log": jnp.log, "log1p": jnp.log1p, "expm1": jnp.expm1, "tanh": jnp.tanh,
-    "logistic": jax.nn.sigmoid, "sin": jnp.sin, "cos": jnp.cos, "tan": jnp.tan, "asin": jnp.arcsin,
-    "acos": jnp.arccos, "atan": jnp.arctan, "sinh": jnp.sinh, "cosh": jnp.cosh, "asinh": jnp.arcsinh,
-    "acosh": jnp.arccosh, "atanh": jnp.arctanh, "sqrt": jnp.sqrt, "rsqrt": lax.rsqrt, "cbrt": jnp.cbrt,
-    "erf": jax.scipy.special.erf, "erfc": jax.scipy.special.erfc, "erf_inv": jax.scipy.special.erfinv,
-    "lgamma": jax.scipy.special.gammaln, "digamma": jax.scipy.special.digamma,
-    "floor": jnp.floor, "ceil": jnp.ceil, "round": jnp.round, "neg": jnp.negative, "sign": jnp.sign,
-    "abs": jnp.abs, "is_finite": jnp.isfinite,
+    P.exp_p: jnp.exp, P.log_p: jnp.log, P.log1p_p: jnp.log1p, P.expm1_p: jnp.expm1, P.tanh_p: jnp.tanh,
+    P.logistic_p: jax.nn.sigmoid, P.sin_p: jnp.sin, P.cos_p: jnp.cos, P.tan_p: jnp.tan, P.asin_p: jnp.arcsin,
+    P.acos_p: jnp.arccos, P.atan_p: jnp.arctan, P.sinh_p: jnp.sinh, P.cosh_p: jnp.cosh, P.asinh_p: jnp.arcsinh,
+    P.acosh_p: jnp.arccosh, P.atanh_p: jnp.arctanh, P.sqrt_p: jnp.sqrt, P.rsqrt_p: lax.rsqrt, P.cbrt_p: jnp.cbrt,
+    P.erf_p: jax.scipy.special.erf, P.erfc_p: jax.scipy.special.erfc, P.erf_inv_p: jax.scipy.special.erfinv,
+    P.lgamma_p: jax.scipy.special.gammaln, P.digamma_p: jax.scipy.special.digamma,
+    P.floor_p: jnp.floor, P.ceil_p: jnp.ceil, P.round_p: jnp.round, P.neg_p: jnp.negative, P.sign_p: jnp.sign,
+    P.abs_p: jnp.abs, P.is_finite_p: jnp.isfinite,
 }
-for _name, _fn in _UNARY.items():
-    jax_rules[P.registry[_name]] = _fn
+for _prim, _fn in _UNARY.items():
+    jax_rules[_prim] = _fn
 
 
 def _not(x):
@@ -50,12 +50,12 @@ def _pow(x, y):
 
 
 _BINARY = {
-    "add": jnp.add, "sub": jnp.subtract, "mul": jnp.multiply, "div": _int_div, "rem": _rem, "pow": _pow,
-    "max": jnp.maximum, "min": jnp.minimum, "atan2": jnp.arctan2, "eq": jnp.equal, "ne": jnp.not_equal,
-    "lt": jnp.less, "le": jnp.less_equal, "gt": jnp.greater, "ge": jnp.greater_equal,
+    P.add_p: jnp.add, P.sub_p: jnp.subtract, P.mul_p: jnp.multiply, P.div_p: _int_div, P.rem_p: _rem, P.pow_p: _pow,
+    P.max_p: jnp.maximum, P.min_p: jnp.minimum, P.atan2_p: jnp.arctan2, P.eq_p: jnp.equal, P.ne_p: jnp.not_equal,
+    P.lt_p: jnp.less, P.le_p: jnp.less_equal, P.gt_p: jnp.greater, P.ge_p: jnp.greater_equal,
 }
-for _name, _fn in _BINARY.items():
-    jax_rules[P.registry[_name]] = _fn
+for _prim, _fn in _BINARY.items():
+    jax_rules[_prim] = _fn
 
 
 def _logical(bool_fn, int_fn):

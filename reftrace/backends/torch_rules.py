@@ -106,15 +106,15 @@ def _cbrt(x: Any) -> Any:
 
 
 _UNARY = {
-    "exp": torch.exp, "log": torch.log, "log1p": torch.log1p, "expm1": torch.expm1, "tanh": torch.tanh,
-    "logistic": torch.sigmoid, "sin": torch.sin, "cos": torch.cos, "tan": torch.tan, "asin": torch.asin,
-    "acos": torch.acos, "atan": torch.atan, "sinh": torch.sinh, "cosh": torch.cosh, "asinh": torch.asinh,
-    "acosh": torch.acosh, "atanh": torch.atanh, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
-    "erf": torch.erf, "erfc": torch.erfc, "erf_inv": torch.erfinv, "lgamma": torch.lgamma,
-    "digamma": torch.digamma, "floor": torch.floor, "ceil": torch.ceil,
-    "round": torch.round,  # half to even, as lax.round with ROUND_TO_NEAREST_EVEN / jnp.round
-    "neg": torch.neg, "sign": torch.sign, "abs": torch.abs, "is_finite": torch.isfinite,
-    "not": torch.bitwise_not,  # logical not on bool, bitwise not on integers
+    P.exp_p: torch.exp, P.log_p: torch.log, P.log1p_p: torch.log1p, P.expm1_p: torch.expm1, P.tanh_p: torch.tanh,
+    P.logistic_p: torch.sigmoid, P.sin_p: torch.sin, P.cos_p: torch.cos, P.tan_p: torch.tan, P.asin_p: torch.asin,
+    P.acos_p: torch.acos, P.atan_p: torch.atan, P.sinh_p: torch.sinh, P.cosh_p: torch.cosh, P.asinh_p: torch.asinh,
+    P.acosh_p: torch.acosh, P.atanh_p: torch.atanh, P.sqrt_p: torch.sqrt, P.rsqrt_p: torch.rsqrt,
+    P.erf_p: torch.erf, P.erfc_p: torch.erfc, P.erf_inv_p: torch.erfinv, P.lgamma_p: torch.lgamma,
+    P.digamma_p: torch.digamma, P.floor_p: torch.floor, P.ceil_p: torch.ceil,
+    P.round_p: torch.round,  # half to even, as lax.round with ROUND_TO_NEAREST_EVEN / jnp.round
+    P.neg_p: torch.neg, P.sign_p: torch.sign, P.abs_p: torch.abs, P.is_finite_p: torch.isfinite,
+    P.not_p: torch.bitwise_not,  # logical not on bool, bitwise not on integers
 }
 
 
@@ -125,9 +125,9 @@ def _unary(fn: Callable[..., Any]) -> Callable[..., Any]:
     return rule
 
 
-for _name, _fn in _UNARY.items():
-    torch_rules[P.registry[_name]] = _unary(_fn)
-torch_rules[P.registry["cbrt"]] = _cbrt
+for _prim, _fn in _UNARY.items():
+    torch_rules[_prim] = _unary(_fn)
+torch_rules[P.cbrt_p] = _cbrt
 torch_rules[P.integer_pow_p] = lambda x, *, y: torch.pow(_t(x), y)
 
 
