@@ -74,9 +74,9 @@ NUMPY_RULES = {
 
 
 def run(graph, *args):
-    def apply(prim, values, params):
+    def apply(eqn, values):
         with np.errstate(all="ignore"):
-            return (np.asarray(NUMPY_RULES[prim](*values, **dict(params))),)
+            return (np.asarray(NUMPY_RULES[eqn.primitive](*values, **dict(eqn.params))),)
     return [np.asarray(v) for v in eval_graph(graph, list(args), apply)]
 
 

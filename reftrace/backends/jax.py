@@ -19,12 +19,13 @@ from reftrace.interpreter import eval_graph
 from reftrace.primitives import Primitive, infer_avals
 
 
-def _apply(prim: Primitive, args: Sequence[Any], params: Params) -> Sequence[Any]:
+def _apply(eqn: Eqn, args: Sequence[Any]) -> Sequence[Any]:
+    prim = eqn.primitive
     try:
         rule = jax_rules[prim]
     except KeyError:
         raise UnsupportedOperatorError(f"primitive {prim.name} has no JAX lowering") from None
-    out = rule(*args, **dict(params))
+    out = rule(*args, **dict(eqn.params))
     return out if prim.multiple_results else (out,)
 
 

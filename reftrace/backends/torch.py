@@ -23,7 +23,7 @@ from reftrace.backends.signature import check_args
 from reftrace.backends.torch_dtypes import tensor_from_numpy
 from reftrace.backends.torch_rules import AVAL_META, as_tensor, aval_of, torch_rules
 from reftrace.errors import ArgumentError, UnsupportedOperatorError
-from reftrace.graph import Aval, Graph, Literal, Params
+from reftrace.graph import Aval, Eqn, Graph, Literal, Params
 from reftrace.interpreter import eval_graph
 from reftrace.primitives import Primitive, infer_avals
 
@@ -60,7 +60,7 @@ def apply_torch(prim: Primitive, operands: Sequence[Any], params: Params | dict)
 def eval_torch(graph: Graph, *args: Any) -> tuple[torch.Tensor, ...]:
     """Interpret ``graph`` op by op with eager torch (no FX); handy for debugging a rule."""
     tensors = [_to_tensor(a) for a in check_args(graph, args, "eagerly evaluated graph")]
-    return tuple(eval_graph(graph, tensors, apply_torch))
+    return tuple(eval_graph(graph, tensors, lambda eqn, operands: apply_torch(eqn.primitive, operands, eqn.params)))
 
 
 # ----------------------------------------------------------------------------- FX emission
@@ -187,13 +187,11 @@ def to_fx(graph: Graph, input_names: Sequence[str] | None = None, output_as_list
         root.register_buffer(f"_literal_{i}", buffer if device is None else buffer.to(device))
         constants[lit] = proxy(fx_graph.get_attr(f"_literal_{i}"), lit.aval)
 
-    out_vars = (e.outputs for e in graph.eqns)  # eval_graph applies the equations in order
-
-    def apply(prim: Primitive, operands: Sequence[Any], params: Params) -> tuple[Any, ...]:
-        outs = _call_rule(prim, operands, params)
-        for out, var in zip(outs, next(out_vars), strict=True):
+    def apply(eqn: Eqn, operands: Sequence[Any]) -> tuple[Any, ...]:
+        outs = _call_rule(eqn.primitive, operands, eqn.params)
+        for out, var in zip(outs, eqn.outputs, strict=True):
             if not isinstance(out, fx.Proxy):
-                raise RuntimeError(f"internal: torch rule for {prim.name} returned {type(out).__name__} "
+                raise RuntimeError(f"internal: torch rule for {eqn.primitive.name} returned {type(out).__name__} "
                                    "instead of a traced value")
             out.node.meta[AVAL_META] = var.aval
         return outs

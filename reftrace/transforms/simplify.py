@@ -73,7 +73,8 @@ def _rewrite(graph: Graph, fold: bool) -> tuple[list[Eqn], list[Atom]]:
     builder = Builder()
     seen: dict[tuple, tuple[Var, ...]] = {}
 
-    def apply(prim: Primitive, atoms: Sequence[Atom], params: Params) -> Sequence[Atom]:
+    def apply(eqn: Eqn, atoms: Sequence[Atom]) -> Sequence[Atom]:
+        prim, params = eqn.primitive, eqn.params
         same = forwarded_operand(prim, atoms, params)
         if same is not None:
             return (same,)

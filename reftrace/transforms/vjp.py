@@ -16,10 +16,10 @@ import numpy as np
 from reftrace import lax
 from reftrace.builder import Builder
 from reftrace.errors import ArgumentError, GraphError, UnsupportedOperatorError, expect_graph
-from reftrace.graph import Graph, Params, Var, checked, live_eqns
+from reftrace.graph import Eqn, Graph, Var, checked, live_eqns
 from reftrace.interpreter import eval_graph
 from reftrace.lax import TracedArray, new_input, tracing
-from reftrace.primitives import Primitive, is_float, stop_gradient_p
+from reftrace.primitives import is_float, stop_gradient_p
 from reftrace.transforms.vjp_rules import vjp_rules
 
 
@@ -126,9 +126,10 @@ def _replay_forward(builder: Builder, graph: Graph, primals: Sequence[TracedArra
     """Re-emit ``graph``'s equations verbatim; record each one's operand and result values."""
     records: list[Record] = []
 
-    def apply(prim: Primitive, values: Sequence[TracedArray], params: Params) -> tuple[TracedArray, ...]:
+    def apply(eqn: Eqn, values: Sequence[TracedArray]) -> tuple[TracedArray, ...]:
         # the equation verbatim: its params are already frozen, so the builder takes them as they are
-        outs = tuple(TracedArray(builder, v) for v in builder.bind(prim, [v.atom for v in values], params))
+        outs = tuple(TracedArray(builder, v)
+                     for v in builder.bind(eqn.primitive, [v.atom for v in values], eqn.params))
         records.append((list(values), outs))
         return outs
 
