@@ -407,8 +407,3 @@ def checked(graph: Graph, transform: str) -> Graph:
         except (ShapeError, GraphError) as err:
             raise GraphError(f"{transform} produced an ill-typed graph (REFTRACE_CHECK=1): {err}") from None
     return graph
-
-
-def graph_from(inputs: Sequence[Var], eqns: Sequence[Eqn], outputs: Sequence[Atom],
-               joint: tuple[int, int] | None = None) -> Graph:
-    return Graph(tuple(inputs), tuple(eqns), tuple(outputs), joint)

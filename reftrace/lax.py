@@ -13,7 +13,7 @@ import numpy as np
 from reftrace import primitives as P
 from reftrace.builder import Builder
 from reftrace.errors import ArgumentError, DataDependentControlFlowError, ShapeError, TracingError
-from reftrace.graph import Atom, Aval, Literal, Var
+from reftrace.graph import Atom, Aval, Literal
 from reftrace.primitives import Primitive
 
 _builders: list[Builder] = []
@@ -537,6 +537,3 @@ def aval_of(x: Any) -> Aval:
     arr = np.asarray(x)
     return Aval(arr.shape, arr.dtype)
 
-
-__all__ = [n for n in dir() if not n.startswith("_")]
-_ = Var  # re-exported for rule authors

@@ -128,11 +128,6 @@ logical_or = _binary(P.or_p, "logical_or", "ib")
 logical_xor = _binary(P.xor_p, "logical_xor", "ib")
 
 
-def _bool_add_guard(x: Any, y: Any) -> None:
-    if result_type(x, y) == np.bool_:
-        raise ShapeError("add/subtract of two bool arrays is not supported; use logical_or/xor")
-
-
 def divide(x: Any, y: Any) -> Any:
     """True division; integer operands give float64 (numpy)."""
     dtype = result_type(x, y)

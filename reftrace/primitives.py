@@ -641,3 +641,14 @@ random_fold_in_p = _new("random_fold_in", _random_fold_in_rule, differentiable=F
 
 def eqn_is_random(prim: Primitive) -> bool:
     return prim is random_p
+
+
+# ----------------------------------------------------------------------------- primitive groups
+# Defined once here; transforms and partition policies ask these instead of listing primitives.
+
+REDUCTIONS = (reduce_sum_p, reduce_max_p, reduce_min_p, reduce_prod_p, reduce_and_p, reduce_or_p)
+"""Reductions over ``axes`` (the identity when ``axes`` is empty)."""
+INDEX_REDUCTIONS = (argmax_p, argmin_p)
+"""Reductions to the index of an extremum along one axis."""
+COMPUTE_INTENSIVE = (dot_general_p, conv_general_dilated_p)
+"""Primitives whose work grows faster than their inputs: what partitioners save rather than recompute."""

@@ -80,12 +80,11 @@ def save_anything_except_these(*primitives: Primitive | str | Iterable[Primitive
     return policy
 
 
-dots_saveable: Policy = save_only_these(P.dot_general_p, P.conv_general_dilated_p)
+dots_saveable: Policy = save_only_these(*P.COMPUTE_INTENSIVE)
 """Save matmuls and convolutions, recompute the (cheap, elementwise) rest."""
 
-REDUCTIONS = frozenset({P.reduce_sum_p, P.reduce_max_p, P.reduce_min_p, P.reduce_prod_p, P.reduce_and_p,
-                        P.reduce_or_p, P.argmax_p, P.argmin_p})
-COMPUTE_INTENSIVE = frozenset({P.dot_general_p, P.conv_general_dilated_p})
+_NOT_RECOMPUTED = frozenset(P.COMPUTE_INTENSIVE)
+_SHRINKING = frozenset(P.REDUCTIONS + P.INDEX_REDUCTIONS)
 
 
 def default_ban(eqn: Eqn) -> bool:
@@ -93,9 +92,9 @@ def default_ban(eqn: Eqn) -> bool:
     convolutions (too expensive to run twice), reductions whose output is more than 4x smaller
     than their input (recomputing would need the big input in the backward, defeating the
     point of saving the small result), and random draws."""
-    if eqn.primitive in COMPUTE_INTENSIVE or P.eqn_is_random(eqn.primitive):
+    if eqn.primitive in _NOT_RECOMPUTED or P.eqn_is_random(eqn.primitive):
         return True
-    if eqn.primitive in REDUCTIONS:
+    if eqn.primitive in _SHRINKING:
         in_bytes = eqn.inputs[0].nbytes
         out_bytes = sum(v.nbytes for v in eqn.outputs)
         return in_bytes > 4 * out_bytes

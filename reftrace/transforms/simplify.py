@@ -114,14 +114,12 @@ def forwarded_operand(prim: Primitive, atoms: Sequence[Atom], params: Params) ->
         return atoms[0] if all(tuple(c) == (0, 0, 0) for c in params["padding_config"]) else None
     if prim is P.rev_p:
         return atoms[0] if not params["dimensions"] else None
-    if prim in _REDUCTIONS:
+    if prim in P.REDUCTIONS:
         return atoms[0] if not params["axes"] else None
     if prim is P.concatenate_p:
         return atoms[0] if len(atoms) == 1 else None
     return None
 
-
-_REDUCTIONS = (P.reduce_sum_p, P.reduce_max_p, P.reduce_min_p, P.reduce_prod_p, P.reduce_and_p, P.reduce_or_p)
 
 
 # ----------------------------------------------------------------------------- folding

@@ -10,7 +10,6 @@ import itertools
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from reftrace import lax
 from reftrace import primitives as P
