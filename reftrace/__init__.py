@@ -10,11 +10,12 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-from reftrace.errors import (ArgumentError, DataDependentControlFlowError, GraphError, PartitionError,
-                             ReftraceError, ShapeError, TracingError, UnsupportedOperatorError, expect_graph)
-from reftrace.graph import Aval, Eqn, Graph, Literal, Params, Var, typecheck
-from reftrace.primitives import Primitive
+from reftrace.errors import (ArgumentError, CompilerError, DataDependentControlFlowError, GraphError,
+                             PartitionError, ReftraceError, ShapeError, TracingError, UnsupportedOperatorError)
+from reftrace.graph import Aval, Eqn, Graph, Literal, Params, Var, expect_graph
+from reftrace.primitives import Primitive, typecheck
 from reftrace import lax
+from reftrace import numpy as _numpy  # noqa: F401 - installs TracedArray's numpy operators
 from reftrace.transforms import trace as _numpy_trace
 
 __version__ = "0.1.0"
@@ -91,4 +92,5 @@ def __getattr__(name: str) -> Any:
 
 __all__ = ["trace", "vjp", "partition", "Partition", "simplify", "lower", "typecheck", "Graph", "Eqn", "Var",
            "Literal", "Aval", "Params", "Primitive", "ReftraceError", "GraphError", "ShapeError", "TracingError",
-           "DataDependentControlFlowError", "UnsupportedOperatorError", "ArgumentError", "PartitionError"]
+           "DataDependentControlFlowError", "UnsupportedOperatorError", "ArgumentError", "PartitionError",
+           "CompilerError"]

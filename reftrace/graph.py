@@ -9,13 +9,12 @@ when a graph is printed.
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass, field
 from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from reftrace.errors import GraphError, ShapeError
+from reftrace.errors import ArgumentError, GraphError, ShapeError
 
 Shape = tuple[int, ...]
 
@@ -372,38 +371,16 @@ def free_vars(eqns: Sequence[Eqn], outputs: Iterable[Atom]) -> set[Var]:
     return used - defined
 
 
-# ----------------------------------------------------------------------------- typecheck
-
-def typecheck(graph: Graph) -> None:
-    """Re-derive every equation's output avals from the shape rules; raise ShapeError on mismatch."""
-    from reftrace.primitives import infer_avals  # local import: primitives depend on graph
-
-    for i, e in enumerate(graph.eqns):
-        try:
-            expected = infer_avals(e.primitive, [a.aval for a in e.inputs], e.params)
-        except ShapeError as exc:
-            raise ShapeError(f"equation {i} ({e.primitive.name}): {exc}") from None
-        got = [v.aval for v in e.outputs]
-        if list(expected) != got:
-            raise ShapeError(
-                f"equation {i} ({e.primitive.name}) declares outputs "
-                f"{[a.str_short() for a in got]} but its rule gives {[a.str_short() for a in expected]}"
-            )
-    if graph.joint is not None:
-        num_primals, num_outs = graph.joint
-        if not (0 <= num_primals <= len(graph.inputs) and 0 <= num_outs <= len(graph.outputs)):
-            raise GraphError(f"joint spec {graph.joint} does not fit the graph's inputs/outputs")
-
-
-def checked(graph: Graph, transform: str) -> Graph:
-    """``graph`` as a transform returns it, typechecked first when ``REFTRACE_CHECK=1``.
-
-    Autodidax checks every jaxpr a transform makes; here that costs a shape-rule call per
-    equation, so it is a debug flag (the test suite turns it on). A failure names the transform.
-    """
-    if os.environ.get("REFTRACE_CHECK") == "1":
-        try:
-            typecheck(graph)
-        except (ShapeError, GraphError) as err:
-            raise GraphError(f"{transform} produced an ill-typed graph (REFTRACE_CHECK=1): {err}") from None
-    return graph
+def expect_graph(value: object, verb: str) -> None:
+    """Raise ArgumentError unless ``value`` is a Graph, saying how to get one from what was passed."""
+    if isinstance(value, Graph):
+        return
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, Graph) for v in value):
+        hint = "this is a (forward, backward) pair such as a Partition: pass p.forward or p.backward"
+    elif isinstance(getattr(value, "reftrace_graph", None), Graph):
+        hint = "this module was emitted from a reftrace Graph: pass its .reftrace_graph"
+    elif callable(value):
+        hint = "trace the function first: rt.trace(fn, *example_arrays)"
+    else:
+        hint = "make one with rt.trace(fn, *example_arrays)"
+    raise ArgumentError(f"{verb} expects a reftrace Graph, got {type(value).__name__}; {hint}")

@@ -80,43 +80,8 @@ class TracedArray:
     def __hash__(self) -> int:
         return id(self)
 
-    # Operators follow numpy semantics; they live in reftrace.numpy.
-    def _np(name):  # noqa: N805 - small helper to define operator methods
-        def method(self, *args, **kwargs):
-            from reftrace import numpy as rnp
-            return getattr(rnp, name)(self, *args, **kwargs)
-        method.__name__ = name
-        return method
-
-    def _rnp(name):  # noqa: N805
-        def method(self, other):
-            from reftrace import numpy as rnp
-            return getattr(rnp, name)(other, self)
-        return method
-
-    __add__, __radd__ = _np("add"), _rnp("add")
-    __sub__, __rsub__ = _np("subtract"), _rnp("subtract")
-    __mul__, __rmul__ = _np("multiply"), _rnp("multiply")
-    __truediv__, __rtruediv__ = _np("divide"), _rnp("divide")
-    __floordiv__, __rfloordiv__ = _np("floor_divide"), _rnp("floor_divide")
-    __mod__, __rmod__ = _np("remainder"), _rnp("remainder")
-    __pow__, __rpow__ = _np("power"), _rnp("power")
-    __matmul__, __rmatmul__ = _np("matmul"), _rnp("matmul")
-    __and__, __rand__ = _np("logical_and"), _rnp("logical_and")
-    __or__, __ror__ = _np("logical_or"), _rnp("logical_or")
-    __xor__, __rxor__ = _np("logical_xor"), _rnp("logical_xor")
-    __neg__ = _np("negative")
-    __pos__ = _np("positive")
-    __abs__ = _np("abs")
-    __invert__ = _np("invert")
-    __lt__, __le__, __gt__, __ge__ = _np("less"), _np("less_equal"), _np("greater"), _np("greater_equal")
-    __eq__, __ne__ = _np("equal"), _np("not_equal")  # type: ignore[assignment]
-    __getitem__ = _np("getitem")
-    sum, mean, max, min, prod = _np("sum"), _np("mean"), _np("max"), _np("min"), _np("prod")
-    argmax, argmin = _np("argmax"), _np("argmin")
-    reshape, astype, transpose = _np("reshape"), _np("astype"), _np("transpose")
-    T = property(_np("transpose"))
-    del _np, _rnp
+    # The arithmetic, comparison and indexing operators follow numpy's semantics: reftrace.numpy
+    # installs them (``_install_operators``), as JAX's array methods are installed on its tracers.
 
 
 def check_dtype(dtype: Any, what: str) -> np.dtype:

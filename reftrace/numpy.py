@@ -649,3 +649,40 @@ def _take(x: Any, axis: int, index: Any) -> Any:
 def take(x: Any, indices: Any, axis: int = 0) -> Any:
     x = _as_traced(x)
     return _take(x, _axis(axis, x.ndim, "take"), _index_array(indices))
+
+
+# ----------------------------------------------------------------------------- TracedArray's operators
+
+def _install_operators(cls: type) -> None:
+    """Give ``cls`` (TracedArray) numpy's operators: ``x + y`` is ``add(x, y)``, ``y + x`` is ``add(y, x)``.
+
+    Defined here, where their semantics are, so ``reftrace.lax`` does not import this module.
+    """
+    def method(fn: Any) -> Any:
+        def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return fn(self, *args, **kwargs)
+        forward.__name__ = fn.__name__
+        return forward
+
+    def reflected(fn: Any) -> Any:
+        def backward(self: Any, other: Any) -> Any:
+            return fn(other, self)
+        backward.__name__ = f"r{fn.__name__}"
+        return backward
+
+    binary = {"add": add, "sub": subtract, "mul": multiply, "truediv": divide, "floordiv": floor_divide,
+              "mod": remainder, "pow": power, "matmul": matmul, "and": logical_and, "or": logical_or,
+              "xor": logical_xor}
+    for name, fn in binary.items():
+        setattr(cls, f"__{name}__", method(fn))
+        setattr(cls, f"__r{name}__", reflected(fn))
+    unary = {"neg": negative, "pos": positive, "abs": abs, "invert": invert, "lt": less, "le": less_equal,
+             "gt": greater, "ge": greater_equal, "eq": equal, "ne": not_equal, "getitem": getitem}
+    for name, fn in unary.items():
+        setattr(cls, f"__{name}__", method(fn))
+    for fn in (sum, mean, max, min, prod, argmax, argmin, reshape, astype, transpose):
+        setattr(cls, fn.__name__.rstrip("_"), method(fn))
+    cls.T = property(method(transpose))
+
+
+_install_operators(TracedArray)

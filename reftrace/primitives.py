@@ -14,13 +14,14 @@ promotion: front ends insert ``convert_element_type``). Axes are non-negative in
 from __future__ import annotations
 
 import functools
+import os
 
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from reftrace.errors import ShapeError, UnsupportedOperatorError
-from reftrace.graph import Aval, Params
+from reftrace.errors import GraphError, ShapeError, UnsupportedOperatorError
+from reftrace.graph import Aval, Graph, Params
 
 
 class Primitive:
@@ -652,3 +653,38 @@ INDEX_REDUCTIONS = (argmax_p, argmin_p)
 """Reductions to the index of an extremum along one axis."""
 COMPUTE_INTENSIVE = (dot_general_p, conv_general_dilated_p)
 """Primitives whose work grows faster than their inputs: what partitioners save rather than recompute."""
+
+
+# ----------------------------------------------------------------------------- typecheck
+
+def typecheck(graph: Graph) -> None:
+    """Re-derive every equation's output avals from the shape rules; raise ShapeError on mismatch."""
+    for i, e in enumerate(graph.eqns):
+        try:
+            expected = infer_avals(e.primitive, [a.aval for a in e.inputs], e.params)
+        except ShapeError as exc:
+            raise ShapeError(f"equation {i} ({e.primitive.name}): {exc}") from None
+        got = [v.aval for v in e.outputs]
+        if list(expected) != got:
+            raise ShapeError(
+                f"equation {i} ({e.primitive.name}) declares outputs "
+                f"{[a.str_short() for a in got]} but its rule gives {[a.str_short() for a in expected]}"
+            )
+    if graph.joint is not None:
+        num_primals, num_outs = graph.joint
+        if not (0 <= num_primals <= len(graph.inputs) and 0 <= num_outs <= len(graph.outputs)):
+            raise GraphError(f"joint spec {graph.joint} does not fit the graph's inputs/outputs")
+
+
+def checked(graph: Graph, transform: str) -> Graph:
+    """``graph`` as a transform returns it, typechecked first when ``REFTRACE_CHECK=1``.
+
+    Autodidax checks every jaxpr a transform makes; here that costs a shape-rule call per
+    equation, so it is a debug flag (the test suite turns it on). A failure names the transform.
+    """
+    if os.environ.get("REFTRACE_CHECK") == "1":
+        try:
+            typecheck(graph)
+        except (ShapeError, GraphError) as err:
+            raise GraphError(f"{transform} produced an ill-typed graph (REFTRACE_CHECK=1): {err}") from None
+    return graph

@@ -165,7 +165,7 @@ def test_core_does_not_import_torch_or_jax():
 
 
 def test_reftrace_check_typechecks_what_a_transform_returns(monkeypatch):
-    from reftrace.graph import checked
+    from reftrace.primitives import checked
     g = rt.trace(lambda x: rnp.cos(x), np.ones(3, np.float32))
     bad = g.replace(outputs=g.outputs)  # a well-typed graph passes through unchanged
     assert checked(bad, "test") is bad
@@ -205,3 +205,28 @@ def test_eager_evaluation_without_an_evaluator_says_so():
     finally:
         lax.set_eager_evaluator(previous)
     np.testing.assert_allclose(rnp.cos(np.ones(2)), np.cos(np.ones(2)))
+
+
+def test_import_graph_has_no_cycles():
+    """No two modules import each other, not even lazily inside a function (the package facade
+    ``reftrace/__init__.py``, which every submodule import runs first, is left out)."""
+    import ast
+    import pathlib
+
+    import networkx as nx
+    root = pathlib.Path(rt.__file__).parent
+    names = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(("reftrace",) + path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        names[name] = path
+    edges = []
+    for name, path in names.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            edges += [(name, t) for t in targets if t in names and t not in (name, "reftrace")]
+    assert list(nx.simple_cycles(nx.DiGraph(edges))) == []

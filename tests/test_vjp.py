@@ -19,7 +19,8 @@ from reftrace import numpy as rnp
 from reftrace import primitives as P
 from reftrace.backends.jax import graph_function
 from reftrace.errors import ArgumentError, UnsupportedOperatorError
-from reftrace.graph import Graph, typecheck
+from reftrace.graph import Graph
+from reftrace.primitives import typecheck
 from reftrace.primitives import is_float
 from reftrace.transforms import vjp_rules as rules_module
 from reftrace.transforms.vjp import differentiable_inputs, vjp

@@ -22,6 +22,8 @@ import torch
 from reftrace.errors import CompilerError
 from reftrace.graph import Graph
 from reftrace.primitives import is_float
+from reftrace.torch_bridge.compilers import default_partition, nop
+from reftrace.torch_bridge.tensors import device_of, example_tensors
 
 Compiler = Callable[[torch.fx.GraphModule, Sequence[torch.Tensor]], Callable[..., Any]]
 
@@ -49,20 +51,6 @@ def new_rng_key(device: torch.device | str | None = None) -> torch.Tensor:
     """
     words = torch.randint(0, 2 ** 32, (2,), dtype=torch.int64)
     return words.to(device=device, dtype=torch.uint32)
-
-
-def example_tensors(graph: Graph, start: int = 0, device: torch.device | None = None) -> list[torch.Tensor]:
-    """Uninitialised tensors matching ``graph.inputs[start:]`` (example inputs handed to compilers)."""
-    from reftrace.backends.torch_dtypes import torch_dtype
-    return [torch.empty(v.shape, dtype=torch_dtype(v.dtype), device=device) for v in graph.inputs[start:]]
-
-
-def device_of(tensors: Sequence[torch.Tensor]) -> torch.device | None:
-    """Where emitted code should create its tensors: the inputs' device, or None for the CPU default."""
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
-            return t.device
-    return None
 
 
 class PartitionedFunction:
@@ -134,7 +122,6 @@ class PartitionedFunction:
             grads_graph = simplify(j.replace(outputs=j.outputs[self.num_outputs:], joint=None))
             wrt = [i for i, (t, v) in enumerate(zip(args, grads_graph.inputs))
                    if t.requires_grad and is_float(v.dtype)]
-            from reftrace.torch_bridge.compilers import default_partition, nop
             fn = PartitionedFunction(grads_graph, wrt, (), fw_compiler=nop, bw_compiler=nop,
                                      partitioner=default_partition, example_inputs=args)
             self._double[pattern] = fn
@@ -145,7 +132,6 @@ class PartitionedFunction:
         fn = self._double.get(())
         if fn is None:
             from reftrace.transforms.simplify import simplify
-            from reftrace.torch_bridge.compilers import nop
             j = self.joint
             grads_graph = simplify(j.replace(outputs=j.outputs[self.num_outputs:], joint=None))
             fn = self._double[()] = InferenceFunction(grads_graph, nop,

@@ -16,6 +16,7 @@ import torch
 
 from reftrace.errors import ArgumentError, CompilerError
 from reftrace.graph import Graph
+from reftrace.torch_bridge.tensors import example_tensors
 
 
 # ----------------------------------------------------------------------------- compilers
@@ -157,7 +158,6 @@ class ForeignPartitioner:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         from reftrace.backends.torch import to_fx
-        from reftrace.torch_bridge.autograd import example_tensors
         num_primals = joint.joint[0]
         names = [f"primals_{i + 1}" for i in range(num_primals)]
         names += [f"tangents_{i + 1}" for i in range(len(joint.inputs) - num_primals)]

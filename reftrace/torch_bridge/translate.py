@@ -24,7 +24,8 @@ from reftrace import primitives as P
 from reftrace.backends.torch_dtypes import numpy_dtype
 from reftrace.builder import Builder
 from reftrace.errors import DataDependentControlFlowError, ReftraceError, TracingError, UnsupportedOperatorError
-from reftrace.graph import Aval, Graph, Literal, checked
+from reftrace.graph import Aval, Graph, Literal
+from reftrace.primitives import checked
 from reftrace.lax import TracedArray
 from reftrace.torch_bridge.aten import NodeContext, aten_rules
 from reftrace.torch_bridge.aten import _common

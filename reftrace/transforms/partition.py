@@ -21,9 +21,9 @@ from typing import Any, Callable, Iterable, NamedTuple
 import numpy as np
 
 from reftrace.builder import Builder
-from reftrace.errors import PartitionError, expect_graph
-from reftrace.graph import Eqn, Graph, Var, checked, free_vars, live_eqns
-from reftrace.primitives import eqn_is_random
+from reftrace.errors import PartitionError
+from reftrace.graph import Eqn, Graph, Var, expect_graph, free_vars, live_eqns
+from reftrace.primitives import checked, eqn_is_random
 from reftrace.transforms.policies import (MinCut, Policy, default_ban, dots_saveable, resolve_policy, save_all,
                                           save_anything_except_these, save_nothing, save_only_these)
 from reftrace.transforms.simplify import simplify

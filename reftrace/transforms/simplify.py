@@ -34,10 +34,9 @@ import numpy as np
 
 from reftrace import primitives as P
 from reftrace.builder import Builder
-from reftrace.errors import expect_graph
-from reftrace.graph import Atom, Eqn, Graph, Literal, Params, Var, checked, live_eqns
+from reftrace.graph import Atom, Eqn, Graph, Literal, Params, Var, expect_graph, live_eqns
 from reftrace.interpreter import eval_graph
-from reftrace.primitives import Primitive, infer_avals
+from reftrace.primitives import Primitive, checked, infer_avals
 
 FOLD_LIMIT = 64
 """Largest number of elements a folded constant may have."""

@@ -12,7 +12,8 @@ import numpy as np
 
 from reftrace.builder import Builder
 from reftrace.errors import ArgumentError, TracingError
-from reftrace.graph import Atom, Aval, Graph, Literal, checked
+from reftrace.graph import Atom, Aval, Graph, Literal
+from reftrace.primitives import checked
 from reftrace.lax import TracedArray, check_dtype, new_input, tracing
 
 _OUTPUTS_MUST_BE_ARRAYS = "rt.trace outputs must be arrays: return one array, or a flat tuple/list of arrays"

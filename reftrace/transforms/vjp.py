@@ -15,11 +15,11 @@ import numpy as np
 
 from reftrace import lax
 from reftrace.builder import Builder
-from reftrace.errors import ArgumentError, GraphError, UnsupportedOperatorError, expect_graph
-from reftrace.graph import Eqn, Graph, Var, checked, live_eqns
+from reftrace.errors import ArgumentError, GraphError, UnsupportedOperatorError
+from reftrace.graph import Eqn, Graph, Var, expect_graph, live_eqns
 from reftrace.interpreter import eval_graph
 from reftrace.lax import TracedArray, new_input, tracing
-from reftrace.primitives import is_float, stop_gradient_p
+from reftrace.primitives import checked, is_float, stop_gradient_p
 from reftrace.transforms.vjp_rules import vjp_rules
 
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import reftrace as rt
 from reftrace import lax
-from reftrace.graph import typecheck
+from reftrace.primitives import typecheck
 from reftrace.primitives import stop_gradient_p
 from reftrace.transforms.vjp import vjp
 from tests.properties.programs import SMOOTH_OPS, programs
