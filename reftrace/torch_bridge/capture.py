@@ -18,7 +18,6 @@ function that uses any gets one extra graph input, the key, always the last one
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 import warnings
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from reftrace.torch_bridge.aten.random import key_stream
 from reftrace.torch_bridge.decompositions import decomposition_table
 from reftrace.torch_bridge.modules import ModuleState, functional_module, module_state
 from reftrace.torch_bridge.outputs import OutputSpec, flatten_outputs
+from reftrace.torch_bridge.trace_settings import compiling_flag, fake_tensor_logs_silenced, mkldnn_disabled
 from reftrace.torch_bridge.translate import Translator, functional_variant, op_display_name, unsupported_operator
 from reftrace.torch_bridge.user_frames import innermost_user_frame, location_from_traceback
 
@@ -429,16 +429,16 @@ def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tens
     fake_mode = FakeTensorMode(allow_fallback_kernels=True, allow_non_fake_inputs=True, shape_env=ShapeEnv(),
                                static_shapes=True)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_fake_tensor_logs_silenced())
+        stack.enter_context(fake_tensor_logs_silenced())
         stack.enter_context(lax.tracing(translator.builder))
         keys = stack.enter_context(key_stream(translator.builder))
         fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
         for fake in fakes:
             translator.input(fake)
         stack.enter_context(enable_python_dispatcher())  # native_batch_norm -> its correctly-schema'd variants
-        stack.enter_context(_mkldnn_disabled())  # LSTM decomposes to portable ops, not mkldnn's kernel
+        stack.enter_context(mkldnn_disabled())  # LSTM decomposes to portable ops, not mkldnn's kernel
         stack.enter_context(torch.enable_grad())  # the differentiable (decomposable) paths, no fused fast paths
-        stack.enter_context(_compiling_flag())
+        stack.enter_context(compiling_flag())
         stack.enter_context(disable_autocast_cache())
         stack.enter_context(fake_mode)
         stack.enter_context(_Translating(state))
@@ -464,43 +464,6 @@ def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tens
     except ReftraceError as err:
         raise err.with_traceback(None) from None
     return graph, out_spec, mutated
-
-
-@contextlib.contextmanager
-def _compiling_flag() -> Any:
-    """Say ``torch.compiler.is_compiling()`` while tracing, as torch.export's non-strict tracing does.
-
-    Libraries check it to skip value-dependent shortcuts that no ahead-of-time capture can
-    take (e.g. transformers' packed-sequence detection reads position ids with ``.all()``).
-    """
-    previous = torch.compiler._is_compiling_flag
-    torch.compiler._is_compiling_flag = True
-    try:
-        yield
-    finally:
-        torch.compiler._is_compiling_flag = previous
-
-
-@contextlib.contextmanager
-def _fake_tensor_logs_silenced() -> Any:
-    """FakeTensorMode logs a traceback for every meta kernel that raises; the error reftrace raises says it."""
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    previous = logger.disabled
-    logger.disabled = True
-    try:
-        yield
-    finally:
-        logger.disabled = previous
-
-
-@contextlib.contextmanager
-def _mkldnn_disabled() -> Any:
-    previous = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    try:
-        yield
-    finally:
-        torch._C._set_mkldnn_enabled(previous)
 
 
 def _check_tensors(tensors: Sequence[Any], what: str) -> list[torch.Tensor]:
