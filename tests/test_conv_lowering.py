@@ -2,7 +2,7 @@
 
 Input-dilated convs (the input gradients of strided convs) run as ``conv_transpose`` and
 weight-gradient convs (``_conv_vjp``'s rhs cotangent) as ``aten.convolution_backward`` in
-``torch_rules``; they must equal lax's semantics, and fall back where the pattern does not fit.
+``torch_conv``; they must equal lax's semantics, and fall back where the pattern does not fit.
 """
 import itertools
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import reftrace as rt
-import reftrace.backends.torch_rules as torch_rules
+import reftrace.backends.torch_conv as torch_conv
 from reftrace import lax
 from reftrace.backends.torch import to_fx
 from reftrace.compile import aot_function
@@ -34,13 +34,13 @@ def _agree(fn, *args):
 
 def _count_calls(monkeypatch, name):
     calls = []
-    original = getattr(torch_rules, name)
+    original = getattr(torch_conv, name)
 
     def spy(*a, **k):
         out = original(*a, **k)
         calls.append(out is not None)
         return out
-    monkeypatch.setattr(torch_rules, name, spy)
+    monkeypatch.setattr(torch_conv, name, spy)
     return calls
 
 

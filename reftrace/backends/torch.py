@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 from reftrace.backends.signature import check_args
 from reftrace.backends.torch_dtypes import tensor_from_numpy
 from reftrace.backends.torch_rules import AVAL_META, as_tensor, aval_of, torch_rules
+from reftrace.backends import torch_conv, torch_random  # noqa: F401 - their rows complete torch_rules
 from reftrace.errors import ArgumentError, UnsupportedOperatorError
 from reftrace.graph import Aval, Eqn, Graph, Literal, Params
 from reftrace.interpreter import eval_graph

@@ -14,6 +14,8 @@ from reftrace import lax
 from reftrace import matrices as M
 from reftrace import primitives as P
 from reftrace.torch_bridge.aten._common import aten, cast, literal, out_aval, register, unsupported
+from reftrace.torch_bridge.aten.indexing import take
+from reftrace.torch_bridge.aten.nn import per_dim
 from reftrace.torch_bridge.aten.reductions import chebyshev_norm, linalg_vector_norm
 
 
@@ -78,19 +80,14 @@ def baddbmm(bias: Any, a: Any, b: Any, *, beta: Any = 1, alpha: Any = 1) -> Any:
     return _scaled_add(bias, bmm(a, b), beta, alpha)
 
 
-def _per_dim(values: Sequence[int], n: int) -> list[int]:
-    values = [int(v) for v in values]
-    return values * n if len(values) == 1 else values
-
-
 @register(aten.convolution.default)
 def convolution(x: Any, weight: Any, bias: Any, stride: Sequence[int], padding: Sequence[int],
                 dilation: Sequence[int], transposed: bool, output_padding: Sequence[int], groups: int) -> Any:
     d = out_aval().dtype
     x, weight = cast(x, d), cast(weight, d)
     n = x.ndim - 2
-    stride, padding = _per_dim(stride, n), _per_dim(padding, n)
-    dilation, output_padding = _per_dim(dilation, n), _per_dim(output_padding, n)
+    stride, padding = per_dim(stride, n), per_dim(padding, n)
+    dilation, output_padding = per_dim(dilation, n), per_dim(output_padding, n)
     if not transposed:
         y = lax.conv_general_dilated(x, weight, stride, [(p, p) for p in padding], rhs_dilation=dilation,
                                      feature_group_count=groups)
@@ -543,3 +540,17 @@ def trilinear(i1: Any, i2: Any, i3: Any, expand1: Sequence[int], expand2: Sequen
     product = lax.mul(lax.mul(lax.broadcast_to_rank(parts[0], full), lax.broadcast_to_rank(parts[1], full)),
                       lax.broadcast_to_rank(parts[2], full))
     return lax.reshape(lax.reduce_sum(product, sorted(set(int(s) % len(full) for s in sumdim))), out_aval().shape)
+
+
+@register(aten._pdist_forward.default)
+def pdist(x: Any, p: float = 2.0) -> Any:
+    """p-norm distances between rows i < j (row-major), with the vector norm's subgradients at 0."""
+    n = x.shape[0]
+    first, second = np.triu_indices(n, 1)
+    if first.size == 0:
+        return lax.full(out_aval().shape, 0, out_aval().dtype)
+    x = cast(x, out_aval().dtype)
+    diff = lax.sub(take(x, 0, literal(first, np.int64)), take(x, 0, literal(second, np.int64)))
+    if p == np.inf:
+        return chebyshev_norm(diff, [1])  # torch's pdist backward: every tied coordinate, whole
+    return linalg_vector_norm(diff, p, [1])

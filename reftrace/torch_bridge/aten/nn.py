@@ -16,9 +16,6 @@ from reftrace import primitives as P
 from reftrace.errors import UnsupportedOperatorError
 from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, literal, lowest, out_aval,
                                                 register, unsupported)
-from reftrace.torch_bridge.aten.elementwise import trunc
-from reftrace.torch_bridge.aten.indexing import take
-from reftrace.torch_bridge.aten.reductions import chebyshev_norm, linalg_vector_norm
 
 # ----------------------------------------------------------------------------- activations
 
@@ -283,7 +280,7 @@ def batch_norm_no_update(x: Any, weight: Any, bias: Any, running_mean: Any, runn
 
 # ----------------------------------------------------------------------------- pooling
 
-def _per_dim(values: Any, n: int, default: Sequence[int] | None = None) -> list[int]:
+def per_dim(values: Any, n: int, default: Sequence[int] | None = None) -> list[int]:
     if values is None or (isinstance(values, (list, tuple)) and len(values) == 0):
         return list(default) if default is not None else [1] * n
     if isinstance(values, int):
@@ -314,7 +311,7 @@ def _stack_last(xs: list[Any]) -> Any:
     return lax.concatenate([lax.reshape(w, w.shape + (1,)) for w in xs], xs[0].ndim)
 
 
-def _window_argmax(stacked: Any) -> Any:
+def window_argmax(stacked: Any) -> Any:
     """Position of the max over the trailing window axis as torch's pooling kernels scan a window
     (``val > best || isnan(val)``): the first maximum, or the last NaN if there is one."""
     last = stacked.ndim - 1
@@ -333,7 +330,7 @@ def _window_max(stacked: Any) -> tuple[Any, Any]:
     So the whole gradient goes to the one input element whose index torch returns (a reduce_max
     would split it among ties).
     """
-    which = _window_argmax(stacked)
+    which = window_argmax(stacked)
     values = lax.gather(stacked, lax.reshape(which, which.shape + (1,)), stacked.ndim - 1)
     return lax.reshape(values, which.shape), which
 
@@ -341,9 +338,9 @@ def _window_max(stacked: Any) -> tuple[Any, Any]:
 def _max_pool(n: int):
     def rule(x: Any, kernel_size: Any, stride: Any = (), padding: Any = 0, dilation: Any = 1,
              ceil_mode: bool = False) -> tuple[Any, Any]:
-        kernel = _per_dim(kernel_size, n)
-        stride_ = _per_dim(stride, n, default=kernel)
-        padding_, dilation_ = _per_dim(padding, n), _per_dim(dilation, n)
+        kernel = per_dim(kernel_size, n)
+        stride_ = per_dim(stride, n, default=kernel)
+        padding_, dilation_ = per_dim(padding, n), per_dim(dilation, n)
         out_spatial = out_aval(0).shape[-n:]
         stacked = _stack_last(_windows(x, kernel, stride_, padding_, dilation_, out_spatial, lowest(x.dtype)))
         values, which = _window_max(stacked)
@@ -388,9 +385,9 @@ def _avg_divisor(in_spatial: Sequence[int], out_spatial: Sequence[int], kernel: 
 def _avg_pool(n: int):
     def rule(x: Any, kernel_size: Any, stride: Any = (), padding: Any = 0, ceil_mode: bool = False,
              count_include_pad: bool = True, divisor_override: int | None = None) -> Any:
-        kernel = _per_dim(kernel_size, n)
-        stride_ = _per_dim(stride, n, default=kernel)
-        padding_ = _per_dim(padding, n)
+        kernel = per_dim(kernel_size, n)
+        stride_ = per_dim(stride, n, default=kernel)
+        padding_ = per_dim(padding, n)
         out_spatial = out_aval().shape[-n:]
         total = None
         for w in _windows(x, kernel, stride_, padding_, [1] * n, out_spatial, 0):
@@ -510,263 +507,3 @@ def _repeat_heads(t: Any, times: int) -> Any:
     b, h, s, e = t.shape
     y = lax.broadcast_in_dim(t, (b, h, times, s, e), (0, 1, 3, 4))
     return lax.reshape(y, (b, h * times, s, e))
-
-
-
-# ----------------------------------------------------------------------------- distances and sampling
-
-@register(aten._pdist_forward.default)
-def pdist(x: Any, p: float = 2.0) -> Any:
-    """p-norm distances between rows i < j (row-major), with the vector norm's subgradients at 0."""
-    n = x.shape[0]
-    first, second = np.triu_indices(n, 1)
-    if first.size == 0:
-        return lax.full(out_aval().shape, 0, out_aval().dtype)
-    x = cast(x, out_aval().dtype)
-    diff = lax.sub(take(x, 0, literal(first, np.int64)), take(x, 0, literal(second, np.int64)))
-    if p == np.inf:
-        return chebyshev_norm(diff, [1])  # torch's pdist backward: every tied coordinate, whole
-    return linalg_vector_norm(diff, p, [1])
-
-
-def _fractional_starts(sample: Any, size: int, kernel: int, out: int, d: Any) -> Any:
-    """torch's pseudo-random window starts: int((i + u) * alpha) - int(u * alpha) (C casts truncate toward
-    zero), the last at size - k."""
-    if out == 1:
-        return lax.broadcast_in_dim(lax.full((), size - kernel, np.int64), sample.shape + (1,), ())
-    alpha = (size - kernel) / (out - 1)
-    i = lax.iota(d, sample.shape + (out - 1,), sample.ndim)
-    u = lax.broadcast_in_dim(sample, sample.shape + (out - 1,), tuple(range(sample.ndim)))
-    a = literal(alpha, d)
-    starts = lax.sub(trunc(lax.mul(lax.add(i, u), a)), trunc(lax.mul(u, a)))
-    last = lax.full(sample.shape + (1,), size - kernel, d)
-    return cast(lax.concatenate([starts, last], sample.ndim), np.int64)
-
-
-def _fractional_max_pool(n: int):
-    def rule(x: Any, kernel_size: Sequence[int], output_size: Sequence[int], random_samples: Any) -> tuple[Any, Any]:
-        """Windows at pseudo-random starts (one uniform sample per batch, channel and dimension); the
-        first maximum in the window's scan order wins, as torch's kernel."""
-        kernel, out = _per_dim(kernel_size, n), _per_dim(output_size, n)
-        spatial = x.shape[-n:]
-        lead = x.shape[:-n]
-        unbatched = len(lead) == 1
-        samples = cast(random_samples, x.dtype)  # (N, C, n) (N dropped for unbatched input), in x's precision
-        if unbatched:
-            samples = lax.reshape(samples, lead + (n,))
-        flat_len = int(np.prod(spatial))
-        flat = lax.reshape(x, lead + (flat_len,))
-        # flat input position of every (output cell, kernel offset): sum_d coord_d * stride_d
-        cells = tuple(out) + (int(np.prod(kernel)),)
-        position = None
-        strides = [int(np.prod(spatial[d + 1:])) for d in range(n)]
-        offsets = np.array(list(itertools.product(*[range(k) for k in kernel])), dtype=np.int64)  # (K, n)
-        for dim in range(n):
-            column = n - 1 - dim if n == 2 else dim  # torch's 2-d kernel reads (w, h) samples, the 3-d one (t, h, w)
-            u = lax.reshape(lax.slice(samples, (0,) * (samples.ndim - 1) + (column,),
-                                      samples.shape[:-1] + (column + 1,)), lead)
-            starts = _fractional_starts(u, spatial[dim], kernel[dim], out[dim], x.dtype)  # lead + (out_d,)
-            coord = lax.broadcast_in_dim(starts, lead + cells, tuple(range(len(lead))) + (len(lead) + dim,))
-            along = lax.broadcast_in_dim(literal(offsets[:, dim], np.int64), lead + cells, (len(lead) + n,))
-            term = lax.mul(lax.add(coord, along), literal(strides[dim], np.int64))
-            position = term if position is None else lax.add(position, term)
-        index = lax.reshape(position, lead + (int(np.prod(cells)),))
-        windows = lax.reshape(lax.gather(flat, index, len(lead)), lead + cells)
-        which = _window_argmax(windows)
-        picked = lax.gather(position, lax.reshape(which, which.shape + (1,)), windows.ndim - 1)
-        picked = lax.reshape(picked, which.shape)
-        values = lax.reshape(lax.gather(flat, lax.reshape(picked, lead + (int(np.prod(out)),)), len(lead)),
-                             which.shape)
-        return values, picked
-    return rule
-
-
-register(aten.fractional_max_pool2d.default)(_fractional_max_pool(2))
-register(aten.fractional_max_pool3d.default)(_fractional_max_pool(3))
-
-
-def _antialias_weights(size: int, out: int, align_corners: bool, scale: float | None) -> np.ndarray:
-    """(out, size) weights of torch's antialiased bilinear resampling: a triangle filter widened by the
-    downscaling factor, truncated to the input and normalised per output pixel."""
-    if align_corners:
-        ratio = (size - 1) / (out - 1) if out > 1 else 0.0
-    else:
-        ratio = 1.0 / scale if scale else size / out
-    support = ratio if ratio >= 1.0 else 1.0    # interp_size / 2 = 1, widened by the ratio when shrinking
-    inverse = 1.0 / ratio if ratio >= 1.0 else 1.0
-    weights = np.zeros((out, size))
-    for i in range(out):
-        center = ratio * (i + 0.5)
-        first = max(int(center - support + 0.5), 0)
-        count = min(int(center + support + 0.5), size) - first
-        taps = np.array([max(0.0, 1.0 - abs((j + first - center + 0.5) * inverse)) for j in range(count)])
-        if taps.sum() != 0:
-            taps = taps / taps.sum()
-        weights[i, first:first + count] = taps
-    return weights
-
-
-@register(aten._upsample_bilinear2d_aa.default)
-def upsample_bilinear2d_aa(x: Any, output_size: Sequence[int], align_corners: bool, scales_h: float | None = None,
-                           scales_w: float | None = None) -> Any:
-    """Separable: y = W_h x W_w^T per plane, with the weights fixed by the shapes (computed at capture)."""
-    (h, w), (oh, ow) = x.shape[-2:], tuple(output_size)
-    d = x.dtype
-    rows = literal(_antialias_weights(h, oh, align_corners, scales_h), d)     # (oh, h)
-    cols = literal(_antialias_weights(w, ow, align_corners, scales_w), d)     # (ow, w)
-    y = lax.dot_general(x, cols, (((x.ndim - 1,), (1,)), ((), ())))           # (..., h, ow)
-    y = lax.dot_general(y, rows, (((y.ndim - 2,), (1,)), ((), ())))           # (..., ow, oh)
-    return lax.transpose(y, tuple(range(y.ndim - 2)) + (y.ndim - 1, y.ndim - 2))
-
-
-def _grid_coordinate(c: Any, size: int, padding_mode: int, align_corners: bool) -> Any:
-    """A normalised grid coordinate in [-1, 1] as an input index, after border/reflection padding."""
-    d = c.dtype
-    if align_corners:
-        x = lax.mul(lax.add(c, literal(1, d)), literal((size - 1) / 2, d))
-    else:
-        x = lax.div(lax.sub(lax.mul(lax.add(c, literal(1, d)), literal(size, d)), literal(1, d)), literal(2, d))
-    if padding_mode == 2:  # reflection: about the edge centres (align_corners) or the outer edges
-        low, high = (0.0, 2.0 * (size - 1)) if align_corners else (-1.0, 2.0 * size - 1)
-        if low == high:
-            x = lax.mul(x, literal(0, d))
-        else:
-            middle, span = low / 2, (high - low) / 2
-            away = lax.abs(lax.sub(x, literal(middle, d)))
-            extra = lax.rem(away, literal(span, d))
-            flips = lax.floor(lax.div(away, literal(span, d)))
-            even = lax.eq(lax.rem(flips, literal(2, d)), literal(0, d))
-            x = lax.select(even, lax.add(extra, literal(middle, d)), lax.add(lax.sub(literal(span, d), extra),
-                                                                             literal(middle, d)))
-    if padding_mode in (1, 2):  # border (and reflection's result): clip into the input
-        x = lax.select(lax.lt(x, literal(0, d)), literal(0, d), x)
-        x = lax.select(lax.gt(x, literal(size - 1, d)), literal(size - 1, d), x)
-    return x
-
-
-@register(aten.grid_sampler_3d.default)
-def grid_sampler_3d(x: Any, grid: Any, interpolation_mode: int, padding_mode: int, align_corners: bool) -> Any:
-    """Trilinear (mode 0) or nearest (mode 1) sampling of (N, C, D, H, W) at grid points (x, y, z) in [-1, 1].
-
-    Each of the 8 (or 1) neighbouring voxels is a gather from the flattened volume; neighbours
-    outside the input contribute 0 (with border/reflection padding only the weight-0 ones are).
-    """
-    if interpolation_mode not in (0, 1):
-        raise unsupported(f"grid_sampler_3d interpolation mode {interpolation_mode} (torch allows bilinear, nearest)")
-    d = out_aval().dtype
-    x, grid = cast(x, d), cast(grid, d)
-    n, c = x.shape[:2]
-    sizes = x.shape[2:]                      # (D, H, W)
-    points = grid.shape[1:4]
-    count = int(np.prod(points))
-    flat = lax.reshape(x, (n, c, int(np.prod(sizes))))
-    coords = []
-    for axis, size in zip((2, 1, 0), sizes):  # grid[..., 0] is x (W), 1 is y (H), 2 is z (D)
-        column = lax.reshape(lax.slice(grid, (0, 0, 0, 0, axis), grid.shape[:4] + (axis + 1,)), (n, count))
-        coords.append(_grid_coordinate(column, size, padding_mode, align_corners))
-    if interpolation_mode == 1:
-        corners = [[(lax.round(v), None) for v in coords]]
-    else:
-        lows = [lax.floor(v) for v in coords]
-        corners = [[(lax.add(low, literal(o, d)) if o else low,
-                     lax.sub(v, low) if o else lax.sub(literal(1, d), lax.sub(v, low)))
-                    for v, low, o in zip(coords, lows, offset)] for offset in itertools.product((0, 1), repeat=3)]
-    total = None
-    for corner in corners:
-        inside, index, weight = None, None, None
-        for (position, w), size in zip(corner, sizes):
-            ok = lax.logical_and(lax.ge(position, literal(0, d)), lax.le(position, literal(size - 1, d)))
-            inside = ok if inside is None else lax.logical_and(inside, ok)
-            safe = cast(lax.select(ok, position, literal(0, d)), np.int64)
-            index = safe if index is None else lax.add(lax.mul(index, literal(size, np.int64)), safe)
-            if w is not None:
-                weight = w if weight is None else lax.mul(weight, w)
-        values = lax.gather(flat, lax.broadcast_in_dim(index, (n, c, count), (0, 2)), 2)
-        scale = lax.select(inside, weight if weight is not None else literal(1, d), literal(0, d))
-        term = lax.mul(values, lax.broadcast_in_dim(scale, (n, c, count), (0, 2)))
-        total = term if total is None else lax.add(total, term)
-    return lax.reshape(total, (n, c) + tuple(points))
-
-
-# ----------------------------------------------------------------------------- fused linear + cross-entropy
-# torch's chunked F.linear_cross_entropy is a custom op (torch_nn::) whose forward also returns the
-# gradients its own backward rescales. reftrace differentiates the loss itself; the extra outputs
-# are the same closed form (dL/dlogits = coefficient * (softmax - target)) for callers of the op.
-
-def _linear_cross_entropy(x: Any, w: Any, target: Any, bias: Any, weight: Any, reduction: str,
-                          ignore_index: int) -> tuple[Any, Any, Any]:
-    """(loss, dloss/dlogits, logits dtype): cross-entropy of x w^T + bias, index or probability targets."""
-    d = x.dtype
-    logits = lax.dot_general(x, cast(w, d), (((1,), (1,)), ((), ())))
-    if bias is not None:
-        logits = lax.add(logits, lax.broadcast_in_dim(cast(bias, d), logits.shape, (1,)))
-    n, classes = logits.shape
-    peak = lax.reduce_max(logits, (1,))
-    peak = lax.select(lax.is_finite(peak), peak, literal(0, d))
-    shifted = lax.sub(logits, lax.broadcast_in_dim(peak, logits.shape, (0,)))
-    total = lax.reduce_sum(lax.exp(shifted), (1,))
-    lse = lax.add(lax.log(total), peak)
-    softmax = lax.div(lax.exp(shifted), lax.broadcast_in_dim(total, logits.shape, (0,)))
-    if P.is_float(target.dtype):  # probability targets: mean divides by the batch size
-        wt = cast(target, d)
-        if weight is not None:
-            wt = lax.mul(wt, lax.broadcast_in_dim(cast(weight, d), wt.shape, (1,)))
-        scale = (1.0 / n if n else np.nan) if reduction == "mean" else 1.0
-        per_row = lax.sub(lax.mul(lax.reduce_sum(wt, (1,)), lse), lax.reduce_sum(lax.mul(wt, logits), (1,)))
-        loss = lax.mul(lax.reduce_sum(per_row, (0,)), literal(scale, d))
-        rows = lax.broadcast_in_dim(lax.reduce_sum(wt, (1,)), logits.shape, (0,))
-        grad = lax.mul(lax.sub(lax.mul(rows, softmax), wt), literal(scale, d))
-        return loss, grad, logits
-    t = cast(target, np.int64)
-    ignored = lax.eq(t, literal(ignore_index, np.int64))
-    safe_t = lax.select(ignored, literal(0, np.int64), t)
-    row_weight = (take(cast(weight, d), 0, safe_t) if weight is not None else lax.full((n,), 1, d))
-    row_weight = lax.select(ignored, literal(0, d), row_weight)
-    picked = lax.reshape(lax.gather(logits, lax.reshape(safe_t, (n, 1)), 1), (n,))
-    per_row = lax.mul(row_weight, lax.sub(lse, picked))
-    one_hot = cast(lax.eq(lax.broadcast_in_dim(safe_t, logits.shape, (0,)), lax.iota(np.int64, logits.shape, 1)), d)
-    coefficient = row_weight
-    if reduction == "none":
-        return per_row, None, logits
-    loss = lax.reduce_sum(per_row, (0,))
-    if reduction == "mean":
-        denominator = lax.reduce_sum(row_weight, (0,))
-        denominator = lax.select(lax.eq(denominator, literal(0, d)), literal(np.nan, d), denominator)
-        loss = lax.div(loss, denominator)
-        coefficient = lax.div(row_weight, denominator)
-    grad = lax.mul(lax.broadcast_in_dim(coefficient, logits.shape, (0,)), lax.sub(softmax, one_hot))
-    return loss, grad, logits
-
-
-def _register_custom(name: str):
-    """Register for ``torch.ops.torch_nn.<name>`` if this torch has it (its module defines it on import)."""
-    try:
-        import torch.nn.modules.linear_cross_entropy  # noqa: F401
-        op = getattr(torch.ops.torch_nn, name).default
-    except (ImportError, AttributeError):
-        return lambda fn: fn
-    return register(op)
-
-
-@_register_custom("_linear_cross_entropy_batch_chunked")
-def linear_cross_entropy_chunked(x: Any, w: Any, target: Any, bias: Any, weight: Any, reduction: str,
-                                 ignore_index: int, label_smoothing: float, batch_chunk_size: int, acc_policy: str,
-                                 acc_dtype: Any, allow_retain_graph: bool, compute_input_grad: bool,
-                                 compute_linear_weight_grad: bool, compute_linear_bias_grad: bool
-                                 ) -> tuple[Any, Any, Any, Any]:
-    if label_smoothing:
-        raise unsupported("label smoothing (torch's chunked path does not support it either)")
-    loss, grad, _ = _linear_cross_entropy(x, w, target, bias, weight, reduction, ignore_index)
-    d = x.dtype
-    grad_x = (lax.dot_general(grad, cast(w, d), (((1,), (0,)), ((), ()))) if compute_input_grad
-              else lax.full(out_aval(1).shape, 0, d))
-    grad_w = (lax.dot_general(grad, x, (((0,), (0,)), ((), ()))) if compute_linear_weight_grad
-              else lax.full(out_aval(2).shape, 0, d))
-    grad_b = lax.reduce_sum(grad, (0,)) if compute_linear_bias_grad else lax.full(out_aval(3).shape, 0, d)
-    return loss, grad_x, grad_w, grad_b
-
-
-@_register_custom("_linear_cross_entropy_batch_chunked_no_reduction")
-def linear_cross_entropy_chunked_none(x: Any, w: Any, target: Any, bias: Any, weight: Any, ignore_index: int,
-                                      batch_chunk_size: int, acc_policy: str, acc_dtype: Any) -> Any:
-    return _linear_cross_entropy(x, w, target, bias, weight, "none", ignore_index)[0]

@@ -1,0 +1,97 @@
+"""Fused loss ops: torch's chunked linear + cross-entropy (``torch.ops.torch_nn``), one graph of
+matmul, log-softmax and the picked targets.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from reftrace import lax
+from reftrace import primitives as P
+from reftrace.torch_bridge.aten._common import cast, literal, out_aval, register, unsupported
+from reftrace.torch_bridge.aten.indexing import take
+
+
+# ----------------------------------------------------------------------------- fused linear + cross-entropy
+# torch's chunked F.linear_cross_entropy is a custom op (torch_nn::) whose forward also returns the
+# gradients its own backward rescales. reftrace differentiates the loss itself; the extra outputs
+# are the same closed form (dL/dlogits = coefficient * (softmax - target)) for callers of the op.
+
+def _linear_cross_entropy(x: Any, w: Any, target: Any, bias: Any, weight: Any, reduction: str,
+                          ignore_index: int) -> tuple[Any, Any, Any]:
+    """(loss, dloss/dlogits, logits dtype): cross-entropy of x w^T + bias, index or probability targets."""
+    d = x.dtype
+    logits = lax.dot_general(x, cast(w, d), (((1,), (1,)), ((), ())))
+    if bias is not None:
+        logits = lax.add(logits, lax.broadcast_in_dim(cast(bias, d), logits.shape, (1,)))
+    n, classes = logits.shape
+    peak = lax.reduce_max(logits, (1,))
+    peak = lax.select(lax.is_finite(peak), peak, literal(0, d))
+    shifted = lax.sub(logits, lax.broadcast_in_dim(peak, logits.shape, (0,)))
+    total = lax.reduce_sum(lax.exp(shifted), (1,))
+    lse = lax.add(lax.log(total), peak)
+    softmax = lax.div(lax.exp(shifted), lax.broadcast_in_dim(total, logits.shape, (0,)))
+    if P.is_float(target.dtype):  # probability targets: mean divides by the batch size
+        wt = cast(target, d)
+        if weight is not None:
+            wt = lax.mul(wt, lax.broadcast_in_dim(cast(weight, d), wt.shape, (1,)))
+        scale = (1.0 / n if n else np.nan) if reduction == "mean" else 1.0
+        per_row = lax.sub(lax.mul(lax.reduce_sum(wt, (1,)), lse), lax.reduce_sum(lax.mul(wt, logits), (1,)))
+        loss = lax.mul(lax.reduce_sum(per_row, (0,)), literal(scale, d))
+        rows = lax.broadcast_in_dim(lax.reduce_sum(wt, (1,)), logits.shape, (0,))
+        grad = lax.mul(lax.sub(lax.mul(rows, softmax), wt), literal(scale, d))
+        return loss, grad, logits
+    t = cast(target, np.int64)
+    ignored = lax.eq(t, literal(ignore_index, np.int64))
+    safe_t = lax.select(ignored, literal(0, np.int64), t)
+    row_weight = (take(cast(weight, d), 0, safe_t) if weight is not None else lax.full((n,), 1, d))
+    row_weight = lax.select(ignored, literal(0, d), row_weight)
+    picked = lax.reshape(lax.gather(logits, lax.reshape(safe_t, (n, 1)), 1), (n,))
+    per_row = lax.mul(row_weight, lax.sub(lse, picked))
+    one_hot = cast(lax.eq(lax.broadcast_in_dim(safe_t, logits.shape, (0,)), lax.iota(np.int64, logits.shape, 1)), d)
+    coefficient = row_weight
+    if reduction == "none":
+        return per_row, None, logits
+    loss = lax.reduce_sum(per_row, (0,))
+    if reduction == "mean":
+        denominator = lax.reduce_sum(row_weight, (0,))
+        denominator = lax.select(lax.eq(denominator, literal(0, d)), literal(np.nan, d), denominator)
+        loss = lax.div(loss, denominator)
+        coefficient = lax.div(row_weight, denominator)
+    grad = lax.mul(lax.broadcast_in_dim(coefficient, logits.shape, (0,)), lax.sub(softmax, one_hot))
+    return loss, grad, logits
+
+
+def _register_custom(name: str):
+    """Register for ``torch.ops.torch_nn.<name>`` if this torch has it (its module defines it on import)."""
+    try:
+        import torch.nn.modules.linear_cross_entropy  # noqa: F401
+        op = getattr(torch.ops.torch_nn, name).default
+    except (ImportError, AttributeError):
+        return lambda fn: fn
+    return register(op)
+
+
+@_register_custom("_linear_cross_entropy_batch_chunked")
+def linear_cross_entropy_chunked(x: Any, w: Any, target: Any, bias: Any, weight: Any, reduction: str,
+                                 ignore_index: int, label_smoothing: float, batch_chunk_size: int, acc_policy: str,
+                                 acc_dtype: Any, allow_retain_graph: bool, compute_input_grad: bool,
+                                 compute_linear_weight_grad: bool, compute_linear_bias_grad: bool
+                                 ) -> tuple[Any, Any, Any, Any]:
+    if label_smoothing:
+        raise unsupported("label smoothing (torch's chunked path does not support it either)")
+    loss, grad, _ = _linear_cross_entropy(x, w, target, bias, weight, reduction, ignore_index)
+    d = x.dtype
+    grad_x = (lax.dot_general(grad, cast(w, d), (((1,), (0,)), ((), ()))) if compute_input_grad
+              else lax.full(out_aval(1).shape, 0, d))
+    grad_w = (lax.dot_general(grad, x, (((0,), (0,)), ((), ()))) if compute_linear_weight_grad
+              else lax.full(out_aval(2).shape, 0, d))
+    grad_b = lax.reduce_sum(grad, (0,)) if compute_linear_bias_grad else lax.full(out_aval(3).shape, 0, d)
+    return loss, grad_x, grad_w, grad_b
+
+
+@_register_custom("_linear_cross_entropy_batch_chunked_no_reduction")
+def linear_cross_entropy_chunked_none(x: Any, w: Any, target: Any, bias: Any, weight: Any, ignore_index: int,
+                                      batch_chunk_size: int, acc_policy: str, acc_dtype: Any) -> Any:
+    return _linear_cross_entropy(x, w, target, bias, weight, "none", ignore_index)[0]
