@@ -29,7 +29,8 @@ from reftrace.errors import ArgumentError
 from reftrace.primitives import is_float
 from reftrace.torch_bridge.autograd import Compiler, InferenceFunction, PartitionedFunction, new_rng_key
 from reftrace.torch_bridge.compilers import as_partitioner, default_partition
-from reftrace.torch_bridge.modules import ModuleGuard
+from reftrace.torch_bridge.capture import capture_flat
+from reftrace.torch_bridge.modules import ModuleGuard, module_state
 from reftrace.torch_bridge.outputs import OutputSpec, flatten_outputs
 
 
@@ -212,7 +213,6 @@ class AOTFunction:
 
     def _compile(self, leaves: list, spec: Any, tensor_pos: list[int], tensors: list[torch.Tensor],
                  plan: _AliasPlan | None) -> _Compiled:
-        from reftrace.torch_bridge.capture import capture_flat
 
         def fn_flat(ts: Sequence[torch.Tensor]) -> Any:
             if plan is not None:
@@ -323,7 +323,6 @@ def aot_module(mod: torch.nn.Module, fw_compiler: Compiler, bw_compiler: Compile
     submodule's plain attributes (``training``, ``eps``, ...) are part of the guard.
     The module itself is never changed by compiling it.
     """
-    from reftrace.torch_bridge.modules import module_state
     if not isinstance(mod, torch.nn.Module):
         raise ArgumentError(f"aot_module expects an nn.Module, got {type(mod).__name__}; use aot_function "
                             "for functions")

@@ -19,11 +19,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from reftrace.backends.torch import to_fx
+from reftrace.backends.torch_dtypes import torch_dtype
 from reftrace.errors import CompilerError
 from reftrace.graph import Graph
 from reftrace.primitives import is_float
 from reftrace.torch_bridge.compilers import default_partition, nop
 from reftrace.torch_bridge.tensors import device_of, example_tensors
+from reftrace.transforms.simplify import simplify
+from reftrace.transforms.vjp import output_dependencies, vjp
 
 Compiler = Callable[[torch.fx.GraphModule, Sequence[torch.Tensor]], Callable[..., Any]]
 
@@ -66,7 +70,6 @@ class PartitionedFunction:
     def __init__(self, graph: Graph, wrt: Sequence[int], nondiff_outputs: Sequence[int] = (), *,
                  fw_compiler: Compiler, bw_compiler: Compiler, partitioner: Any,
                  example_inputs: Sequence[torch.Tensor], mutated_inputs: Sequence[int] = ()) -> None:
-        from reftrace.transforms.vjp import output_dependencies, vjp
         self.graph = graph
         self.wrt = tuple(wrt)
         dependencies = output_dependencies(graph, self.wrt)
@@ -100,7 +103,6 @@ class PartitionedFunction:
 
     def zero_cotangent(self, k: int) -> torch.Tensor:
         """Zeros standing for the missing cotangent of the ``k``-th differentiable output."""
-        from reftrace.backends.torch_dtypes import torch_dtype
         aval = self.graph.outputs[self.ct_outputs[k]].aval
         return torch.zeros(aval.shape, dtype=torch_dtype(aval.dtype), device=self.device)
 
@@ -110,7 +112,6 @@ class PartitionedFunction:
     def double_backward(self, primals: Sequence[torch.Tensor], cts: Sequence[torch.Tensor]
                         ) -> Sequence[torch.Tensor]:
         """Gradients as a differentiable function of (primals, cotangents)."""
-        from reftrace.transforms.simplify import simplify
         args = list(primals) + list(cts)
         pattern = tuple(bool(t.requires_grad) for t in args)
         if not any(pattern):
@@ -131,7 +132,6 @@ class PartitionedFunction:
     def _grads_inference(self) -> "InferenceFunction":
         fn = self._double.get(())
         if fn is None:
-            from reftrace.transforms.simplify import simplify
             j = self.joint
             grads_graph = simplify(j.replace(outputs=j.outputs[self.num_outputs:], joint=None))
             fn = self._double[()] = InferenceFunction(grads_graph, nop,
@@ -212,7 +212,6 @@ class InferenceFunction:
     """A graph compiled without autograd (no input requires grad, or grad mode is off)."""
 
     def __init__(self, graph: Graph, compiler: Compiler, example_inputs: Sequence[torch.Tensor]) -> None:
-        from reftrace.backends.torch import to_fx
         self.graph = graph
         self.gm = to_fx(graph, input_names=_input_names("arg", len(graph.inputs)), output_as_list=True,
                         device=device_of(example_inputs))

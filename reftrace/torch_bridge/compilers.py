@@ -14,9 +14,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from reftrace.backends.torch import to_fx
 from reftrace.errors import ArgumentError, CompilerError
 from reftrace.graph import Graph
+from reftrace.torch_bridge.capture import capture_flat
 from reftrace.torch_bridge.tensors import example_tensors
+from reftrace.transforms.partition import partition
 
 
 # ----------------------------------------------------------------------------- compilers
@@ -63,7 +66,6 @@ def xla_compile(fx_g: torch.fx.GraphModule, inps: Sequence[torch.Tensor]) -> Cal
     from reftrace.backends.jax import lower_jax
     graph = getattr(fx_g, "reftrace_graph", None)
     if graph is None:
-        from reftrace.torch_bridge.capture import capture_flat
         graph = capture_flat(lambda ts: fx_g(*ts), list(inps)).graph
     run = lower_jax(graph)
     as_list = _returns_list(fx_g)
@@ -71,8 +73,9 @@ def xla_compile(fx_g: torch.fx.GraphModule, inps: Sequence[torch.Tensor]) -> Cal
     import jax
 
     def call(*args: torch.Tensor) -> Any:
+        # the executable takes torch tensors (DLPack where it can, bit-exact copies where it cannot)
         with jax.enable_x64(True):  # keep 64-bit dtypes while crossing DLPack
-            outs = [_from_jax(o) for o in run(*[_to_jax(a) for a in args])]
+            outs = [_from_jax(o) for o in run(*args)]
         return outs if as_list else tuple(outs)
     call.reftrace_graph = graph  # type: ignore[attr-defined]
     return call
@@ -81,17 +84,6 @@ def xla_compile(fx_g: torch.fx.GraphModule, inps: Sequence[torch.Tensor]) -> Cal
 def _returns_list(fx_g: torch.fx.GraphModule) -> bool:
     out = fx_g.graph.find_nodes(op="output")[0]
     return isinstance(out.args[0], list)
-
-
-def _to_jax(t: torch.Tensor) -> Any:
-    import jax
-    t = t.detach()
-    if t.device.type == "cpu" and t.dtype != torch.bool:
-        try:
-            return jax.dlpack.from_dlpack(t.contiguous())
-        except Exception:  # noqa: BLE001 - fall back to a copy for layouts DLPack refuses
-            pass
-    return t.cpu().numpy()
 
 
 def _from_jax(a: Any) -> torch.Tensor:
@@ -117,8 +109,6 @@ class ReftracePartitioner:
     def split(self, joint: Graph, num_fwd_outputs: int, device: torch.device | None = None
               ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
         """Partition a reftrace joint graph; emit both halves as FX (creating tensors on ``device``)."""
-        from reftrace.backends.torch import to_fx
-        from reftrace.transforms.partition import partition
         p = partition(joint, policy=self.policy)
         num_saved = len(p.forward.outputs) - num_fwd_outputs
         fw = to_fx(p.forward, input_names=[f"primals_{i + 1}" for i in range(len(p.forward.inputs))],
@@ -157,7 +147,6 @@ class ForeignPartitioner:
               ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        from reftrace.backends.torch import to_fx
         num_primals = joint.joint[0]
         names = [f"primals_{i + 1}" for i in range(num_primals)]
         names += [f"tangents_{i + 1}" for i in range(len(joint.inputs) - num_primals)]

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from reftrace.backends.torch import to_fx
 from reftrace.errors import ArgumentError, ReftraceError
 from reftrace.graph import Graph
 
@@ -28,7 +29,6 @@ def draw_graph(traced: torch.fx.GraphModule | Graph, fname: str, figname: str = 
     from torch.fx.passes.graph_drawer import FxGraphDrawer
 
     if isinstance(traced, Graph):
-        from reftrace.backends.torch import to_fx
         traced = to_fx(traced)
     elif not isinstance(traced, torch.fx.GraphModule):
         raise ArgumentError(f"draw_graph draws an fx.GraphModule or a reftrace Graph, got {type(traced).__name__}")

@@ -25,6 +25,7 @@ from reftrace.torch_bridge.aot import aot_function
 from reftrace.torch_bridge.autograd import Compiler
 from reftrace.torch_bridge.compilers import (ReftracePartitioner, as_partitioner, default_partition, nop,
                                              ts_compile, xla_compile)
+from reftrace.transforms.policies import MinCut, resolve_policy
 
 __all__ = ["reftrace_backend", "BackendOptions", "COMPILERS"]
 
@@ -73,7 +74,6 @@ def _compiler(choice: Any) -> Compiler:
 
 def _partitioner(choice: Any) -> Any:
     """A policy name or MinCut value is resolved now (a bad name fails before any capture)."""
-    from reftrace.transforms.policies import MinCut, resolve_policy
     try:
         if isinstance(choice, str):
             resolve_policy(choice)
