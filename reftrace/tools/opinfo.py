@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import datetime
 import itertools
-import json
 import re
 import signal
 import sys
@@ -38,48 +35,16 @@ import torch
 from torch.utils import _pytree as pytree
 
 from reftrace.errors import GraphError, ReftraceError, ShapeError
+from reftrace.tools.opinfo_results import (CRASH, EAGER_GRAD_WRONG, PASS, RANDOM, SEVERITY, SKIP_DTYPE, SKIP_EAGER,
+                                           SKIP_NO_GRAD, SKIPS, STATUSES, TIMEOUT, UNSUPPORTED, WRONG_GRAD,
+                                           WRONG_VALUE, OpResult, SampleResult, Sweep, load_sweep, save_sweep,
+                                           short, summary_counts, write_report)
 
 __all__ = ["OpResult", "SampleResult", "Sweep", "check_op", "check_sample", "differentiable_ops", "find_ops",
            "load_sweep", "main", "on_grid", "run_sweep", "save_sweep", "variant_name", "write_report", "STATUSES"]
 
-PASS = "pass"
-EAGER_GRAD_WRONG = "pass (eager grad wrong)"
-RANDOM = "pass (random)"
-UNSUPPORTED = "unsupported"
-CRASH = "crash"
-TIMEOUT = "timeout"
-WRONG_VALUE = "wrong value"
-WRONG_GRAD = "wrong grad"
-SKIP_EAGER = "skip: eager fails"
-SKIP_NO_GRAD = "skip: no differentiable output"
-SKIP_DTYPE = "skip: no float dtype on CPU"
-
-# worst first: an op's status is its worst sample's
-STATUSES = (WRONG_VALUE, WRONG_GRAD, CRASH, TIMEOUT, UNSUPPORTED, RANDOM, EAGER_GRAD_WRONG, PASS, SKIP_EAGER, SKIP_NO_GRAD, SKIP_DTYPE)
-_SEVERITY = {s: len(STATUSES) - i for i, s in enumerate(STATUSES)}
-_SKIPS = (SKIP_EAGER, SKIP_NO_GRAD, SKIP_DTYPE)
-
 # base tolerances (torch.testing.assert_close's defaults); OpInfo's own overrides loosen them per op
 _BASE_TOLERANCE = {torch.float64: (1e-7, 1e-7), torch.float32: (1.3e-6, 1e-5)}
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleResult:
-    status: str
-    message: str = ""
-
-
-@dataclasses.dataclass
-class OpResult:
-    """One op variant on one backend: its status (worst sample), why, and how many samples ran."""
-
-    name: str
-    backend: str
-    status: str
-    message: str = ""
-    dtype: str = ""
-    samples: int = 0
-    seconds: float = 0.0
 
 
 # ----------------------------------------------------------------------------- the database
@@ -267,7 +232,7 @@ def check_sample(op: Any, sample: Any, compiler: Callable[..., Any], dtype: torc
     except _Timeout:
         raise
     except Exception as err:  # noqa: BLE001 - the op itself cannot run this sample
-        return SampleResult(SKIP_EAGER, _short(f"{type(err).__name__}: {err}"))
+        return SampleResult(SKIP_EAGER, short(f"{type(err).__name__}: {err}"))
     eager_leaves = pytree.tree_leaves(eager_out)
     diff_positions = [i for i, o in enumerate(eager_leaves)
                       if isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point()]
@@ -288,7 +253,7 @@ def check_sample(op: Any, sample: Any, compiler: Callable[..., Any], dtype: torc
     for i, (e, a) in enumerate(zip(eager_leaves, leaves)):
         problem = _compare(f"output {i}", e, a, rtol, atol, values=not random)
         if problem:
-            return SampleResult(WRONG_VALUE, _short(problem))
+            return SampleResult(WRONG_VALUE, short(problem))
     if not diff_positions or not eager_inputs:
         return SampleResult(SKIP_NO_GRAD)
 
@@ -299,7 +264,7 @@ def check_sample(op: Any, sample: Any, compiler: Callable[..., Any], dtype: torc
     except _Timeout:
         raise
     except Exception as err:  # noqa: BLE001 - eager backward fails: nothing to compare with
-        return SampleResult(SKIP_EAGER, _short(f"eager backward: {type(err).__name__}: {err}"))
+        return SampleResult(SKIP_EAGER, short(f"eager backward: {type(err).__name__}: {err}"))
     try:
         actual = _grads([leaves[i] for i in diff_positions], cts, _diff_inputs(compiled_args))
     except _Timeout:
@@ -310,9 +275,9 @@ def check_sample(op: Any, sample: Any, compiler: Callable[..., Any], dtype: torc
         problem = _compare(f"grad {i}", e, a, rtol, atol, values=not random)
         if problem:
             if dtype == torch.float64 and _eager_grad_is_wrong(op, sample, diff_positions, cts, expected, actual):
-                return SampleResult(EAGER_GRAD_WRONG, _short(
+                return SampleResult(EAGER_GRAD_WRONG, short(
                     f"torch's eager gradient fails a central-difference check that reftrace's passes ({problem})"))
-            return SampleResult(WRONG_GRAD, _short(problem))
+            return SampleResult(WRONG_GRAD, short(problem))
     return SampleResult(RANDOM if random else PASS)
 
 
@@ -359,16 +324,11 @@ def _essential(message: str) -> str:
 
 
 def _classify(err: BaseException, prefix: str = "") -> SampleResult:
-    text = _short(f"{prefix}{type(err).__name__}: {_essential(str(err))}")
+    text = short(f"{prefix}{type(err).__name__}: {_essential(str(err))}")
     if isinstance(err, ReftraceError) and not isinstance(err, (ShapeError, GraphError)) \
             and "reftrace bug" not in str(err):
         return SampleResult(UNSUPPORTED, text)
     return SampleResult(CRASH, text)
-
-
-def _short(text: str, limit: int = 220) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
 # ----------------------------------------------------------------------------- one op
@@ -429,20 +389,20 @@ def check_op(op: Any, backend: str = "nop", limit_samples: int | None = None,
                 for k, sample in enumerate(itertools.islice(samples, limit_samples)):
                     sample = on_grid(sample) if ties else sample
                     results.append(check_sample(op, sample, compiler, dtype, tolerance, seed=k))
-                    if _SEVERITY[results[-1].status] >= _SEVERITY[WRONG_GRAD]:
+                    if SEVERITY[results[-1].status] >= SEVERITY[WRONG_GRAD]:
                         break  # a wrong result is reported as soon as it is found
         except _Timeout:
-            if any(r.status not in _SKIPS for r in results):  # many samples: report the ones checked
+            if any(r.status not in SKIPS for r in results):  # many samples: report the ones checked
                 note = f"time limit {time_limit:g} s reached after {len(results)} samples"
             else:
                 results.append(SampleResult(TIMEOUT, f"still running after {time_limit:g} s "
                                                      f"({len(results)} samples done)"))
         except Exception as err:  # noqa: BLE001 - making the sample inputs failed
-            results.append(SampleResult(SKIP_EAGER, _short(f"sample inputs: {type(err).__name__}: {err}")))
+            results.append(SampleResult(SKIP_EAGER, short(f"sample inputs: {type(err).__name__}: {err}")))
     seconds = time.perf_counter() - start
-    checked = [r for r in results if r.status not in _SKIPS]
+    checked = [r for r in results if r.status not in SKIPS]
     pool = checked or results or [SampleResult(SKIP_EAGER, "no sample inputs")]
-    worst = max(pool, key=lambda r: _SEVERITY[r.status])
+    worst = max(pool, key=lambda r: SEVERITY[r.status])
     message = "; ".join(m for m in (worst.message, note) if m)
     return OpResult(name, backend, worst.status, message, str(dtype).replace("torch.", ""), len(checked), seconds)
 
@@ -458,140 +418,6 @@ def run_sweep(ops: Sequence[Any], backend: str = "nop", limit_samples: int | Non
                   f"{' - ' + result.message if result.message and result.status != PASS else ''}",
                   file=sys.stderr, flush=True)
     return results
-
-
-# ----------------------------------------------------------------------------- the report
-
-_CATEGORIES = (
-    ("pass", (PASS,)),
-    ("pass, torch's eager gradient wrong (finite differences agree with reftrace)", (EAGER_GRAD_WRONG,)),
-    ("pass, random op (shapes and backward checked)", (RANDOM,)),
-    ("clear unsupported (ReftraceError)", (UNSUPPORTED,)),
-    ("crash (other exception)", (CRASH, TIMEOUT)),
-    ("wrong value", (WRONG_VALUE,)),
-    ("wrong grad", (WRONG_GRAD,)),
-    ("skipped: eager fails", (SKIP_EAGER,)),
-    ("skipped: no differentiable output", (SKIP_NO_GRAD,)),
-    ("skipped: no float dtype on CPU", (SKIP_DTYPE,)),
-)
-
-
-def summary_counts(results: Sequence[OpResult]) -> dict[str, int]:
-    return {label: sum(r.status in statuses for r in results) for label, statuses in _CATEGORIES}
-
-
-@dataclasses.dataclass
-class Sweep:
-    """One backend's results and how they were obtained (for the report)."""
-
-    backend: str
-    results: list[OpResult]
-    command: str
-    limit_samples: int | None = None
-    time_limit: float | None = None
-
-    def settings(self) -> str:
-        samples = f"first {self.limit_samples} samples per op" if self.limit_samples else "all samples"
-        limit = f", {self.time_limit:g} s per op" if self.time_limit else ""
-        return f"{samples}{limit}: `{self.command}`"
-
-
-def save_sweep(sweep: Sweep, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump({**dataclasses.asdict(sweep), "results": [dataclasses.asdict(r) for r in sweep.results]}, f)
-
-
-def load_sweep(path: str) -> Sweep:
-    with open(path) as f:
-        data = json.load(f)
-    data["results"] = [OpResult(**r) for r in data["results"]]
-    return Sweep(**data)
-
-
-def write_report(sweeps: Sequence[Sweep], path: str) -> None:
-    """Markdown: a summary per backend and one row per op variant (rows of the first sweep)."""
-    backends = [s.backend for s in sweeps]
-    by_name = [{r.name: r for r in s.results} for s in sweeps]
-    first = sweeps[0].results
-    lines = ["# Operator coverage: torch's OpInfo database through reftrace", "",
-             f"Generated on {datetime.date.today().isoformat()} with torch {torch.__version__} by "
-             "`python -m reftrace.tools.opinfo` (`reftrace/tools/opinfo.py`):", ""]
-    lines += [f"- **{s.backend}**: {s.settings()}" for s in sweeps]
-    lines += ["",
-              "Every OpInfo entry of `torch.testing._internal.common_methods_invocations.op_db` with "
-              "`supports_autograd=True` (variants listed separately) runs on its sample inputs (float64 where the "
-              "op supports it, else float32), through its OpInfo `gradcheck_wrapper` as torch's own gradient tests "
-              "call it, eagerly and through `reftrace.compile.aot_function(fn, compiler)`. It passes when the values "
-              "and the gradients (`torch.autograd.grad` with one random cotangent per output) match eager within "
-              "torch's tolerances (float64: rtol = atol = 1e-7, loosened where the OpInfo entry overrides them); "
-              "an op may instead raise a `ReftraceError` that names what is unsupported. Where gradients disagree, "
-              "central differences of eager's forward arbitrate (float64): an op counts as passing only if "
-              "reftrace's gradient passes that check and eager's fails it. Random ops cannot match eager's values "
-              "(reftrace draws from its own counter-based RNG): their output shapes and dtypes and a working "
-              "backward are checked.", "", "## Summary", ""]
-    lines += ["| | " + " | ".join(backends) + " |", "|---|" + "---|" * len(backends)]
-    counts = [summary_counts(s.results) for s in sweeps]
-    lines.append("| op variants | " + " | ".join(str(len(s.results)) for s in sweeps) + " |")
-    for label, _ in _CATEGORIES:
-        lines.append(f"| {label} | " + " | ".join(str(c[label]) for c in counts) + " |")
-    rates = []
-    for s, c in zip(sweeps, counts):
-        skipped = sum(c[label] for label, statuses in _CATEGORIES if set(statuses) <= set(_SKIPS))
-        checked = len(s.results) - skipped
-        ok = sum(c[label] for label, statuses in _CATEGORIES if set(statuses) <= {PASS, RANDOM, EAGER_GRAD_WRONG})
-        rates.append(f"{ok}/{checked} = {100.0 * ok / max(checked, 1):.1f}%")
-    lines.append("| **pass rate** (of variants checked) | " + " | ".join(rates) + " |")
-    lines += _unsupported_summary(sweeps[0].results)
-    lines += ["", "### Semantics that differ from torch's (documented, not counted as failures)", "",
-              "- A captured graph cannot raise on values: where torch raises for a singular or indefinite matrix "
-              "(`linalg.inv`, `linalg.solve`, `linalg.cholesky`, ...), reftrace returns inf/NaN, and the `info` "
-              "outputs of the `_ex` variants are nonzero.",
-              "- Eigenvectors and singular vectors are unique up to sign; the xla backend's LAPACK calls may pick "
-              "other signs than torch's (wide matrices in `svd`). Sign-invariant results and their gradients agree.",
-              "- `topk(sorted=False)` returns the sorted order (torch leaves the order unspecified).",
-              "- Random ops draw from reftrace's counter-based RNG (docs/torch.md#random-operators), not torch's "
-              "generator stream."]
-    lines += ["", "## Every op variant", "",
-              "| op variant | dtype | samples | " + " | ".join(backends) + " | why (first backend with a note) |",
-              "|---|---|---|" + "---|" * len(backends) + "---|"]
-    for r in first:
-        row = [names.get(r.name) for names in by_name]
-        why = next((x.message for x in row if x is not None and x.message), "")
-        statuses = " | ".join(x.status if x is not None else "—" for x in row)
-        lines.append(f"| `{r.name}` | {r.dtype} | {r.samples} | {statuses} | {_md(why)} |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-def _reason(message: str) -> str:
-    """A short cause for grouping unsupported ops in the report."""
-    if "complex tensors" in message:
-        return "complex numbers (reftrace graphs are real-valued)"
-    if "data-dependent" in message or "DataDependentControlFlowError" in message:
-        return "data-dependent: an output shape or a branch depends on tensor values"
-    if "sparse" in message:
-        return "sparse tensors"
-    if "slice is neither a tensor nor a hashable constant" in message:
-        return "`slice` arguments: aot_function cannot guard on them (unhashable in Python 3.11)"
-    found = re.search(r"(\S+) has no reftrace mapping", message)
-    return f"no ATen row for {found.group(1)}" if found else message[:100]
-
-
-def _unsupported_summary(results: Sequence[OpResult]) -> list[str]:
-    groups: dict[str, list[str]] = {}
-    for r in results:
-        if r.status in (UNSUPPORTED, CRASH, TIMEOUT):
-            groups.setdefault(_reason(r.message), []).append(r.name)
-    if not groups:
-        return []
-    lines = ["", f"### Not supported on {results[0].backend}, by cause", ""]
-    for reason, names in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        lines.append(f"- {reason} ({len(names)}): " + ", ".join(f"`{n}`" for n in names))
-    return lines
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
 
 
 # ----------------------------------------------------------------------------- command line

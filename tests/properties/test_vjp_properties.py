@@ -11,7 +11,7 @@ from reftrace.primitives import typecheck
 from reftrace.primitives import stop_gradient_p
 from reftrace.transforms.vjp import vjp
 from tests.properties.programs import SMOOTH_OPS, programs
-from tests.test_vjp import check_gradients, hvp_check
+from tests.transforms.test_vjp import check_gradients, hvp_check
 
 # second-order and convolution checks compile bigger graphs: run a fraction of the profile's examples
 _FEWER = settings(max_examples=max(4, settings.default.max_examples // 2))
