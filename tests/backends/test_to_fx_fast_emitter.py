@@ -24,7 +24,8 @@ from reftrace.backends.torch import to_fx
 from reftrace.backends.torch_dtypes import numpy_dtype, torch_dtype
 from reftrace.backends.torch_rules import AVAL_META
 from reftrace.graph import Graph
-from tests.backends.test_backends import _mixed_args, every_primitive_program, mixed_program, rng
+from tests.backends.test_backends import rng
+from tests.backends.test_lowering import _mixed_args, every_primitive_program, mixed_program
 
 
 class _StockRecord(TorchFunctionMode):
