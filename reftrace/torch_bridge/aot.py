@@ -250,8 +250,9 @@ def _run(compiled: _Compiled, tensors: list[torch.Tensor]) -> Any:
     for i, new in zip(compiled.mutated_inputs, outs[n:]):
         target = tensors[i]
         # as eager: the input's new value carries its gradient history, except for a leaf that requires
-        # grad, which eager could only have mutated under no_grad() (an optimizer step)
-        if new.requires_grad and torch.is_grad_enabled() and not (target.is_leaf and target.requires_grad):
+        # grad (or a view of one), which eager could only have mutated under no_grad() (an optimizer step)
+        base = target if target._base is None else target._base
+        if new.requires_grad and torch.is_grad_enabled() and not (base.is_leaf and base.requires_grad):
             target.copy_(new)
         else:
             with torch.no_grad():

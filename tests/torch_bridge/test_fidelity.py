@@ -391,3 +391,16 @@ def test_custom_autograd_function_backward_ignored_is_said():
 
     with pytest.warns(CustomBackwardIgnoredWarning, match="RoundSTE"):
         aot_function(lambda x: RoundSTE.apply(x) * 3, nop)(torch.randn(3, requires_grad=True))
+
+
+def test_view_of_a_parameter_updated_under_no_grad_inside_the_function():
+    def step(p):
+        loss = (p * p).sum()
+        with torch.no_grad():
+            p[:2].sub_(0.5)
+        return loss
+
+    for view in (lambda t: t, lambda t: t[:]):  # the leaf itself, and a view of it as the argument
+        p, p_eager = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+        torch.testing.assert_close(aot_function(step, nop)(view(p)), step(view(p_eager)))
+        torch.testing.assert_close(p, p_eager, rtol=0, atol=0)
