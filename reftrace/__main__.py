@@ -1,0 +1,19 @@
+"""The command line: ``python -m reftrace check --target inductor --examples 500 --out DIR``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reftrace", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    from reftrace.testing.cli import add_check_command
+    add_check_command(commands)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
