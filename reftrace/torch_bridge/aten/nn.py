@@ -92,8 +92,12 @@ def softplus(x: Any, beta: float = 1.0, threshold: float = 20.0) -> Any:
     x = _f(x)
     d = x.dtype
     scaled = lax.mul(x, literal(beta, d))
-    soft = lax.div(lax.log1p(lax.exp(scaled)), literal(beta, d))
-    return lax.select(lax.gt(scaled, literal(threshold, d)), x, soft)
+    linear = lax.gt(scaled, literal(threshold, d))
+    # the soft branch sees 0 where the linear one is taken: exp of a large x would overflow there, and
+    # its gradient, inf / inf, would leak into the select's as 0 * nan (found by reftrace.testing)
+    safe = lax.select(linear, literal(0, d), scaled)
+    soft = lax.div(lax.log1p(lax.exp(safe)), literal(beta, d))
+    return lax.select(linear, x, soft)
 
 
 @register(aten.mish.default)
