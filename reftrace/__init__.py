@@ -1,6 +1,7 @@
 """reftrace: AOT Autograd as a small, pure-functional reference implementation.
 
     g  = rt.trace(fn, *example_args)          # Graph (immutable value)
+    g0 = rt.decompose(g)                      # composites (layer_norm, softmax, ...) as core primitives
     j  = rt.vjp(g)                            # joint Graph
     p  = rt.partition(j, policy="mincut")     # Partition(forward, backward)
     f  = rt.lower(g, backend="jax")           # callable
@@ -16,6 +17,8 @@ from reftrace.graph import Aval, Eqn, Graph, Literal, Params, Var, expect_graph
 from reftrace.primitives import Primitive, typecheck
 from reftrace import lax
 from reftrace import numpy as _numpy  # noqa: F401 - installs TracedArray's numpy operators
+from reftrace import nn  # noqa: F401 - registers the composite primitives (layer_norm, softmax, ...)
+from reftrace.composite import decompose
 from reftrace.transforms import trace as _numpy_trace
 
 __version__ = "0.1.0"
@@ -90,7 +93,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'reftrace' has no attribute {name!r}")
 
 
-__all__ = ["trace", "vjp", "partition", "Partition", "simplify", "lower", "typecheck", "Graph", "Eqn", "Var",
+__all__ = ["trace", "decompose", "nn", "vjp", "partition", "Partition", "simplify", "lower", "typecheck", "Graph", "Eqn", "Var",
            "Literal", "Aval", "Params", "Primitive", "ReftraceError", "GraphError", "ShapeError", "TracingError",
            "DataDependentControlFlowError", "UnsupportedOperatorError", "ArgumentError", "PartitionError",
            "CompilerError"]

@@ -11,8 +11,10 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from reftrace.backends import jax_nn  # noqa: F401 - its rows complete jax_rules
 from reftrace.backends.jax_rules import jax_rules
 from reftrace.backends.signature import check_args, is_torch_tensor
+from reftrace.composite import is_composite, lower_through
 from reftrace.errors import ArgumentError, UnsupportedOperatorError
 from reftrace.graph import Aval, Eqn, Graph, Literal, Params, Var
 from reftrace.interpreter import eval_graph
@@ -21,10 +23,11 @@ from reftrace.primitives import Primitive, infer_avals
 
 def _apply(eqn: Eqn, args: Sequence[Any]) -> Sequence[Any]:
     prim = eqn.primitive
-    try:
-        rule = jax_rules[prim]
-    except KeyError:
-        raise UnsupportedOperatorError(f"primitive {prim.name} has no JAX lowering") from None
+    rule = jax_rules.get(prim)
+    if rule is None:
+        if is_composite(prim):
+            return lower_through(eqn, args, _apply, _literal)
+        raise UnsupportedOperatorError(f"primitive {prim.name} has no JAX lowering")
     out = rule(*args, **dict(eqn.params))
     return out if prim.multiple_results else (out,)
 

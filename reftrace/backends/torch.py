@@ -22,22 +22,36 @@ from torch.overrides import TorchFunctionMode
 from reftrace.backends.signature import check_args
 from reftrace.backends.torch_dtypes import tensor_from_numpy
 from reftrace.backends.torch_rules import AVAL_META, as_tensor, aval_of, torch_rules
-from reftrace.backends import torch_conv, torch_random  # noqa: F401 - their rows complete torch_rules
+from reftrace.backends import torch_conv, torch_nn, torch_random  # noqa: F401 - their rows complete torch_rules
+from reftrace.composite import is_composite, lower_through
 from reftrace.errors import ArgumentError, UnsupportedOperatorError
-from reftrace.graph import Aval, Eqn, Graph, Literal, Params
+from reftrace.graph import Aval, Eqn, Graph, Literal, Params, Var
 from reftrace.interpreter import eval_graph
 from reftrace.primitives import Primitive, infer_avals
 
 __all__ = ["to_fx", "lower_torch", "apply_torch", "eval_torch", "TorchExecutable"]
 
 
-def _call_rule(prim: Primitive, operands: Sequence[Any], params: Params | dict) -> tuple[Any, ...]:
-    try:
-        rule = torch_rules[prim]
-    except KeyError:
-        raise UnsupportedOperatorError(f"primitive {prim.name} has no torch lowering") from None
-    out = rule(*operands, **dict(params))
+def _call_rule(eqn: Eqn, operands: Sequence[Any]) -> tuple[Any, ...]:
+    """``eqn``'s torch rule on ``operands`` (tensors or proxies). A composite without one, or whose rule
+    returns ``NotImplemented`` (its kernel does not take these operands), runs as its decomposition,
+    each inner proxy tagged with its aval as ``to_fx`` tags the graph's own."""
+    prim = eqn.primitive
+    rule = torch_rules.get(prim)
+    out = NotImplemented if rule is None else rule(*operands, **eqn.params.to_dict())
+    if out is NotImplemented:  # no rule, or a composite's fused rule declines these operands
+        if is_composite(prim):
+            return tuple(lower_through(eqn, operands, _call_tagged, lambda lit: lit.value))
+        raise UnsupportedOperatorError(f"primitive {prim.name} has no torch lowering")
     return tuple(out) if prim.multiple_results else (out,)
+
+
+def _call_tagged(eqn: Eqn, operands: Sequence[Any]) -> tuple[Any, ...]:
+    outs = _call_rule(eqn, operands)
+    for out, var in zip(outs, eqn.outputs, strict=True):
+        if isinstance(out, fx.Proxy):
+            out.node.meta[AVAL_META] = var.aval
+    return outs
 
 
 # ----------------------------------------------------------------------------- eager
@@ -48,8 +62,12 @@ def apply_torch(prim: Primitive, operands: Sequence[Any], params: Params | dict)
     Returns a tuple of outputs (the ``eval_graph`` apply contract), after checking each
     against the primitive's shape rule so a wrong rule fails loudly.
     """
-    outs = _call_rule(prim, operands, params)
-    expected = infer_avals(prim, [aval_of(o) for o in operands], params)
+    frozen = params if isinstance(params, Params) else Params(params)
+    in_avals = [aval_of(o) for o in operands]
+    expected = infer_avals(prim, in_avals, frozen)
+    eqn = Eqn(prim, tuple(Var(i, a) for i, a in enumerate(in_avals)),
+              tuple(Var(len(in_avals) + i, a) for i, a in enumerate(expected)), frozen)
+    outs = _call_rule(eqn, operands)
     for i, (o, av) in enumerate(zip(outs, expected, strict=True)):
         got = aval_of(o)
         if got != av:
@@ -189,7 +207,7 @@ def to_fx(graph: Graph, input_names: Sequence[str] | None = None, output_as_list
         constants[lit] = proxy(fx_graph.get_attr(f"_literal_{i}"), lit.aval)
 
     def apply(eqn: Eqn, operands: Sequence[Any]) -> tuple[Any, ...]:
-        outs = _call_rule(eqn.primitive, operands, eqn.params)
+        outs = _call_rule(eqn, operands)
         for out, var in zip(outs, eqn.outputs, strict=True):
             if not isinstance(out, fx.Proxy):
                 raise RuntimeError(f"internal: torch rule for {eqn.primitive.name} returned {type(out).__name__} "

@@ -288,9 +288,11 @@ def min_cut_saved(analysis: JointAnalysis, banned: Callable[[Eqn], bool] = defau
     def forced(vid: int) -> bool:
         if analysis._must_save(vid):
             return True
-        if not analysis.forward_needed_mask[vid]:
-            return False
         k = analysis.eqn_of[vid]
+        # a banned equation the forward runs anyway gives all its outputs there (attention's
+        # log-sum-exp is saved, not recomputed by running attention again in the backward)
+        if not any(analysis.forward_needed_mask[o.id] for o in eqns[k].outputs):
+            return False
         if k not in banned_cache:
             banned_cache[k] = bool(banned(eqns[k]))
         return banned_cache[k]
@@ -400,20 +402,21 @@ def split(analysis: JointAnalysis, saved: Iterable[Var]) -> Partition:
 
     saved_set = {v for v in analysis.values if is_saved[v.id]}
     backward_eqns = live_eqns(joint.eqns, analysis.grads, available=saved_set)
-    needed = free_vars(backward_eqns, analysis.grads)
-    missing = [v for v in analysis.primals if v in needed and not is_saved[v.id]]
-    if missing:
-        raise PartitionError(f"the backward needs primal inputs {missing} that the policy did not save")
-    saved_vars = tuple(v for v in analysis.values if is_saved[v.id] and v in needed)
-
     # An equation recomputed in the backward may also have a saved output (multiple results):
-    # that output is already a backward input, so the recomputed copy gets a fresh name.
+    # that output is a backward input, so the recomputed copy gets a fresh name (before asking
+    # which saved values the backward reads: the saved one is read, not the copy).
     fresh = Builder()
     backward_eqns = [
         e if not any(is_saved[v.id] for v in e.outputs) else
         Eqn(e.primitive, e.inputs, tuple(fresh.new_var(v.aval) if is_saved[v.id] else v for v in e.outputs),
             e.params)
         for e in backward_eqns]
+    needed = free_vars(backward_eqns, analysis.grads)
+    missing = [v for v in analysis.primals if v in needed and not is_saved[v.id]]
+    if missing:
+        raise PartitionError(f"the backward needs primal inputs {missing} that the policy did not save")
+    saved_vars = tuple(v for v in analysis.values if is_saved[v.id] and v in needed)
+
     backward = Graph(saved_vars + tuple(analysis.cotangents), tuple(backward_eqns), analysis.grads)
 
     targets = tuple(analysis.outs) + saved_vars

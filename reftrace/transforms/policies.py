@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from reftrace import primitives as P
+from reftrace.composite import is_compute_intensive
 from reftrace.errors import PartitionError
 from reftrace.graph import Eqn
 from reftrace.primitives import Primitive
@@ -88,11 +89,11 @@ _SHRINKING = frozenset(P.REDUCTIONS + P.INDEX_REDUCTIONS)
 
 
 def default_ban(eqn: Eqn) -> bool:
-    """Equations ``MinCut`` never recomputes, as PyTorch's min-cut partitioner: matmuls and
-    convolutions (too expensive to run twice), reductions whose output is more than 4x smaller
+    """Equations ``MinCut`` never recomputes, as PyTorch's min-cut partitioner: matmuls,
+    convolutions and compute-intensive composites such as attention (too expensive to run twice), reductions whose output is more than 4x smaller
     than their input (recomputing would need the big input in the backward, defeating the
     point of saving the small result), and random draws."""
-    if eqn.primitive in _NOT_RECOMPUTED or P.eqn_is_random(eqn.primitive):
+    if eqn.primitive in _NOT_RECOMPUTED or P.eqn_is_random(eqn.primitive) or is_compute_intensive(eqn.primitive):
         return True
     if eqn.primitive in _SHRINKING:
         in_bytes = eqn.inputs[0].nbytes

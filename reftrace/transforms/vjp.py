@@ -8,6 +8,7 @@ The rules emit ordinary primitives, so the joint is an ordinary Graph and
 """
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any, Iterable, Sequence
 
@@ -15,11 +16,12 @@ import numpy as np
 
 from reftrace import lax
 from reftrace.builder import Builder
+from reftrace.composite import decomposition_graph, is_composite
 from reftrace.errors import ArgumentError, GraphError, UnsupportedOperatorError
-from reftrace.graph import Eqn, Graph, Var, expect_graph, live_eqns
+from reftrace.graph import Aval, Eqn, Graph, Params, Var, expect_graph, live_eqns
 from reftrace.interpreter import eval_graph
 from reftrace.lax import TracedArray, new_input, tracing
-from reftrace.primitives import checked, is_float, stop_gradient_p
+from reftrace.primitives import Primitive, checked, is_float, stop_gradient_p
 from reftrace.transforms.vjp_rules import vjp_rules
 
 
@@ -186,6 +188,8 @@ def _backward(graph: Graph, records: Sequence[Record], active: set[Var], ct_env:
         if all(ct is None for ct in cts):
             continue  # symbolic zero: nothing to emit
         rule = vjp_rules.get(eqn.primitive)
+        if rule is None and is_composite(eqn.primitive):
+            rule = functools.partial(through_decomposition, eqn.primitive)
         if rule is None:
             raise UnsupportedOperatorError(
                 f"primitive {eqn.primitive.name} has no VJP rule, so vjp cannot differentiate through it; "
@@ -207,3 +211,27 @@ def _backward(graph: Graph, records: Sequence[Record], active: set[Var], ct_env:
 def _accumulate(ct_env: dict[Var, TracedArray], v: Var, ct: TracedArray) -> None:
     """Cotangents of a value used more than once add up."""
     ct_env[v] = lax.add(ct_env[v], ct) if v in ct_env else ct
+
+
+# ----------------------------------------------------------------------------- composites
+
+def through_decomposition(prim: Primitive, cts: Sequence[TracedArray | None], primals: Sequence[TracedArray],
+                          outs: Sequence[TracedArray], **params: Any) -> tuple[TracedArray | None, ...]:
+    """The VJP rule of a composite primitive that has none of its own (or of a rule that defers to
+    it, for a cotangent its fused backward does not cover): the joint graph of its decomposition,
+    inlined. It recomputes the decomposition's forward values in the backward, which is why the
+    common composites have rules of their own; this one makes every composite differentiable to
+    any order."""
+    joint = _decomposition_joint(prim, tuple(p.aval for p in primals), Params(params))
+    builder = outs[0].builder
+    given = [ct if ct is not None else lax.zeros(o.aval) for ct, o in zip(cts, outs)]
+    results = eval_graph(joint, [*primals, *given], lambda e, vals: [
+        TracedArray(builder, v) for v in builder.bind(e.primitive, [x.atom for x in vals], e.params)],
+        literal=lambda lit: TracedArray(builder, lit))
+    grads = iter(results[len(outs):])
+    return tuple(next(grads) if is_float(p.dtype) else None for p in primals)
+
+
+@functools.lru_cache(maxsize=1024)
+def _decomposition_joint(prim: Primitive, in_avals: tuple[Aval, ...], params: Params) -> Graph:
+    return vjp(decomposition_graph(prim, in_avals, params))

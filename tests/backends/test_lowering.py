@@ -113,6 +113,35 @@ def every_primitive_program(x, y, b, idx, key):
     outs += [lax.cholesky(spd), lax.triangular_solve(spd, x, left_side=True, lower=False, transpose_a=True)]
     outs += list(lax.lu(x)) + list(lax.qr(x)) + list(lax.eigh(spd)) + list(lax.svd(x))
     outs.append(lax.pinv(x, np.array(0.0), np.array(1e-12)))
+    return tuple(outs) + composite_calls(x, y)
+
+
+def composite_calls(x, y):
+    """Every composite primitive of ``reftrace.nn`` on (4, 6) floating operands."""
+    from reftrace.nn import activations as A, norms as N
+    from reftrace.nn import attention as T
+    w, b = lax.slice(y, (0, 0), (1, 6)), lax.slice(x, (1, 0), (2, 6))
+    w, b = lax.reshape(w, (6,)), lax.reshape(b, (6,))
+    outs = [rt.nn.gelu(x), rt.nn.gelu(x, "tanh"), rt.nn.softmax(x, 1), rt.nn.log_softmax(x, 0)]
+    outs += [lax.bind(A.gelu_backward_p, y, x, approximate=a) for a in ("none", "tanh")]
+    outs += [lax.bind(A.softmax_backward_p, y, outs[2], axis=1), lax.bind(A.log_softmax_backward_p, y, outs[3], axis=0)]
+    ln = rt.nn.layer_norm(x, w, b, normalized_ndim=1, eps=1e-5)
+    outs += [*ln, *rt.nn.layer_norm(x, normalized_ndim=2, eps=1e-3)]
+    outs += lax.bind(N.layer_norm_backward_p, y, x, ln[1], ln[2], w, b, normalized_ndim=1, has_weight=True,
+                     has_bias=True)
+    bn = rt.nn.batch_norm_train(x, w, b, lax.mul(w, 0.5), lax.add(lax.mul(b, b), 1.0), momentum=0.1, eps=1e-5)
+    outs += [*bn, *rt.nn.batch_norm_train(x, eps=1e-5, momentum=0.1)]
+    outs += lax.bind(N.batch_norm_backward_p, y, x, bn[1], bn[2], w, eps=1e-5, training=True, has_weight=True,
+                     has_bias=False)
+    outs += lax.bind(N.batch_norm_backward_p, y, x, w, lax.add(lax.mul(b, b), 1.0), b, eps=1e-5, training=False,
+                     has_weight=False, has_bias=True)
+    outs.append(rt.nn.batch_norm_eval(x, w, lax.add(lax.mul(b, b), 1.0), None, b, eps=1e-5))
+    q, k = lax.reshape(x, (1, 2, 2, 6)), lax.reshape(y, (1, 2, 2, 6))
+    for mask in (None, lax.reshape(lax.slice(x, (0, 0), (2, 4)), (1, 2, 2, 2))):
+        attended = rt.nn.dot_product_attention(q, k, k, mask, causal=mask is None)
+        outs += [*attended, *lax.bind(T.attention_backward_p, q, q, k, k, *attended, *([] if mask is None else [mask]),
+                                      causal=mask is None, scale=0.5, has_mask=mask is not None)]
+    outs.append(rt.nn.linear(x, lax.transpose(y, (1, 0)), lax.reshape(lax.slice(x, (0, 0), (1, 4)), (4,))))
     return tuple(outs)
 
 

@@ -492,3 +492,45 @@ def test_huge_tensors_use_exact_arithmetic():
     assert saved_kinds(part) == [("input", 0), ("input", 1)]
     assert partition_key(part) == brute_force_optimum(j)
     assert min_cut_saved(a) == set(a.primals)
+
+
+def _attention_joint():
+    """A joint where attention's output is read by the forward and its log-sum-exp only by the backward."""
+    x, w = f64(2, 2, 5, 4), f64(4, 4, seed=1)
+
+    def fn(x, w):
+        q = lax.dot_general(x, w, (((3,), (0,)), ((), ())))
+        out, _ = rt.nn.dot_product_attention(q, x, x)
+        return lax.mul(out, out)
+    return rt.vjp(rt.trace(fn, x, w)), [x, w, f64(2, 2, 5, 4, seed=2)]
+
+
+def _check_partition_runs_like_the_joint(joint, part, args):
+    want = [np.asarray(v) for v in rt.lower(joint, "jax")(*args)]
+    n_primals, n_outs = joint.joint
+    fwd = [np.asarray(v) for v in rt.lower(part.forward, "jax")(*args[:n_primals])]
+    grads = [np.asarray(v) for v in rt.lower(part.backward, "jax")(*fwd[n_outs:], *args[n_primals:])]
+    for got, expected in zip(fwd[:n_outs] + grads, want):
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_recomputed_equation_with_a_saved_output_reads_the_saved_one():
+    """Saving one output of a multi-output equation and recomputing it for another: the backward
+    takes the saved value as an input and gives the recomputed copy a fresh name."""
+    from reftrace.transforms.partition import split
+    from reftrace.transforms.simplify import simplify
+    joint, args = _attention_joint()
+    analysis = JointAnalysis(simplify(joint))
+    attention = next(e for e in analysis.graph.eqns if e.primitive.name == "attention")
+    saved = set(analysis.primals) | {attention.outputs[0], attention.inputs[0]}  # out and q, not lse
+    part = split(analysis, saved)
+    assert "attention" in {e.primitive.name for e in part.backward.eqns}
+    _check_partition_runs_like_the_joint(joint, part, args)
+
+
+def test_mincut_keeps_every_output_of_a_banned_equation_the_forward_runs():
+    """Attention is banned from recomputation: its log-sum-exp is saved, not made by a second attention."""
+    joint, args = _attention_joint()
+    part = rt.partition(joint, "mincut")
+    assert "attention" not in {e.primitive.name for e in part.backward.eqns}
+    _check_partition_runs_like_the_joint(joint, part, args)

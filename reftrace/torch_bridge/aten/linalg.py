@@ -10,10 +10,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from reftrace import lax
+from reftrace import lax, nn
 from reftrace import matrices as M
 from reftrace import primitives as P
-from reftrace.torch_bridge.aten._common import aten, cast, literal, out_aval, register, unsupported
+from reftrace.torch_bridge.aten._common import aten, cast, is_tensor, literal, out_aval, register, unsupported
 from reftrace.torch_bridge.aten.indexing import take
 from reftrace.torch_bridge.aten.nn import per_dim
 from reftrace.torch_bridge.aten.reductions import chebyshev_norm, linalg_vector_norm
@@ -59,6 +59,9 @@ def _scaled_add(bias: Any, product: Any, beta: Any, alpha: Any) -> Any:
 
 @register(aten.addmm.default)
 def addmm(bias: Any, a: Any, b: Any, *, beta: Any = 1, alpha: Any = 1) -> Any:
+    d = out_aval().dtype
+    if beta == 1 and alpha == 1 and is_tensor(bias) and bias.shape == (b.shape[1],):  # a Linear layer
+        return nn.linear(cast(a, d), cast(b, d), cast(bias, d))
     return _scaled_add(bias, mm(a, b), beta, alpha)
 
 

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from reftrace import lax
+from reftrace import lax, nn
 from reftrace import primitives as P
 from reftrace.errors import UnsupportedOperatorError
 from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, literal, lowest, out_aval,
@@ -26,14 +26,7 @@ def _f(x: Any) -> Any:
 
 @register(aten.gelu.default)
 def gelu(x: Any, approximate: str = "none") -> Any:
-    x = _f(x)
-    d = x.dtype
-    half = lax.mul(literal(0.5, d), x)
-    if approximate == "tanh":
-        inner = lax.mul(literal(np.sqrt(2.0 / np.pi), d),
-                        lax.add(x, lax.mul(literal(0.044715, d), lax.integer_pow(x, 3))))
-        return lax.mul(half, lax.add(literal(1, d), lax.tanh(inner)))
-    return lax.mul(half, lax.add(literal(1, d), lax.erf(lax.mul(x, literal(np.sqrt(0.5), d)))))
+    return nn.gelu(_f(x), approximate)
 
 
 @register(aten.silu.default)
@@ -163,20 +156,7 @@ def _along(v: Any, shape: Sequence[int], dims: Sequence[int]) -> Any:
 @register(aten.native_layer_norm.default)
 def native_layer_norm(x: Any, normalized_shape: Sequence[int], weight: Any, bias: Any, eps: float
                       ) -> tuple[Any, Any, Any]:
-    out_dtype = x.dtype
-    x = cast(x, _acc_dtype(x.dtype))
-    k = len(normalized_shape)
-    axes = tuple(range(x.ndim - k, x.ndim))
-    lead = list(range(x.ndim - k))
-    mean, var, _ = _stats(x, axes)
-    rstd = lax.rsqrt(lax.add(var, literal(eps, x.dtype)))
-    y = lax.mul(lax.sub(x, _along(mean, x.shape, lead)), _along(rstd, x.shape, lead))
-    if weight is not None:
-        y = lax.mul(y, _along(cast(weight, x.dtype), x.shape, axes))
-    if bias is not None:
-        y = lax.add(y, _along(cast(bias, x.dtype), x.shape, axes))
-    stat_shape = x.shape[:x.ndim - k] + (1,) * k
-    return cast(y, out_dtype), lax.reshape(mean, stat_shape), lax.reshape(rstd, stat_shape)
+    return nn.layer_norm(x, weight, bias, normalized_ndim=len(normalized_shape), eps=eps)
 
 
 @register(aten.native_group_norm.default)
@@ -198,35 +178,16 @@ def native_group_norm(x: Any, weight: Any, bias: Any, N: int, C: int, HxW: int, 
 
 def _batch_norm(x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any, training: bool,
                 momentum: float, eps: float) -> tuple[Any, Any, Any, Any, Any]:
-    """(out, save_mean, save_rstd, new_running_mean, new_running_var); the last two are None without stats."""
-    out_dtype = x.dtype
-    x = cast(x, _acc_dtype(x.dtype))
-    d = x.dtype
-    axes = tuple(i for i in range(x.ndim) if i != 1)
-    channel = (1,)
-    new_mean = new_var = None
-    if training:
-        mean, var, n = _stats(x, axes)
-        rstd = lax.rsqrt(lax.add(var, literal(eps, d)))
-        if running_mean is not None:
-            m = literal(momentum, d)
-            keep = literal(1 - momentum, d)
-            rm, rv = cast(running_mean, d), cast(running_var, d)
-            unbiased = lax.mul(var, literal(n / max(n - 1, 1), d))
-            # torch's running statistics carry no gradient (the kernel updates them outside autograd)
-            new_mean = lax.stop_gradient(cast(lax.add(lax.mul(keep, rm), lax.mul(m, mean)), running_mean.dtype))
-            new_var = lax.stop_gradient(cast(lax.add(lax.mul(keep, rv), lax.mul(m, unbiased)), running_var.dtype))
-        save_mean, save_rstd = mean, rstd
-    else:
-        mean = cast(running_mean, d)
-        rstd = lax.rsqrt(lax.add(cast(running_var, d), literal(eps, d)))
-        save_mean = save_rstd = None
-    y = lax.mul(lax.sub(x, _along(mean, x.shape, channel)), _along(rstd, x.shape, channel))
-    if weight is not None:
-        y = lax.mul(y, _along(cast(weight, d), x.shape, channel))
-    if bias is not None:
-        y = lax.add(y, _along(cast(bias, d), x.shape, channel))
-    return cast(y, out_dtype), save_mean, save_rstd, new_mean, new_var
+    """(out, save_mean, save_rstd, new_running_mean, new_running_var); the last two are None without stats,
+    the saved statistics None outside training."""
+    if not training:
+        return nn.batch_norm_eval(x, running_mean, running_var, weight, bias, eps=eps), None, None, None, None
+    outs = nn.batch_norm_train(x, weight, bias, running_mean, running_var, momentum=momentum, eps=eps)
+    if len(outs) == 3:
+        return (*outs, None, None)
+    out, save_mean, save_rstd, new_mean, new_var = outs
+    # torch's running statistics carry no gradient (the kernel updates them outside autograd)
+    return out, save_mean, save_rstd, lax.stop_gradient(new_mean), lax.stop_gradient(new_var)
 
 
 def _or_meta_zeros(value: Any, i: int) -> Any:
@@ -472,7 +433,8 @@ register(aten.adaptive_max_pool3d.default)(_adaptive_max_pool(3))
 @register(aten._scaled_dot_product_flash_attention_for_cpu.default)
 def flash_attention_cpu(query: Any, key: Any, value: Any, dropout_p: float = 0.0, is_causal: bool = False, *,
                         attn_mask: Any = None, scale: float | None = None) -> tuple[Any, Any]:
-    """(softmax(q k^T * scale + mask) v, logsumexp of the scores): torch's CPU flash kernel, without dropout.
+    """(softmax(q k^T * scale + mask) v, logsumexp of the scores): torch's CPU flash kernel, without dropout,
+    as the ``attention`` composite.
 
     torch's own decomposition returns the attention weights in place of the logsumexp.
     """
@@ -483,27 +445,12 @@ def flash_attention_cpu(query: Any, key: Any, value: Any, dropout_p: float = 0.0
     heads = q.shape[1]
     if k.shape[1] != heads:  # grouped-query attention: each key/value head serves consecutive query heads
         k, v = (_repeat_heads(t, heads // t.shape[1]) for t in (k, v))
-    scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else scale
-    scores = lax.mul(lax.dot_general(q, k, (((3,), (3,)), ((0, 1), (0, 1)))), literal(scale, d))
-    length, source = scores.shape[-2:]
-    if is_causal:
-        rows = lax.iota(np.int64, (length, source), 0)
-        cols = lax.iota(np.int64, (length, source), 1)
-        allowed = lax.broadcast_in_dim(lax.le(cols, rows), scores.shape, (2, 3))
-        scores = lax.select(allowed, scores, literal(-np.inf, d))
+    mask = None
     if attn_mask is not None:
-        mask = lax.broadcast_to_rank(attn_mask, scores.shape)
-        scores = (lax.select(mask, scores, literal(-np.inf, d)) if P.is_bool(mask.dtype)
-                  else lax.add(scores, cast(mask, d)))
-    peak = lax.reduce_max(scores, (3,))
-    peak = lax.select(lax.is_finite(peak), peak, literal(0, d))
-    shifted = lax.sub(scores, lax.broadcast_in_dim(peak, scores.shape, (0, 1, 2)))
-    total = lax.reduce_sum(lax.exp(shifted), (3,))
-    # a fully masked row (left padding under a causal mask) attends to nothing: 0, as torch's kernel
-    total = lax.select(lax.eq(total, literal(0, d)), literal(1, d), total)
-    weights = lax.div(lax.exp(shifted), lax.broadcast_in_dim(total, scores.shape, (0, 1, 2)))
-    out = lax.dot_general(weights, v, (((3,), (2,)), ((0, 1), (0, 1))))
-    lse = lax.add(lax.log(total), peak)
+        mask = lax.broadcast_to_rank(attn_mask, q.shape[:3] + k.shape[2:3])
+        mask = (lax.select(mask, lax.full(mask.shape, 0, d), lax.full(mask.shape, -np.inf, d))
+                if P.is_bool(mask.dtype) else cast(mask, d))
+    out, lse = nn.dot_product_attention(q, k, v, mask, causal=is_causal, scale=scale)
     return out, cast(lax.stop_gradient(lse), out_aval(1).dtype)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from reftrace import lax
+from reftrace import lax, nn
 from reftrace import primitives as P
 from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, highest, keep_dims, literal, lowest,
                                                 norm_dim, norm_dims, out_aval, promote, register, unsupported)
@@ -189,10 +189,7 @@ def softmax(x: Any, dim: int, half_to_float: bool = False) -> Any:
     x = cast(x, float_dtype(out_aval().dtype))
     if x.ndim == 0:
         return lax.full((), 1, x.dtype)
-    axis = norm_dim(dim, x.ndim)
-    e = lax.exp(lax.sub(x, _max_keep(x, axis)))
-    total = lax.broadcast_in_dim(lax.reduce_sum(e, (axis,)), x.shape, [i for i in range(x.ndim) if i != axis])
-    return lax.div(e, total)
+    return nn.softmax(x, norm_dim(dim, x.ndim))
 
 
 @register(aten._log_softmax.default)
@@ -200,10 +197,7 @@ def log_softmax(x: Any, dim: int, half_to_float: bool = False) -> Any:
     x = cast(x, float_dtype(out_aval().dtype))
     if x.ndim == 0:
         return lax.full((), 0, x.dtype)
-    axis = norm_dim(dim, x.ndim)
-    shifted = lax.sub(x, _max_keep(x, axis))
-    lse = lax.log(lax.reduce_sum(lax.exp(shifted), (axis,)))
-    return lax.sub(shifted, lax.broadcast_in_dim(lse, x.shape, [i for i in range(x.ndim) if i != axis]))
+    return nn.log_softmax(x, norm_dim(dim, x.ndim))
 
 
 @register(aten.logsumexp.default)

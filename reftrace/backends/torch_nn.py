@@ -1,0 +1,135 @@
+"""Torch lowerings of the composites in ``reftrace.nn``: each one ATen kernel, as eager torch runs it.
+
+Rows of ``reftrace.backends.torch_rules.torch_rules``; like every rule there they run both
+eagerly and on FX proxies. A row returns ``NotImplemented`` for operands its kernel does not
+take, and the composite then runs as its decomposition. Each composite's decomposition is its meaning, and
+``tests/backends/test_composites.py`` checks every row here against it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from reftrace.backends.torch_dtypes import torch_dtype
+from reftrace.backends.torch_rules import _t, aval_of, torch_rules
+from reftrace.nn import activations as A
+from reftrace.nn.attention import attention_backward_p, attention_p
+from reftrace.nn.linear import linear_p
+from reftrace.nn import norms as N
+
+aten = torch.ops.aten
+
+
+def _optional(operands: tuple[Any, ...], *present: bool) -> list[Any]:
+    values, it = [], iter(operands)
+    for here in present:
+        values.append(_t(next(it)) if here else None)
+    return values
+
+
+def _with_dtype(x: Any, like: Any) -> Any:
+    """``x`` in ``like``'s dtype: a half-precision kernel may return float32 statistics on some devices."""
+    dtype = aval_of(like).dtype
+    return x.to(torch_dtype(dtype)) if dtype.itemsize < 4 else x
+
+
+# ----------------------------------------------------------------------------- activations
+
+torch_rules[A.gelu_p] = lambda x, *, approximate: aten.gelu(_t(x), approximate=approximate)
+torch_rules[A.gelu_backward_p] = lambda g, x, *, approximate: aten.gelu_backward(_t(g), _t(x),
+                                                                                 approximate=approximate)
+torch_rules[A.softmax_p] = lambda x, *, axis: aten._softmax(_t(x), axis, False)
+torch_rules[A.log_softmax_p] = lambda x, *, axis: aten._log_softmax(_t(x), axis, False)
+torch_rules[A.softmax_backward_p] = lambda g, y, *, axis: aten._softmax_backward_data(
+    _t(g), _t(y), axis, torch_dtype(aval_of(y).dtype))
+torch_rules[A.log_softmax_backward_p] = lambda g, y, *, axis: aten._log_softmax_backward_data(
+    _t(g), _t(y), axis, torch_dtype(aval_of(y).dtype))
+
+
+torch_rules[linear_p] = lambda x, w, b: torch.addmm(_t(b), _t(x), _t(w))
+
+
+# ----------------------------------------------------------------------------- norms
+
+def _layer_norm(x: Any, *affine: Any, normalized_ndim: int, eps: float, has_weight: bool, has_bias: bool
+                ) -> tuple[Any, Any, Any]:
+    weight, bias = _optional(affine, has_weight, has_bias)
+    shape = list(aval_of(x).shape[aval_of(x).ndim - normalized_ndim:])
+    out = aten.native_layer_norm(_t(x), shape, weight, bias, eps)
+    return out[0], _with_dtype(out[1], x), _with_dtype(out[2], x)
+
+
+def _layer_norm_backward(g: Any, x: Any, mean: Any, rstd: Any, *affine: Any, normalized_ndim: int,
+                         has_weight: bool, has_bias: bool) -> tuple[Any, ...]:
+    weight, bias = _optional(affine, has_weight, has_bias)
+    shape = list(aval_of(x).shape[aval_of(x).ndim - normalized_ndim:])
+    grads = aten.native_layer_norm_backward(_t(g), _t(x), shape, _t(mean), _t(rstd), weight, bias,
+                                            [True, has_weight, has_bias])
+    return (grads[0], *([grads[1]] if has_weight else []), *([grads[2]] if has_bias else []))
+
+
+def _batch_norm_train(x: Any, *rest: Any, eps: float, momentum: float, has_weight: bool, has_bias: bool,
+                      has_running_stats: bool) -> tuple[Any, ...]:
+    weight, bias, running_mean, running_var = _optional(rest, has_weight, has_bias, has_running_stats,
+                                                        has_running_stats)
+    if not has_running_stats:
+        out = aten.native_batch_norm(_t(x), weight, bias, None, None, True, momentum, eps)
+        return out[0], _with_dtype(out[1], x), _with_dtype(out[2], x)
+    out = aten._native_batch_norm_legit_functional(_t(x), weight, bias, running_mean, running_var, True,
+                                                   momentum, eps)
+    return out[0], _with_dtype(out[1], x), _with_dtype(out[2], x), out[3], out[4]
+
+
+def _batch_norm_eval(x: Any, running_mean: Any, running_var: Any, *affine: Any, eps: float, has_weight: bool,
+                     has_bias: bool) -> Any:
+    weight, bias = _optional(affine, has_weight, has_bias)
+    return aten._native_batch_norm_legit_no_training(_t(x), weight, bias, _t(running_mean), _t(running_var),
+                                                     0.0, eps)[0]
+
+
+def _batch_norm_backward(g: Any, x: Any, mean: Any, stat: Any, *affine: Any, eps: float, training: bool,
+                         has_weight: bool, has_bias: bool) -> tuple[Any, ...]:
+    weight, bias = _optional(affine, has_weight, has_bias)
+    saved = [_t(mean), _t(stat)] if training else [None, None]
+    running = [None, None] if training else [_t(mean), _t(stat)]
+    grads = aten.native_batch_norm_backward(_t(g), _t(x), weight, *running, *saved, training, eps,
+                                            [True, has_weight, has_bias])
+    return (grads[0], *([grads[1]] if has_weight else []), *([grads[2]] if has_bias else []))
+
+
+torch_rules[N.layer_norm_p] = _layer_norm
+torch_rules[N.layer_norm_backward_p] = _layer_norm_backward
+torch_rules[N.batch_norm_train_p] = _batch_norm_train
+torch_rules[N.batch_norm_eval_p] = _batch_norm_eval
+torch_rules[N.batch_norm_backward_p] = _batch_norm_backward
+
+
+# ----------------------------------------------------------------------------- attention
+# torch's CPU flash kernels (the ones eager SDPA runs on CPU)
+
+def _flash_takes(q: Any, v: Any) -> bool:
+    """The flash kernels need one head size for queries and values."""
+    return aval_of(q).shape[-1] == aval_of(v).shape[-1]
+
+
+def _attention(q: Any, k: Any, v: Any, *mask: Any, causal: bool, scale: float, has_mask: bool) -> Any:
+    if not _flash_takes(q, v):
+        return NotImplemented
+    out = aten._scaled_dot_product_flash_attention_for_cpu(_t(q), _t(k), _t(v), 0.0, causal,
+                                                           attn_mask=_t(mask[0]) if has_mask else None, scale=scale)
+    return out[0], out[1]
+
+
+def _attention_backward(g: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *mask: Any, causal: bool, scale: float,
+                        has_mask: bool) -> Any:
+    if not _flash_takes(q, v):
+        return NotImplemented
+    grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        _t(g), _t(q), _t(k), _t(v), _t(out), _t(lse), 0.0, causal, attn_mask=_t(mask[0]) if has_mask else None,
+        scale=scale)
+    return grads[0], grads[1], grads[2]
+
+
+torch_rules[attention_p] = _attention
+torch_rules[attention_backward_p] = _attention_backward

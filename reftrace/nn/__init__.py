@@ -1,0 +1,19 @@
+"""Composite primitives of neural networks (the ``jax.nn`` of reftrace).
+
+Each function here binds one composite primitive (``reftrace.composite``): one equation
+with a decomposition into core primitives (its meaning), its own VJP rule emitting
+composite backward equations, and fused lowerings in the backends (torch: the ATen
+kernel; JAX: what XLA fuses). The torch bridge captures the matching ATen ops as these.
+
+    activations: gelu, softmax, log_softmax (and their backward equations)
+    norms:       layer_norm, batch_norm_train, batch_norm_eval (and backward equations)
+    attention:   dot_product_attention (and its backward equation)
+    linear:      linear (x @ w + b, torch's addmm)
+"""
+from reftrace.nn.activations import gelu, log_softmax, softmax
+from reftrace.nn.attention import dot_product_attention
+from reftrace.nn.linear import linear
+from reftrace.nn.norms import batch_norm_eval, batch_norm_train, layer_norm
+
+__all__ = ["gelu", "softmax", "log_softmax", "layer_norm", "batch_norm_train", "batch_norm_eval", "dot_product_attention",
+           "linear"]

@@ -1,0 +1,128 @@
+"""GELU, softmax and log-softmax as composites, with composite backward equations.
+
+The backward equations (``gelu_backward``, ``softmax_backward``, ``log_softmax_backward``)
+are ATen's: torch lowers each to its one kernel. They have no VJP rule of their own, so
+second derivatives go through their decompositions.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from reftrace import lax
+from reftrace.composite import define_composite
+from reftrace.nn._util import along, const, other_axes
+from reftrace.transforms.vjp_rules import vjp_rules
+
+_SQRT_HALF = float(np.sqrt(0.5))
+_SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))
+_INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
+_TANH_CUBIC = 0.044715
+
+
+# ----------------------------------------------------------------------------- gelu
+
+def _gelu(x: Any, *, approximate: str) -> Any:
+    d = x.dtype
+    half = lax.mul(const(0.5, d), x)
+    if approximate == "tanh":
+        inner = lax.mul(const(_SQRT_2_OVER_PI, d), lax.add(x, lax.mul(const(_TANH_CUBIC, d), lax.integer_pow(x, 3))))
+        return lax.mul(half, lax.add(const(1, d), lax.tanh(inner)))
+    return lax.mul(half, lax.add(const(1, d), lax.erf(lax.mul(x, const(_SQRT_HALF, d)))))
+
+
+def _gelu_backward(g: Any, x: Any, *, approximate: str) -> Any:
+    d = x.dtype
+    one, half = const(1, d), const(0.5, d)
+    if approximate == "tanh":
+        inner = lax.mul(const(_SQRT_2_OVER_PI, d), lax.add(x, lax.mul(const(_TANH_CUBIC, d), lax.integer_pow(x, 3))))
+        t = lax.tanh(inner)
+        d_inner = lax.mul(const(_SQRT_2_OVER_PI, d),
+                          lax.add(one, lax.mul(const(3 * _TANH_CUBIC, d), lax.mul(x, x))))
+        slope = lax.add(lax.mul(half, lax.add(one, t)),
+                        lax.mul(lax.mul(half, x), lax.mul(lax.sub(one, lax.mul(t, t)), d_inner)))
+    else:
+        cdf = lax.mul(half, lax.add(one, lax.erf(lax.mul(x, const(_SQRT_HALF, d)))))
+        pdf = lax.mul(const(_INV_SQRT_2PI, d), lax.exp(lax.mul(const(-0.5, d), lax.mul(x, x))))
+        slope = lax.add(cdf, lax.mul(x, pdf))
+    return lax.mul(g, slope)
+
+
+gelu_p = define_composite("gelu", _gelu)
+gelu_backward_p = define_composite("gelu_backward", _gelu_backward)
+
+
+def gelu(x: Any, approximate: str = "none") -> Any:
+    """x * Phi(x) (``approximate="tanh"``: the tanh approximation), as ``torch.nn.functional.gelu``."""
+    if approximate not in ("none", "tanh"):
+        from reftrace.errors import ArgumentError
+        raise ArgumentError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return lax.bind(gelu_p, x, approximate=approximate)
+
+
+def _gelu_vjp(cts, primals, outs, *, approximate):
+    return (lax.bind(gelu_backward_p, cts[0], primals[0], approximate=approximate),)
+
+
+vjp_rules[gelu_p] = _gelu_vjp
+
+
+# ----------------------------------------------------------------------------- softmax, log_softmax
+
+def _stable_shift(x: Any, axis: int) -> Any:
+    """x minus its max along ``axis`` (infinite maxima replaced by 0, so all -inf rows stay NaN-free)."""
+    m = lax.reduce_max(x, (axis,))
+    m = lax.select(lax.is_finite(m), m, lax.full(m.shape, 0, m.dtype))
+    return lax.sub(x, along(m, x.shape, other_axes(x.ndim, (axis,))))
+
+
+def _row_sum(x: Any, axis: int) -> Any:
+    """The sum along ``axis``, broadcast back to ``x``'s shape."""
+    return along(lax.reduce_sum(x, (axis,)), x.shape, other_axes(x.ndim, (axis,)))
+
+
+def _softmax(x: Any, *, axis: int) -> Any:
+    e = lax.exp(_stable_shift(x, axis))
+    return lax.div(e, _row_sum(e, axis))
+
+
+def _log_softmax(x: Any, *, axis: int) -> Any:
+    shifted = _stable_shift(x, axis)
+    return lax.sub(shifted, lax.log(_row_sum(lax.exp(shifted), axis)))
+
+
+def _softmax_backward(g: Any, y: Any, *, axis: int) -> Any:
+    return lax.mul(y, lax.sub(g, _row_sum(lax.mul(g, y), axis)))
+
+
+def _log_softmax_backward(g: Any, y: Any, *, axis: int) -> Any:
+    return lax.sub(g, lax.mul(lax.exp(y), _row_sum(g, axis)))
+
+
+softmax_p = define_composite("softmax", _softmax)
+log_softmax_p = define_composite("log_softmax", _log_softmax)
+softmax_backward_p = define_composite("softmax_backward", _softmax_backward)
+log_softmax_backward_p = define_composite("log_softmax_backward", _log_softmax_backward)
+
+
+def softmax(x: Any, axis: int) -> Any:
+    """exp(x) / sum(exp(x)) along ``axis`` (a non-negative axis of a rank >= 1 floating ``x``)."""
+    return lax.bind(softmax_p, x, axis=axis)
+
+
+def log_softmax(x: Any, axis: int) -> Any:
+    """x - logsumexp(x) along ``axis``."""
+    return lax.bind(log_softmax_p, x, axis=axis)
+
+
+def _softmax_vjp(cts, primals, outs, *, axis):
+    return (lax.bind(softmax_backward_p, cts[0], outs[0], axis=axis),)
+
+
+def _log_softmax_vjp(cts, primals, outs, *, axis):
+    return (lax.bind(log_softmax_backward_p, cts[0], outs[0], axis=axis),)
+
+
+vjp_rules[softmax_p] = _softmax_vjp
+vjp_rules[log_softmax_p] = _log_softmax_vjp

@@ -1,0 +1,298 @@
+"""Composite primitives (``reftrace.nn``): each fused lowering equals the decomposition, each VJP rule
+equals the decomposition's gradient (and JAX's, and finite differences), to second order.
+
+The decomposition is the meaning; the fused torch rows (ATen kernels), the JAX rows and the
+composite backward equations must agree with it at every shape and parameter drawn.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reftrace as rt
+from reftrace import lax
+from reftrace.composite import decompose, is_composite
+from reftrace.nn import activations as A
+from reftrace.nn import norms as N
+from reftrace.transforms.vjp import vjp
+from tests.transforms.test_vjp import check_gradients, random_cotangents
+
+Case = tuple[str, Callable[..., Any], list[np.ndarray]]
+
+
+def _normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _affine_args(rng, n_features: tuple[int, ...], has_weight: bool, has_bias: bool, dtype) -> list[np.ndarray]:
+    return ([_normal(rng, n_features, dtype)] if has_weight else []) + \
+           ([_normal(rng, n_features, dtype)] if has_bias else [])
+
+
+def _split_affine(affine: tuple[Any, ...], has_weight: bool) -> tuple[Any, Any]:
+    """(weight, bias) from the operands present, None for the absent ones."""
+    if has_weight:
+        return affine[0], affine[1] if len(affine) > 1 else None
+    return None, affine[0] if affine else None
+
+
+@st.composite
+def forward_cases(draw: st.DrawFn, dtype: Any = np.float64) -> Case:
+    """A forward composite at a drawn shape and drawn parameters, with its operands."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    kind = draw(st.sampled_from(["gelu", "softmax", "log_softmax", "layer_norm", "batch_norm_train",
+                                 "batch_norm_eval", "attention", "linear"]))
+    if kind == "attention":
+        return draw(attention_cases(rng, dtype))
+    if kind == "linear":
+        m, k, n = (draw(st.integers(1, 6)) for _ in range(3))
+        args = [_normal(rng, (m, k), dtype), _normal(rng, (k, n), dtype), _normal(rng, (n,), dtype)]
+        return f"linear {m}x{k}x{n}", rt.nn.linear, args
+    rank = draw(st.integers(1 if kind in ("gelu", "softmax", "log_softmax") else 2, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=rank, max_size=rank)))
+    x = _normal(rng, shape, dtype) * 2
+    if kind == "gelu":
+        approximate = draw(st.sampled_from(["none", "tanh"]))
+        return f"gelu({approximate}) {shape}", lambda x: rt.nn.gelu(x, approximate), [x]
+    if kind in ("softmax", "log_softmax"):
+        axis = draw(st.integers(0, rank - 1))
+        fn = rt.nn.softmax if kind == "softmax" else rt.nn.log_softmax
+        return f"{kind}(axis={axis}) {shape}", lambda x: fn(x, axis), [x]
+    has_weight, has_bias = draw(st.booleans()), draw(st.booleans())
+    eps = draw(st.sampled_from([1e-5, 1e-3]))
+    if kind == "layer_norm":
+        k = draw(st.integers(1, rank))
+        if np.dtype(dtype) == np.float32 and int(np.prod(shape[rank - k:])) == 1:
+            # one element per group: rstd = eps**-0.5 amplifies float32 rounding in the kernel's dx
+            # (eager's own value) to ~1e-5 where the decomposition cancels exactly to 0
+            x = np.concatenate([x, x * 0.5 + 1], axis=rank - 1)
+            shape = x.shape
+        affine = _affine_args(rng, shape[rank - k:], has_weight, has_bias, dtype)
+
+        def layer_norm(x, *affine):
+            w, b = _split_affine(affine, has_weight)
+            return rt.nn.layer_norm(x, w, b, normalized_ndim=k, eps=eps)
+        return f"layer_norm(k={k}, w={has_weight}, b={has_bias}) {shape}", layer_norm, [x, *affine]
+    channels = (shape[1],)
+    affine = _affine_args(rng, channels, has_weight, has_bias, dtype)
+    if kind == "batch_norm_eval":
+        stats = [_normal(rng, channels, dtype), rng.uniform(0.5, 2.0, channels).astype(dtype)]
+
+        def batch_norm_eval(x, rm, rv, *affine):
+            w, b = _split_affine(affine, has_weight)
+            return rt.nn.batch_norm_eval(x, rm, rv, w, b, eps=eps)
+        return f"batch_norm_eval(w={has_weight}, b={has_bias}) {shape}", batch_norm_eval, [x, *stats, *affine]
+    if int(np.prod(shape)) // shape[1] < 2:  # one value per channel: the variance is 0 and rstd = eps**-0.5
+        x = np.concatenate([x, x * 0.5 + 1], axis=0)
+    running = draw(st.booleans())
+    stats = [_normal(rng, channels, dtype), rng.uniform(0.5, 2.0, channels).astype(dtype)] if running else []
+
+    def batch_norm_train(x, *rest):
+        affine, stats = rest[:has_weight + has_bias], rest[has_weight + has_bias:]
+        w, b = _split_affine(affine, has_weight)
+        return rt.nn.batch_norm_train(x, w, b, *(stats or (None, None)), momentum=0.1, eps=eps)
+    return (f"batch_norm_train(w={has_weight}, b={has_bias}, running={running}) {x.shape}", batch_norm_train,
+            [x, *affine, *stats])
+
+
+@st.composite
+def attention_cases(draw: st.DrawFn, rng: np.random.Generator, dtype: Any) -> Case:
+    b, h, length, source, e, ev = (draw(st.integers(1, n)) for n in (2, 3, 5, 5, 4, 4))
+    q, k, v = (_normal(rng, s, dtype) for s in ((b, h, length, e), (b, h, source, e), (b, h, source, ev)))
+    causal, masked = draw(st.booleans()), draw(st.booleans())
+    scale = draw(st.sampled_from([None, 0.3]))
+    args = [q, k, v]
+    if masked:
+        mask = _normal(rng, (b, h, length, source), dtype)
+        mask[..., 0, :] = -np.inf  # a row that attends to nothing
+        args.append(mask)
+    fn = lambda *a: rt.nn.dot_product_attention(*a[:3], *a[3:], causal=causal, scale=scale)  # noqa: E731
+    return f"attention(causal={causal}, mask={masked}, scale={scale}) {q.shape} {v.shape}", fn, args
+
+
+def _outputs(fn: Callable[..., Any]) -> Callable[..., tuple[Any, ...]]:
+    def wrapped(*args: Any) -> tuple[Any, ...]:
+        out = fn(*args)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    return wrapped
+
+
+def _run(graph: rt.Graph, backend: str, args: list[np.ndarray]) -> list[np.ndarray]:
+    outs = rt.lower(graph, backend)(*args)
+    return [np.asarray(o.detach().numpy() if isinstance(o, torch.Tensor) else o) for o in outs]
+
+
+def _assert_all_close(got: list[np.ndarray], want: list[np.ndarray], what: str, rtol: float, atol: float) -> None:
+    assert len(got) == len(want), what
+    for j, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and g.dtype == w.dtype, (what, j, g.shape, w.shape, g.dtype, w.dtype)
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=f"{what}: output {j}")
+
+
+def _composites_in(graph: rt.Graph) -> set[str]:
+    return {e.primitive.name for e in graph.eqns if is_composite(e.primitive)}
+
+
+@given(forward_cases())
+def test_fused_lowerings_and_vjp_rules_match_the_decomposition(case):
+    """float64: torch's ATen kernels and the JAX rows compute the decomposition, and the joint graph
+    built with the composite VJP rules (composite backward equations, lowered to ATen backward
+    kernels) computes the decomposition's joint graph."""
+    label, fn, args = case
+    graph = rt.trace(_outputs(fn), *args)
+    assert _composites_in(graph), label
+    plain = decompose(graph)
+    assert not _composites_in(plain), label
+    want = _run(plain, "jax", args)
+    _assert_all_close(_run(graph, "torch", args), want, f"{label}, torch kernels", 1e-10, 1e-12)
+    _assert_all_close(_run(graph, "jax", args), want, f"{label}, jax rows", 1e-10, 1e-12)
+
+    # the data output's cotangent alone takes the fused backward equation; cotangents on the saved
+    # statistics (the norms' later outputs) too take the decomposition's
+    statistics = tuple(range(1, len(graph.outputs)))
+    for skip in (statistics, ()):
+        cts = random_cotangents(graph, np.random.default_rng(1), skip)
+        joint = vjp(graph, nondiff_outputs=skip)
+        if (skip or len(graph.outputs) == 1) and not label.startswith("linear"):  # linear's VJP is two dots
+            assert _composites_in(joint) - _composites_in(graph), f"{label}: no composite backward equation"
+        want = _run(vjp(plain, nondiff_outputs=skip), "jax", [*args, *cts])
+        _assert_all_close(_run(joint, "torch", [*args, *cts]), want, f"{label}, fused joint", 1e-9, 1e-11)
+        _assert_all_close(_run(joint, "jax", [*args, *cts]), want, f"{label}, jax joint", 1e-9, 1e-11)
+
+
+@given(forward_cases(dtype=np.float32))
+def test_fused_lowerings_in_float32(case):
+    label, fn, args = case
+    graph = rt.trace(_outputs(fn), *args)
+    skip = tuple(range(1, len(graph.outputs)))
+    cts = random_cotangents(graph, np.random.default_rng(2), skip)
+    joint = vjp(graph, nondiff_outputs=skip)
+    want = _run(vjp(decompose(graph), nondiff_outputs=skip), "jax", [*args, *cts])
+    _assert_all_close(_run(joint, "torch", [*args, *cts]), want, f"{label}, float32", 2e-4, 2e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_gradients_against_jax_and_finite_differences(seed):
+    """JAX differentiates the JAX lowering (jax.nn.gelu/softmax, the norms' lax chains) on its own."""
+    label, fn, args = _fixed_case(seed)
+    graph = rt.trace(_outputs(fn), *args)
+    check_gradients(graph, args, rtol=1e-8, atol=1e-10, labels=[f"{label} operand {i}" for i in range(len(args))])
+
+
+def _fixed_case(seed: int) -> Case:
+    rng = np.random.default_rng(seed)
+    x = _normal(rng, (3, 4, 5), np.float64)
+    w, b = _normal(rng, (5,), np.float64), _normal(rng, (5,), np.float64)
+    wc, bc = _normal(rng, (4,), np.float64), _normal(rng, (4,), np.float64)
+    rm, rv = _normal(rng, (4,), np.float64), rng.uniform(0.5, 2, (4,))
+    cases = [
+        ("gelu", lambda x: (rt.nn.gelu(x), rt.nn.gelu(x, "tanh")), [x]),
+        ("softmax", lambda x: (rt.nn.softmax(x, 2), rt.nn.log_softmax(x, 1)), [x]),
+        ("layer_norm", lambda x, w, b: rt.nn.layer_norm(x, w, b, normalized_ndim=1, eps=1e-5)[0], [x, w, b]),
+        ("layer_norm stats used", lambda x, w: rt.nn.layer_norm(x, w, normalized_ndim=2, eps=1e-5), [x, _normal(
+            rng, (4, 5), np.float64)]),
+        # the new running statistics carry no gradient (as torch's), so finite differences leave them out
+        ("batch_norm_train", lambda x, w, b, rm, rv: rt.nn.batch_norm_train(x, w, b, rm, rv, momentum=0.1,
+                                                                             eps=1e-5)[:3], [x, wc, bc, rm, rv]),
+        ("batch_norm_eval", lambda x, rm, rv, w: rt.nn.batch_norm_eval(x, rm, rv, w, eps=1e-5), [x, rm, rv, wc]),
+    ]
+    return cases[seed]
+
+
+def test_attention_gradients_against_jax_and_finite_differences():
+    rng = np.random.default_rng(5)
+    q, k, v, mask = (_normal(rng, s, np.float64) for s in ((2, 2, 4, 3), (2, 2, 5, 3), (2, 2, 5, 2), (2, 2, 4, 5)))
+    graph = rt.trace(lambda q, k, v, m: rt.nn.dot_product_attention(q, k, v, m, causal=True, scale=0.7), q, k, v, mask)
+    check_gradients(graph, [q, k, v, mask], rtol=1e-8, atol=1e-10, labels=["q", "k", "v", "mask"])
+
+
+def test_second_order_through_composite_backward_equations():
+    """vjp(vjp(g)): the composite backward equations have no VJP rule and are differentiated through
+    their decompositions; the result equals the decomposed graph's second-order joint."""
+    rng = np.random.default_rng(3)
+    x, w, b = _normal(rng, (4, 6), np.float64), _normal(rng, (6,), np.float64), _normal(rng, (6,), np.float64)
+
+    def fn(x, w, b):
+        y = rt.nn.layer_norm(x, w, b, normalized_ndim=1, eps=1e-5)[0]
+        z = rt.nn.batch_norm_train(rt.nn.gelu(y, "tanh"), w, b, momentum=0.1, eps=1e-5)[0]
+        return rt.nn.log_softmax(lax.mul(rt.nn.softmax(z, 1), rt.nn.gelu(z)), 0)
+
+    graph = rt.trace(fn, x, w, b)
+    second = vjp(vjp(graph))
+    assert {"layer_norm_backward", "batch_norm_backward", "gelu_backward"} <= _composites_in(second)
+    args = [x, w, b, _normal(rng, (4, 6), np.float64)]
+    args += [_normal(rng, a.shape, np.float64) for a in [args[3], x, w, b]]
+    want = _run(vjp(vjp(decompose(graph))), "jax", args)
+    _assert_all_close(_run(second, "torch", args), want, "second order, torch", 1e-8, 1e-10)
+    check_gradients(vjp(graph), args[:4], rtol=1e-7, atol=1e-9)
+
+
+def test_decompose_is_a_pure_graph_transform():
+    x = np.random.default_rng(0).standard_normal((2, 3))
+    graph = rt.trace(lambda x: rt.nn.softmax(rt.nn.gelu(x), 1), x)
+    plain = rt.decompose(graph)
+    assert [e.primitive.name for e in graph.eqns] == ["gelu", "softmax"]
+    assert "exp" in {e.primitive.name for e in plain.eqns} and not _composites_in(plain)
+    assert rt.decompose(plain) == plain
+    only_gelu = rt.decompose(graph, which=lambda p: p is A.gelu_p)
+    assert _composites_in(only_gelu) == {"softmax"}
+    with pytest.raises(rt.ArgumentError):
+        rt.decompose(graph, which="gelu")
+
+
+def test_shape_rule_is_the_decompositions():
+    x = rt.Aval((2, 3, 4), np.float32)
+    out, mean, rstd = rt.primitives.infer_avals(N.layer_norm_p, [x], dict(
+        normalized_ndim=2, eps=1e-5, has_weight=False, has_bias=False))
+    assert out == x and mean.shape == rstd.shape == (2, 1, 1)
+    with pytest.raises(rt.ShapeError):
+        rt.primitives.infer_avals(A.softmax_p, [x], dict(axis=3))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.ln = torch.nn.LayerNorm(8)
+
+    def forward(self, x):
+        y = torch.nn.functional.gelu(self.bn(self.conv(x)))
+        return torch.log_softmax(self.ln(y).softmax(-1) * 3, dim=1)
+
+
+def test_torch_modules_compile_to_aten_kernels_and_match_eager():
+    """Captured modules keep the composites; the compiled step calls ATen's fused forward and backward
+    kernels and gives eager's values, gradients and running statistics."""
+    from reftrace.compile import aot_module
+    torch.manual_seed(0)
+    eager, block = _Block(), _Block()
+    block.load_state_dict(eager.state_dict())
+    codes = []
+
+    def keep_code(gm, _):
+        codes.append(gm.code)
+        return gm
+    compiled = aot_module(block, keep_code, keep_code)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(2):
+        out, want = compiled(x), eager(x)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+        ct = torch.randn_like(want)
+        out.backward(ct)
+        want.backward(ct)
+    for (name, p), q in zip(block.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(block.bn.running_var, eager.bn.running_var)
+    forward, backward = codes
+    for kernel in ("native_layer_norm", "_native_batch_norm_legit_functional", "gelu", "_softmax",
+                   "_log_softmax"):
+        assert f"aten.{kernel}(" in forward, kernel
+    for kernel in ("native_layer_norm_backward", "native_batch_norm_backward", "gelu_backward",
+                   "_softmax_backward_data", "_log_softmax_backward_data"):
+        assert f"aten.{kernel}(" in backward, kernel
