@@ -6,6 +6,7 @@ context, so float64/int64 stay 64-bit without flipping the user's global JAX con
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Sequence
 
 import jax
@@ -66,17 +67,44 @@ def tensor_to_jax(tensor: Any, index: int) -> Any:
     return tensor.numpy()
 
 
+class _Transferred:
+    """A torch tensor's JAX view, kept while the tensor is unchanged: the same object (weakly held), the
+    same memory and the same version counter (every in-place op bumps it). Parameters cross once,
+    not on every step."""
+
+    __slots__ = ("tensor", "data_ptr", "version", "array")
+
+    def __init__(self, tensor: Any, array: Any) -> None:
+        self.tensor = weakref.ref(tensor)
+        self.data_ptr, self.version, self.array = tensor.data_ptr(), tensor._version, array
+
+    def holds(self, tensor: Any) -> bool:
+        return (self.tensor() is tensor and self.version == tensor._version
+                and self.data_ptr == tensor.data_ptr())
+
+
 class JaxExecutable:
     """``graph`` compiled by XLA; call with numpy/JAX arrays or torch tensors, get a tuple of JAX arrays."""
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
         self._jitted = jax.jit(graph_function(graph))
+        self._transferred: list[_Transferred | None] = [None] * len(graph.inputs)
+
+    def _to_jax(self, tensor: Any, i: int) -> Any:
+        cached = self._transferred[i]
+        if cached is not None and cached.holds(tensor):
+            return cached.array
+        array = tensor_to_jax(tensor, i)
+        # only parameters (leaves that require grad) are kept: holding a step's activations until the
+        # next call would keep their memory alive (DLPack shares it)
+        self._transferred[i] = _Transferred(tensor, array) if tensor.requires_grad and tensor.is_leaf else None
+        return array
 
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
         args = check_args(self.graph, args, "JAX-lowered graph", kwargs)
         with jax.enable_x64(True):
-            args = [tensor_to_jax(a, i) if is_torch_tensor(a) else a for i, a in enumerate(args)]
+            args = [self._to_jax(a, i) if is_torch_tensor(a) else a for i, a in enumerate(args)]
             # block: inputs may alias caller memory (numpy, DLPack) that the caller may overwrite next
             return tuple(jax.block_until_ready(self._jitted(*args)))
 

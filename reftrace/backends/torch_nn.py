@@ -15,7 +15,9 @@ from reftrace.backends.torch_dtypes import torch_dtype
 from reftrace.backends.torch_rules import _t, aval_of, torch_rules
 from reftrace.nn import activations as A
 from reftrace.nn.attention import attention_backward_p, attention_p
-from reftrace.nn.linear import linear_p
+from reftrace.nn.embeddings import embedding_backward_p, embedding_p
+from reftrace.nn.dense import linear_p
+from reftrace.nn.losses import nll_loss_backward_p, nll_loss_p
 from reftrace.nn import norms as N
 
 aten = torch.ops.aten
@@ -48,6 +50,10 @@ torch_rules[A.log_softmax_backward_p] = lambda g, y, *, axis: aten._log_softmax_
 
 
 torch_rules[linear_p] = lambda x, w, b: torch.addmm(_t(b), _t(x), _t(w))
+torch_rules[embedding_p] = lambda w, idx, *, padding_idx, scale_grad_by_freq: aten.embedding(
+    _t(w), _t(idx), padding_idx, scale_grad_by_freq)
+torch_rules[embedding_backward_p] = lambda g, idx, *, num_weights, padding_idx, scale_grad_by_freq: (
+    aten.embedding_dense_backward(_t(g), _t(idx), num_weights, padding_idx, scale_grad_by_freq))
 
 
 # ----------------------------------------------------------------------------- norms
@@ -133,3 +139,22 @@ def _attention_backward(g: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *mas
 
 torch_rules[attention_p] = _attention
 torch_rules[attention_backward_p] = _attention_backward
+
+
+# ----------------------------------------------------------------------------- losses
+
+def _nll_loss(logp: Any, target: Any, *weight: Any, reduction: int, ignore_index: int, has_weight: bool
+              ) -> tuple[Any, Any]:
+    out = aten.nll_loss_forward(_t(logp), _t(target), _t(weight[0]) if has_weight else None, reduction,
+                                ignore_index)
+    return out[0], out[1]
+
+
+def _nll_loss_backward(g: Any, logp: Any, target: Any, *rest: Any, reduction: int, ignore_index: int,
+                       has_weight: bool) -> Any:
+    weight, total = (_t(rest[0]), rest[1]) if has_weight else (None, rest[0])
+    return aten.nll_loss_backward(_t(g), _t(logp), _t(target), weight, reduction, ignore_index, _t(total))
+
+
+torch_rules[nll_loss_p] = _nll_loss
+torch_rules[nll_loss_backward_p] = _nll_loss_backward

@@ -9,11 +9,15 @@ kernel; JAX: what XLA fuses). The torch bridge captures the matching ATen ops as
     norms:       layer_norm, batch_norm_train, batch_norm_eval (and backward equations)
     attention:   dot_product_attention (and its backward equation)
     linear:      linear (x @ w + b, torch's addmm)
+    embedding:   embedding (and its backward equation)
+    losses:      nll_loss (cross-entropy = log_softmax + nll_loss; and its backward equation)
 """
 from reftrace.nn.activations import gelu, log_softmax, softmax
 from reftrace.nn.attention import dot_product_attention
-from reftrace.nn.linear import linear
+from reftrace.nn.embeddings import embedding
+from reftrace.nn.losses import nll_loss
+from reftrace.nn.dense import linear
 from reftrace.nn.norms import batch_norm_eval, batch_norm_train, layer_norm
 
 __all__ = ["gelu", "softmax", "log_softmax", "layer_norm", "batch_norm_train", "batch_norm_eval", "dot_product_attention",
-           "linear"]
+           "linear", "embedding", "nll_loss"]

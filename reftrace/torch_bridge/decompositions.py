@@ -24,7 +24,8 @@ _EXTRA_DECOMPOSITIONS = ("grid_sampler_2d.default", "upsample_bicubic2d.default"
                          "max_pool2d_with_indices_backward.default")
 
 # Ops whose torch decomposition gives torch's values but not torch's gradients (a NaN where torch's
-# own backward masks, a duplicate index counted twice): reftrace's ATen rows map them instead.
+# own backward masks, a duplicate index counted twice), or that map to a composite primitive:
+# reftrace's ATen rows map them instead.
 _OWN_ROWS = ("index_fill.int_Tensor", "index_fill.int_Scalar", "_safe_softmax.default",
              "linalg_vector_norm.default", "take.default", "special_log_ndtr.default",
              "_scaled_dot_product_flash_attention_for_cpu.default",
@@ -32,7 +33,9 @@ _OWN_ROWS = ("index_fill.int_Tensor", "index_fill.int_Scalar", "_safe_softmax.de
              "std.correction", "std_mean.correction", "sinc.default", "xlogy.Tensor", "hardswish.default",
              "hardsigmoid.default",
              # torch's softplus computes exp(x) on the linear branch too: inf / inf in the gradient at large x
-             "softplus.default")
+             "softplus.default",
+             # composites (reftrace.nn) that run as torch's fused kernels
+             "nll_loss_forward.default")
 
 
 def _ops(names: Sequence[str]) -> list[Any]:

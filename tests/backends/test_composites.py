@@ -46,9 +46,29 @@ def forward_cases(draw: st.DrawFn, dtype: Any = np.float64) -> Case:
     """A forward composite at a drawn shape and drawn parameters, with its operands."""
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     kind = draw(st.sampled_from(["gelu", "softmax", "log_softmax", "layer_norm", "batch_norm_train",
-                                 "batch_norm_eval", "attention", "linear"]))
+                                 "batch_norm_eval", "attention", "linear", "embedding",
+                                 "nll_loss"]))
     if kind == "attention":
         return draw(attention_cases(rng, dtype))
+    if kind == "embedding":
+        num, features = draw(st.integers(1, 6)), draw(st.integers(1, 4))
+        shape = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=2)))
+        indices = rng.integers(0, num, shape)
+        padding_idx = draw(st.sampled_from([-1, 0, num - 1]))
+        by_freq = draw(st.booleans())
+        fn = lambda w, i: rt.nn.embedding(w, i, padding_idx, by_freq)  # noqa: E731
+        return (f"embedding(padding_idx={padding_idx}, scale_grad_by_freq={by_freq}) {num}x{features}[{shape}]",
+                fn, [_normal(rng, (num, features), dtype), indices])
+    if kind == "nll_loss":
+        classes, rows = draw(st.integers(1, 5)), draw(st.sampled_from([None, 1, 4]))
+        logp = _normal(rng, (classes,) if rows is None else (rows, classes), dtype)
+        target = rng.integers(0, classes, () if rows is None else (rows,))
+        if rows and rows > 1:
+            target[0] = -100  # ignored
+        reduction, weighted = draw(st.sampled_from(["none", "mean", "sum"])), draw(st.booleans())
+        args = [logp, target] + ([rng.uniform(0.1, 2, classes).astype(dtype)] if weighted else [])
+        fn = lambda x, t, *w: rt.nn.nll_loss(x, t, *w, reduction=reduction)  # noqa: E731
+        return f"nll_loss({reduction}, weighted={weighted}) {logp.shape}", fn, args
     if kind == "linear":
         m, k, n = (draw(st.integers(1, 6)) for _ in range(3))
         args = [_normal(rng, (m, k), dtype), _normal(rng, (k, n), dtype), _normal(rng, (n,), dtype)]

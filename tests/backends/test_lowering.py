@@ -113,13 +113,13 @@ def every_primitive_program(x, y, b, idx, key):
     outs += [lax.cholesky(spd), lax.triangular_solve(spd, x, left_side=True, lower=False, transpose_a=True)]
     outs += list(lax.lu(x)) + list(lax.qr(x)) + list(lax.eigh(spd)) + list(lax.svd(x))
     outs.append(lax.pinv(x, np.array(0.0), np.array(1e-12)))
-    return tuple(outs) + composite_calls(x, y)
+    return tuple(outs) + composite_calls(x, y, idx)
 
 
-def composite_calls(x, y):
+def composite_calls(x, y, idx):
     """Every composite primitive of ``reftrace.nn`` on (4, 6) floating operands."""
     from reftrace.nn import activations as A, norms as N
-    from reftrace.nn import attention as T
+    from reftrace.nn import attention as T, embeddings as E, losses as L
     w, b = lax.slice(y, (0, 0), (1, 6)), lax.slice(x, (1, 0), (2, 6))
     w, b = lax.reshape(w, (6,)), lax.reshape(b, (6,))
     outs = [rt.nn.gelu(x), rt.nn.gelu(x, "tanh"), rt.nn.softmax(x, 1), rt.nn.log_softmax(x, 0)]
@@ -142,6 +142,16 @@ def composite_calls(x, y):
         outs += [*attended, *lax.bind(T.attention_backward_p, q, q, k, k, *attended, *([] if mask is None else [mask]),
                                       causal=mask is None, scale=0.5, has_mask=mask is not None)]
     outs.append(rt.nn.linear(x, lax.transpose(y, (1, 0)), lax.reshape(lax.slice(x, (0, 0), (1, 4)), (4,))))
+    rows = lax.slice(idx, (0, 0), (2, 3))
+    outs += [rt.nn.embedding(lax.transpose(x, (1, 0)), rows, 1, True),
+             lax.bind(E.embedding_backward_p, lax.reshape(lax.slice(y, (0, 0), (4, 6)), (2, 2, 6)),
+                      lax.slice(idx, (0, 0), (2, 2)), num_weights=6, padding_idx=2, scale_grad_by_freq=True)]
+    target = lax.reshape(lax.slice(idx, (0, 0), (4, 1)), (4,))
+    for reduction, weight in (("mean", lax.reshape(lax.slice(y, (0, 0), (1, 6)), (6,))), ("none", None)):
+        loss = rt.nn.nll_loss(x, target, weight, reduction)
+        outs += [*loss, lax.bind(L.nll_loss_backward_p, lax.full(loss[0].shape, 1.0, x.dtype), x, target,
+                                 *([] if weight is None else [weight]), loss[1], reduction=L.REDUCTIONS[reduction],
+                                 ignore_index=-100, has_weight=weight is not None)]
     return tuple(outs)
 
 

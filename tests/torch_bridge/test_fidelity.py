@@ -418,3 +418,20 @@ def test_softplus_gradient_stays_finite_on_the_linear_branch(dtype):
     aot_function(torch.nn.functional.softplus, nop)(x_compiled).sum().backward()
     assert torch.isfinite(x_compiled.grad).all()
     torch.testing.assert_close(x_compiled.grad, x_eager.grad)
+
+
+@pytest.mark.parametrize("compiler", [nop, xla_compile])
+@pytest.mark.parametrize("scale_grad_by_freq", [False, True])
+def test_embedding_padding_row_gets_no_gradient(compiler, scale_grad_by_freq):
+    """nn.Embedding(padding_idx=...): occurrences of the padding index contribute nothing to the
+    table's gradient (BERT's word embeddings pad with 0), and scale_grad_by_freq divides by counts."""
+    torch.manual_seed(0)
+    eager = torch.nn.Embedding(6, 3, padding_idx=0, scale_grad_by_freq=scale_grad_by_freq).double()
+    compiled_module = copy.deepcopy(eager)
+    compiled = aot_module(compiled_module, compiler, compiler)
+    ids = torch.tensor([[0, 1, 0, 2], [2, 2, 5, 0]])
+    ct = torch.randn(2, 4, 3, dtype=torch.float64)
+    compiled(ids).backward(ct)
+    eager(ids).backward(ct)
+    assert compiled_module.weight.grad[0].abs().sum() == 0
+    torch.testing.assert_close(compiled_module.weight.grad, eager.weight.grad, rtol=1e-12, atol=1e-12)

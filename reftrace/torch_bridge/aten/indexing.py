@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from reftrace import lax
+from reftrace import lax, nn
 from reftrace import primitives as P
 from reftrace.errors import DataDependentControlFlowError
 from reftrace.torch_bridge.aten._common import (aten, bcast_full, broadcast_shapes, cast, highest, literal,
@@ -50,7 +50,10 @@ def index_select(x: Any, dim: int, index: Any) -> Any:
 @register(aten.embedding.default)
 def embedding(weight: Any, indices: Any, padding_idx: int = -1, scale_grad_by_freq: bool = False,
               sparse: bool = False) -> Any:
-    return take(weight, 0, indices)
+    """A sparse gradient comes back dense (reftrace graphs have no sparse tensors)."""
+    if weight.ndim != 2:
+        raise unsupported(f"a {weight.ndim}-d weight (aten.embedding takes a 2-d table)")
+    return nn.embedding(weight, cast(indices, np.int64), padding_idx, scale_grad_by_freq)
 
 
 @register(aten.gather.default)

@@ -1,5 +1,5 @@
-"""Fused loss ops: torch's chunked linear + cross-entropy (``torch.ops.torch_nn``), one graph of
-matmul, log-softmax and the picked targets.
+"""Loss ops: ``nll_loss_forward`` as the ``nll_loss`` composite, and torch's chunked linear +
+cross-entropy (``torch.ops.torch_nn``), one graph of matmul, log-softmax and the picked targets.
 """
 from __future__ import annotations
 
@@ -7,10 +7,18 @@ from typing import Any
 
 import numpy as np
 
-from reftrace import lax
+from reftrace import lax, nn
 from reftrace import primitives as P
-from reftrace.torch_bridge.aten._common import cast, literal, out_aval, register, unsupported
+from reftrace.torch_bridge.aten._common import aten, cast, literal, out_aval, register, unsupported
 from reftrace.torch_bridge.aten.indexing import take
+
+
+@register(aten.nll_loss_forward.default)
+def nll_loss_forward(x: Any, target: Any, weight: Any, reduction: int, ignore_index: int) -> tuple[Any, Any]:
+    d = out_aval().dtype
+    loss, total = nn.nll_loss(cast(x, d), cast(target, np.int64), None if weight is None else cast(weight, d),
+                              ("none", "mean", "sum")[reduction], ignore_index)
+    return loss, lax.stop_gradient(total)
 
 
 # ----------------------------------------------------------------------------- fused linear + cross-entropy

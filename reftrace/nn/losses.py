@@ -1,0 +1,93 @@
+"""Negative log-likelihood as a composite (cross-entropy is ``log_softmax`` then this), with ATen's
+backward equation.
+
+``nll_loss(logp, target[, weight])`` on (n, classes) log-probabilities (or one row of them) and
+integer targets returns ``(loss, total_weight)`` as ``aten.nll_loss_forward``: targets equal to
+``ignore_index`` count for nothing; ``reduction`` is ATen's code (0 none, 1 mean, 2 sum); the
+mean divides by the total weight of the counted targets (0/0 = NaN when none counts), and
+``total_weight`` is 0 without reduction. ``total_weight`` carries no gradient.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from reftrace import lax
+from reftrace.composite import define_composite
+from reftrace.nn._util import along, cast
+from reftrace.transforms.vjp_rules import vjp_rules
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def _as_rows(logp: Any, target: Any) -> tuple[Any, Any]:
+    """(n, classes) log-probabilities and an (n, 1) int64 target column."""
+    if logp.ndim == 1:
+        logp = lax.reshape(logp, (1, logp.shape[0]))
+    target = cast(target, np.int64)
+    return logp, lax.reshape(target, (logp.shape[0], 1))
+
+
+def _target_weights(logp: Any, column: Any, weight: Any, ignore_index: int) -> tuple[Any, Any]:
+    """(a safe class column, each row's weight: 0 where the target is ignored), both (n, 1)."""
+    counted = lax.ne(column, lax.full(column.shape, ignore_index, np.int64))
+    safe = lax.select(counted, column, lax.full(column.shape, 0, np.int64))
+    d = logp.dtype
+    # the class weights carry no gradient, as in torch (whose nll_loss has no derivative for them)
+    per_row = (lax.gather(along(lax.stop_gradient(weight), (column.shape[0], weight.shape[0]), (1,)), safe, 1)
+               if weight is not None else lax.full(column.shape, 1, d))
+    return safe, lax.select(counted, cast(per_row, d), lax.full(column.shape, 0, d))
+
+
+def _nll_loss(logp: Any, target: Any, *weight: Any, reduction: int, ignore_index: int, has_weight: bool
+              ) -> tuple[Any, Any]:
+    rows, column = _as_rows(logp, target)
+    safe, w = _target_weights(rows, column, weight[0] if has_weight else None, ignore_index)
+    losses = lax.neg(lax.mul(lax.gather(rows, safe, 1), w))          # (n, 1)
+    total = lax.stop_gradient(lax.reduce_sum(w, (0, 1)))
+    if reduction == REDUCTIONS["none"]:  # ATen reports the total weight only for a single row
+        return lax.reshape(losses, target.shape), total if logp.ndim == 1 else lax.full((), 0, rows.dtype)
+    loss = lax.reduce_sum(losses, (0, 1))
+    return (lax.div(loss, total) if reduction == REDUCTIONS["mean"] else loss), total
+
+
+def _nll_loss_backward(g: Any, logp: Any, target: Any, *rest: Any, reduction: int, ignore_index: int,
+                       has_weight: bool) -> Any:
+    weight, total = (rest[0], rest[1]) if has_weight else (None, rest[0])
+    rows, column = _as_rows(logp, target)
+    safe, w = _target_weights(rows, column, weight, ignore_index)
+    n = rows.shape[0]
+    if reduction == REDUCTIONS["none"]:
+        scale = lax.reshape(g, (n, 1))
+    else:
+        scale = lax.broadcast_in_dim(lax.div(g, total) if reduction == REDUCTIONS["mean"] else g, (n, 1), ())
+    picked = lax.neg(lax.mul(w, scale))
+    grad = lax.scatter_add(lax.full(rows.shape, 0, rows.dtype), safe, picked, 1)
+    return lax.reshape(grad, logp.shape)
+
+
+nll_loss_p = define_composite("nll_loss", _nll_loss, multiple_results=True)
+nll_loss_backward_p = define_composite("nll_loss_backward", _nll_loss_backward)
+
+
+def nll_loss(logp: Any, target: Any, weight: Any = None, reduction: str = "mean", ignore_index: int = -100
+             ) -> tuple[Any, Any]:
+    """(loss, total_weight) of log-probabilities ``logp`` at integer ``target``s; see the module docstring."""
+    if reduction not in REDUCTIONS:
+        from reftrace.errors import ArgumentError
+        raise ArgumentError(f"nll_loss: reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
+    operands = (logp, target) if weight is None else (logp, target, weight)
+    return lax.bind(nll_loss_p, *operands, reduction=REDUCTIONS[reduction], ignore_index=int(ignore_index),
+                    has_weight=weight is not None)
+
+
+def _nll_loss_vjp(cts, primals, outs, *, reduction, ignore_index, has_weight):
+    if cts[0] is None:  # only total_weight has a cotangent: it carries no gradient
+        return (None,) * len(primals)
+    grad = lax.bind(nll_loss_backward_p, cts[0], *primals, outs[1], reduction=reduction, ignore_index=ignore_index,
+                    has_weight=has_weight)
+    return (grad, *(None,) * (len(primals) - 1))
+
+
+vjp_rules[nll_loss_p] = _nll_loss_vjp
