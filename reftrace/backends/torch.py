@@ -219,11 +219,52 @@ def to_fx(graph: Graph, input_names: Sequence[str] | None = None, output_as_list
         outs = eval_graph(graph, inputs, apply, constants.__getitem__)
         outs = [as_tensor(o) for o in outs]  # a rank-0 literal output becomes a torch.full node
     fx_graph.output(tracer.create_arg(list(outs) if output_as_list else tuple(outs)))
+    _transpose_products(fx_graph)
     gm = fx.GraphModule(root, fx_graph)
     gm.reftrace_graph = graph
     # fx's deepcopy keeps only attributes listed here (functorch-style pipelines deepcopy modules)
     gm.meta.setdefault("_user_preserved_attributes", {})["reftrace_graph"] = graph
     return gm
+
+
+def _is_swap(node: fx.Node, matrix: bool = False) -> bool:
+    """A view swapping a matrix's two axes: ``x.permute([1, 0])`` or ``x.transpose(-1, -2)`` of a matrix
+    (``matrix``: the node is known to be one, as an operand of a matrix product is)."""
+    if node.op != "call_method":
+        return False
+    aval = node.meta.get(AVAL_META)
+    if not matrix and (aval is None or aval.ndim != 2):
+        return False
+    return ((node.target == "permute" and list(node.args[1]) == [1, 0])
+            or (node.target == "transpose" and tuple(node.args[1:]) in ((-1, -2), (0, 1), (1, 0))))
+
+
+def _transpose_products(fx_graph: fx.Graph) -> None:
+    """``(a @ b).T`` becomes ``bᵀ @ aᵀ`` when the product has no other use: the same values, written in
+    the transposed layout directly. A Linear layer's weight gradient comes out of a VJP as the
+    transpose of a product; as a transposed view it is not contiguous, and torch's AccumulateGrad
+    copies such a gradient into the parameter's layout on every step (eager's ``mm`` writes it
+    contiguous). Transposes of transposes cancel."""
+    for node in list(fx_graph.nodes):
+        product = node.args[0] if _is_swap(node) else None
+        if (product is None or product.op != "call_function" or product.target is not torch.matmul
+                or len(product.users) != 1 or product.meta[AVAL_META].ndim != 2):
+            continue
+        operands = product.args
+        with fx_graph.inserting_before(node):
+            lhs, rhs = (_swapped(fx_graph, operand) for operand in reversed(operands))
+            swapped = fx_graph.call_function(torch.matmul, (lhs, rhs))
+        swapped.meta[AVAL_META] = node.meta[AVAL_META]
+        node.replace_all_uses_with(swapped)
+        fx_graph.erase_node(node)
+        fx_graph.erase_node(product)
+        for operand in operands:
+            if not operand.users and operand.op == "call_method":
+                fx_graph.erase_node(operand)
+
+
+def _swapped(fx_graph: fx.Graph, matrix: fx.Node) -> fx.Node:
+    return matrix.args[0] if _is_swap(matrix, matrix=True) else fx_graph.call_method("transpose", (matrix, -1, -2))
 
 
 # ----------------------------------------------------------------------------- lowering

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from reftrace.backends.torch_dtypes import torch_dtype
-from reftrace.backends.torch_rules import _t, aval_of, torch_rules
+from reftrace.backends.torch_rules import _t, aval_of, device_type, torch_rules
 from reftrace.nn import activations as A
 from reftrace.nn.attention import attention_backward_p, attention_p
 from reftrace.nn.embeddings import embedding_backward_p, embedding_p
@@ -115,8 +115,8 @@ torch_rules[N.batch_norm_backward_p] = _batch_norm_backward
 # torch's CPU flash kernels (the ones eager SDPA runs on CPU)
 
 def _flash_takes(q: Any, v: Any) -> bool:
-    """The flash kernels need one head size for queries and values."""
-    return aval_of(q).shape[-1] == aval_of(v).shape[-1]
+    """The CPU flash kernels run on the CPU, with one head size for queries and values."""
+    return aval_of(q).shape[-1] == aval_of(v).shape[-1] and device_type(q) == "cpu"
 
 
 def _attention(q: Any, k: Any, v: Any, *mask: Any, causal: bool, scale: float, has_mask: bool) -> Any:

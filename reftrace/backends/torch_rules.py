@@ -39,6 +39,16 @@ torch_rules: dict[Primitive, Callable[..., Any]] = {}
 AVAL_META = "reftrace_aval"
 
 
+def device_type(x: Any) -> str:
+    """Where a rule's operand lives: a tensor's device type, or for an FX proxy the device the
+    module is emitted for (``to_fx(device=...)``; the CPU by default). For rules whose kernel
+    exists on one device only."""
+    if isinstance(x, torch.Tensor):
+        return x.device.type
+    device = getattr(torch.overrides._get_current_function_mode(), "device", None)
+    return str(device or "cpu").split(":")[0]
+
+
 # ----------------------------------------------------------------------------- operand helpers
 
 def aval_of(x: Any) -> Aval:

@@ -211,3 +211,39 @@ def test_data_dependent_control_flow_is_reported():
         return x
     with pytest.raises(rt.DataDependentControlFlowError, match="test_compile.py"):
         aot_function(fn, nop)(leaf(3))
+
+
+def test_xla_compile_crosses_without_copies_and_keeps_unchanged_parameters():
+    """Tensors cross to JAX and back through DLPack sharing memory; a parameter whose version counter
+    did not move since the last call is not transferred again, and an in-place update is seen."""
+    import jax.numpy as jnp
+    from reftrace.backends import jax as jax_backend
+    from reftrace.backends.jax import tensor_to_jax
+    from reftrace.torch_bridge.compilers import _from_jax
+    t = torch.randn(64, 32)
+    assert tensor_to_jax(t, 0).unsafe_buffer_pointer() == t.data_ptr()
+    array = jnp.ones((16, 8))
+    assert _from_jax(array).data_ptr() == array.unsafe_buffer_pointer()
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    compiled = aot_module(model, xla_compile, xla_compile)
+    x = torch.randn(3, 8)
+    transfers = []
+    original = jax_backend.tensor_to_jax
+
+    def counting(tensor, index):
+        transfers.append(tensor)
+        return original(tensor, index)
+    try:
+        jax_backend.tensor_to_jax = counting
+        compiled(x).sum().backward()
+        first = len(transfers)
+        compiled(x).sum().backward()
+        assert len(transfers) - first == first - 2  # weight and bias stayed on the JAX side
+        with torch.no_grad():
+            model.weight.mul_(2)
+        out = compiled(x)
+    finally:
+        jax_backend.tensor_to_jax = original
+    torch.testing.assert_close(out, model(x))

@@ -435,3 +435,22 @@ def test_embedding_padding_row_gets_no_gradient(compiler, scale_grad_by_freq):
     eager(ids).backward(ct)
     assert compiled_module.weight.grad[0].abs().sum() == 0
     torch.testing.assert_close(compiled_module.weight.grad, eager.weight.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_weight_gradients_are_laid_out_like_eager():
+    """The compiled backward returns a Linear weight's gradient contiguous, as eager's mm writes it: a
+    transposed view would make AccumulateGrad copy it into the parameter's layout on every step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    returned = []
+
+    def recording(gm, _):
+        def run(*args):
+            outs = gm(*args)
+            returned.extend(outs)
+            return outs
+        return run
+    compiled = aot_module(model, nop, recording)
+    compiled(torch.randn(5, 8)).sum().backward()
+    weights = [g for g in returned if g.ndim == 2]
+    assert len(weights) == 2 and all(g.is_contiguous() for g in weights), [g.stride() for g in weights]
