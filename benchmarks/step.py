@@ -12,6 +12,13 @@ tables. The first step's gradients are compared with eager's and deviations are 
 With ``--jax`` (the default), hand-written pure-JAX twins of some models
 (``jax.jit(jax.value_and_grad(loss))``, weights copied from the torch model) are timed with
 ``block_until_ready`` on the loss and gradients, next to ``reftrace xla``.
+
+The process runs two thread pools, torch's OpenMP threads and XLA's. OpenMP threads spin for
+a while after each parallel region, and on a machine with few cores they take the cores XLA's
+threads need: in one process, every XLA step (reftrace's and the JAX twins') then runs up to 1.5x
+slower, depending on what torch ran just before. So the benchmark sets ``OMP_WAIT_POLICY=PASSIVE``
+(sleeping OpenMP threads) before torch starts, for every system alike; ``--omp-wait-policy
+default`` leaves the environment as it is.
 """
 from __future__ import annotations
 
@@ -26,7 +33,19 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-import torch
+
+def _omp_wait_policy(argv: list[str]) -> str:
+    """``--omp-wait-policy`` read before torch is imported (OpenMP reads the variable once, at start)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--omp-wait-policy"):
+            return arg.split("=", 1)[1] if "=" in arg else argv[i + 1]
+    return "PASSIVE"
+
+
+if (_POLICY := _omp_wait_policy(sys.argv[1:])) != "default":
+    os.environ["OMP_WAIT_POLICY"] = _POLICY
+
+import torch  # noqa: E402 - after OMP_WAIT_POLICY is set
 
 warnings.filterwarnings("ignore")
 
@@ -171,6 +190,7 @@ def systems(inductor: bool) -> dict[str, System]:
         "reftrace nop": _aot(rc, rc.nop),
         "reftrace mincut": _aot(rc, rc.nop, partition_fn=rc.min_cut_rematerialization_partition),
         "reftrace xla": _aot(rc, rc.xla_compile),
+        "reftrace xla mincut": _aot(rc, rc.xla_compile, partition_fn=rc.min_cut_rematerialization_partition),
     }
     if inductor:
         table["torch.compile"] = System(torch.compile, aot=False)
@@ -378,6 +398,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7, help="timed steps per cell (default 7)")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_MODELS)}")
     parser.add_argument("--inductor", action="store_true", help="add a torch.compile (inductor) column")
+    parser.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "default"],
+                        help="OMP_WAIT_POLICY for the process (default PASSIVE; see the module docstring)")
     parser.add_argument("--jax", action=argparse.BooleanOptionalAction, default=True,
                         help="time hand-written JAX twins (default on)")
     args = parser.parse_args()
@@ -392,6 +414,7 @@ def main() -> None:
     table = systems(args.inductor)
     print(f"torch {torch.__version__}, jax {jax.__version__}, transformers {transformers.__version__}; "
           f"torch threads {torch.get_num_threads()}, cpu count {os.cpu_count()}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
           f"load average {os.getloadavg()[0]:.2f} (other processes inflate and scatter the times)")
     print(f"step = forward + .sum() + backward; median of {args.repeat} steps after 2 warm-up steps; "
           "bert/gpt2 use eager attention (transformers' default is sdpa: models bert-sdpa, gpt2-sdpa)", flush=True)

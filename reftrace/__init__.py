@@ -79,9 +79,13 @@ def __getattr__(name: str) -> Any:
     """Transforms are imported on first use to keep ``import reftrace`` light."""
     lazy = {
         "vjp": ("reftrace.transforms.vjp", "vjp"),
+        "jvp": ("reftrace.transforms.jvp", "jvp"),
         "partition": ("reftrace.transforms.partition", "partition"),
         "Partition": ("reftrace.transforms.partition", "Partition"),
         "simplify": ("reftrace.transforms.simplify", "simplify"),
+        "parse": ("reftrace.graph_text", "parse"),
+        "save": ("reftrace.graph_text", "save"),
+        "load": ("reftrace.graph_text", "load"),
         "numpy": ("reftrace.numpy", None),
         "lax": ("reftrace.lax", None),
     }
@@ -93,7 +97,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'reftrace' has no attribute {name!r}")
 
 
-__all__ = ["trace", "decompose", "nn", "vjp", "partition", "Partition", "simplify", "lower", "typecheck", "Graph", "Eqn", "Var",
+__all__ = ["trace", "decompose", "nn", "vjp", "jvp", "partition", "Partition", "simplify", "parse", "save", "load", "lower", "typecheck", "Graph", "Eqn", "Var",
            "Literal", "Aval", "Params", "Primitive", "ReftraceError", "GraphError", "ShapeError", "TracingError",
            "DataDependentControlFlowError", "UnsupportedOperatorError", "ArgumentError", "PartitionError",
            "CompilerError"]

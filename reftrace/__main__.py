@@ -1,4 +1,8 @@
-"""The command line: ``python -m reftrace check --target inductor --examples 500 --out DIR``."""
+"""The command line.
+
+    python -m reftrace check --target inductor --examples 500 --out DIR
+    python -m reftrace show examples/models.py:resnet18 --input 1x3x64x64 [--joint] [--partition mincut]
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +15,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     from reftrace.testing.cli import add_check_command
     add_check_command(commands)
+    from reftrace.tools.show import add_show_command
+    add_show_command(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 

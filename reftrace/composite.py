@@ -112,4 +112,5 @@ def decompose(graph: Graph, which: Callable[[Primitive], bool] = is_composite) -
 
     outs = eval_graph(graph, inputs, emit, lambda lit: TracedArray(builder, lit))
     result = builder.build([x.atom for x in inputs], [o.atom for o in outs], joint=graph.joint)
+    result = result.named(graph.input_names, graph.output_names)
     return checked(result, "decompose")

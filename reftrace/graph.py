@@ -9,8 +9,9 @@ when a graph is printed.
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass, field
-from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -132,11 +133,12 @@ class Literal(_ValueMixin):
         return self.value.item()
 
     def __str__(self) -> str:
+        """``1.5:f32``, ``[1.0, 2.0]:f32[2]``, or ``const:f32[64,3]`` past 4 elements; values print
+        exactly (``reftrace.graph_text.parse`` reads them back bit for bit)."""
         if self.aval.shape == ():
-            v = self.item()
-            return f"{v}:{dtype_short_name(self.dtype)}"
+            return f"{_format_values(self.value)}:{dtype_short_name(self.dtype)}"
         if self.aval.size <= 4:
-            return f"{self.value.tolist()}:{self.aval.str_short()}"
+            return f"{_format_values(self.value)}:{self.aval.str_short()}"
         return f"const:{self.aval.str_short()}"
 
     def __repr__(self) -> str:
@@ -218,12 +220,21 @@ class Graph:
     ``joint`` is ``None`` for an ordinary graph; for a graph made by ``vjp`` it is
     ``(num_primals, num_outputs)`` so ``partition`` knows where primals end and
     cotangents start (inputs) and where outputs end and gradients start (outputs).
+
+    ``input_names`` / ``output_names`` (one string per input / output, or ``None``) say what
+    the values are: a module's parameter and buffer names, ``args[0]``, ``update(bn.running_mean)``,
+    ``grad(fc.weight)``... (docs/ir.md, "Names"). They are documentation, like a jaxpr's debug
+    info: they do not take part in ``==`` or the hash, so two traces of the same computation
+    are equal (and share compiled code) whatever their values are called. Transforms carry
+    them along.
     """
 
     inputs: tuple[Var, ...]
     eqns: tuple[Eqn, ...]
     outputs: tuple[Atom, ...]
     joint: tuple[int, int] | None = None
+    input_names: tuple[str, ...] | None = field(default=None, compare=False)
+    output_names: tuple[str, ...] | None = field(default=None, compare=False)
     _key: tuple = field(init=False, repr=False, compare=False)
     _hash: int = field(init=False, repr=False, compare=False)
 
@@ -232,6 +243,12 @@ class Graph:
         object.__setattr__(self, "inputs", inputs)
         object.__setattr__(self, "eqns", eqns)
         object.__setattr__(self, "outputs", outputs)
+        for what, names, values in (("input", self.input_names, inputs), ("output", self.output_names, outputs)):
+            if names is not None:
+                names = tuple(names)
+                if len(names) != len(values) or not all(isinstance(n, str) for n in names):
+                    raise GraphError(f"{what}_names must be {len(values)} strings, one per {what}; got {names!r}")
+                object.__setattr__(self, f"{what}_names", names)
         key = (inputs, eqns, outputs, self.joint)
         object.__setattr__(self, "_key", key)
         object.__setattr__(self, "_hash", hash(key))
@@ -259,9 +276,20 @@ class Graph:
         return tuple(v.aval for v in self.outputs)
 
     def replace(self, **changes: Any) -> "Graph":
-        fields = dict(inputs=self.inputs, eqns=self.eqns, outputs=self.outputs, joint=self.joint)
+        """A graph with some fields changed. Names stay with unchanged inputs/outputs; new inputs or
+        outputs come without names unless ``input_names``/``output_names`` are given too."""
+        fields = dict(inputs=self.inputs, eqns=self.eqns, outputs=self.outputs, joint=self.joint,
+                      input_names=None if "inputs" in changes else self.input_names,
+                      output_names=None if "outputs" in changes else self.output_names)
         fields.update(changes)
         return Graph(**fields)
+
+    def named(self, input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None
+              ) -> "Graph":
+        """This graph with names (``None`` keeps the current ones)."""
+        return Graph(self.inputs, self.eqns, self.outputs, self.joint,
+                     self.input_names if input_names is None else tuple(input_names),
+                     self.output_names if output_names is None else tuple(output_names))
 
 
 def _canonicalize(inputs, eqns, outputs):
@@ -308,29 +336,65 @@ def _names() -> Iterator[str]:
             yield "".join(combo)
 
 
+def _format_values(arr: np.ndarray) -> str:
+    """Nested-list text of ``arr``'s values, as ``tolist()`` prints them, except that a NaN other
+    than the dtype's own ``nan`` prints as ``-nan`` (sign bit set) or ``nan(0x<bits>)``."""
+    if arr.ndim:
+        return "[" + ", ".join(_format_values(row) for row in arr) + "]"
+    v = arr.item()
+    if isinstance(v, float) and v != v:
+        bits = _bits(arr)
+        if bits == _bits(np.array(np.nan, arr.dtype)):
+            return "nan"
+        if bits == _bits(np.array(-np.nan, arr.dtype)):
+            return "-nan"
+        return f"nan(0x{bits:0{2 * arr.dtype.itemsize}x})"
+    return repr(v)  # repr of a Python float round-trips, and every float dtype converts to it exactly
+
+
+def _bits(x: Any) -> int:
+    """A scalar's bit pattern as an unsigned integer."""
+    return int(np.asarray(x).view(f"u{x.dtype.itemsize}"))
+
+
 def _format_param(v: Any) -> str:
+    """``repr``, except dtypes print short (``f32``), also inside tuples."""
     if isinstance(v, np.dtype):
         return dtype_short_name(v)
     if isinstance(v, Graph):
         return "{ graph }"
+    if isinstance(v, tuple):
+        items = ", ".join(_format_param(x) for x in v)
+        return f"({items},)" if len(v) == 1 else f"({items})"
     return repr(v)
 
 
-def format_graph(graph: Graph, indent: int = 0) -> str:
-    """A jaxpr-like listing: ``{ lambda a:f32[3] . b:f32[3] = cos a ... in (b) }``."""
+def format_graph(graph: Graph, indent: int = 0, literal: Callable[[Literal], str] = str) -> str:
+    """A jaxpr-like listing: ``{ lambda a:f32[3] . b:f32[3] = cos a ... in (b) }``.
+
+    A joint graph's listing starts with ``# joint: (num_primals, num_outputs)``. ``literal`` prints
+    each literal operand (``reftrace.graph_text.save`` prints large ones as references).
+    The format is documented in docs/graph_format.md; ``reftrace.graph_text.parse`` reads it.
+    """
     names: dict[Var, str] = {}
     gen = _names()
 
     def name(a: Atom, decl: bool = False) -> str:
         if isinstance(a, Literal):
-            return str(a)
+            return literal(a)
         if a not in names:
             names[a] = next(gen)
         return f"{names[a]}:{a.aval.str_short()}" if decl else names[a]
 
     pad = " " * indent
+    lines = []
+    if graph.joint is not None:
+        lines.append(f"{pad}# joint: ({graph.joint[0]}, {graph.joint[1]})")
+    for key in ("input_names", "output_names"):
+        if (given := getattr(graph, key)) is not None:
+            lines.append(f"{pad}# {key}: {json.dumps(list(given))}")
     ins = " ".join(name(v, decl=True) for v in graph.inputs)
-    lines = [f"{pad}{{ lambda {ins} ."]
+    lines.append(f"{pad}{{ lambda {ins} .")
     for e in graph.eqns:
         outs = " ".join(name(v, decl=True) for v in e.outputs)
         params = " ".join(f"{k}={_format_param(v)}" for k, v in e.params.items())

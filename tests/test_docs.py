@@ -133,6 +133,9 @@ NEEDS_A_DOC_FIX: dict[str, str] = {}
 @pytest.fixture
 def restored_rule_tables():
     """Snippets that show how to add a rule really register it; put every table back afterwards."""
+    import reftrace.backends.jax  # noqa: F401 - these register their rows on import: snapshot the full tables
+    import reftrace.backends.torch  # noqa: F401
+    import reftrace.torch_bridge.capture  # noqa: F401
     from reftrace import primitives
     from reftrace.backends.jax_rules import jax_rules
     from reftrace.backends.torch_rules import torch_rules

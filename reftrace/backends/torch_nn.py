@@ -15,6 +15,8 @@ from reftrace.backends.torch_dtypes import torch_dtype
 from reftrace.backends.torch_rules import _t, aval_of, device_type, torch_rules
 from reftrace.nn import activations as A
 from reftrace.nn.attention import attention_backward_p, attention_p
+from reftrace.nn.convolution import conv_input_grad_p, conv_weight_grad_p, convolution_p
+from reftrace.nn.pooling import max_pool_backward_p, max_pool_p
 from reftrace.nn.embeddings import embedding_backward_p, embedding_p
 from reftrace.nn.dense import linear_p
 from reftrace.nn.losses import nll_loss_backward_p, nll_loss_p
@@ -38,6 +40,8 @@ def _with_dtype(x: Any, like: Any) -> Any:
 
 # ----------------------------------------------------------------------------- activations
 
+torch_rules[A.relu_p] = lambda x: torch.relu(_t(x))
+torch_rules[A.relu_backward_p] = lambda g, y: aten.threshold_backward(_t(g), _t(y), 0)
 torch_rules[A.gelu_p] = lambda x, *, approximate: aten.gelu(_t(x), approximate=approximate)
 torch_rules[A.gelu_backward_p] = lambda g, x, *, approximate: aten.gelu_backward(_t(g), _t(x),
                                                                                  approximate=approximate)
@@ -158,3 +162,80 @@ def _nll_loss_backward(g: Any, logp: Any, target: Any, *rest: Any, reduction: in
 
 torch_rules[nll_loss_p] = _nll_loss
 torch_rules[nll_loss_backward_p] = _nll_loss_backward
+
+
+# ----------------------------------------------------------------------------- convolution
+# torch.convNd with the bias fused, and aten.convolution_backward for each gradient (what eager's
+# autograd runs); operands of zero size run as the decomposition.
+
+_CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
+
+
+def _conv_takes(*operands: Any) -> bool:
+    avals = [aval_of(v) for v in operands]
+    return 1 <= avals[0].ndim - 2 <= 3 and all(a.size for a in avals)
+
+
+def _convolution(x: Any, w: Any, *bias: Any, stride, padding, dilation, groups, has_bias) -> Any:
+    if not _conv_takes(x, w):
+        return NotImplemented
+    return _CONV[aval_of(x).ndim - 2](_t(x), _t(w), _t(bias[0]) if has_bias else None, list(stride), list(padding),
+                                      list(dilation), groups)
+
+
+def _convolution_backward(g: Any, x: Any, w: Any, which: int, *, stride, padding, dilation, groups) -> Any:
+    mask = [which == 0, which == 1, False]
+    return aten.convolution_backward(g, x, w, None, list(stride), list(padding), list(dilation), False,
+                                     [0] * len(stride), groups, mask)[which]
+
+
+def _conv_input_grad(g: Any, w: Any, *, input_shape, **params: Any) -> Any:
+    """The input's own values are not read, only its shape: an uninitialised tensor stands in."""
+    if not _conv_takes(g, w) or 0 in input_shape:
+        return NotImplemented
+    g = _t(g)
+    return _convolution_backward(g, g.new_empty(list(input_shape)), _t(w), 0, **params)
+
+
+def _conv_weight_grad(g: Any, x: Any, *, weight_shape, **params: Any) -> Any:
+    if not _conv_takes(g, x) or 0 in weight_shape:
+        return NotImplemented
+    g = _t(g)
+    return _convolution_backward(g, _t(x), g.new_empty(list(weight_shape)), 1, **params)
+
+
+torch_rules[convolution_p] = _convolution
+torch_rules[conv_input_grad_p] = _conv_input_grad
+torch_rules[conv_weight_grad_p] = _conv_weight_grad
+
+
+# ----------------------------------------------------------------------------- max pooling
+
+_MAX_POOL = {2: (aten.max_pool2d_with_indices, aten.max_pool2d_with_indices_backward),
+             3: (aten.max_pool3d_with_indices, aten.max_pool3d_with_indices_backward)}
+
+
+def _pool_takes(x: Any, kernel: tuple[int, ...]) -> bool:
+    aval = aval_of(x)
+    return len(kernel) in _MAX_POOL and aval.ndim in (len(kernel) + 1, len(kernel) + 2) and aval.size > 0 \
+        and aval.dtype.kind == "f"
+
+
+def _max_pool(x: Any, *, kernel, stride, padding, dilation, ceil_mode, out_spatial) -> Any:
+    if not _pool_takes(x, kernel):
+        return NotImplemented
+    forward, _ = _MAX_POOL[len(kernel)]
+    out = forward(_t(x), list(kernel), list(stride), list(padding), list(dilation), ceil_mode)
+    return out[0], out[1]
+
+
+def _max_pool_backward(g: Any, x: Any, indices: Any, *, kernel, stride, padding, dilation, ceil_mode,
+                       out_spatial) -> Any:
+    if not _pool_takes(x, kernel):
+        return NotImplemented
+    _, backward = _MAX_POOL[len(kernel)]
+    return backward(_t(g), _t(x), list(kernel), list(stride), list(padding), list(dilation), ceil_mode, _t(indices))
+
+
+torch_rules[max_pool_p] = _max_pool
+torch_rules[max_pool_backward_p] = _max_pool_backward

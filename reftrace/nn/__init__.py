@@ -5,19 +5,23 @@ with a decomposition into core primitives (its meaning), its own VJP rule emitti
 composite backward equations, and fused lowerings in the backends (torch: the ATen
 kernel; JAX: what XLA fuses). The torch bridge captures the matching ATen ops as these.
 
-    activations: gelu, softmax, log_softmax (and their backward equations)
+    activations: relu, gelu, softmax, log_softmax (and their backward equations)
     norms:       layer_norm, batch_norm_train, batch_norm_eval (and backward equations)
     attention:   dot_product_attention (and its backward equation)
     linear:      linear (x @ w + b, torch's addmm)
+    convolution: convolution (torch's layout, bias fused; input and weight gradient equations)
+    pooling:     max_pool (values and torch's indices; and its backward equation)
     embedding:   embedding (and its backward equation)
     losses:      nll_loss (cross-entropy = log_softmax + nll_loss; and its backward equation)
 """
-from reftrace.nn.activations import gelu, log_softmax, softmax
+from reftrace.nn.activations import gelu, log_softmax, relu, softmax
 from reftrace.nn.attention import dot_product_attention
+from reftrace.nn.convolution import convolution
+from reftrace.nn.pooling import max_pool
 from reftrace.nn.embeddings import embedding
 from reftrace.nn.losses import nll_loss
 from reftrace.nn.dense import linear
 from reftrace.nn.norms import batch_norm_eval, batch_norm_train, layer_norm
 
-__all__ = ["gelu", "softmax", "log_softmax", "layer_norm", "batch_norm_train", "batch_norm_eval", "dot_product_attention",
-           "linear", "embedding", "nll_loss"]
+__all__ = ["relu", "gelu", "softmax", "log_softmax", "layer_norm", "batch_norm_train", "batch_norm_eval", "dot_product_attention",
+           "linear", "convolution", "max_pool", "embedding", "nll_loss"]

@@ -1,6 +1,6 @@
-"""GELU, softmax and log-softmax as composites, with composite backward equations.
+"""ReLU, GELU, softmax and log-softmax as composites, with composite backward equations.
 
-The backward equations (``gelu_backward``, ``softmax_backward``, ``log_softmax_backward``)
+The backward equations (``relu_backward``, ``gelu_backward``, ``softmax_backward``, ``log_softmax_backward``)
 are ATen's: torch lowers each to its one kernel. They have no VJP rule of their own, so
 second derivatives go through their decompositions.
 """
@@ -19,6 +19,34 @@ _SQRT_HALF = float(np.sqrt(0.5))
 _SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))
 _INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
 _TANH_CUBIC = 0.044715
+
+
+# ----------------------------------------------------------------------------- relu
+
+def _relu(x: Any) -> Any:
+    """``select(x <= 0, 0, x)``: NaN stays NaN."""
+    zero = const(0, x.dtype)
+    return lax.select(lax.le(x, zero), along(zero, x.shape, ()), x)
+
+
+def _relu_backward(g: Any, y: Any) -> Any:
+    """The cotangent where the output is positive (or NaN): slope 0 at 0, 1 at NaN, as torch's
+    ``threshold_backward``. It reads the output, which the next layer keeps anyway, rather
+    than a saved mask."""
+    zero = const(0, y.dtype)
+    return lax.select(lax.le(y, zero), along(zero, g.shape, ()), g)
+
+
+relu_p = define_composite("relu", _relu)
+relu_backward_p = define_composite("relu_backward", _relu_backward)
+
+
+def relu(x: Any) -> Any:
+    """``max(x, 0)`` with torch's conventions: gradient 0 at 0, NaN passes with gradient 1."""
+    return lax.bind(relu_p, x)
+
+
+vjp_rules[relu_p] = lambda cts, primals, outs: (lax.bind(relu_backward_p, cts[0], outs[0]),)
 
 
 # ----------------------------------------------------------------------------- gelu

@@ -33,7 +33,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode, autograd_would_have_decomposed
 
-from reftrace import lax
+from reftrace import lax, names
 from reftrace.errors import (ArgumentError, DataDependentControlFlowError, ReftraceError, TracingError,
                              UnsupportedOperatorError)
 from reftrace.graph import Graph
@@ -42,7 +42,8 @@ from reftrace.torch_bridge.decompositions import decomposition_table
 from reftrace.torch_bridge.modules import ModuleState, functional_module, module_state
 from reftrace.torch_bridge.outputs import OutputSpec, flatten_outputs
 from reftrace.torch_bridge.trace_settings import compiling_flag, fake_tensor_logs_silenced, mkldnn_disabled
-from reftrace.torch_bridge.translate import Translator, functional_variant, op_display_name, unsupported_operator
+from reftrace.torch_bridge.translate import (ClosedOver, Translator, functional_variant, op_display_name,
+                                             unsupported_operator)
 from reftrace.torch_bridge.user_frames import innermost_user_frame, location_from_traceback
 
 __all__ = ["Captured", "capture", "capture_flat", "capture_tree"]
@@ -66,6 +67,8 @@ class Captured:
     - ``key_input``: index of the ``u32[2]`` key input random ops draw from (the last input), or
       ``None`` when the function draws no random numbers. Callers feed a fresh key per call
       (``reftrace.torch_bridge.autograd.new_rng_key``) to get fresh random numbers.
+    - ``closed_over``: the real tensors the function read from its enclosing scope, baked into
+      the graph as constants (``capture`` refuses those that require grad).
     """
 
     graph: Graph
@@ -78,16 +81,17 @@ class Captured:
     num_state: int = 0
     state: ModuleState | None = None
     key_input: int | None = None
+    closed_over: tuple[ClosedOver, ...] = ()
 
     def unflatten_outputs(self, flat: Sequence[Any]) -> Any:
         """The function's return value, rebuilt around the graph's leading ``num_outputs`` values."""
         return self.out_spec.rebuild(flat[:self.num_outputs])
 
-    def flatten_args(self, *args: Any) -> list[torch.Tensor]:
+    def flatten_args(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
         """The user tensors of a call with the captured structure (state inputs not included)."""
         if self.in_spec is None:
             raise ArgumentError("flatten_args needs a capture made by capture_tree")
-        leaves, spec = pytree.tree_flatten(args)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
         if spec != self.in_spec:
             raise ArgumentError(f"arguments have structure {spec}, but the graph was captured for {self.in_spec}; "
                                 "capture again")
@@ -463,7 +467,7 @@ def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tens
         graph = translator.finish(outputs, keys.key)
     except ReftraceError as err:
         raise err.with_traceback(None) from None
-    return graph, out_spec, mutated
+    return graph, out_spec, mutated, tuple(translator.closed_over)
 
 
 def _check_tensors(tensors: Sequence[Any], what: str) -> list[torch.Tensor]:
@@ -489,27 +493,29 @@ def capture_flat(fn: Callable[[list[torch.Tensor]], Any], example_tensors: Seque
     if not callable(fn):
         raise ArgumentError(f"capture_flat expects a callable, got {type(fn).__name__}")
     tensors = _check_tensors(list(example_tensors), "example tensor")
-    graph, out_spec, mutated = _trace(fn, tensors, decomposition_table(decompositions))
+    graph, out_spec, mutated, closed_over = _trace(fn, tensors, decomposition_table(decompositions))
     key_input = len(tensors) if len(graph.inputs) > len(tensors) else None  # the key follows the tensors
     return Captured(graph=graph, num_outputs=out_spec.num_tensors, mutated_inputs=mutated, out_spec=out_spec,
-                    key_input=key_input)
+                    key_input=key_input, closed_over=closed_over)
 
 
 _STATIC_LEAVES = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
 
 def capture_tree(fn_or_module: Callable[..., Any], *args: Any,
-                 decompositions: Mapping[Any, Callable[..., Any]] | None = None) -> Captured:
-    """Capture a function or ``nn.Module`` called as ``fn(*args)``; args may be pytrees of tensors.
+                 decompositions: Mapping[Any, Callable[..., Any]] | None = None,
+                 kwargs: Mapping[str, Any] | None = None) -> Captured:
+    """Capture a function or ``nn.Module`` called as ``fn(*args, **kwargs)``; arguments may be pytrees
+    of tensors.
 
-    Tensor leaves of ``args`` become graph inputs; ``None``, numbers, strings, dtypes
+    Tensor leaves of ``args`` and ``kwargs`` become graph inputs, in that order; ``None``, numbers, strings, dtypes
     and devices are static (baked into the graph). For a module, its parameters and
     buffers are the leading inputs (``reftrace.torch_bridge.modules``), and train()/
     eval() mode is the module's current one.
     """
     if not callable(fn_or_module):
         raise ArgumentError(f"capture expects a function or nn.Module, got {type(fn_or_module).__name__}")
-    leaves, in_spec = pytree.tree_flatten(args)
+    leaves, in_spec = pytree.tree_flatten((args, dict(kwargs or {})))
     for i, leaf in enumerate(leaves):
         if not isinstance(leaf, (torch.Tensor,) + _STATIC_LEAVES):
             raise ArgumentError(f"argument leaf {i} is a {type(leaf).__name__}; pass torch tensors (or static "
@@ -529,33 +535,85 @@ def capture_tree(fn_or_module: Callable[..., Any], *args: Any,
         rebuilt = list(static)
         for slot, t in zip(tensor_slots, flat[num_state:]):
             rebuilt[slot] = t
-        call_args = pytree.tree_unflatten(rebuilt, in_spec)
+        call_args, call_kwargs = pytree.tree_unflatten(rebuilt, in_spec)
         if call is not None:
-            return call(flat[:num_state], *call_args)
-        return fn_or_module(*call_args)
+            return call(flat[:num_state], *call_args, **call_kwargs)
+        return fn_or_module(*call_args, **call_kwargs)
 
     example = list(state.tensors if state is not None else ()) + user_tensors
     captured = capture_flat(flat_fn, example, decompositions=decompositions)
-    return Captured(graph=captured.graph, num_outputs=captured.num_outputs,
+    arg_names = [_argument_name(path) for path, leaf in pytree.tree_flatten_with_path((args, dict(kwargs or {})))[0]
+                 if isinstance(leaf, torch.Tensor)]
+    graph = _named(captured, state, arg_names)
+    return Captured(graph=graph, num_outputs=captured.num_outputs,
                     mutated_inputs=captured.mutated_inputs, out_spec=captured.out_spec, in_spec=in_spec,
                     static_args=static,
                     arg_slots=tensor_slots, num_state=num_state, state=state,
-                    key_input=captured.key_input)
+                    key_input=captured.key_input, closed_over=captured.closed_over)
+
+
+LARGE_CONSTANT_BYTES = 1024
+"""Closed-over constants larger than this are reported (``LargeConstantWarning``)."""
+
+
+class LargeConstantWarning(UserWarning):
+    """The traced function read a large tensor from its enclosing scope; the graph holds a copy."""
+
+
+def _check_closed_over(closed_over: Sequence[ClosedOver]) -> None:
+    """A graph value must not silently lose gradients: a closed-over tensor that requires grad
+    (a parameter reached through a closure) would be baked in as a constant, and ``vjp`` would
+    give it no gradient. Large constants are copied into the graph: say so."""
+    trainable = [c for c in closed_over if c.requires_grad]
+    if trainable:
+        listed = "; ".join(c.describe() for c in trainable[:4]) + (" ..." if len(trainable) > 4 else "")
+        raise TracingError(
+            f"the function reads {len(trainable)} tensor(s) that require grad from its enclosing scope ({listed}); "
+            "rt.trace would bake them into the graph as constants, and vjp would give them no gradient. "
+            "Trace the module itself so its parameters become named inputs "
+            "(rt.trace(model, ids, use_cache=False) rather than rt.trace(lambda ids: model(ids).logits, ids); "
+            "keyword arguments go to the module), or pass the tensors as arguments "
+            "(or read them under .detach() / torch.no_grad() to bake them in on purpose)")
+    large = [c for c in closed_over if c.nbytes > LARGE_CONSTANT_BYTES]
+    if large:
+        listed = "; ".join(c.describe() for c in large[:4]) + (" ..." if len(large) > 4 else "")
+        warnings.warn(f"the graph holds {len(large)} constant(s) over {LARGE_CONSTANT_BYTES} bytes read from the "
+                      f"function's enclosing scope ({listed}); pass them as arguments to make them inputs",
+                      LargeConstantWarning, stacklevel=4)
+
+
+def _argument_name(path: tuple[Any, ...]) -> str:
+    """``args[0]``, ``args[1][0]``, ``kwargs['mask']`` for a tensor leaf of ``(args, kwargs)``."""
+    return ("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:])
+
+
+def _named(captured: Captured, state: ModuleState | None, arg_names: Sequence[str]) -> Graph:
+    """The captured graph with the names of ``reftrace.names``: parameters, ``buffer(...)``s,
+    arguments and the random key in; outputs and ``update(...)``s of mutated inputs out."""
+    in_names = [name if is_param else names.buffer(name)
+                for name, is_param in zip(state.names, state.is_param)] if state is not None else []
+    in_names += arg_names
+    if captured.key_input is not None:
+        in_names.append("rng_key")
+    n = captured.num_outputs
+    out_names = ["out"] if n == 1 else [f"out[{i}]" for i in range(n)]
+    out_names += [names.update(in_names[i]) for i in captured.mutated_inputs]
+    return captured.graph.named(in_names, out_names)
 
 
 def capture(fn_or_module: Callable[..., Any], *args: Any,
-            decompositions: Mapping[Any, Callable[..., Any]] | None = None, **options: Any) -> Graph:
-    """The Graph of ``fn_or_module(*args)`` (what ``rt.trace`` returns for torch inputs).
+            decompositions: Mapping[Any, Callable[..., Any]] | None = None, **kwargs: Any) -> Graph:
+    """The Graph of ``fn_or_module(*args, **kwargs)`` (what ``rt.trace`` returns for torch inputs).
 
-    Inputs: module parameters, then buffers (see ``modules``), then the tensor leaves of
-    ``args``, then, if the function draws random numbers (dropout in training mode...), a
+    ``decompositions=`` is capture's own option; every other keyword argument goes to the
+    function (``rt.trace(gpt2, ids, use_cache=False)``): tensors become inputs, other values
+    are static. Inputs: module parameters, then buffers (see ``modules``), then the tensor
+    leaves of ``args`` and of ``kwargs``, then, if the function draws random numbers (dropout in training mode...), a
     ``u32[2]`` key. Outputs: the output tensors (flattened), then new values of mutated inputs.
     Use ``capture_tree`` for the full ``Captured`` record.
     """
-    if options:
-        raise ArgumentError(f"unexpected keyword arguments {sorted(options)}; the torch bridge takes "
-                            "decompositions=")
-    captured = capture_tree(fn_or_module, *args, decompositions=decompositions)
+    captured = capture_tree(fn_or_module, *args, decompositions=decompositions, kwargs=kwargs)
+    _check_closed_over(captured.closed_over)
     if captured.out_spec.bare_static is not None:
         raise TracingError(f"the function returns {captured.out_spec.bare_static} among its outputs, which is not "
                            "a tensor; a Graph's outputs are tensors. Return only tensors (None is allowed), or use "

@@ -81,14 +81,14 @@ def module_state(module: torch.nn.Module) -> ModuleState:
 
 
 def functional_module(module: torch.nn.Module, state: ModuleState) -> Callable[..., Any]:
-    """``f(state_tensors, *args)``: the module run with ``state_tensors`` in place of its own.
+    """``f(state_tensors, *args, **kwargs)``: the module run with ``state_tensors`` in place of its own.
 
     ``torch.func.functional_call`` keeps tied names tied: passing the canonical name
     also rebinds its aliases.
     """
-    def call(state_tensors: Sequence[torch.Tensor], *args: Any) -> Any:
+    def call(state_tensors: Sequence[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         mapping = dict(zip(state.names, state_tensors))
-        return torch.func.functional_call(module, mapping, args, tie_weights=True, strict=False)
+        return torch.func.functional_call(module, mapping, args, kwargs or None, tie_weights=True, strict=False)
     return call
 
 

@@ -11,6 +11,8 @@ tensor inputs (so it is the last input); see ``reftrace.torch_bridge.aten.random
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -29,6 +31,7 @@ from reftrace.primitives import checked
 from reftrace.lax import TracedArray
 from reftrace.torch_bridge.aten import NodeContext, aten_rules
 from reftrace.torch_bridge.aten import _common
+from reftrace.torch_bridge.user_frames import innermost_user_frame
 from reftrace.transforms.simplify import eliminate_dead_code
 
 DOCS_ANCHOR = "docs/torch.md#unsupported-operators"
@@ -133,6 +136,8 @@ class Translator:
         self.builder = Builder()
         self.env: dict[int, _Entry] = {}
         self.inputs: list[TracedArray] = []
+        self.closed_over: list[ClosedOver] = []  # the real tensors read as constants, in order
+        self._constant_index: dict[int, int] = {}  # id(tensor) -> its index in closed_over
 
     def input(self, t: torch.Tensor) -> None:
         value = lax.new_input(self.builder, aval_of_meta(t, f"input {len(self.inputs)}"))
@@ -148,7 +153,13 @@ class Translator:
                                    "without being made by one; please report it")
             with no_dispatch():  # a constant's values, read beneath the fake-tensor mode we run inside
                 value = Literal.of(tensor_to_numpy(t))
+            self._constant_index[id(t)] = len(self.closed_over)
+            self.closed_over.append(ClosedOver(tuple(t.shape), t.dtype, False, value.nbytes, innermost_user_frame()))
             entry = self.env[id(t)] = _Entry(t, lax.constant(value), False)
+        if t.requires_grad and not consumer_stops and id(t) in self._constant_index:
+            # a differentiable read of a constant (not under detach()/no_grad): its gradient is lost
+            k = self._constant_index[id(t)]
+            self.closed_over[k] = dataclasses.replace(self.closed_over[k], requires_grad=True)
         if consumer_stops or not entry.stops or isinstance(entry.value, _Unsupported):
             return entry.value
         if entry.stopped is None:
@@ -227,6 +238,22 @@ class Translator:
             atoms.append(value.atom)
         inputs = [t.atom for t in self.inputs] + ([key.atom] if key is not None else [])
         return checked(eliminate_dead_code(self.builder.build(inputs, atoms)), "capture")
+
+
+@dataclass(frozen=True)
+class ClosedOver:
+    """A real tensor the function read from its enclosing scope: baked into the graph as a constant.
+    ``requires_grad``: it requires grad and an op read it differentiably (not under detach/no_grad)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+    nbytes: int
+    location: str | None
+
+    def describe(self) -> str:
+        where = f" at {self.location}" if self.location else ""
+        return f"a {list(self.shape)} {str(self.dtype).replace('torch.', '')} tensor ({self.nbytes} bytes){where}"
 
 
 def _aval_of_result(meta: torch.Tensor, op: Any) -> Aval:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 
+from reftrace import names
 from reftrace.builder import Builder
 from reftrace.errors import PartitionError
 from reftrace.graph import Eqn, Graph, Var, expect_graph, free_vars, live_eqns
@@ -73,6 +74,18 @@ class Partition(_ForwardBackward):
     @property
     def saved_bytes(self) -> int:
         return sum(v.nbytes for v in self.saved)
+
+    @property
+    def saved_input_bytes(self) -> int:
+        """Bytes of the saved values that are forward inputs (parameters, buffers, arguments):
+        memory the forward does not allocate, only keeps referenced."""
+        inputs = set(self.forward.inputs)
+        return sum(v.nbytes for v in self.saved if v in inputs)
+
+    @property
+    def saved_activation_bytes(self) -> int:
+        """Bytes of the saved values the forward computes: the activation memory a partition costs."""
+        return self.saved_bytes - self.saved_input_bytes
 
     def __repr__(self) -> str:
         return (f"Partition(forward={self.forward!r}, backward={self.backward!r}, "
@@ -390,6 +403,19 @@ def _reachable(num_nodes: int, edges: np.ndarray, start: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- building the two graphs
 
+def _split_names(analysis: JointAnalysis, saved: tuple[Var, ...]) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+    """(input, output) names of the forward and of the backward, from the joint's: a saved primal
+    keeps its input's name, a saved activation is ``saved[k]``."""
+    joint = analysis.graph
+    if joint.input_names is None and joint.output_names is None:
+        return (None, None), (None, None)
+    p, o = analysis.num_primals, len(analysis.outs)
+    in_names = names.or_default(joint.input_names, len(joint.inputs), "args")
+    out_names = names.or_default(joint.output_names, len(joint.outputs), "out")
+    saved_names = tuple(in_names[v.id] if v.id < p else names.saved(k) for k, v in enumerate(saved))
+    return (in_names[:p], out_names[:o] + saved_names), (saved_names + in_names[p:], out_names[o:])
+
+
 def split(analysis: JointAnalysis, saved: Iterable[Var]) -> Partition:
     """The forward and backward graphs for a chosen saved set. Saved values the backward does
     not read are dropped; a backward that would need an unsaved primal is a PartitionError."""
@@ -417,9 +443,10 @@ def split(analysis: JointAnalysis, saved: Iterable[Var]) -> Partition:
         raise PartitionError(f"the backward needs primal inputs {missing} that the policy did not save")
     saved_vars = tuple(v for v in analysis.values if is_saved[v.id] and v in needed)
 
-    backward = Graph(saved_vars + tuple(analysis.cotangents), tuple(backward_eqns), analysis.grads)
+    fw_names, bw_names = _split_names(analysis, saved_vars)
+    backward = Graph(saved_vars + tuple(analysis.cotangents), tuple(backward_eqns), analysis.grads, None, *bw_names)
 
     targets = tuple(analysis.outs) + saved_vars
-    forward = Graph(tuple(analysis.primals), tuple(live_eqns(joint.eqns, targets)), targets)
+    forward = Graph(tuple(analysis.primals), tuple(live_eqns(joint.eqns, targets)), targets, None, *fw_names)
     return Partition(checked(forward, "partition (forward)"), checked(backward, "partition (backward)"),
                      len(saved_vars))

@@ -52,14 +52,15 @@ def simplify(graph: Graph) -> Graph:
     shared and dead code removed. The result computes the same outputs from the same inputs."""
     expect_graph(graph, "simplify")
     eqns, outputs = _rewrite(graph, fold=True)
-    return checked(Graph(graph.inputs, tuple(live_eqns(eqns, outputs)), tuple(outputs), graph.joint), "simplify")
+    return checked(Graph(graph.inputs, tuple(live_eqns(eqns, outputs)), tuple(outputs), graph.joint,
+                         graph.input_names, graph.output_names), "simplify")
 
 
 def rewrite(graph: Graph, fold: bool = True) -> Graph:
     """One forward pass: forward identities, fold constants (if ``fold``), and share
     common subexpressions. Dead code is left in place (see ``eliminate_dead_code``)."""
     eqns, outputs = _rewrite(graph, fold)
-    return Graph(graph.inputs, tuple(eqns), tuple(outputs), graph.joint)
+    return Graph(graph.inputs, tuple(eqns), tuple(outputs), graph.joint, graph.input_names, graph.output_names)
 
 
 def eliminate_dead_code(graph: Graph) -> Graph:

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from reftrace import lax
+from reftrace import lax, names
 from reftrace.builder import Builder
 from reftrace.composite import decomposition_graph, is_composite
 from reftrace.errors import ArgumentError, GraphError, UnsupportedOperatorError
@@ -25,7 +25,8 @@ from reftrace.primitives import Primitive, checked, is_float, stop_gradient_p
 from reftrace.transforms.vjp_rules import vjp_rules
 
 
-def vjp(graph: Graph, wrt: int | Sequence[int] | None = None, nondiff_outputs: int | Sequence[int] = ()) -> Graph:
+def vjp(graph: Graph, wrt: int | Sequence[int] | None = None,
+        nondiff_outputs: int | Sequence[int] | None = None) -> Graph:
     """The joint graph of ``graph``: ``(*primals, *cotangents) -> (*outs, *grads)``.
 
     - One cotangent input per output of ``graph`` except those in ``nondiff_outputs``
@@ -35,6 +36,11 @@ def vjp(graph: Graph, wrt: int | Sequence[int] | None = None, nondiff_outputs: i
       floating dtype and, if ``wrt`` (an input index or a sequence of them, like ``jax.grad``'s
       ``argnums``) is given, listed there; listing an integer/bool input in ``wrt`` is an
       ArgumentError. ``nondiff_outputs`` likewise takes one index or a sequence.
+    - Defaults read the graph's names (``reftrace.names``), so a traced module is
+      differentiated as ``loss.backward()`` would: ``wrt=None`` leaves out ``buffer(...)``
+      inputs, ``nondiff_outputs=None`` is every ``update(...)`` output (a new running
+      statistic). A graph without names: every floating input, no output.
+    - Names: ``ct(<output>)`` for the cotangent inputs, ``grad(<input>)`` for the gradients.
     - An input no cotangent reaches gets a zeros gradient (a broadcast literal).
     - The result has ``joint == (len(graph.inputs), len(graph.outputs))``.
 
@@ -42,6 +48,8 @@ def vjp(graph: Graph, wrt: int | Sequence[int] | None = None, nondiff_outputs: i
     """
     expect_graph(graph, "vjp")
     diff_inputs = _differentiable_inputs(graph, wrt)
+    if nondiff_outputs is None:
+        nondiff_outputs = [j for j, name in enumerate(graph.output_names or ()) if names.is_update(name)]
     skipped = _check_output_indices(graph, nondiff_outputs)
     with_ct = [j for j in range(len(graph.outputs)) if j not in skipped]
 
@@ -49,7 +57,7 @@ def vjp(graph: Graph, wrt: int | Sequence[int] | None = None, nondiff_outputs: i
     primals = [new_input(builder, v.aval) for v in graph.inputs]
     cotangents = [new_input(builder, graph.outputs[j].aval) for j in with_ct]
     with tracing(builder):
-        records, outs = _replay_forward(builder, graph, primals)
+        records, outs = replay(builder, graph, primals)
         num_forward_eqns = len(builder.eqns)
         active = _active_vars(graph, [graph.inputs[i] for i in diff_inputs])
         ct_env: dict[Var, TracedArray] = {}
@@ -68,23 +76,31 @@ def vjp(graph: Graph, wrt: int | Sequence[int] | None = None, nondiff_outputs: i
     # gradient needs (a constant's, a non-``wrt`` input's) die here instead of complicating each rule
     builder.eqns = builder.eqns[:num_forward_eqns] + live_eqns(builder.eqns[num_forward_eqns:], outputs)
     inputs = [p.atom for p in primals] + [c.atom for c in cotangents]
-    return checked(builder.build(inputs, outputs, joint=(len(graph.inputs), len(graph.outputs))), "vjp")
+    joint = builder.build(inputs, outputs, joint=(len(graph.inputs), len(graph.outputs)))
+    if graph.input_names is not None or graph.output_names is not None:
+        in_names = names.or_default(graph.input_names, len(graph.inputs), "args")
+        out_names = names.or_default(graph.output_names, len(graph.outputs), "out")
+        joint = joint.named(in_names + tuple(names.ct(out_names[j]) for j in with_ct),
+                            out_names + tuple(names.grad(in_names[i]) for i in diff_inputs))
+    return checked(joint, "vjp")
 
 
-def differentiable_inputs(graph: Graph, wrt: int | Sequence[int] | None = None) -> tuple[int, ...]:
-    """Indices of the inputs ``vjp(graph, wrt)`` returns gradients for, in order."""
-    return _differentiable_inputs(graph, wrt)
+def differentiable_inputs(graph: Graph, wrt: int | Sequence[int] | None = None, verb: str = "vjp"
+                          ) -> tuple[int, ...]:
+    """Indices of the inputs ``vjp(graph, wrt)`` returns gradients for (``jvp`` takes tangents for),
+    in order; errors name ``verb``."""
+    return _differentiable_inputs(graph, wrt, verb)
 
 
 # ----------------------------------------------------------------------------- argument checks
 
-def _index_list(indices: int | Iterable[int], name: str) -> list[Any]:
+def _index_list(indices: int | Iterable[int], name: str, verb: str = "vjp") -> list[Any]:
     """``indices`` as a list of ints; one int means ``[int]``, as ``jax.grad``'s ``argnums``.
     numpy integers count as ints; anything else is kept for the caller to reject by name."""
     if _is_index(indices):
         return [operator.index(indices)]
     if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
-        raise ArgumentError(f"vjp: {name} must be an int or a sequence of ints, got {type(indices).__name__} "
+        raise ArgumentError(f"{verb}: {name} must be an int or a sequence of ints, got {type(indices).__name__} "
                             f"{indices!r}")
     return [operator.index(i) if _is_index(i) else i for i in indices]
 
@@ -93,16 +109,17 @@ def _is_index(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
-def _differentiable_inputs(graph: Graph, wrt: int | Iterable[int] | None) -> tuple[int, ...]:
+def _differentiable_inputs(graph: Graph, wrt: int | Iterable[int] | None, verb: str = "vjp") -> tuple[int, ...]:
     n = len(graph.inputs)
     if wrt is None:
-        return tuple(i for i, v in enumerate(graph.inputs) if is_float(v.dtype))
+        state = [names.is_buffer(name) for name in graph.input_names or [""] * n]
+        return tuple(i for i, v in enumerate(graph.inputs) if is_float(v.dtype) and not state[i])
     chosen = set()
-    for i in _index_list(wrt, "wrt"):
+    for i in _index_list(wrt, "wrt", verb):
         if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n:
-            raise ArgumentError(f"vjp: wrt index {i!r} is not an input index (the graph has {n} inputs)")
+            raise ArgumentError(f"{verb}: wrt index {i!r} is not an input index (the graph has {n} inputs)")
         if not is_float(graph.inputs[i].dtype):
-            raise ArgumentError(f"vjp: input {i} is {graph.inputs[i].aval.str_short()}, not floating point, "
+            raise ArgumentError(f"{verb}: input {i} is {graph.inputs[i].aval.str_short()}, not floating point, "
                                 "so it has no gradient; leave it out of wrt")
         chosen.add(i)
     return tuple(sorted(chosen))
@@ -123,9 +140,9 @@ def _check_output_indices(graph: Graph, nondiff_outputs: int | Iterable[int]) ->
 Record = tuple[list[TracedArray], tuple[TracedArray, ...]]
 
 
-def _replay_forward(builder: Builder, graph: Graph, primals: Sequence[TracedArray]
-                    ) -> tuple[list[Record], list[TracedArray]]:
-    """Re-emit ``graph``'s equations verbatim; record each one's operand and result values."""
+def replay(builder: Builder, graph: Graph, primals: Sequence[TracedArray]) -> tuple[list[Record], list[TracedArray]]:
+    """Re-emit ``graph``'s equations verbatim; record each one's operand and result values
+    (the first half of ``vjp`` and of ``jvp``)."""
     records: list[Record] = []
 
     def apply(eqn: Eqn, values: Sequence[TracedArray]) -> tuple[TracedArray, ...]:

@@ -29,6 +29,7 @@ from reftrace import lax
 from reftrace import primitives as P
 from reftrace.composite import is_composite
 from reftrace.errors import UnsupportedOperatorError
+from reftrace.graph import Aval
 from reftrace.lax import TracedArray
 from reftrace.matrices import (diag_embed, diagonal, eye_mask, leading, matmul, mT, scale_columns, scale_rows,
                                trailing, triangle)
@@ -498,37 +499,42 @@ def _swap_first_two(spec: Sequence[int]) -> tuple[int, ...]:
 
 
 @_register(P.conv_general_dilated_p)
-def _conv_vjp(cts, primals, outs, *, window_strides, padding, lhs_dilation, rhs_dilation,
-              dimension_numbers, feature_group_count, batch_group_count):
-    """Both cotangents are convolutions again (see docs/autodiff.md for the derivation).
+def _conv_vjp(cts, primals, outs, **params):
+    """Both cotangents are convolutions again (see docs/autodiff.md for the derivation)."""
+    (ct,), (lhs, rhs) = cts, primals
+    return conv_lhs_cotangent(ct, rhs, lhs.shape, **params), conv_rhs_cotangent(ct, lhs, rhs.shape, **params)
 
-    lhs: correlate the stride-dilated cotangent with the spatially reversed kernel, whose
-    in/out feature roles are swapped (groups moved from the out- to the in-feature axis).
-    rhs: correlate the lhs (batch and feature roles swapped) with the cotangent as kernel;
-    feature groups become batch groups and vice versa.
-    """
-    (ct,), (lhs, rhs), (out,) = cts, primals, outs
-    if lhs.size == 0 or rhs.size == 0 or out.size == 0:
-        return lax.zeros(lhs.aval), lax.zeros(rhs.aval)
+
+def _conv_sizes(ct_shape, lhs_shape, rhs_shape, window_strides, lhs_dilation, rhs_dilation, dimension_numbers):
+    """Dilated spatial sizes of the input, the kernel and the output (stride-dilated)."""
     lhs_spec, rhs_spec, out_spec = dimension_numbers
     spatial = range(len(window_strides))
-    x_sizes = [lhs.shape[lhs_spec[2 + k]] for k in spatial]
-    w_sizes = [rhs.shape[rhs_spec[2 + k]] for k in spatial]
-    o_sizes = [out.shape[out_spec[2 + k]] for k in spatial]
-    x_dil = [_dilated(x_sizes[k], lhs_dilation[k]) for k in spatial]
-    w_dil = [_dilated(w_sizes[k], rhs_dilation[k]) for k in spatial]
-    o_dil = [_dilated(o_sizes[k], window_strides[k]) for k in spatial]
-    lo = [p[0] for p in padding]
+    x_dil = [_dilated(lhs_shape[lhs_spec[2 + k]], lhs_dilation[k]) for k in spatial]
+    w_dil = [_dilated(rhs_shape[rhs_spec[2 + k]], rhs_dilation[k]) for k in spatial]
+    o_dil = [_dilated(ct_shape[out_spec[2 + k]], window_strides[k]) for k in spatial]
+    return x_dil, w_dil, o_dil
 
-    # lhs cotangent
+
+def conv_lhs_cotangent(ct: TracedArray, rhs: TracedArray, lhs_shape: Sequence[int], *, window_strides, padding,
+                       lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+                       batch_group_count) -> TracedArray:
+    """The cotangent of a convolution's input (of shape ``lhs_shape``): correlate the
+    stride-dilated cotangent with the spatially reversed kernel, whose in/out feature roles
+    are swapped (groups moved from the out- to the in-feature axis)."""
+    lhs_aval = Aval(tuple(lhs_shape), ct.dtype)
+    if 0 in lhs_shape or rhs.size == 0 or ct.size == 0:
+        return lax.zeros(lhs_aval)
+    lhs_spec, rhs_spec, out_spec = dimension_numbers
+    x_dil, w_dil, o_dil = _conv_sizes(ct.shape, lhs_shape, rhs.shape, window_strides, lhs_dilation, rhs_dilation,
+                                      dimension_numbers)
     groups = max(feature_group_count, batch_group_count)
     kernel = rhs
     if groups > 1:
         kernel = _move_group_factor(kernel, rhs_spec[0], rhs_spec[1], groups)
     kernel = lax.rev(kernel, tuple(rhs_spec[2:]))
     lhs_pad = []
-    for k in spatial:
-        before = w_dil[k] - 1 - lo[k]
+    for k, (lo, _) in enumerate(padding):
+        before = w_dil[k] - 1 - lo
         lhs_pad.append((before, x_dil[k] + w_dil[k] - 1 - o_dil[k] - before))
     ct_lhs = lax.conv_general_dilated(
         ct, kernel, window_strides=lhs_dilation, padding=lhs_pad, lhs_dilation=window_strides,
@@ -536,15 +542,26 @@ def _conv_vjp(cts, primals, outs, *, window_strides, padding, lhs_dilation, rhs_
         feature_group_count=groups, batch_group_count=1)
     if batch_group_count > 1:
         ct_lhs = _move_group_factor(ct_lhs, lhs_spec[1], lhs_spec[0], batch_group_count)
+    return ct_lhs
 
-    # rhs cotangent
-    rhs_pad = [(lo[k], o_dil[k] + w_dil[k] - 1 - x_dil[k] - lo[k]) for k in spatial]
-    ct_rhs = lax.conv_general_dilated(
+
+def conv_rhs_cotangent(ct: TracedArray, lhs: TracedArray, rhs_shape: Sequence[int], *, window_strides, padding,
+                       lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+                       batch_group_count) -> TracedArray:
+    """The cotangent of a convolution's kernel (of shape ``rhs_shape``): correlate the input
+    (batch and feature roles swapped) with the cotangent as kernel; feature groups become
+    batch groups and vice versa."""
+    if 0 in rhs_shape or lhs.size == 0 or ct.size == 0:
+        return lax.zeros(Aval(tuple(rhs_shape), ct.dtype))
+    lhs_spec, rhs_spec, out_spec = dimension_numbers
+    x_dil, w_dil, o_dil = _conv_sizes(ct.shape, lhs.shape, rhs_shape, window_strides, lhs_dilation, rhs_dilation,
+                                      dimension_numbers)
+    rhs_pad = [(lo, o_dil[k] + w_dil[k] - 1 - x_dil[k] - lo) for k, (lo, _) in enumerate(padding)]
+    return lax.conv_general_dilated(
         lhs, ct, window_strides=rhs_dilation, padding=rhs_pad, lhs_dilation=lhs_dilation,
         rhs_dilation=window_strides,
         dimension_numbers=(_swap_first_two(lhs_spec), _swap_first_two(out_spec), _swap_first_two(rhs_spec)),
         feature_group_count=batch_group_count, batch_group_count=feature_group_count)
-    return ct_lhs, ct_rhs
 
 
 # ----------------------------------------------------------------------------- linear algebra

@@ -42,12 +42,56 @@ def _split_affine(affine: tuple[Any, ...], has_weight: bool) -> tuple[Any, Any]:
 
 
 @st.composite
+def convolution_cases(draw: st.DrawFn, rng: np.random.Generator, dtype: Any) -> Case:
+    """torch convolutions with 1-3 spatial dims, strides, padding, dilation, groups, with and without bias."""
+    n = draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([1, 2]))
+    cin, cout = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    kernel = [draw(st.integers(1, 3)) for _ in range(n)]
+    stride = [draw(st.integers(1, 2)) for _ in range(n)]
+    dilation = [draw(st.integers(1, 2)) for _ in range(n)]
+    padding = [draw(st.integers(0, 2)) for _ in range(n)]
+    size = [(k - 1) * d + 1 + draw(st.integers(0, 3)) for k, d in zip(kernel, dilation)]
+    has_bias = draw(st.booleans())
+    args = [_normal(rng, (draw(st.integers(1, 2)), cin, *size), dtype),
+            _normal(rng, (cout, cin // groups, *kernel), dtype)] + ([_normal(rng, (cout,), dtype)] if has_bias else [])
+
+    def convolution(x, w, *bias):
+        return rt.nn.convolution(x, w, *bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return (f"convolution(stride={stride}, padding={padding}, dilation={dilation}, groups={groups}, "
+            f"bias={has_bias}) {args[0].shape} * {args[1].shape}", convolution, args)
+
+
+@st.composite
+def max_pool_cases(draw: st.DrawFn, rng: np.random.Generator, dtype: Any) -> Case:
+    """torch's max pools (2 or 3 spatial dims, batched or not) with padding, dilation, ceil_mode,
+    and ties: the whole gradient goes to the first maximum of each window, as torch's kernel."""
+    n = draw(st.integers(2, 3))
+    kernel = [draw(st.integers(1, 3)) for _ in range(n)]
+    stride = [draw(st.integers(1, 2)) for _ in range(n)]
+    dilation = [draw(st.integers(1, 2)) for _ in range(n)]
+    padding = [draw(st.integers(0, k // 2)) for k in kernel]
+    size = [(k - 1) * d + 1 + draw(st.integers(0, 3)) for k, d in zip(kernel, dilation)]
+    ceil_mode = draw(st.booleans())
+    lead = (2, 2) if draw(st.booleans()) else (2,)
+    x = _normal(rng, (*lead, *size), dtype)
+    x.reshape(-1)[:3] = 0.5  # ties
+    pool = torch.nn.functional.max_pool2d if n == 2 else torch.nn.functional.max_pool3d
+    out_spatial = tuple(pool(torch.from_numpy(x), kernel, stride, padding, dilation, ceil_mode).shape[-n:])
+
+    def max_pool(x):
+        return rt.nn.max_pool(x, kernel, stride, padding, dilation, ceil_mode, out_spatial)
+    return (f"max_pool(kernel={kernel}, stride={stride}, padding={padding}, dilation={dilation}, "
+            f"ceil_mode={ceil_mode}) {x.shape}", max_pool, [x])
+
+
+@st.composite
 def forward_cases(draw: st.DrawFn, dtype: Any = np.float64) -> Case:
     """A forward composite at a drawn shape and drawn parameters, with its operands."""
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     kind = draw(st.sampled_from(["gelu", "softmax", "log_softmax", "layer_norm", "batch_norm_train",
                                  "batch_norm_eval", "attention", "linear", "embedding",
-                                 "nll_loss"]))
+                                 "nll_loss", "relu", "convolution", "max_pool"]))
     if kind == "attention":
         return draw(attention_cases(rng, dtype))
     if kind == "embedding":
@@ -69,6 +113,10 @@ def forward_cases(draw: st.DrawFn, dtype: Any = np.float64) -> Case:
         args = [logp, target] + ([rng.uniform(0.1, 2, classes).astype(dtype)] if weighted else [])
         fn = lambda x, t, *w: rt.nn.nll_loss(x, t, *w, reduction=reduction)  # noqa: E731
         return f"nll_loss({reduction}, weighted={weighted}) {logp.shape}", fn, args
+    if kind == "convolution":
+        return draw(convolution_cases(rng, dtype))
+    if kind == "max_pool":
+        return draw(max_pool_cases(rng, dtype))
     if kind == "linear":
         m, k, n = (draw(st.integers(1, 6)) for _ in range(3))
         args = [_normal(rng, (m, k), dtype), _normal(rng, (k, n), dtype), _normal(rng, (n,), dtype)]
@@ -76,6 +124,9 @@ def forward_cases(draw: st.DrawFn, dtype: Any = np.float64) -> Case:
     rank = draw(st.integers(1 if kind in ("gelu", "softmax", "log_softmax") else 2, 4))
     shape = tuple(draw(st.lists(st.integers(1, 5), min_size=rank, max_size=rank)))
     x = _normal(rng, shape, dtype) * 2
+    if kind == "relu":
+        x.flat[0] = 0.0  # the tie: slope 0 there, as torch's
+        return f"relu {shape}", rt.nn.relu, [x]
     if kind == "gelu":
         approximate = draw(st.sampled_from(["none", "tanh"]))
         return f"gelu({approximate}) {shape}", lambda x: rt.nn.gelu(x, approximate), [x]
@@ -278,11 +329,12 @@ class _Block(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.grouped = torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2, bias=False)
         self.bn = torch.nn.BatchNorm2d(4)
         self.ln = torch.nn.LayerNorm(8)
 
     def forward(self, x):
-        y = torch.nn.functional.gelu(self.bn(self.conv(x)))
+        y = torch.nn.functional.gelu(self.bn(self.grouped(torch.relu(self.conv(x)))))
         return torch.log_softmax(self.ln(y).softmax(-1) * 3, dim=1)
 
 
@@ -314,5 +366,7 @@ def test_torch_modules_compile_to_aten_kernels_and_match_eager():
                    "_log_softmax"):
         assert f"aten.{kernel}(" in forward, kernel
     for kernel in ("native_layer_norm_backward", "native_batch_norm_backward", "gelu_backward",
-                   "_softmax_backward_data", "_log_softmax_backward_data"):
+                   "_softmax_backward_data", "_log_softmax_backward_data", "threshold_backward"):
         assert f"aten.{kernel}(" in backward, kernel
+    assert forward.count("torch.conv2d(") == 2 and "torch.relu(" in forward
+    assert "[True, False, False]" in backward and backward.count("aten.convolution_backward(") == 3

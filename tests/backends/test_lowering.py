@@ -142,6 +142,17 @@ def composite_calls(x, y, idx):
         outs += [*attended, *lax.bind(T.attention_backward_p, q, q, k, k, *attended, *([] if mask is None else [mask]),
                                       causal=mask is None, scale=0.5, has_mask=mask is not None)]
     outs.append(rt.nn.linear(x, lax.transpose(y, (1, 0)), lax.reshape(lax.slice(x, (0, 0), (1, 4)), (4,))))
+    from reftrace.nn.convolution import conv_input_grad_p, conv_weight_grad_p
+    outs += [rt.nn.relu(x), lax.bind(A.relu_backward_p, y, x)]
+    img, kernel = lax.reshape(x, (1, 2, 3, 4)), lax.reshape(y, (4, 1, 3, 2))  # 2 groups of 1 in-feature
+    conv = dict(stride=(1, 2), padding=(1, 0), dilation=(1, 1), groups=2)
+    out = rt.nn.convolution(img, kernel, lax.reshape(lax.slice(x, (0, 0), (1, 4)), (4,)), **conv)
+    outs += [out, lax.bind(conv_input_grad_p, out, kernel, input_shape=img.shape, **conv),
+             lax.bind(conv_weight_grad_p, out, img, weight_shape=kernel.shape, **conv)]
+    from reftrace.nn.pooling import max_pool_backward_p
+    pool = dict(kernel=(2, 2), stride=(1, 2), padding=(1, 0), dilation=(1, 1), ceil_mode=False, out_spatial=(4, 2))
+    pooled = rt.nn.max_pool(img, **{k: v for k, v in pool.items()})
+    outs += [*pooled, lax.bind(max_pool_backward_p, pooled[0], img, pooled[1], **pool)]
     rows = lax.slice(idx, (0, 0), (2, 3))
     outs += [rt.nn.embedding(lax.transpose(x, (1, 0)), rows, 1, True),
              lax.bind(E.embedding_backward_p, lax.reshape(lax.slice(y, (0, 0), (4, 6)), (2, 2, 6)),

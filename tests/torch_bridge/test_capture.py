@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 
 import numpy as np
 import pytest
@@ -767,3 +768,72 @@ def test_batch_norm_fake_outputs_match_torchs_fake_kernel(shape, dtype, channels
         expected = torch.ops.aten._native_batch_norm_legit_functional(*args, training, 0.1, 1e-5)
         got = _batch_norm_outputs(*args, training, 0.1, 1e-5)
     assert [meta(t) for t in got] == [meta(t) for t in expected]
+
+
+def test_trace_passes_keyword_arguments_to_the_module():
+    """``rt.trace(module, x, scale=2.0, y=t)``: tensor keywords become inputs after the positional
+    ones, other keywords are static; the graph computes the module's call with them."""
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 4)
+
+        def forward(self, x, *, scale=1.0, shift=None):
+            y = self.lin(x) * scale
+            return y if shift is None else y + shift
+
+    torch.manual_seed(0)
+    module, x, shift = Scaled(), torch.randn(2, 3), torch.randn(2, 4)
+    graph = rt.trace(module, x, scale=2.0, shift=shift)
+    assert [v.shape for v in graph.inputs] == [(4, 3), (4,), (2, 3), (2, 4)]
+    (out,) = rt.lower(graph, "torch")(module.lin.weight.detach(), module.lin.bias.detach(), x, shift)
+    torch.testing.assert_close(out, module(x, scale=2.0, shift=shift))
+    assert len(rt.trace(module, x, scale=3.0).inputs) == 3  # no shift: one input fewer
+
+
+def test_trace_gpt2_with_use_cache_false():
+    """The call a transformers user writes: ``rt.trace(gpt2, ids, use_cache=False)``."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 50, (2, 8))
+    graph = rt.trace(model, ids, use_cache=False)
+    assert len(graph.outputs) == 1 and graph.outputs[0].shape == (2, 8, 50)
+
+
+def test_closed_over_parameters_are_refused_not_baked_in():
+    """``rt.trace(lambda x: lin(x), x)`` would bake the weights in as constants and vjp would give
+    them no gradient: the trace refuses, naming the tensors and the fix."""
+    lin = torch.nn.Linear(3, 4)
+    with pytest.raises(rt.TracingError, match=r"2 tensor\(s\) that require grad.*\[4, 3\] float32.*rt.trace\(model"):
+        rt.trace(lambda x: lin(x), torch.randn(2, 3))
+    # read under detach()/no_grad(): baked in on purpose, the graph computes with the values
+    g = rt.trace(lambda x: x + lin.weight.detach()[0], torch.randn(3))
+    x = torch.randn(3)
+    torch.testing.assert_close(rt.lower(g, "torch")(x)[0], x + lin.weight.detach()[0])
+    # the module itself: parameters are named inputs
+    assert rt.trace(lin, torch.randn(2, 3)).input_names == ("weight", "bias", "args[0]")
+
+
+def test_large_closed_over_constants_are_reported():
+    from reftrace.torch_bridge.capture import LargeConstantWarning
+    table, small = torch.randn(300), torch.randn(3)
+    with pytest.warns(LargeConstantWarning, match=r"\[300\] float32 tensor \(1200 bytes\)"):
+        rt.trace(lambda x: x + table[:3], torch.randn(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LargeConstantWarning)
+        rt.trace(lambda x: x + small, torch.randn(3))  # 12 bytes: not reported
+
+
+def test_gpt2_through_a_closure_is_refused():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 50, (2, 8))
+    with pytest.raises(rt.TracingError, match="require grad"):
+        rt.trace(lambda ids: model(ids, use_cache=False).logits, ids)
+    g = rt.trace(model, ids, use_cache=False)
+    assert "transformer.wte.weight" in g.input_names

@@ -689,6 +689,7 @@ def test_joint_layout_and_printing():
     assert j.joint == (1, 1)
     assert [v.aval for v in j.inputs] == [g.inputs[0].aval, g.outputs[0].aval]
     assert str(j) == """\
+# joint: (1, 1)
 { lambda a:f32[3] b:f32[3] .
     c:f32[3] = cos a
     d:f32[3] = cos c

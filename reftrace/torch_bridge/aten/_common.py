@@ -22,6 +22,7 @@ from reftrace.backends.torch_dtypes import numpy_dtype, torch_dtype
 from reftrace.errors import UnsupportedOperatorError
 from reftrace.graph import Aval
 from reftrace.lax import TracedArray
+from reftrace.nn.pooling import lowest  # noqa: F401 - the rows import it from here
 
 aten = torch.ops.aten
 aten_rules: dict[Any, Callable[..., Any]] = {}
@@ -173,11 +174,3 @@ def highest(dtype: Any) -> Any:
     return np.iinfo(dtype).max
 
 
-def lowest(dtype: Any) -> Any:
-    """The identity of max: -inf for floats, the minimum for integers, False for bool."""
-    dtype = np.dtype(dtype)
-    if P.is_float(dtype):
-        return -np.inf
-    if P.is_bool(dtype):
-        return False
-    return np.iinfo(dtype).min

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reftrace import lax
+from reftrace import lax, nn
 from reftrace import primitives as P
 from reftrace.torch_bridge.aten._common import (aten, bcast, bcast_full, broadcast_shapes, cast, elementwise,
                                                 float_dtype, is_tensor, literal, out_aval, promote, register,
@@ -303,6 +303,8 @@ def round_decimals(x: Any, decimals: int = 0) -> Any:
 @register(aten.relu.default)
 def relu(x: Any) -> Any:
     """``select(x <= 0, 0, x)``: slope 0 at 0, and NaN stays NaN with slope 1, as torch's threshold_backward."""
+    if P.is_float(x.dtype):
+        return nn.relu(x)
     zero = literal(0, x.dtype)
     return lax.select(lax.le(x, zero), bcast(zero, x.shape), x)
 

@@ -91,6 +91,9 @@ def convolution(x: Any, weight: Any, bias: Any, stride: Sequence[int], padding: 
     n = x.ndim - 2
     stride, padding = per_dim(stride, n), per_dim(padding, n)
     dilation, output_padding = per_dim(dilation, n), per_dim(output_padding, n)
+    if not transposed and 1 <= n <= 3:  # torch's own convolutions: one composite, bias included
+        return nn.convolution(x, weight, None if bias is None else cast(bias, d), stride=stride, padding=padding,
+                              dilation=dilation, groups=groups)
     if not transposed:
         y = lax.conv_general_dilated(x, weight, stride, [(p, p) for p in padding], rhs_dilation=dilation,
                                      feature_group_count=groups)

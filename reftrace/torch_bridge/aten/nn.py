@@ -12,9 +12,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from reftrace import lax, nn
+from reftrace.nn import pooling
+from reftrace.nn.pooling import stack_last, window_max, windows
 from reftrace import primitives as P
 from reftrace.errors import UnsupportedOperatorError
-from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, literal, lowest, out_aval,
+from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, literal, out_aval,
                                                 register, unsupported)
 
 # ----------------------------------------------------------------------------- activations
@@ -254,77 +256,12 @@ def per_dim(values: Any, n: int, default: Sequence[int] | None = None) -> list[i
     return values * n if len(values) == 1 else values
 
 
-def _windows(x: Any, kernel: list[int], stride: list[int], padding: list[int], dilation: list[int],
-             out_spatial: Sequence[int], pad_value: Any) -> list[Any]:
-    """One strided slice of the padded input per window offset (row-major over the kernel)."""
-    n = len(kernel)
-    batch = x.ndim - n
-    config = [(0, 0, 0)] * batch
-    for size, k, s, p, dil, o in zip(x.shape[batch:], kernel, stride, padding, dilation, out_spatial):
-        needed = (o - 1) * s + dil * (k - 1) + 1
-        config.append((p, max(needed - size - p, 0), 0))
-    padded = lax.pad(x, literal(pad_value, x.dtype), config)
-    windows = []
-    for offset in itertools.product(*[range(k) for k in kernel]):
-        start = [0] * batch + [o * dil for o, dil in zip(offset, dilation)]
-        limit = list(x.shape[:batch]) + [st + (o - 1) * s + 1 for st, o, s in zip(start[batch:], out_spatial, stride)]
-        windows.append(lax.slice(padded, start, limit, [1] * batch + stride))
-    return windows
-
-
-def _stack_last(xs: list[Any]) -> Any:
-    return lax.concatenate([lax.reshape(w, w.shape + (1,)) for w in xs], xs[0].ndim)
-
-
-def window_argmax(stacked: Any) -> Any:
-    """Position of the max over the trailing window axis as torch's pooling kernels scan a window
-    (``val > best || isnan(val)``): the first maximum, or the last NaN if there is one."""
-    last = stacked.ndim - 1
-    which = lax.argmax(stacked, last, np.int64)
-    if not P.is_float(stacked.dtype):
-        return which
-    nan = lax.ne(stacked, stacked)
-    last_nan = lax.reduce_max(lax.select(nan, lax.iota(np.int64, stacked.shape, last), literal(-1, np.int64)),
-                              (last,))
-    return lax.select(lax.ge(last_nan, literal(0, np.int64)), last_nan, which)
-
-
-def _window_max(stacked: Any) -> tuple[Any, Any]:
-    """(max, its position) over the trailing window axis, the max gathered at that position.
-
-    So the whole gradient goes to the one input element whose index torch returns (a reduce_max
-    would split it among ties).
-    """
-    which = window_argmax(stacked)
-    values = lax.gather(stacked, lax.reshape(which, which.shape + (1,)), stacked.ndim - 1)
-    return lax.reshape(values, which.shape), which
-
-
 def _max_pool(n: int):
     def rule(x: Any, kernel_size: Any, stride: Any = (), padding: Any = 0, dilation: Any = 1,
              ceil_mode: bool = False) -> tuple[Any, Any]:
         kernel = per_dim(kernel_size, n)
-        stride_ = per_dim(stride, n, default=kernel)
-        padding_, dilation_ = per_dim(padding, n), per_dim(dilation, n)
-        out_spatial = out_aval(0).shape[-n:]
-        stacked = _stack_last(_windows(x, kernel, stride_, padding_, dilation_, out_spatial, lowest(x.dtype)))
-        values, which = _window_max(stacked)
-        # table[..., k] = flat input position read by window offset k at each output position
-        in_spatial = x.shape[-n:]
-        offsets = list(itertools.product(*[range(k) for k in kernel]))
-        grids = np.meshgrid(*[np.arange(o) for o in out_spatial], indexing="ij")
-        table = np.zeros(tuple(out_spatial) + (len(offsets),), dtype=np.int64)
-        for j, off in enumerate(offsets):
-            flat = np.zeros(tuple(out_spatial), dtype=np.int64)
-            for dim in range(n):
-                coord = grids[dim] * stride_[dim] - padding_[dim] + off[dim] * dilation_[dim]
-                flat = flat * in_spatial[dim] + coord
-            table[..., j] = flat
-        batch_shape = tuple(x.shape[:-n])
-        operand = lax.broadcast_in_dim(literal(table, np.int64), batch_shape + table.shape,
-                                       tuple(range(len(batch_shape), len(batch_shape) + n + 1)))
-        picked = lax.gather(operand, lax.reshape(which, which.shape + (1,)), operand.ndim - 1)
-        return values, lax.reshape(picked, which.shape)
+        return pooling.max_pool(x, kernel, per_dim(stride, n, default=kernel), per_dim(padding, n),
+                                per_dim(dilation, n), ceil_mode, out_aval(0).shape[-n:])
     return rule
 
 
@@ -355,7 +292,7 @@ def _avg_pool(n: int):
         padding_ = per_dim(padding, n)
         out_spatial = out_aval().shape[-n:]
         total = None
-        for w in _windows(x, kernel, stride_, padding_, [1] * n, out_spatial, 0):
+        for w in windows(x, kernel, stride_, padding_, [1] * n, out_spatial, 0):
             total = w if total is None else lax.add(total, w)
         divisor = _avg_divisor(x.shape[-n:], out_spatial, kernel, stride_, padding_, count_include_pad,
                                divisor_override)
@@ -408,15 +345,15 @@ def _adaptive_max_pool(n: int):
         width = [max(e - s for s, e in r) for r in ranges]
         table = np.zeros(out_spatial + (int(np.prod(width)),), dtype=np.int64)
         for cell in itertools.product(*[range(o) for o in out_spatial]):
-            windows = [range(*ranges[d][cell[d]]) for d in range(n)]
-            positions = [int(np.ravel_multi_index(p, in_spatial)) for p in itertools.product(*windows)]
+            spans = [range(*ranges[d][cell[d]]) for d in range(n)]
+            positions = [int(np.ravel_multi_index(p, in_spatial)) for p in itertools.product(*spans)]
             table[cell] = positions + [positions[0]] * (table.shape[-1] - len(positions))
         batch = x.shape[:-n]
         flat = lax.reshape(x, batch + (int(np.prod(in_spatial)),))
         index = lax.broadcast_in_dim(literal(table.reshape(-1), np.int64), batch + (table.size,), (len(batch),))
         windows_ = lax.reshape(lax.gather(flat, index, len(batch)), batch + table.shape)
         last = windows_.ndim - 1
-        values, which = _window_max(windows_)
+        values, which = window_max(windows_)
         operand = lax.broadcast_in_dim(literal(table, np.int64), batch + table.shape,
                                        tuple(range(len(batch), len(batch) + n + 1)))
         picked = lax.gather(operand, lax.reshape(which, which.shape + (1,)), last)

@@ -11,7 +11,8 @@ import numpy as np
 from reftrace import lax
 from reftrace.torch_bridge.aten._common import aten, cast, literal, out_aval, register, unsupported
 from reftrace.torch_bridge.aten.elementwise import trunc
-from reftrace.torch_bridge.aten.nn import per_dim, window_argmax
+from reftrace.nn.pooling import window_argmax
+from reftrace.torch_bridge.aten.nn import per_dim
 
 
 def _fractional_starts(sample: Any, size: int, kernel: int, out: int, d: Any) -> Any:
