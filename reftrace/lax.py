@@ -6,6 +6,7 @@ other operand's dtype) broadcast. Outside any trace, a call evaluates eagerly.
 """
 from __future__ import annotations
 
+import builtins
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -84,17 +85,19 @@ class TracedArray:
     # installs them (``_install_operators``), as JAX's array methods are installed on its tracers.
 
 
+_COMPLEX = (np.dtype(np.complex64), np.dtype(np.complex128))
+
+
 def check_dtype(dtype: Any, what: str) -> np.dtype:
-    """``dtype`` as a numpy dtype a graph can hold (bool, integer, floating), else ArgumentError naming ``what``."""
+    """``dtype`` as a numpy dtype a graph can hold (bool, integer, floating, complex), else ArgumentError naming
+    ``what``."""
     try:
         dtype = np.dtype(dtype)
     except TypeError as exc:
         raise ArgumentError(f"{what}: {dtype!r} is not a dtype ({exc})") from None
-    if dtype.kind == "c":
-        raise ArgumentError(f"complex dtypes are not supported yet ({what} is {dtype.name})")
-    if not (P.is_bool(dtype) or P.is_int(dtype) or P.is_float(dtype)):
-        raise ArgumentError(f"{what} has dtype {dtype}, which a graph cannot hold; graphs hold bool, integer "
-                            "and floating arrays")
+    if not (P.is_bool(dtype) or P.is_int(dtype) or P.is_float(dtype) or dtype in _COMPLEX):
+        raise ArgumentError(f"{what} has dtype {dtype}, which a graph cannot hold; graphs hold bool, integer, "
+                            "floating and complex64/complex128 arrays")
     return dtype
 
 
@@ -188,7 +191,7 @@ def _eager(prim: Primitive, args: Sequence[Any], params: dict[str, Any]) -> Any:
 
 def _scalar_like(x: Any, other: Any) -> Any:
     """Python scalars take the dtype of the traced operand they meet."""
-    if isinstance(x, (bool, int, float)) and not isinstance(x, TracedArray):
+    if isinstance(x, (bool, int, float, builtins.complex)) and not isinstance(x, TracedArray):
         dtype = getattr(other, "dtype", None)
         return Literal.of(x, dtype) if dtype is not None else x
     return x
@@ -301,6 +304,26 @@ def convert_element_type(x: Any, dtype: Any) -> Any:
 
 def stop_gradient(x: Any) -> Any:
     return bind(P.stop_gradient_p, x)
+
+
+real = _unary(P.real_p)
+imag = _unary(P.imag_p)
+conj = _unary(P.conj_p)
+
+
+def complex(re: Any, im: Any) -> Any:  # noqa: A001 - lax's name
+    re, im = _scalar_like(re, im), _scalar_like(im, re)
+    return bind(P.complex_p, _wrap_literal(re), _wrap_literal(im))
+
+
+def conj_if_complex(x: Any) -> Any:
+    """``conj(x)`` for a complex ``x``, ``x`` itself otherwise: what the VJP rules conjugate."""
+    return conj(x) if P.is_complex(aval_of(x).dtype) else x
+
+
+def fft(x: Any, fft_type: str, fft_lengths: Sequence[int]) -> Any:
+    """``jax.lax.fft``: over the trailing ``len(fft_lengths)`` axes (see ``primitives.fft_p``)."""
+    return bind(P.fft_p, x, fft_type=fft_type, fft_lengths=tuple(int(n) for n in fft_lengths))
 
 
 def reduce(prim: Primitive, x: Any, axes: Sequence[int]) -> Any:

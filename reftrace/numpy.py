@@ -29,6 +29,7 @@ from reftrace.lax import TracedArray
 
 ndarray = TracedArray
 float32, float64, int32, int64, bool_ = np.float32, np.float64, np.int32, np.int64, np.bool_
+complex64, complex128 = np.complex64, np.complex128
 pi, e, inf, nan = np.pi, np.e, np.inf, np.nan
 
 
@@ -37,7 +38,7 @@ pi, e, inf, nan = np.pi, np.e, np.inf, np.nan
 def _dtype_or_weak(x: Any) -> Any:
     if isinstance(x, TracedArray):
         return x.dtype
-    if isinstance(x, (bool, int, float)) and not isinstance(x, np.generic):
+    if isinstance(x, (bool, int, float, complex)) and not isinstance(x, np.generic):
         if isinstance(x, int) and not -2**63 <= x < 2**64:
             raise ArgumentError(f"a Python int operand ({x}) does not fit int64 or uint64; use a float")
         return x  # weak Python scalar, as NEP 50
@@ -111,14 +112,14 @@ def _binary(prim: P.Primitive, name: str, kinds: str = "fib", out_dtype: Any = N
     return f
 
 
-add = _binary(P.add_p, "add", "fi")
-subtract = _binary(P.sub_p, "subtract", "fi")
-multiply = _binary(P.mul_p, "multiply", "fi")
+add = _binary(P.add_p, "add", "fic")
+subtract = _binary(P.sub_p, "subtract", "fic")
+multiply = _binary(P.mul_p, "multiply", "fic")
 maximum = _binary(P.max_p, "maximum")
 minimum = _binary(P.min_p, "minimum")
 arctan2 = _binary(P.atan2_p, "arctan2", "f")
-equal = _binary(P.eq_p, "equal")
-not_equal = _binary(P.ne_p, "not_equal")
+equal = _binary(P.eq_p, "equal", "fibc")
+not_equal = _binary(P.ne_p, "not_equal", "fibc")
 less = _binary(P.lt_p, "less")
 less_equal = _binary(P.le_p, "less_equal")
 greater = _binary(P.gt_p, "greater")
@@ -131,7 +132,7 @@ logical_xor = _binary(P.xor_p, "logical_xor", "ib")
 def divide(x: Any, y: Any) -> Any:
     """True division; integer operands give float64 (numpy)."""
     dtype = result_type(x, y)
-    if not P.is_float(dtype):
+    if not P.is_inexact(dtype):
         dtype = np.dtype(np.float64)
     (a, b), _ = _prepare(x, y, dtype=dtype)
     return lax.bind(P.div_p, a, b)
@@ -164,7 +165,7 @@ def power(x: Any, y: Any) -> Any:
     """``x ** y``; a Python-int exponent becomes ``integer_pow`` (exact, and a simple VJP)."""
     if isinstance(y, int) and not isinstance(y, bool) and isinstance(x, TracedArray):
         dtype = result_type(x, y)
-        if P.is_float(dtype) or y >= 0:
+        if P.is_inexact(dtype) or y >= 0:
             return lax.integer_pow(_cast(x, dtype), y)
     (a, b), dtype = _prepare(x, y)
     if P.is_int(dtype) and not isinstance(y, TracedArray) and np.any(np.asarray(y) < 0):
@@ -178,8 +179,10 @@ def power(x: Any, y: Any) -> Any:
 def _float_unary(prim: P.Primitive, name: str):
     def f(x: Any) -> Any:
         dtype = result_type(x)
-        if not P.is_float(dtype):
+        if not P.is_inexact(dtype):
             dtype = np.dtype(np.float64)
+        if P.is_complex(dtype) and not P._dtype_ok(dtype, "c"):
+            raise ShapeError(f"{name}: not supported for complex dtypes")
         return lax.bind(prim, _cast(x, dtype))
     f.__name__ = name
     return f
@@ -215,9 +218,36 @@ def _same_dtype_unary(prim: P.Primitive, name: str, kinds: str):
     return f
 
 
-negative = _same_dtype_unary(P.neg_p, "negative", "fi")
-abs = absolute = _same_dtype_unary(P.abs_p, "abs", "fi")  # noqa: A001
-sign = _same_dtype_unary(P.sign_p, "sign", "fi")
+negative = _same_dtype_unary(P.neg_p, "negative", "fic")
+abs = absolute = _same_dtype_unary(P.abs_p, "abs", "fic")  # noqa: A001 - complex: the modulus, real
+sign = _same_dtype_unary(P.sign_p, "sign", "fic")  # complex: z / |z| (numpy 2)
+
+
+def real(x: Any) -> Any:
+    x = x if isinstance(x, TracedArray) else _cast(x, result_type(x))
+    return lax.real(x) if P.is_complex(x.dtype) else x
+
+
+def imag(x: Any) -> Any:
+    """The imaginary part; of a real array, zeros of its dtype (numpy)."""
+    x = x if isinstance(x, TracedArray) else _cast(x, result_type(x))
+    return lax.imag(x) if P.is_complex(x.dtype) else lax.full(x.shape, 0, x.dtype)
+
+
+def conj(x: Any) -> Any:
+    x = x if isinstance(x, TracedArray) else _cast(x, result_type(x))
+    return lax.conj(x) if P.is_complex(x.dtype) else x
+
+
+conjugate = conj
+
+
+def angle(x: Any) -> Any:
+    """The argument ``atan2(imag, real)``; of a real array, 0 or pi (numpy)."""
+    x = x if isinstance(x, TracedArray) else _cast(x, result_type(x))
+    if not P.is_complex(x.dtype):
+        x = _cast(x, P.complex_dtype(x.dtype if P.is_float(x.dtype) else np.float64))
+    return lax.atan2(lax.imag(x), lax.real(x))
 invert = _same_dtype_unary(P.not_p, "invert", "ib")
 logical_not = invert
 
@@ -322,7 +352,7 @@ def sum(x: Any, axis: Any = None, keepdims: bool = False, dtype: Any = None) -> 
 
 def mean(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
     x = _as_traced(x)
-    dtype = x.dtype if P.is_float(x.dtype) else np.dtype(np.float64)
+    dtype = x.dtype if P.is_inexact(x.dtype) else np.dtype(np.float64)
     axes = _axes(axis, x.ndim, "mean")
     count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
     return divide(sum(x, axes, keepdims, dtype=dtype), np.asarray(count, dtype))
@@ -680,9 +710,16 @@ def _install_operators(cls: type) -> None:
              "gt": greater, "ge": greater_equal, "eq": equal, "ne": not_equal, "getitem": getitem}
     for name, fn in unary.items():
         setattr(cls, f"__{name}__", method(fn))
-    for fn in (sum, mean, max, min, prod, argmax, argmin, reshape, astype, transpose):
+    for fn in (sum, mean, max, min, prod, argmax, argmin, reshape, astype, transpose, conj):
         setattr(cls, fn.__name__.rstrip("_"), method(fn))
+    cls.conjugate = method(conj)
     cls.T = property(method(transpose))
+    cls.real = property(method(real))
+    cls.imag = property(method(imag))
 
 
 _install_operators(TracedArray)
+
+
+
+from reftrace import numpy_fft as fft  # noqa: E402 - numpy.fft's place (it needs only lax, not this module)

@@ -99,6 +99,31 @@ def is_bool(dtype: Any) -> bool:
     return np.dtype(dtype) == np.bool_
 
 
+@functools.lru_cache(maxsize=None)
+def is_complex(dtype: Any) -> bool:
+    return np.issubdtype(np.dtype(dtype), np.complexfloating)
+
+
+@functools.lru_cache(maxsize=None)
+def is_inexact(dtype: Any) -> bool:
+    """Floating or complex: the dtypes that carry gradients (JAX's ``inexact``)."""
+    return is_float(dtype) or is_complex(dtype)
+
+
+def real_dtype(dtype: Any) -> np.dtype:
+    """complex64 -> float32, complex128 -> float64; a real dtype is its own."""
+    dtype = np.dtype(dtype)
+    return np.empty((), dtype).real.dtype if is_complex(dtype) else dtype
+
+
+def complex_dtype(dtype: Any) -> np.dtype:
+    """float32 (and narrower floats) -> complex64, float64 -> complex128; a complex dtype is its own."""
+    dtype = np.dtype(dtype)
+    if is_complex(dtype):
+        return dtype
+    return np.dtype(np.complex128) if dtype == np.float64 else np.dtype(np.complex64)
+
+
 def _check_axes(axes: Sequence[int], ndim: int, what: str) -> None:
     for a in axes:
         if not (isinstance(a, int) and 0 <= a < ndim):
@@ -134,8 +159,9 @@ def _unary_rule(name: str, kinds: str):
 
 
 def _dtype_ok(dtype: np.dtype, kinds: str) -> bool:
+    """``kinds``: f floating, c complex, i integer, b bool."""
     return ((is_float(dtype) and "f" in kinds) or (is_int(dtype) and "i" in kinds)
-            or (is_bool(dtype) and "b" in kinds))
+            or (is_bool(dtype) and "b" in kinds) or (is_complex(dtype) and "c" in kinds))
 
 
 def _binary_rule(name: str, kinds: str, out_bool: bool = False):
@@ -152,25 +178,25 @@ FLOAT_UNARY = ("exp", "log", "log1p", "expm1", "tanh", "logistic", "sin", "cos",
                "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh",
                "sqrt", "rsqrt", "cbrt", "erf", "erfc", "erf_inv", "lgamma", "digamma",
                "floor", "ceil", "round")
-exp_p = _new("exp", _unary_rule("exp", "f"))
-log_p = _new("log", _unary_rule("log", "f"))
-log1p_p = _new("log1p", _unary_rule("log1p", "f"))
-expm1_p = _new("expm1", _unary_rule("expm1", "f"))
-tanh_p = _new("tanh", _unary_rule("tanh", "f"))
-logistic_p = _new("logistic", _unary_rule("logistic", "f"))
-sin_p = _new("sin", _unary_rule("sin", "f"))
-cos_p = _new("cos", _unary_rule("cos", "f"))
-tan_p = _new("tan", _unary_rule("tan", "f"))
-asin_p = _new("asin", _unary_rule("asin", "f"))
-acos_p = _new("acos", _unary_rule("acos", "f"))
-atan_p = _new("atan", _unary_rule("atan", "f"))
-sinh_p = _new("sinh", _unary_rule("sinh", "f"))
-cosh_p = _new("cosh", _unary_rule("cosh", "f"))
-asinh_p = _new("asinh", _unary_rule("asinh", "f"))
-acosh_p = _new("acosh", _unary_rule("acosh", "f"))
-atanh_p = _new("atanh", _unary_rule("atanh", "f"))
-sqrt_p = _new("sqrt", _unary_rule("sqrt", "f"))
-rsqrt_p = _new("rsqrt", _unary_rule("rsqrt", "f"))
+exp_p = _new("exp", _unary_rule("exp", "fc"))
+log_p = _new("log", _unary_rule("log", "fc"))
+log1p_p = _new("log1p", _unary_rule("log1p", "fc"))
+expm1_p = _new("expm1", _unary_rule("expm1", "fc"))
+tanh_p = _new("tanh", _unary_rule("tanh", "fc"))
+logistic_p = _new("logistic", _unary_rule("logistic", "fc"))
+sin_p = _new("sin", _unary_rule("sin", "fc"))
+cos_p = _new("cos", _unary_rule("cos", "fc"))
+tan_p = _new("tan", _unary_rule("tan", "fc"))
+asin_p = _new("asin", _unary_rule("asin", "fc"))
+acos_p = _new("acos", _unary_rule("acos", "fc"))
+atan_p = _new("atan", _unary_rule("atan", "fc"))
+sinh_p = _new("sinh", _unary_rule("sinh", "fc"))
+cosh_p = _new("cosh", _unary_rule("cosh", "fc"))
+asinh_p = _new("asinh", _unary_rule("asinh", "fc"))
+acosh_p = _new("acosh", _unary_rule("acosh", "fc"))
+atanh_p = _new("atanh", _unary_rule("atanh", "fc"))
+sqrt_p = _new("sqrt", _unary_rule("sqrt", "fc"))
+rsqrt_p = _new("rsqrt", _unary_rule("rsqrt", "fc"))
 cbrt_p = _new("cbrt", _unary_rule("cbrt", "f"))
 erf_p = _new("erf", _unary_rule("erf", "f"))
 erfc_p = _new("erfc", _unary_rule("erfc", "f"))
@@ -180,9 +206,9 @@ digamma_p = _new("digamma", _unary_rule("digamma", "f"))
 floor_p = _new("floor", _unary_rule("floor", "f"))
 ceil_p = _new("ceil", _unary_rule("ceil", "f"))
 round_p = _new("round", _unary_rule("round", "f"))
-neg_p = _new("neg", _unary_rule("neg", "fi"))
-sign_p = _new("sign", _unary_rule("sign", "fi"))
-abs_p = _new("abs", _unary_rule("abs", "fi"))
+neg_p = _new("neg", _unary_rule("neg", "fic"))
+sign_p = _new("sign", _unary_rule("sign", "fic"))  # complex: z / |z| (0 at 0), torch.sgn
+abs_p = _new("abs", lambda x: Aval(x.shape, real_dtype(_unary_rule("abs", "fic")(x).dtype)))  # complex: modulus
 not_p = _new("not", _unary_rule("not", "ib"))
 is_finite_p = _new("is_finite", lambda x: Aval(_unary_rule("is_finite", "f")(x).shape, np.dtype(bool)),
                    differentiable=False)
@@ -191,25 +217,25 @@ is_finite_p = _new("is_finite", lambda x: Aval(_unary_rule("is_finite", "f")(x).
 def _integer_pow_rule(x: Aval, *, y: int) -> Aval:
     if not isinstance(y, int):
         raise ShapeError(f"integer_pow: exponent must be a Python int, got {y!r}")
-    return _unary_rule("integer_pow", "fi")(x)
+    return _unary_rule("integer_pow", "fic")(x)
 
 
 integer_pow_p = _new("integer_pow", _integer_pow_rule)
 
-add_p = _new("add", _binary_rule("add", "fi"))
-sub_p = _new("sub", _binary_rule("sub", "fi"))
-mul_p = _new("mul", _binary_rule("mul", "fi"))
-div_p = _new("div", _binary_rule("div", "fi"))      # integers: rounds toward zero (C / lax)
+add_p = _new("add", _binary_rule("add", "fic"))
+sub_p = _new("sub", _binary_rule("sub", "fic"))
+mul_p = _new("mul", _binary_rule("mul", "fic"))
+div_p = _new("div", _binary_rule("div", "fic"))      # integers: rounds toward zero (C / lax)
 rem_p = _new("rem", _binary_rule("rem", "fi"))      # sign of the dividend (C fmod / lax)
-pow_p = _new("pow", _binary_rule("pow", "fi"))
+pow_p = _new("pow", _binary_rule("pow", "fic"))
 max_p = _new("max", _binary_rule("max", "fib"))
 min_p = _new("min", _binary_rule("min", "fib"))
 atan2_p = _new("atan2", _binary_rule("atan2", "f"))
 and_p = _new("and", _binary_rule("and", "ib"))
 or_p = _new("or", _binary_rule("or", "ib"))
 xor_p = _new("xor", _binary_rule("xor", "ib"))
-eq_p = _new("eq", _binary_rule("eq", "fib", out_bool=True), differentiable=False)
-ne_p = _new("ne", _binary_rule("ne", "fib", out_bool=True), differentiable=False)
+eq_p = _new("eq", _binary_rule("eq", "fibc", out_bool=True), differentiable=False)
+ne_p = _new("ne", _binary_rule("ne", "fibc", out_bool=True), differentiable=False)
 lt_p = _new("lt", _binary_rule("lt", "fib", out_bool=True), differentiable=False)
 le_p = _new("le", _binary_rule("le", "fib", out_bool=True), differentiable=False)
 gt_p = _new("gt", _binary_rule("gt", "fib", out_bool=True), differentiable=False)
@@ -231,12 +257,71 @@ def _select_rule(pred: Aval, on_true: Aval, on_false: Aval) -> Aval:
 select_p = _new("select", _select_rule)  # select(pred, on_true, on_false) == where(pred, on_true, on_false)
 
 
-def _convert_rule(x: Aval, *, new_dtype: np.dtype) -> Aval:
+def _convert_rule(x: Aval, *, new_dtype: np.dtype) -> Aval:  # complex -> real keeps the real part
     return Aval(x.shape, new_dtype)
 
 
 convert_element_type_p = _new("convert_element_type", _convert_rule)
 stop_gradient_p = _new("stop_gradient", lambda x: x)  # identity whose VJP is zero
+
+
+# ----------------------------------------------------------------------------- complex numbers
+# convert_element_type from complex to a real dtype keeps the real part (numpy's and torch's cast).
+
+def _complex_part_rule(name: str):
+    def rule(x: Aval) -> Aval:
+        if not is_complex(x.dtype):
+            raise ShapeError(f"{name}: expects a complex operand, got {x.dtype.name}")
+        return Aval(x.shape, real_dtype(x.dtype))
+    return rule
+
+
+def _complex_rule(re: Aval, im: Aval) -> Aval:
+    shape = _common_shape([re, im], "complex")
+    dtype = _common_dtype([re, im], "complex")
+    if dtype not in (np.float32, np.float64):
+        raise ShapeError(f"complex: expects float32 or float64 parts, got {dtype.name} "
+                         "(convert_element_type first)")
+    return Aval(shape, complex_dtype(dtype))
+
+
+real_p = _new("real", _complex_part_rule("real"))
+imag_p = _new("imag", _complex_part_rule("imag"))
+conj_p = _new("conj", _unary_rule("conj", "c"))
+complex_p = _new("complex", _complex_rule)          # complex(re, im) = re + i*im
+
+FFT_TYPES = ("fft", "ifft", "rfft", "irfft")
+
+
+def _fft_rule(x: Aval, *, fft_type: str, fft_lengths: tuple[int, ...]) -> Aval:
+    """As ``jax.lax.fft``: over the trailing ``len(fft_lengths)`` axes; ``fft`` is unnormalised and
+    ``ifft`` divides by the product of the lengths; ``rfft`` keeps ``n // 2 + 1`` entries of the last
+    axis and ``irfft`` makes ``fft_lengths[-1]`` real values from them."""
+    if fft_type not in FFT_TYPES:
+        raise ShapeError(f"fft: fft_type must be one of {FFT_TYPES}, got {fft_type!r}")
+    k = len(fft_lengths)
+    if not 1 <= k <= x.ndim:
+        raise ShapeError(f"fft: {k} fft_lengths for an operand of rank {x.ndim}")
+    trailing = x.shape[x.ndim - k:]
+    if fft_type == "rfft":
+        if not is_float(x.dtype) or x.dtype not in (np.float32, np.float64):
+            raise ShapeError(f"fft: rfft expects a float32/float64 operand, got {x.dtype.name}")
+        if tuple(trailing) != tuple(fft_lengths):
+            raise ShapeError(f"fft: rfft lengths {fft_lengths} != the trailing shape {trailing}")
+        return Aval(x.shape[:-1] + (fft_lengths[-1] // 2 + 1,), complex_dtype(x.dtype))
+    if not is_complex(x.dtype):
+        raise ShapeError(f"fft: {fft_type} expects a complex operand, got {x.dtype.name}")
+    if fft_type == "irfft":
+        expected = tuple(fft_lengths[:-1]) + (fft_lengths[-1] // 2 + 1,)
+        if tuple(trailing) != expected:
+            raise ShapeError(f"fft: irfft lengths {fft_lengths} need trailing shape {expected}, got {trailing}")
+        return Aval(x.shape[:-1] + (fft_lengths[-1],), real_dtype(x.dtype))
+    if tuple(trailing) != tuple(fft_lengths):
+        raise ShapeError(f"fft: {fft_type} lengths {fft_lengths} != the trailing shape {trailing}")
+    return x
+
+
+fft_p = _new("fft", _fft_rule)
 
 
 # ----------------------------------------------------------------------------- reductions
@@ -250,10 +335,10 @@ def _reduce_rule(name: str, kinds: str):
     return rule
 
 
-reduce_sum_p = _new("reduce_sum", _reduce_rule("reduce_sum", "fi"))
+reduce_sum_p = _new("reduce_sum", _reduce_rule("reduce_sum", "fic"))
 reduce_max_p = _new("reduce_max", _reduce_rule("reduce_max", "fib"))
 reduce_min_p = _new("reduce_min", _reduce_rule("reduce_min", "fib"))
-reduce_prod_p = _new("reduce_prod", _reduce_rule("reduce_prod", "fi"))
+reduce_prod_p = _new("reduce_prod", _reduce_rule("reduce_prod", "fic"))
 reduce_and_p = _new("reduce_and", _reduce_rule("reduce_and", "b"), differentiable=False)
 reduce_or_p = _new("reduce_or", _reduce_rule("reduce_or", "b"), differentiable=False)
 
@@ -273,17 +358,17 @@ argmax_p = _new("argmax", _arg_rule("argmax"), differentiable=False)  # first oc
 argmin_p = _new("argmin", _arg_rule("argmin"), differentiable=False)
 
 
-def _cumulative_rule(name: str):
+def _cumulative_rule(name: str, kinds: str):
     def rule(x: Aval, *, axis: int, reverse: bool) -> Aval:
         _check_axes((axis,), x.ndim, name)
-        return _unary_rule(name, "fi")(x)
+        return _unary_rule(name, kinds)(x)
     return rule
 
 
-cumsum_p = _new("cumsum", _cumulative_rule("cumsum"))
-cumprod_p = _new("cumprod", _cumulative_rule("cumprod"))
-cummax_p = _new("cummax", _cumulative_rule("cummax"))
-cummin_p = _new("cummin", _cumulative_rule("cummin"))
+cumsum_p = _new("cumsum", _cumulative_rule("cumsum", "fic"))
+cumprod_p = _new("cumprod", _cumulative_rule("cumprod", "fic"))
+cummax_p = _new("cummax", _cumulative_rule("cummax", "fi"))
+cummin_p = _new("cummin", _cumulative_rule("cummin", "fi"))
 
 
 def _sort_rule(x: Aval, *, axis: int, descending: bool, index_dtype: np.dtype) -> tuple[Aval, Aval]:

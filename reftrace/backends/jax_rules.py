@@ -66,7 +66,31 @@ jax_rules[P.and_p] = _logical(jnp.logical_and, jnp.bitwise_and)
 jax_rules[P.or_p] = _logical(jnp.logical_or, jnp.bitwise_or)
 jax_rules[P.xor_p] = _logical(jnp.logical_xor, jnp.bitwise_xor)
 jax_rules[P.select_p] = lambda pred, t, f: jnp.where(pred, t, f)
-jax_rules[P.convert_element_type_p] = lambda x, *, new_dtype: lax.convert_element_type(x, new_dtype)
+
+
+def _convert(x, *, new_dtype):
+    """complex to real keeps the real part (said explicitly, as numpy's cast)."""
+    if jnp.iscomplexobj(x) and not jnp.issubdtype(new_dtype, jnp.complexfloating):
+        x = jnp.real(x)
+    return lax.convert_element_type(x, new_dtype)
+
+
+jax_rules[P.convert_element_type_p] = _convert
+jax_rules[P.real_p] = jnp.real
+jax_rules[P.imag_p] = jnp.imag
+jax_rules[P.conj_p] = jnp.conj
+jax_rules[P.complex_p] = lambda re, im: lax.complex(*jnp.broadcast_arrays(re, im))
+_JNP_FFT = {"fft": jnp.fft.fftn, "ifft": jnp.fft.ifftn, "rfft": jnp.fft.rfftn}
+
+
+def _fft(x, *, fft_type, fft_lengths):
+    axes = tuple(range(-len(fft_lengths), 0))
+    if fft_type == "irfft":
+        return jnp.fft.irfftn(x, s=fft_lengths, axes=axes)
+    return _JNP_FFT[fft_type](x, axes=axes)
+
+
+jax_rules[P.fft_p] = _fft
 jax_rules[P.stop_gradient_p] = lax.stop_gradient
 
 jax_rules[P.reduce_sum_p] = lambda x, *, axes: jnp.sum(x, axis=axes, dtype=x.dtype)

@@ -15,7 +15,7 @@ import numpy as np
 from reftrace.errors import ArgumentError
 from reftrace.graph import Aval, Graph
 from reftrace.lax import scalar_of_dtype
-from reftrace.primitives import is_bool, is_float, is_int
+from reftrace.primitives import is_bool, is_complex, is_float, is_int
 
 _PYTHON_SCALARS = (bool, int, float, complex)
 
@@ -89,8 +89,6 @@ def _checked(x: Any, expected: Aval, i: int, what: str) -> Any:
         raise ArgumentError(f"{where} is {describe(x)}; pass a numpy array, a torch tensor or a JAX array "
                             f"of {expected.str_short()}" + (" (or a Python scalar)" if expected.ndim == 0 else ""))
     got = arg_aval(x)
-    if got.dtype.kind == "c":
-        raise ArgumentError(f"{where} is {got.dtype.name}: complex dtypes are not supported yet")
     if got != expected:
         raise ArgumentError(f"{where}: expected {expected.str_short()}, got {describe(x)}; "
                             "trace the function again for new shapes/dtypes")
@@ -100,15 +98,15 @@ def _checked(x: Any, expected: Aval, i: int, what: str) -> Any:
 def _scalar_as_array(x: bool | int | float | complex, expected: Aval, where: str) -> np.ndarray:
     """A Python scalar as a rank-0 array of ``expected.dtype``, refusing any value that would change."""
     dtype = expected.dtype
-    if isinstance(x, complex):
-        raise ArgumentError(f"{where} is a Python complex ({x!r}): complex dtypes are not supported yet")
+    if is_complex(dtype) and expected.ndim == 0 and not isinstance(x, bool):
+        return np.asarray(x, dtype)  # a complex input takes any Python number
     fits_kind = (is_bool(dtype) if isinstance(x, bool)
                  else (is_int(dtype) or is_float(dtype)) if isinstance(x, int)
-                 else is_float(dtype))
+                 else is_float(dtype) if isinstance(x, float) else False)
     if expected.ndim != 0 or not fits_kind:
         raise ArgumentError(f"{where}: expected {expected.str_short()}, got {describe(x)}; a Python scalar is "
-                            "accepted only for a rank-0 input of its kind (bool, int, or float; an int also "
-                            "for a float input): pass an array of the input's shape and dtype")
+                            "accepted only for a rank-0 input of its kind (bool, int, float or complex; an int "
+                            "also for a float input, any number for a complex input): pass an array of the input's shape and dtype")
     if isinstance(x, bool):
         return np.asarray(x, dtype)
     if isinstance(x, int) and is_int(dtype):

@@ -31,7 +31,7 @@ from torch import fx
 from reftrace import primitives as P
 from reftrace.backends.torch_dtypes import numpy_dtype, tensor_from_numpy, torch_dtype
 from reftrace.graph import Aval
-from reftrace.primitives import Primitive, is_float
+from reftrace.primitives import Primitive, is_inexact
 
 torch_rules: dict[Primitive, Callable[..., Any]] = {}
 
@@ -126,7 +126,7 @@ _UNARY = {
     P.erf_p: torch.erf, P.erfc_p: torch.erfc, P.erf_inv_p: torch.erfinv, P.lgamma_p: torch.lgamma,
     P.digamma_p: torch.digamma, P.floor_p: torch.floor, P.ceil_p: torch.ceil,
     P.round_p: torch.round,  # half to even, as lax.round with ROUND_TO_NEAREST_EVEN / jnp.round
-    P.neg_p: torch.neg, P.sign_p: torch.sign, P.abs_p: torch.abs, P.is_finite_p: torch.isfinite,
+    P.neg_p: torch.neg, P.sign_p: torch.sgn, P.abs_p: torch.abs, P.is_finite_p: torch.isfinite,
     P.not_p: torch.bitwise_not,  # logical not on bool, bitwise not on integers
 }
 
@@ -159,8 +159,8 @@ def _binary(fn: Callable[..., Any], mirrored: Callable[..., Any] | None = None,
 
 
 def _div(x: Any, y: Any) -> Any:
-    """Float division, or integer division rounding toward zero (C / lax semantics)."""
-    if is_float(aval_of(x).dtype):
+    """Float (and complex) division, or integer division rounding toward zero (C / lax semantics)."""
+    if is_inexact(aval_of(x).dtype):
         return torch.div(_t(x), _s(y))
     return torch.div(_t(x), _s(y), rounding_mode="trunc")
 
@@ -192,8 +192,42 @@ def _select(pred: Any, on_true: Any, on_false: Any) -> Any:
 
 
 torch_rules[P.select_p] = _select
-torch_rules[P.convert_element_type_p] = lambda x, *, new_dtype: _t(x).to(torch_dtype(new_dtype))
+
+
+def _convert(x: Any, *, new_dtype: np.dtype) -> Any:
+    """A cast; complex to real keeps the real part (said explicitly: torch warns on the implicit cast)."""
+    drop_imaginary = P.is_complex(aval_of(x).dtype) and not P.is_complex(new_dtype)
+    x = _t(x)
+    if drop_imaginary:
+        x = torch.real(x)
+    return x.to(torch_dtype(new_dtype))
+
+
+torch_rules[P.convert_element_type_p] = _convert
 torch_rules[P.stop_gradient_p] = lambda x: _t(x).detach()
+
+# ----------------------------------------------------------------------------- complex numbers
+# torch.real/imag are views and conj is a lazy bit: clone/resolve so no result aliases an operand
+
+torch_rules[P.real_p] = lambda x: torch.clone(torch.real(_t(x)))
+torch_rules[P.imag_p] = lambda x: torch.clone(torch.imag(_t(x)))
+torch_rules[P.conj_p] = lambda x: torch.conj_physical(_t(x))
+torch_rules[P.complex_p] = lambda re, im: torch.complex(_t(re), _t(im))  # broadcasts rank-0 parts
+
+
+def _fft(x: Any, *, fft_type: str, fft_lengths: tuple[int, ...]) -> Any:
+    dims = tuple(range(-len(fft_lengths), 0))
+    x = _t(x)
+    if fft_type == "fft":
+        return torch.fft.fftn(x, dim=dims)
+    if fft_type == "ifft":
+        return torch.fft.ifftn(x, dim=dims)
+    if fft_type == "rfft":
+        return torch.fft.rfftn(x, dim=dims)
+    return torch.fft.irfftn(x, s=fft_lengths, dim=dims)
+
+
+torch_rules[P.fft_p] = _fft
 
 
 # ----------------------------------------------------------------------------- reductions

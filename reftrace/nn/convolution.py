@@ -71,6 +71,7 @@ def _ints(values: Sequence[int], n: int) -> tuple[int, ...]:
 
 def _convolution_vjp(cts, primals, outs, *, stride, padding, dilation, groups, has_bias):
     (g,), (x, w, *_) = cts, primals
+    x, w = lax.conj_if_complex(x), lax.conj_if_complex(w)  # complex: the adjoint (docs/complex.md)
     common = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     dx = lax.bind(conv_input_grad_p, g, w, input_shape=x.shape, **common)
     dw = lax.bind(conv_weight_grad_p, g, x, weight_shape=w.shape, **common)

@@ -29,6 +29,7 @@ def linear(x: Any, w: Any, b: Any) -> Any:
 
 def _linear_vjp(cts, primals, outs):
     (g,), (x, w, _) = cts, primals
+    x, w = lax.conj_if_complex(x), lax.conj_if_complex(w)  # complex: the adjoint (docs/complex.md)
     dx = lax.dot_general(g, w, (((1,), (1,)), ((), ())))
     dw = lax.dot_general(x, g, (((0,), (0,)), ((), ())))
     return dx, dw, lax.reduce_sum(g, (0,))

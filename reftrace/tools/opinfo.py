@@ -44,7 +44,10 @@ __all__ = ["OpResult", "SampleResult", "Sweep", "check_op", "check_sample", "dif
            "load_sweep", "main", "on_grid", "run_sweep", "save_sweep", "variant_name", "write_report", "STATUSES"]
 
 # base tolerances (torch.testing.assert_close's defaults); OpInfo's own overrides loosen them per op
-_BASE_TOLERANCE = {torch.float64: (1e-7, 1e-7), torch.float32: (1.3e-6, 1e-5)}
+_BASE_TOLERANCE = {torch.float64: (1e-7, 1e-7), torch.float32: (1.3e-6, 1e-5),
+                   torch.complex128: (1e-7, 1e-7), torch.complex64: (1.3e-6, 1e-5)}
+#: the dtypes a sweep tries, in order of preference, for each kind of run
+DTYPE_KINDS = {"real": (torch.float64, torch.float32), "complex": (torch.complex128, torch.complex64)}
 
 
 # ----------------------------------------------------------------------------- the database
@@ -74,12 +77,18 @@ def find_ops(names: Iterable[str] | None = None) -> list[Any]:
     return chosen
 
 
-def _dtype_for(op: Any) -> torch.dtype | None:
-    supported = op.supported_dtypes("cpu")
-    for dtype in (torch.float64, torch.float32):
+def _dtype_for(op: Any, kind: str = "real") -> torch.dtype | None:
+    """The dtype of ``op``'s samples for a ``kind`` of run: float64/float32 for ``"real"``; for
+    ``"complex"``, complex128/complex64 where the op supports complex gradients on the CPU."""
+    supported = op.supported_backward_dtypes("cpu") if kind == "complex" else op.supported_dtypes("cpu")
+    for dtype in DTYPE_KINDS[kind]:
         if dtype in supported:
             return dtype
     return None
+
+
+def has_complex_variant(op: Any) -> bool:
+    return _dtype_for(op, "complex") is not None
 
 
 def _tolerance(op: Any, dtype: torch.dtype) -> tuple[float, float]:
@@ -235,7 +244,7 @@ def check_sample(op: Any, sample: Any, compiler: Callable[..., Any], dtype: torc
         return SampleResult(SKIP_EAGER, short(f"{type(err).__name__}: {err}"))
     eager_leaves = pytree.tree_leaves(eager_out)
     diff_positions = [i for i, o in enumerate(eager_leaves)
-                      if isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point()]
+                      if isinstance(o, torch.Tensor) and o.requires_grad and (o.is_floating_point() or o.is_complex())]
     eager_inputs = _diff_inputs(eager_args)
 
     compiled_args = _fresh((sample.input, sample.args, sample.kwargs))
@@ -274,11 +283,19 @@ def check_sample(op: Any, sample: Any, compiler: Callable[..., Any], dtype: torc
     for i, (e, a) in enumerate(zip(expected, actual)):
         problem = _compare(f"grad {i}", e, a, rtol, atol, values=not random)
         if problem:
-            if dtype == torch.float64 and _eager_grad_is_wrong(op, sample, diff_positions, cts, expected, actual):
+            if dtype in (torch.float64, torch.complex128) and _eager_grad_is_wrong(op, sample, diff_positions, cts, expected, actual):
                 return SampleResult(EAGER_GRAD_WRONG, short(
                     f"torch's eager gradient fails a central-difference check that reftrace's passes ({problem})"))
             return SampleResult(WRONG_GRAD, short(problem))
     return SampleResult(RANDOM if random else PASS)
+
+
+def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``Re(sum(conj(a) * b))`` in double precision: the real inner product under which torch's complex
+    gradients are adjoints (for real tensors, ``sum(a * b)``)."""
+    if a.is_complex() or b.is_complex():
+        return torch.real(torch.sum(torch.conj(a.to(torch.complex128)) * b.to(torch.complex128)))
+    return torch.sum(a.double() * b.double())
 
 
 def _eager_grad_is_wrong(op: Any, sample: Any, diff_positions: Sequence[int], cts: Sequence[torch.Tensor],
@@ -301,10 +318,10 @@ def _eager_grad_is_wrong(op: Any, sample: Any, diff_positions: Sequence[int], ct
             tree = pytree.tree_map(lambda t: moved.get(id(t), t) if isinstance(t, torch.Tensor) else t, args)
             with torch.no_grad():
                 leaves = pytree.tree_leaves(_run(op, sample, tree))
-            return sum((leaves[i].double() * c).sum() for i, c in zip(diff_positions, cts))
+            return sum(_inner(c, leaves[i]) for i, c in zip(diff_positions, cts))
 
         numeric = float((objective(1.0) - objective(-1.0)) / (2 * eps))
-        along = [float(sum((g.double() * u).sum() for g, u in zip(grads, directions))) for grads in (actual, expected)]
+        along = [float(sum(_inner(g, u) for g, u in zip(grads, directions))) for grads in (actual, expected)]
         scale = float(sum((g.double().abs() * u.abs()).sum() for g, u in zip(actual, directions))) + abs(numeric)
         tolerance = 1e-5 * scale + 1e-8
         if not abs(along[0] - numeric) <= tolerance:
@@ -368,13 +385,15 @@ def on_grid(sample: Any) -> Any:
 
 
 def check_op(op: Any, backend: str = "nop", limit_samples: int | None = None,
-             time_limit: float | None = 120.0, ties: bool = False) -> OpResult:
+             time_limit: float | None = 120.0, ties: bool = False, kind: str = "real") -> OpResult:
     """Every sample of ``op`` (at most ``limit_samples``) on ``backend``; the op gets its worst sample's status.
-    ``ties``: the samples ``on_grid`` instead (subgradients at ties and boundaries must be eager's too)."""
+    ``ties``: the samples ``on_grid`` instead (subgradients at ties and boundaries must be eager's too).
+    ``kind``: ``"real"`` (float64, else float32 samples) or ``"complex"`` (complex128, else complex64)."""
     name = variant_name(op)
-    dtype = _dtype_for(op)
+    dtype = _dtype_for(op, kind)
     if dtype is None:
-        return OpResult(name, backend, SKIP_DTYPE, "no float32/float64 support on CPU")
+        wanted = "/".join(str(d).replace("torch.", "") for d in DTYPE_KINDS[kind])
+        return OpResult(name, backend, SKIP_DTYPE, f"no {wanted} support on CPU")
     compiler = _compiler(backend)
     tolerance = _tolerance(op, dtype)
     start = time.perf_counter()
@@ -408,13 +427,17 @@ def check_op(op: Any, backend: str = "nop", limit_samples: int | None = None,
 
 
 def run_sweep(ops: Sequence[Any], backend: str = "nop", limit_samples: int | None = None,
-              time_limit: float | None = 120.0, progress: bool = True) -> list[OpResult]:
+              time_limit: float | None = 120.0, progress: bool = True,
+              kinds: Sequence[str] = ("real",)) -> list[OpResult]:
+    """Each op once per kind of dtype: every op for ``"real"``, the ops with complex gradients for ``"complex"``."""
+    jobs = [(op, kind) for kind in kinds for op in ops if kind == "real" or has_complex_variant(op)]
     results = []
-    for i, op in enumerate(ops):
-        result = check_op(op, backend, limit_samples, time_limit)
+    for i, (op, kind) in enumerate(jobs):
+        result = check_op(op, backend, limit_samples, time_limit, kind=kind)
         results.append(result)
         if progress:
-            print(f"[{i + 1}/{len(ops)}] {backend} {result.name}: {result.status} ({result.seconds:.1f} s)"
+            print(f"[{i + 1}/{len(jobs)}] {backend} {result.name} ({result.dtype or kind}): {result.status} "
+                  f"({result.seconds:.1f} s)"
                   f"{' - ' + result.message if result.message and result.status != PASS else ''}",
                   file=sys.stderr, flush=True)
     return results
@@ -430,6 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the markdown report here (e.g. docs/coverage.md)")
     parser.add_argument("--limit-samples", type=int, default=None, help="check at most N samples per op")
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per op before it times out")
+    parser.add_argument("--dtypes", default="real,complex",
+                        help="real (float64/float32 samples), complex (complex128/complex64 samples of the ops "
+                             "with complex gradients), or both as real,complex (the default)")
     parser.add_argument("--save", default=None, help="also save the results as JSON (one backend)")
     parser.add_argument("--include", action="append", default=[],
                         help="add a saved sweep (another backend's, --save) to the report")
@@ -441,7 +467,11 @@ def main(argv: Sequence[str] | None = None) -> int:
              if a not in ("--save", "--include", "--out") and (i == 0 or given[i - 1] not in ("--save", "--include",
                                                                                              "--out"))]
     command = ("python -m reftrace.tools.opinfo " + " ".join(shown)).strip()
-    sweeps = [Sweep(b, run_sweep(ops, b, ns.limit_samples, ns.time_limit), command, ns.limit_samples,
+    kinds = [k.strip() for k in ns.dtypes.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in DTYPE_KINDS]
+    if unknown:
+        raise SystemExit(f"unknown --dtypes {unknown}; use real, complex or real,complex")
+    sweeps = [Sweep(b, run_sweep(ops, b, ns.limit_samples, ns.time_limit, kinds=kinds), command, ns.limit_samples,
                     ns.time_limit) for b in backends]
     for sweep in sweeps:
         counts = summary_counts(sweep.results)

@@ -99,7 +99,7 @@ def load_sweep(path: str) -> Sweep:
 def write_report(sweeps: Sequence[Sweep], path: str) -> None:
     """Markdown: a summary per backend and one row per op variant (rows of the first sweep)."""
     backends = [s.backend for s in sweeps]
-    by_name = [{r.name: r for r in s.results} for s in sweeps]
+    by_name = [{(r.name, r.dtype): r for r in s.results} for s in sweeps]
     first = sweeps[0].results
     lines = ["# Operator coverage: torch's OpInfo database through reftrace", "",
              f"Generated on {datetime.date.today().isoformat()} with torch {torch.__version__} by "
@@ -108,7 +108,9 @@ def write_report(sweeps: Sequence[Sweep], path: str) -> None:
     lines += ["",
               "Every OpInfo entry of `torch.testing._internal.common_methods_invocations.op_db` with "
               "`supports_autograd=True` (variants listed separately) runs on its sample inputs (float64 where the "
-              "op supports it, else float32), through its OpInfo `gradcheck_wrapper` as torch's own gradient tests "
+              "op supports it, else float32; and again in complex128, else complex64, where the op supports complex "
+              "gradients: those rows show a complex dtype; torch's complex gradients are the conjugate Wirtinger "
+              "convention of docs/complex.md), through its OpInfo `gradcheck_wrapper` as torch's own gradient tests "
               "call it, eagerly and through `reftrace.compile.aot_function(fn, compiler)`. It passes when the values "
               "and the gradients (`torch.autograd.grad` with one random cotangent per output) match eager within "
               "torch's tolerances (float64: rtol = atol = 1e-7, loosened where the OpInfo entry overrides them); "
@@ -122,13 +124,11 @@ def write_report(sweeps: Sequence[Sweep], path: str) -> None:
     lines.append("| op variants | " + " | ".join(str(len(s.results)) for s in sweeps) + " |")
     for label, _ in _CATEGORIES:
         lines.append(f"| {label} | " + " | ".join(str(c[label]) for c in counts) + " |")
-    rates = []
-    for s, c in zip(sweeps, counts):
-        skipped = sum(c[label] for label, statuses in _CATEGORIES if set(statuses) <= set(SKIPS))
-        checked = len(s.results) - skipped
-        ok = sum(c[label] for label, statuses in _CATEGORIES if set(statuses) <= {PASS, RANDOM, EAGER_GRAD_WRONG})
-        rates.append(f"{ok}/{checked} = {100.0 * ok / max(checked, 1):.1f}%")
-    lines.append("| **pass rate** (of variants checked) | " + " | ".join(rates) + " |")
+    lines.append("| **pass rate** (of variants checked) | " + " | ".join(_pass_rate(s.results) for s in sweeps) + " |")
+    if any(is_complex_run(r) for s in sweeps for r in s.results):
+        for label, keep in (("real dtypes", False), ("complex dtypes", True)):
+            lines.append(f"| pass rate, {label} | " + " | ".join(
+                _pass_rate([r for r in s.results if is_complex_run(r) == keep]) for s in sweeps) + " |")
     lines += _unsupported_summary(sweeps[0].results)
     lines += ["", "### Semantics that differ from torch's (documented, not counted as failures)", "",
               "- A captured graph cannot raise on values: where torch raises for a singular or indefinite matrix "
@@ -143,12 +143,24 @@ def write_report(sweeps: Sequence[Sweep], path: str) -> None:
               "| op variant | dtype | samples | " + " | ".join(backends) + " | why (first backend with a note) |",
               "|---|---|---|" + "---|" * len(backends) + "---|"]
     for r in first:
-        row = [names.get(r.name) for names in by_name]
+        row = [names.get((r.name, r.dtype)) for names in by_name]
         why = next((x.message for x in row if x is not None and x.message), "")
         statuses = " | ".join(x.status if x is not None else "—" for x in row)
         lines.append(f"| `{r.name}` | {r.dtype} | {r.samples} | {statuses} | {_md(why)} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def is_complex_run(result: OpResult) -> bool:
+    return result.dtype.startswith("complex")
+
+
+def _pass_rate(results: Sequence[OpResult]) -> str:
+    counts = summary_counts(results)
+    skipped = sum(counts[label] for label, statuses in _CATEGORIES if set(statuses) <= set(SKIPS))
+    checked = len(results) - skipped
+    ok = sum(counts[label] for label, statuses in _CATEGORIES if set(statuses) <= {PASS, RANDOM, EAGER_GRAD_WRONG})
+    return f"{ok}/{checked} = {100.0 * ok / max(checked, 1):.1f}%"
 
 
 def _reason(message: str) -> str:
@@ -169,7 +181,7 @@ def _unsupported_summary(results: Sequence[OpResult]) -> list[str]:
     groups: dict[str, list[str]] = {}
     for r in results:
         if r.status in (UNSUPPORTED, CRASH, TIMEOUT):
-            groups.setdefault(_reason(r.message), []).append(r.name)
+            groups.setdefault(_reason(r.message), []).append(f"{r.name} ({r.dtype})" if is_complex_run(r) else r.name)
     if not groups:
         return []
     lines = ["", f"### Not supported on {results[0].backend}, by cause", ""]

@@ -26,7 +26,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from reftrace.errors import ArgumentError
-from reftrace.primitives import is_float
+from reftrace.primitives import is_inexact
 from reftrace.torch_bridge.autograd import Compiler, InferenceFunction, PartitionedFunction, new_rng_key
 from reftrace.torch_bridge.compilers import as_partitioner, default_partition
 from reftrace.torch_bridge.capture import capture_flat
@@ -229,7 +229,7 @@ class AOTFunction:
         examples = list(inputs)
         if captured.key_input is not None:
             examples.append(torch.zeros(2, dtype=torch.uint32))
-        wrt = [i for i, t in enumerate(inputs) if t.requires_grad and is_float(graph.inputs[i].dtype)]
+        wrt = [i for i, t in enumerate(inputs) if t.requires_grad and is_inexact(graph.inputs[i].dtype)]
         if not (torch.is_grad_enabled() and wrt):
             run: Any = InferenceFunction(graph, self.inference_compiler, examples)
         else:

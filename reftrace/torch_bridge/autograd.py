@@ -23,7 +23,7 @@ from reftrace.backends.torch import to_fx
 from reftrace.backends.torch_dtypes import torch_dtype
 from reftrace.errors import CompilerError
 from reftrace.graph import Graph
-from reftrace.primitives import is_float
+from reftrace.primitives import is_inexact
 from reftrace.torch_bridge.compilers import default_partition, nop
 from reftrace.torch_bridge.tensors import device_of, example_tensors
 from reftrace.transforms.simplify import simplify
@@ -84,7 +84,8 @@ class PartitionedFunction:
         joint = vjp(graph, wrt=self.wrt, nondiff_outputs=self.nondiff_outputs)
         self.joint = joint
         self.device = device_of(example_inputs)
-        fw_gm, bw_gm = partitioner.split(joint, num_fwd_outputs=self.num_outputs, device=self.device)
+        fw_gm, bw_gm = partitioner.split(joint, num_fwd_outputs=self.num_outputs, device=self.device,
+                                         overwritten_inputs=tuple(sorted(self.mutated_inputs)))
         self.num_saved = len(fw_gm.graph.find_nodes(op="output")[0].args[0]) - self.num_outputs
         self.fw_gm, self.bw_gm = fw_gm, bw_gm
         self.compiled_fw = _compile(fw_compiler, fw_gm, list(example_inputs), "fw_compiler")
@@ -122,7 +123,7 @@ class PartitionedFunction:
             j = self.joint
             grads_graph = simplify(j.replace(outputs=j.outputs[self.num_outputs:], joint=None))
             wrt = [i for i, (t, v) in enumerate(zip(args, grads_graph.inputs))
-                   if t.requires_grad and is_float(v.dtype)]
+                   if t.requires_grad and is_inexact(v.dtype)]
             fn = PartitionedFunction(grads_graph, wrt, (), fw_compiler=nop, bw_compiler=nop,
                                      partitioner=default_partition, example_inputs=args)
             self._double[pattern] = fn

@@ -41,6 +41,7 @@ from reftrace.torch_bridge.aten.random import key_stream
 from reftrace.torch_bridge.decompositions import decomposition_table
 from reftrace.torch_bridge.modules import ModuleState, functional_module, module_state
 from reftrace.torch_bridge.outputs import OutputSpec, flatten_outputs
+from reftrace.torch_bridge.static_rewrites import StaticShapeRewrites
 from reftrace.torch_bridge.trace_settings import compiling_flag, fake_tensor_logs_silenced, mkldnn_disabled
 from reftrace.torch_bridge.translate import (ClosedOver, Translator, functional_variant, op_display_name,
                                              unsupported_operator)
@@ -193,11 +194,6 @@ class _UserFrames(TorchDispatchMode):
         for t in pytree.tree_leaves(out):
             if not isinstance(t, torch.Tensor):
                 continue
-            if t.is_complex():
-                raise UnsupportedOperatorError(
-                    f"{op_display_name(func)} makes a complex tensor ({t.dtype}) (at {innermost_user_frame()}); "
-                    "reftrace does not support complex numbers yet, and will not return a result whose "
-                    "gradient it cannot compute. Keep complex arithmetic outside the compiled function")
             if t.device not in state.devices and t.device.type != "meta" and not (t.device.type == "cpu"
                                                                                   and t.ndim == 0):
                 raise UnsupportedOperatorError(
@@ -401,7 +397,7 @@ def _run_functionalized(fn: Callable[[list[torch.Tensor]], Any], fakes: Sequence
     rebuilds the function's return value from its output tensors, and the mutated inputs' indices."""
     with FunctionalTensorMode():
         inputs = [FunctionalTensor.to_functional(t) for t in fakes]
-        with _UserFrames(state):
+        with _UserFrames(state), StaticShapeRewrites():
             out = fn(list(inputs))
         state.location = None
         leaves, spec = flatten_outputs(out)
@@ -475,9 +471,9 @@ def _check_tensors(tensors: Sequence[Any], what: str) -> list[torch.Tensor]:
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise ArgumentError(f"{what} {i} is a {type(t).__name__}; capture takes torch tensors")
-        if t.is_complex() or t.is_quantized or t.is_sparse or t.layout != torch.strided:
+        if t.is_quantized or t.is_sparse or t.layout != torch.strided or t.dtype == torch.complex32:
             raise ArgumentError(f"{what} {i} ({t.dtype}, {t.layout}) is not supported; reftrace captures dense "
-                                "real-valued tensors")
+                                "bool, integer, floating and complex64/complex128 tensors")
         out.append(t)
     return out
 

@@ -25,7 +25,8 @@ from reftrace import lax
 from reftrace import primitives as P
 from reftrace.backends.torch_dtypes import numpy_dtype
 from reftrace.builder import Builder
-from reftrace.errors import DataDependentControlFlowError, ReftraceError, TracingError, UnsupportedOperatorError
+from reftrace.errors import (DataDependentControlFlowError, ReftraceError, ShapeError, TracingError,
+                             UnsupportedOperatorError)
 from reftrace.graph import Aval, Graph, Literal
 from reftrace.primitives import checked
 from reftrace.lax import TracedArray
@@ -210,15 +211,27 @@ class Translator:
         out_avals = [_aval_of_result(m, op) if isinstance(m, torch.Tensor) else None for m in metas]
         in_vals = [x if isinstance(x, torch.Tensor) else None for x in raw_args]
         _common._context.append(NodeContext(op, out_avals, in_vals))
+        complex_inputs = any(t.is_complex() for t in in_vals if t is not None) or any(
+            a is not None and a.dtype.kind == "c" for a in out_avals)
+        first_new = len(self.builder.eqns)
         try:
-            result = rule(*args, **kwargs)
+            try:
+                result = rule(*args, **kwargs)
+                checked_result = _check(op, result, out_avals, multiple)
+            except ShapeError as err:
+                if not complex_inputs:
+                    raise
+                raise UnsupportedOperatorError(f"{op_display_name(op)} on complex tensors is not supported "
+                                               f"(a primitive refuses them: {err})") from None
+            if complex_inputs and op not in _CASTS:
+                _refuse_dropped_imaginary_parts(op, self.builder.eqns[first_new:])
         except ReftraceError as err:
             if location and "(called from" not in str(err) and "(at " not in str(err):
                 raise type(err)(f"{err} (called from {location})") from None
             raise
         finally:
             _common._context.pop()
-        return _check(op, result, out_avals, multiple)
+        return checked_result
 
     def _bind(self, metas: list[Any], results: list[Any], stops: bool) -> None:
         for m, r in zip(metas, results):
@@ -264,6 +277,21 @@ def _aval_of_result(meta: torch.Tensor, op: Any) -> Aval:
     return aval_of_meta(meta, f"output of {op_display_name(op)}")
 
 
+_CASTS = frozenset({torch.ops.aten._to_copy.default, torch.ops.prims.convert_element_type.default,
+                    torch.ops.aten.copy.default, torch.ops.aten.copy_.default})
+"""ATen ops whose meaning includes torch's complex-to-real cast (the real part, as torch's ``.to``)."""
+
+
+def _refuse_dropped_imaginary_parts(op: Any, eqns: Sequence[Any]) -> None:
+    """A rule written for real tensors casts a complex operand to a real dtype, silently keeping its
+    real part: refuse instead of returning a wrong value (rules that want a part say real/imag)."""
+    for e in eqns:
+        if e.primitive is P.convert_element_type_p and P.is_complex(e.inputs[0].dtype) \
+                and not P.is_complex(e.params["new_dtype"]):
+            raise UnsupportedOperatorError(f"{op_display_name(op)} on complex tensors is not supported (its "
+                                           "reftrace rule is written for real tensors)")
+
+
 def _check(op: Any, result: Any, out_avals: list[Aval | None], multiple: bool) -> list[Any]:
     """Each result checked against torch's shape (a mismatch is a table bug) and cast to torch's dtype."""
     results = list(result) if multiple else [result]
@@ -300,6 +328,6 @@ def straight_through(old: TracedArray, new: Any) -> TracedArray:
 def _stop_gradient(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_stop_gradient(v) for v in value)
-    if isinstance(value, TracedArray) and P.is_float(value.dtype):
+    if isinstance(value, TracedArray) and P.is_inexact(value.dtype):
         return lax.stop_gradient(value)
     return value

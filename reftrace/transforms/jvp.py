@@ -18,7 +18,7 @@ from reftrace.errors import GraphError, UnsupportedOperatorError
 from reftrace.graph import Aval, Eqn, Graph, Params, Var, expect_graph, live_eqns
 from reftrace.interpreter import eval_graph
 from reftrace.lax import TracedArray, new_input, tracing
-from reftrace.primitives import Primitive, checked, is_float
+from reftrace.primitives import Primitive, checked, is_inexact
 from reftrace.transforms.jvp_rules import jvp_rules
 from reftrace.transforms.vjp import Record, differentiable_inputs, replay
 
@@ -93,7 +93,7 @@ def _forward_tangents(graph: Graph, records: Sequence[Record], tangent_of: dict[
             raise GraphError(f"the JVP rule of {eqn.primitive.name} returned {len(out_tangents)} tangents for "
                              f"{len(eqn.outputs)} results")
         for k, (result, t) in enumerate(zip(eqn.outputs, out_tangents)):
-            if t is None or not is_float(result.dtype):
+            if t is None or not is_inexact(result.dtype):
                 continue  # integer and bool results are piecewise constant
             if t.aval != result.aval:
                 raise GraphError(f"the JVP rule of {eqn.primitive.name} returned a {t.aval.str_short()} "
@@ -115,7 +115,7 @@ def through_decomposition(prim: Primitive, tangents: Sequence[Tangent], primals:
     results = eval_graph(forward, [*primals, *(tangents[k] for k in wrt)], lambda e, vals: [
         TracedArray(builder, v) for v in builder.bind(e.primitive, [x.atom for x in vals], e.params)],
         literal=lambda lit: TracedArray(builder, lit))
-    return tuple(t if is_float(o.dtype) else None for t, o in zip(results[len(outs):], outs))
+    return tuple(t if is_inexact(o.dtype) else None for t, o in zip(results[len(outs):], outs))
 
 
 @functools.lru_cache(maxsize=1024)

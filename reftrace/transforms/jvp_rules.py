@@ -36,13 +36,14 @@ from reftrace import lax
 from reftrace import primitives as P
 from reftrace.composite import is_composite
 from reftrace.errors import UnsupportedOperatorError
+from reftrace.graph import Aval
 from reftrace.lax import TracedArray
 from reftrace.matrices import (diag_embed, diagonal, eye_mask, leading, matmul, mT, scale_columns, scale_rows,
                                trailing, triangle)
 from reftrace.nn import activations as _activations
 from reftrace.nn import dense as _dense
 from reftrace.nn._util import along
-from reftrace.primitives import Primitive, is_float
+from reftrace.primitives import Primitive
 # the VJP table's building blocks where a convention lives: sharing them keeps the two tables' choices identical
 from reftrace.transforms.vjp_rules import (_choice_weight, _exclusive_cumprod, _expand_reduced, _inverse_permutation,
                                            _kept_dims, _pair_masks, _pairwise, _spectral_gaps, vjp_rules)
@@ -103,13 +104,31 @@ def _diagonal_jacobian(prim: Primitive) -> None:
     reverse = vjp_rules[prim]
 
     def rule(tangents, primals, outs, **params):
+        if P.is_complex(primals[0].dtype):  # the VJP multiplies by conj(f'(x)): conjugate around it
+            (t,) = tangents
+            return tuple(lax.conj(r) for r in reverse((lax.conj(t),), primals, outs, **params))
         return reverse(tangents, primals, outs, **params)
     rule.__name__ = f"{prim.name}_jvp"
     jvp_rules[prim] = rule
 
 
-for _prim in (*(P.registry[name] for name in P.FLOAT_UNARY), P.neg_p, P.sign_p, P.abs_p, P.integer_pow_p):
+for _prim in (*(P.registry[name] for name in P.FLOAT_UNARY), P.neg_p, P.integer_pow_p):
     _diagonal_jacobian(_prim)
+
+
+@_register(P.abs_p)
+def _abs_jvp(tangents, primals, outs):
+    """``t * sign(x)``; complex: the tangent's component along ``x / |x|``, ``Re(conj(sign(x)) t)``."""
+    (t,), (x,) = tangents, primals
+    if P.is_complex(x.dtype):
+        return (lax.real(lax.mul(lax.conj(lax.sign(x)), t)),)
+    return (lax.mul(t, lax.sign(x)),)
+
+
+@_register(P.sign_p)
+def _sign_jvp(tangents, primals, outs, **params):
+    """Zero on reals; complex: the VJP's map, a projection over |x|, is self-adjoint."""
+    return vjp_rules[P.sign_p](tangents, primals, outs, **params)
 
 # Operate on bool/int only, or have bool/int results, or draw random numbers: no tangent.
 _register((P.not_p, P.and_p, P.or_p, P.xor_p))(_zero)
@@ -163,7 +182,8 @@ def _pow_jvp(tx, ty, x, y, out):
 
     def slope_y():
         zero, one = _const(0, x), _const(1, x)
-        flat_at_zero = lax.logical_and(lax.eq(x, zero), lax.ge(y, zero))
+        x_zero = lax.eq(x, zero)
+        flat_at_zero = x_zero if P.is_complex(x.dtype) else lax.logical_and(x_zero, lax.ge(y, zero))
         return lax.mul(out, lax.log(lax.select(flat_at_zero, one, x)))
     return _add(_scaled(tx, slope_x), _scaled(ty, slope_y))
 
@@ -204,9 +224,32 @@ def _select_jvp(tangents, primals, outs):
 @_register(P.convert_element_type_p)
 def _convert_jvp(tangents, primals, outs, *, new_dtype):
     (t,), (x,) = tangents, primals
-    if not (is_float(x.dtype) and is_float(new_dtype)):
+    if not (P.is_inexact(x.dtype) and P.is_inexact(new_dtype)):
         return (None,)  # to or from integers/bool: the result is piecewise constant
-    return (lax.convert_element_type(t, new_dtype),)
+    return (lax.convert_element_type(t, new_dtype),)  # complex -> real keeps the real part, as the value
+
+
+# ----------------------------------------------------------------------------- complex numbers
+
+def _linear(fn: Callable[[TracedArray], TracedArray]) -> JvpRule:
+    def rule(tangents, primals, outs, **params):
+        return (fn(tangents[0], **params),)
+    return rule
+
+
+_register(P.real_p)(_linear(lax.real))
+_register(P.imag_p)(_linear(lax.imag))
+_register(P.conj_p)(_linear(lax.conj))
+_register(P.fft_p)(_linear(lax.fft))
+
+
+@_register(P.complex_p)
+def _complex_jvp(tangents, primals, outs):
+    (t_re, t_im), (re, im), (out,) = tangents, primals, outs
+    part = Aval(out.shape, P.real_dtype(out.dtype))
+    t_re = lax.zeros(part) if t_re is None else _fit(t_re, out)
+    t_im = lax.zeros(part) if t_im is None else _fit(t_im, out)
+    return (lax.complex(t_re, t_im),)
 
 
 # ----------------------------------------------------------------------------- reductions

@@ -22,8 +22,8 @@ _OUTPUTS_MUST_BE_ARRAYS = "rt.trace outputs must be arrays: return one array, or
 def trace(fn: Callable[..., Any], *example_args: Any, **kwargs: Any) -> Graph:
     """The Graph of ``fn`` at the shapes/dtypes of ``example_args``.
 
-    Example arguments are numpy arrays or Python numbers of bool, integer or floating
-    dtype; anything else (a string, None, a complex array) is an ArgumentError, and so is a
+    Example arguments are numpy arrays or Python numbers of bool, integer, floating or
+    complex dtype; anything else (a string, None, a complex256 array) is an ArgumentError, and so is a
     count that ``fn`` cannot take. Outputs may be one array or a flat tuple/list of arrays;
     anything else is a TracingError. Keyword options are for torch functions (see
     ``reftrace.torch_bridge.capture``), which ``rt.trace`` sends there.

@@ -21,7 +21,7 @@ from reftrace.errors import ArgumentError, GraphError, UnsupportedOperatorError
 from reftrace.graph import Aval, Eqn, Graph, Params, Var, expect_graph, live_eqns
 from reftrace.interpreter import eval_graph
 from reftrace.lax import TracedArray, new_input, tracing
-from reftrace.primitives import Primitive, checked, is_float, stop_gradient_p
+from reftrace.primitives import Primitive, checked, is_inexact, stop_gradient_p
 from reftrace.transforms.vjp_rules import vjp_rules
 
 
@@ -113,13 +113,13 @@ def _differentiable_inputs(graph: Graph, wrt: int | Iterable[int] | None, verb: 
     n = len(graph.inputs)
     if wrt is None:
         state = [names.is_buffer(name) for name in graph.input_names or [""] * n]
-        return tuple(i for i, v in enumerate(graph.inputs) if is_float(v.dtype) and not state[i])
+        return tuple(i for i, v in enumerate(graph.inputs) if is_inexact(v.dtype) and not state[i])
     chosen = set()
     for i in _index_list(wrt, "wrt", verb):
         if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n:
             raise ArgumentError(f"{verb}: wrt index {i!r} is not an input index (the graph has {n} inputs)")
-        if not is_float(graph.inputs[i].dtype):
-            raise ArgumentError(f"{verb}: input {i} is {graph.inputs[i].aval.str_short()}, not floating point, "
+        if not is_inexact(graph.inputs[i].dtype):
+            raise ArgumentError(f"{verb}: input {i} is {graph.inputs[i].aval.str_short()}, not floating point or complex, "
                                 "so it has no gradient; leave it out of wrt")
         chosen.add(i)
     return tuple(sorted(chosen))
@@ -174,7 +174,7 @@ def _dependencies(graph: Graph, diff_inputs: Sequence[Var]) -> dict[Var, int]:
                 mask |= deps.get(a, 0)
         if mask:
             for v in e.outputs:
-                if is_float(v.dtype):
+                if is_inexact(v.dtype):
                     deps[v] = mask
     return deps
 
@@ -246,7 +246,7 @@ def through_decomposition(prim: Primitive, cts: Sequence[TracedArray | None], pr
         TracedArray(builder, v) for v in builder.bind(e.primitive, [x.atom for x in vals], e.params)],
         literal=lambda lit: TracedArray(builder, lit))
     grads = iter(results[len(outs):])
-    return tuple(next(grads) if is_float(p.dtype) else None for p in primals)
+    return tuple(next(grads) if is_inexact(p.dtype) else None for p in primals)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -17,6 +17,11 @@ Every rule has one signature::
 Rules are written with ``reftrace.lax`` only, so everything they emit is made of
 primitives that themselves have rules here: ``vjp(vjp(g))`` needs nothing extra.
 Choices at non-differentiable points are listed in docs/autodiff.md.
+
+Complex values follow PyTorch's convention (docs/complex.md): the cotangent of a complex
+value is ``dL/d(re) + i dL/d(im)``, so a rule is the adjoint under ``Re(sum(conj(a) * b))``:
+a holomorphic ``f`` gives ``ct * conj(f'(x))``, a product ``ct * conj(other)``. Rules
+conjugate with ``lax.conj_if_complex``, which leaves real values alone.
 """
 from __future__ import annotations
 
@@ -78,10 +83,10 @@ def _register(prims: Sequence[Primitive] | Primitive):
 # ----------------------------------------------------------------------------- elementwise unary
 
 def _unary(prim: Primitive, derivative: Callable[[TracedArray, TracedArray], TracedArray]) -> None:
-    """``ct_x = ct * f'(x)``; ``derivative(x, out)`` may use the forward output."""
+    """``ct_x = ct * conj(f'(x))``; ``derivative(x, out)`` may use the forward output."""
     def rule(cts, primals, outs, **params):
         (ct,), (x,), (out,) = cts, primals, outs
-        return (lax.mul(ct, derivative(x, out)),)
+        return (lax.mul(ct, lax.conj_if_complex(derivative(x, out))),)
     rule.__name__ = f"{prim.name}_vjp"
     vjp_rules[prim] = rule
 
@@ -133,7 +138,8 @@ _unary(P.atan_p, lambda x, out: lax.div(_const(1, x), lax.add(_const(1, x), lax.
 _unary(P.sinh_p, lambda x, out: lax.cosh(x))
 _unary(P.cosh_p, lambda x, out: lax.sinh(x))
 _unary(P.asinh_p, lambda x, out: lax.rsqrt(lax.add(lax.mul(x, x), _const(1, x))))
-_unary(P.acosh_p, lambda x, out: lax.rsqrt(lax.sub(lax.mul(x, x), _const(1, x))))
+_unary(P.acosh_p, lambda x, out: lax.mul(lax.rsqrt(lax.sub(x, _const(1, x))),  # the principal branch on
+                                          lax.rsqrt(lax.add(x, _const(1, x)))))  # complex too
 _unary(P.atanh_p, lambda x, out: lax.div(_const(1, x), _one_minus_square(x)))
 _unary(P.sqrt_p, lambda x, out: lax.div(_const(0.5, x), out))                 # sqrt'(0) = inf
 _unary(P.rsqrt_p, lambda x, out: lax.mul(_const(-0.5, x), lax.div(out, x)))
@@ -143,7 +149,31 @@ _unary(P.erfc_p, lambda x, out: lax.mul(_const(-_TWO_OVER_SQRT_PI, x), lax.exp(l
 _unary(P.erf_inv_p, lambda x, out: lax.mul(_const(1 / _TWO_OVER_SQRT_PI, x), lax.exp(lax.mul(out, out))))
 _unary(P.lgamma_p, lambda x, out: lax.digamma(x))
 _unary(P.digamma_p, lambda x, out: _trigamma(x))
-_unary(P.abs_p, lambda x, out: lax.sign(x))                                     # abs'(0) = 0, as torch
+
+
+@_register(P.abs_p)
+def _abs_vjp(cts, primals, outs):
+    """``ct * sign(x)``: abs'(0) = 0, as torch; a complex ``x`` gets the real ``ct`` along ``x / |x|``."""
+    (ct,), (x,) = cts, primals
+    if P.is_complex(x.dtype):
+        ct = lax.complex(ct, _const(0, ct))
+    return (lax.mul(ct, lax.sign(x)),)
+
+
+@_register(P.sign_p)
+def _sign_vjp(cts, primals, outs):
+    """Piecewise constant on reals. On complex ``s = x / |x|`` moves only along the unit circle: the
+    cotangent's component tangent to it, over ``|x|`` (0 at 0, as torch's ``sgn``)."""
+    (ct,), (x,), (s,) = cts, primals, outs
+    if not P.is_complex(x.dtype):
+        return (None,)
+    r = lax.abs(x)
+    radial = lax.real(lax.mul(lax.conj(s), ct))              # Re(conj(s) ct): the part along s
+    tangent = lax.sub(ct, lax.mul(lax.complex(radial, _const(0, radial)), s))
+    zero = lax.eq(r, _const(0, r))
+    safe_r = lax.select(zero, _const(1, r), r)
+    scaled = lax.div(tangent, lax.complex(safe_r, _const(0, safe_r)))
+    return (lax.select(zero, _const(0, scaled), scaled),)
 
 
 @_register(P.neg_p)
@@ -159,11 +189,11 @@ def _integer_pow_vjp(cts, primals, outs, *, y):
     if y == 1:
         return (ct,)
     slope = x if y == 2 else lax.integer_pow(x, y - 1)
-    return (lax.mul(ct, lax.mul(_const(y, x), slope)),)
+    return (lax.mul(ct, lax.conj_if_complex(lax.mul(_const(y, x), slope))),)
 
 
 # Piecewise constant: derivative zero almost everywhere (and zero at the jumps, as JAX and torch).
-_register((P.floor_p, P.ceil_p, P.round_p, P.sign_p))(_nothing)
+_register((P.floor_p, P.ceil_p, P.round_p))(_nothing)
 # Operate on bool/int only; never reached by a float cotangent but listed so the table is total.
 _register((P.not_p, P.and_p, P.or_p, P.xor_p))(_nothing)
 # Non-differentiable: bool/int outputs, random draws, and the explicit gradient stop.
@@ -188,11 +218,14 @@ def _pow_partials(ct, x, y, out):
     # d/dx: y * x^(y-1), but 0 where y == 0 (so 0^0 has slope 0, not nan). d/dy: out * log x with a
     # log(1) stand-in at x == 0 for y >= 0 (slope 0, not 0 * -inf); at x == 0 with y < 0 it stays
     # inf * log(0) = -inf, torch's value (JAX puts the stand-in there too and gets inf * 0 = nan).
+    # Complex: the same with conjugated slopes, the stand-in wherever x == 0 (no order on complex y).
     zero, one = _const(0, x), _const(1, x)
     slope_x = lax.select(lax.eq(y, zero), zero, lax.mul(y, lax.pow(x, lax.sub(y, one))))
-    flat_at_zero = lax.logical_and(lax.eq(x, zero), lax.ge(y, zero))
+    x_zero = lax.eq(x, zero)
+    flat_at_zero = x_zero if P.is_complex(x.dtype) else lax.logical_and(x_zero, lax.ge(y, zero))
     log_x = lax.log(lax.select(flat_at_zero, one, x))
-    return lax.mul(ct, slope_x), lax.mul(ct, lax.mul(out, log_x))
+    conj = lax.conj_if_complex
+    return lax.mul(ct, conj(slope_x)), lax.mul(ct, conj(lax.mul(out, log_x)))
 
 
 def _choice_weight(a: TracedArray, b: TracedArray, b_wins: Callable) -> TracedArray:
@@ -210,8 +243,8 @@ def _rem_partials(ct, x, y, out):
 
 
 def _div_partials(ct, x, y, out):
-    ct_x = lax.div(ct, y)
-    return ct_x, lax.neg(lax.mul(ct_x, out))  # -ct * x / y^2, without squaring y
+    ct_x = lax.div(ct, lax.conj_if_complex(y))
+    return ct_x, lax.neg(lax.mul(ct_x, lax.conj_if_complex(out)))  # -ct * conj(x / y^2), without squaring y
 
 
 def _atan2_partials(ct, x, y, out):
@@ -221,7 +254,7 @@ def _atan2_partials(ct, x, y, out):
 
 _binary(P.add_p, lambda ct, x, y, out: (ct, ct))
 _binary(P.sub_p, lambda ct, x, y, out: (ct, lax.neg(ct)))
-_binary(P.mul_p, lambda ct, x, y, out: (lax.mul(ct, y), lax.mul(ct, x)))
+_binary(P.mul_p, lambda ct, x, y, out: (lax.mul(ct, lax.conj_if_complex(y)), lax.mul(ct, lax.conj_if_complex(x))))
 _binary(P.div_p, _div_partials)
 _binary(P.rem_p, _rem_partials)
 _binary(P.pow_p, _pow_partials)
@@ -243,10 +276,73 @@ def _select_vjp(cts, primals, outs):
 
 @_register(P.convert_element_type_p)
 def _convert_vjp(cts, primals, outs, *, new_dtype):
+    """Real to complex embeds (the cotangent's real part flows back); complex to real keeps the real
+    part (the cotangent comes back as a real part); to or from integers/bool: piecewise constant."""
     (ct,), (x,) = cts, primals
-    if not (is_float(x.dtype) and is_float(new_dtype)):
-        return (None,)  # to or from integers/bool: the result is piecewise constant
+    if not (P.is_inexact(x.dtype) and P.is_inexact(new_dtype)):
+        return (None,)
+    if P.is_complex(ct.dtype) and not P.is_complex(x.dtype):
+        ct = lax.real(ct)
+    elif P.is_complex(x.dtype) and not P.is_complex(ct.dtype):
+        ct = lax.convert_element_type(ct, P.real_dtype(x.dtype))
+        ct = lax.complex(ct, _const(0, ct))
     return (lax.convert_element_type(ct, x.dtype),)
+
+
+# ----------------------------------------------------------------------------- complex numbers
+
+@_register(P.real_p)
+def _real_vjp(cts, primals, outs):
+    return (lax.complex(cts[0], _const(0, cts[0])),)
+
+
+@_register(P.imag_p)
+def _imag_vjp(cts, primals, outs):
+    return (lax.complex(_const(0, cts[0]), cts[0]),)
+
+
+@_register(P.conj_p)
+def _conj_vjp(cts, primals, outs):
+    return (lax.conj(cts[0]),)
+
+
+@_register(P.complex_p)
+def _complex_vjp(cts, primals, outs):
+    (ct,), (re, im) = cts, primals
+    return _unbroadcast(lax.real(ct), re.aval), _unbroadcast(lax.imag(ct), im.aval)
+
+
+def _scale(x: TracedArray, factor: float) -> TracedArray:
+    return x if factor == 1 else lax.mul(x, _const(factor, x))
+
+
+@_register(P.fft_p)
+def _fft_vjp(cts, primals, outs, *, fft_type, fft_lengths):
+    """The adjoints of the DFT matrices F (under Re(sum(conj(a) b))): F^H = n * ifft for ``fft``,
+    F / n for ``ifft``; ``rfft`` keeps the first half, so its adjoint zero-pads, applies F^H and
+    keeps the real part; ``irfft`` (y = Re(sum_k w_k X_k e^(2 pi i k n / N)) / N, w_k = 2 for the
+    bins that stand for a conjugate pair, else 1) has adjoint w * rfft(ct) / N."""
+    (ct,), (x,) = cts, primals
+    n = math.prod(fft_lengths)
+    if fft_type == "fft":
+        return (_scale(lax.fft(ct, "ifft", fft_lengths), n),)
+    if fft_type == "ifft":
+        return (_scale(lax.fft(ct, "fft", fft_lengths), 1 / n),)
+    if fft_type == "rfft":
+        last = fft_lengths[-1]
+        full = lax.pad(ct, _const(0, ct), [(0, last - ct.shape[-1] if d == ct.ndim - 1 else 0, 0)
+                                            for d in range(ct.ndim)])
+        return (lax.real(_scale(lax.fft(full, "ifft", fft_lengths), n)),)
+    last = fft_lengths[-1]
+    bins = x.shape[-1]
+    paired = np.full((bins,), 2.0)
+    paired[0] = 1.0
+    if last % 2 == 0:
+        paired[-1] = 1.0
+    weights = lax.constant(paired / n, P.real_dtype(x.dtype))
+    spectrum = lax.fft(ct, "rfft", fft_lengths)
+    return (lax.mul(spectrum, lax.broadcast_in_dim(lax.complex(weights, _const(0, weights)),
+                                                   spectrum.shape, (spectrum.ndim - 1,))),)
 
 
 # ----------------------------------------------------------------------------- reductions
@@ -299,7 +395,7 @@ def _reduce_prod_vjp(cts, primals, outs, *, axes):
     flat = lax.reshape(moved, kept_shape + (int(np.prod([x.shape[a] for a in axes])),))
     last = flat.ndim - 1
     others = lax.mul(_exclusive_cumprod(flat, last, False), _exclusive_cumprod(flat, last, True))
-    ct_flat = lax.mul(others, lax.broadcast_in_dim(ct, flat.shape, tuple(range(len(kept)))))
+    ct_flat = lax.mul(lax.conj_if_complex(others), lax.broadcast_in_dim(ct, flat.shape, tuple(range(len(kept)))))
     ct_moved = lax.reshape(ct_flat, moved.shape)
     return (lax.transpose(ct_moved, _inverse_permutation(perm)),)
 
@@ -353,7 +449,7 @@ def _cumprod_vjp(ct, x, out, axis):
     one = _const(1, x)
     partial = lax.bind(P.cumprod_p, lax.select(diagonal, one, _pairwise(x, axis, 1)),
                        axis=axis + 1, reverse=False)
-    weighted = lax.select(lower, lax.mul(partial, _pairwise(ct, axis, 1)), _const(0, x))
+    weighted = lax.select(lower, lax.mul(lax.conj_if_complex(partial), _pairwise(ct, axis, 1)), _const(0, x))
     return lax.reduce_sum(weighted, (axis + 1,))
 
 
@@ -455,6 +551,7 @@ def _dot_general_vjp(cts, primals, outs, *, dimension_numbers, preferred_element
     if preferred_element_type is not None and ct.dtype != lhs.dtype:
         ct = lax.convert_element_type(ct, lhs.dtype)
     (lc, rc), (lb, rb) = dimension_numbers
+    lhs, rhs = lax.conj_if_complex(lhs), lax.conj_if_complex(rhs)  # complex: ct contracted with conj(other)
     return (_dot_operand_ct(ct, rhs, lhs.ndim, lc, lb, rc, rb, first=True),
             _dot_operand_ct(ct, lhs, rhs.ndim, rc, rb, lc, lb, first=False))
 
@@ -502,6 +599,7 @@ def _swap_first_two(spec: Sequence[int]) -> tuple[int, ...]:
 def _conv_vjp(cts, primals, outs, **params):
     """Both cotangents are convolutions again (see docs/autodiff.md for the derivation)."""
     (ct,), (lhs, rhs) = cts, primals
+    lhs, rhs = lax.conj_if_complex(lhs), lax.conj_if_complex(rhs)  # complex: ct convolved with conj(other)
     return conv_lhs_cotangent(ct, rhs, lhs.shape, **params), conv_rhs_cotangent(ct, lhs, rhs.shape, **params)
 
 

@@ -206,10 +206,16 @@ def test_tensors_inside_argument_objects_are_refused():
 
 @pytest.mark.parametrize("make", [lambda x: x.cdouble(), lambda x: torch.view_as_complex(x.reshape(-1, 2)).real,
                                   lambda x: torch.fft.fft(x).abs()])
-def test_real_to_complex_raises_instead_of_detaching(make):
+def test_real_to_complex_and_back_keeps_the_gradient(make):
+    """Complex intermediates carry gradients back to real inputs (once refused, never detached)."""
     x = torch.randn(4, requires_grad=True)
-    with pytest.raises(UnsupportedOperatorError, match="complex"):
-        aot_function(make, nop)(x)
+    xc = x.detach().clone().requires_grad_()
+    expected, got = make(x), aot_function(make, nop)(xc)
+    torch.testing.assert_close(got, expected)
+    ct = torch.randn_like(expected)
+    expected.backward(ct)
+    got.backward(ct)
+    torch.testing.assert_close(xc.grad, x.grad)
 
 
 # ----------------------------------------------------------------------------- edge semantics

@@ -9,7 +9,7 @@ To map a new operator, add a row to the family file it belongs to::
 Rules receive TracedArrays for tensors and static Python values for everything
 else; see ``_common`` for the helpers and the contract.
 """
-from reftrace.torch_bridge.aten import (creation, elementwise, indexing, linalg, losses, nn,  # noqa: F401
+from reftrace.torch_bridge.aten import (complex, creation, elementwise, indexing, linalg, losses, nn,  # noqa: F401
                                        random, reductions, sampling, special, views)
 from reftrace.torch_bridge.aten._common import NodeContext, aten_rules, register
 

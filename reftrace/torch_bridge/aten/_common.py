@@ -135,9 +135,9 @@ def promote(*xs: Any) -> np.dtype:
 
 
 def float_dtype(dtype: Any) -> np.dtype:
-    """``dtype`` if floating, else torch's default float dtype (float32)."""
+    """``dtype`` if floating or complex, else torch's default float dtype (float32)."""
     dtype = np.dtype(dtype)
-    return dtype if P.is_float(dtype) else numpy_dtype(torch.get_default_dtype())
+    return dtype if P.is_inexact(dtype) else numpy_dtype(torch.get_default_dtype())
 
 
 # ----------------------------------------------------------------------------- dims

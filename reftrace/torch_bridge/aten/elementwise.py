@@ -626,21 +626,12 @@ def copysign(x: Any, y: Any) -> Any:
 
 @register(aten.angle.default)
 def angle(x: Any) -> Any:
-    """The argument of a real number: pi for negatives, 0 otherwise (NaN stays NaN)."""
+    """The argument of a real number: pi for negatives, 0 otherwise (NaN stays NaN); of a complex
+    number, ``atan2(imag, real)``."""
+    if P.is_complex(x.dtype):
+        return lax.atan2(lax.imag(x), lax.real(x))
     d = float_dtype(_out_dtype())
     y = cast(x, d)
     r = lax.select(lax.lt(y, literal(0, d)), literal(np.pi, d), literal(0, d))
     r = bcast(r, y.shape) if y.ndim else r
     return lax.select(lax.ne(y, y), y, r) if P.is_float(d) else r
-
-
-# ----------------------------------------------------------------------------- complex numbers
-
-def _complex_unsupported(*args: Any, **kwargs: Any) -> Any:
-    raise unsupported("it makes or reads complex tensors; reftrace graphs hold real, integer and bool values "
-                      "only (FFTs, complex(), polar(), view_as_complex(), eig())")
-
-
-register(aten.complex.default, aten.polar.default, aten.view_as_complex.default, aten.view_as_real.default,
-         aten._conj.default, aten._fft_r2c.default, aten._fft_c2c.default, aten._fft_c2r.default,
-         aten.linalg_eig.default)(_complex_unsupported)

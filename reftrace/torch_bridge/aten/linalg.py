@@ -468,6 +468,8 @@ def _reflect(a: Any, tau: Any, i: int, c: Any, left: bool, transpose: bool = Fal
 def ormqr(a: Any, tau: Any, c: Any, left: bool = True, transpose: bool = False) -> Any:
     """op(Q) C or C op(Q) for Q = H_1 ... H_k stored as reflectors (LAPACK ormqr)."""
     d = out_aval().dtype
+    if P.is_complex(d):  # complex reflectors are I - tau v v^H: not written here
+        raise unsupported("complex reflectors are not supported")
     a, tau, c = cast(a, d), cast(tau, d), cast(c, d)
     k = tau.shape[-1]
     # Q C = H_1 (H_2 (... H_k C)); Q^T C = H_k (... H_1 C); C Q = ((C H_1) H_2)...; C Q^T = ((C H_k) ...) H_1
@@ -507,25 +509,25 @@ def linalg_matrix_exp(a: Any) -> Any:
     (a select); the Taylor polynomial is evaluated by Horner's rule. A 1-norm above 2^39 (more
     squarings than emitted) gives NaN.
     """
-    a = _float(a)
-    d = a.dtype
+    a = a if P.is_complex(a.dtype) else _float(a)
+    d, r = a.dtype, P.real_dtype(a.dtype)  # a complex matrix has a real norm and real scale factors
     n = a.shape[-1]
     if n == 0:
         return a
     eye = M.eye(a.shape, d)
     norm = lax.reduce_max(lax.reduce_sum(lax.abs(a), (a.ndim - 2,)), (a.ndim - 2,))    # 1-norm per matrix
-    steps = lax.ceil(lax.div(lax.log(lax.mul(norm, literal(2.0, d))), literal(np.log(2.0), d)))
-    steps = lax.max(lax.select(lax.is_finite(steps), steps, literal(0, d)), literal(0, d))
-    too_large = lax.gt(steps, literal(_EXPM_SQUARINGS, d))
-    steps = lax.min(steps, literal(_EXPM_SQUARINGS, d))
-    scale = lax.pow(literal(2.0, d), lax.neg(steps))
+    steps = lax.ceil(lax.div(lax.log(lax.mul(norm, literal(2.0, r))), literal(np.log(2.0), r)))
+    steps = lax.max(lax.select(lax.is_finite(steps), steps, literal(0, r)), literal(0, r))
+    too_large = lax.gt(steps, literal(_EXPM_SQUARINGS, r))
+    steps = lax.min(steps, literal(_EXPM_SQUARINGS, r))
+    scale = lax.convert_element_type(lax.pow(literal(2.0, r), lax.neg(steps)), d)
     batch = tuple(range(a.ndim - 2))
     x = lax.mul(a, lax.broadcast_in_dim(scale, a.shape, batch))
     t = eye
     for k in range(_EXPM_TERMS, 0, -1):
         t = lax.add(eye, lax.div(M.matmul(x, t), literal(k, d)))
     for k in range(_EXPM_SQUARINGS):
-        apply = lax.broadcast_in_dim(lax.lt(literal(k, d), steps), a.shape, batch)
+        apply = lax.broadcast_in_dim(lax.lt(literal(k, r), steps), a.shape, batch)
         t = lax.select(apply, M.matmul(t, t), t)
     return lax.select(lax.broadcast_in_dim(too_large, a.shape, batch), literal(np.nan, d), t)
 

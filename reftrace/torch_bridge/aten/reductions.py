@@ -125,15 +125,19 @@ register(aten.all.default, aten.all.dim, aten.all.dims)(_logical_reduce(P.reduce
 
 
 def _moments(x: Any, dim: Any, correction: Any, keepdim: bool) -> tuple[Any, Any]:
-    """(variance with ``correction`` degrees of freedom, mean), two-pass for accuracy."""
+    """(variance with ``correction`` degrees of freedom, mean), two-pass for accuracy. A complex
+    variance is the mean squared modulus, real."""
     axes = norm_dims(dim, x.ndim)
     d = float_dtype(x.dtype)
     x = cast(x, d)
     n = _count(x.shape, axes)
     mean = lax.div(lax.reduce_sum(x, axes), literal(n, d))
     centred = lax.sub(x, lax.broadcast_in_dim(mean, x.shape, [i for i in range(x.ndim) if i not in axes]))
+    squares = lax.mul(centred, lax.conj_if_complex(centred))
+    if P.is_complex(d):
+        squares = lax.real(squares)
     correction = 1 if correction is None else correction
-    var = lax.div(lax.reduce_sum(lax.mul(centred, centred), axes), literal(max(n - correction, 0), d))
+    var = lax.div(lax.reduce_sum(squares, axes), literal(max(n - correction, 0), squares.dtype))
     return keep_dims(var, x.shape, axes, keepdim), keep_dims(mean, x.shape, axes, keepdim)
 
 
@@ -227,7 +231,7 @@ def logcumsumexp(x: Any, dim: int) -> Any:
 @register(aten.dist.default)
 def dist(x: Any, y: Any, p: Any = 2) -> Any:
     """The p-norm of ``x - y``, with the vector norm's subgradients (0 where ``x == y``, as torch's)."""
-    d = float_dtype(out_aval().dtype)
+    d = float_dtype(promote(x, y))
     shape = tuple(np.broadcast_shapes(x.shape, y.shape))
     diff = lax.sub(lax.broadcast_to_rank(cast(x, d), shape), lax.broadcast_to_rank(cast(y, d), shape))
     return linalg_vector_norm(diff, p)
@@ -304,9 +308,10 @@ def chebyshev_norm(x: Any, axes: Any) -> Any:
 @register(aten.linalg_vector_norm.default)
 def linalg_vector_norm(x: Any, ord: Any = 2, dim: Any = None, keepdim: bool = False, *,  # noqa: A002
                        dtype: Any = None) -> Any:
-    """p-norms with torch's subgradients: 0 at the zero vector, and 0 at zero entries for p < 1."""
+    """p-norms with torch's subgradients: 0 at the zero vector, and 0 at zero entries for p < 1. A complex
+    vector's norms are its moduli's."""
     d = float_dtype(out_aval().dtype)
-    x = cast(x, d)
+    x = cast(lax.abs(x) if P.is_complex(x.dtype) else x, d)
     axes = norm_dims(dim, x.ndim)
     a = lax.abs(x)
     p = float(ord)
