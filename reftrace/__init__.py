@@ -18,6 +18,7 @@ from reftrace.primitives import Primitive, typecheck
 from reftrace import lax
 from reftrace import numpy as _numpy  # noqa: F401 - installs TracedArray's numpy operators
 from reftrace import nn  # noqa: F401 - registers the composite primitives (layer_norm, softmax, ...)
+from reftrace import sharding  # noqa: F401 - registers sharding_constraint (graphs load anywhere)
 from reftrace.composite import decompose
 from reftrace.transforms import trace as _numpy_trace
 
@@ -57,18 +58,31 @@ def _evaluate_with_jax(prim: Primitive, args: Any, params: dict[str, Any]) -> An
 lax.set_eager_evaluator(_evaluate_with_jax)
 
 
-def lower(graph: Graph, backend: str = "jax") -> Callable[..., tuple[Any, ...]]:
+def lower(graph: Graph, backend: str = "jax", *, mesh: Any = None, in_shardings: Any = None,
+          out_shardings: Any = None) -> Callable[..., tuple[Any, ...]]:
     """A callable running ``graph``: arrays in, tuple of arrays out.
 
     ``"jax"``: one jitted XLA computation (returns JAX arrays). ``"torch"``: torch ops
     through a generated ``fx.GraphModule`` (returns torch tensors). Both take the same
     positional arguments: numpy arrays, torch tensors, JAX arrays, and Python scalars for
     rank-0 inputs, checked against the graph's inputs (``reftrace.backends.signature``).
+
+    On a device mesh (JAX only; ``docs/sharding.md``): ``mesh`` is a ``jax.sharding.Mesh``,
+    ``in_shardings``/``out_shardings`` one ``PartitionSpec`` (or ``None`` = replicated) per input /
+    output; the result is one SPMD program (``reftrace.backends.jax_sharded``) returning
+    ``jax.Array``s with those shardings, and its ``.compiled_text(*args)`` is the partitioned HLO.
     """
     expect_graph(graph, "lower")
+    sharded = mesh is not None or in_shardings is not None or out_shardings is not None
+    if backend == "jax" and sharded:
+        from reftrace.backends.jax_sharded import lower_sharded
+        return lower_sharded(graph, mesh, in_shardings, out_shardings)
     if backend == "jax":
         from reftrace.backends.jax import lower_jax
         return lower_jax(graph)
+    if backend == "torch" and sharded:
+        raise ArgumentError("mesh=, in_shardings= and out_shardings= are options of the 'jax' backend (XLA's SPMD "
+                            "partitioner); use rt.lower(graph, 'jax', mesh=...), or drop them for 'torch'")
     if backend == "torch":
         from reftrace.backends.torch import lower_torch
         return lower_torch(graph)
@@ -83,11 +97,16 @@ def __getattr__(name: str) -> Any:
         "partition": ("reftrace.transforms.partition", "partition"),
         "Partition": ("reftrace.transforms.partition", "Partition"),
         "simplify": ("reftrace.transforms.simplify", "simplify"),
+        "cost": ("reftrace.transforms.cost", "cost"),
+        "Cost": ("reftrace.transforms.cost", "Cost"),
+        "optimal": ("reftrace.transforms.optimal", "optimal"),
+        "pareto": ("reftrace.transforms.optimal", "pareto"),
         "parse": ("reftrace.graph_text", "parse"),
         "save": ("reftrace.graph_text", "save"),
         "load": ("reftrace.graph_text", "load"),
         "numpy": ("reftrace.numpy", None),
         "lax": ("reftrace.lax", None),
+        "with_sharding": ("reftrace.sharding", "with_sharding"),
     }
     if name in lazy:
         import importlib
@@ -97,7 +116,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'reftrace' has no attribute {name!r}")
 
 
-__all__ = ["trace", "decompose", "nn", "vjp", "jvp", "partition", "Partition", "simplify", "parse", "save", "load", "lower", "typecheck", "Graph", "Eqn", "Var",
+__all__ = ["trace", "decompose", "nn", "vjp", "jvp", "partition", "Partition", "simplify", "cost", "Cost", "optimal", "pareto", "parse", "save", "load", "lower", "typecheck",
+           "with_sharding", "sharding", "Graph", "Eqn", "Var",
            "Literal", "Aval", "Params", "Primitive", "ReftraceError", "GraphError", "ShapeError", "TracingError",
            "DataDependentControlFlowError", "UnsupportedOperatorError", "ArgumentError", "PartitionError",
            "CompilerError"]

@@ -2,6 +2,7 @@
 
     python -m reftrace check --target inductor --examples 500 --out DIR
     python -m reftrace show examples/models.py:resnet18 --input 1x3x64x64 [--joint] [--partition mincut]
+    python -m reftrace pareto examples/models.py:resnet18 [--input 2x3x64x64] [--out pareto.svg]
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_check_command(commands)
     from reftrace.tools.show import add_show_command
     add_show_command(commands)
+    from reftrace.tools.pareto import add_pareto_command
+    add_pareto_command(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["buffer", "update", "grad", "ct", "tangent", "saved", "is_buffer", "is_update", "or_default"]
+__all__ = ["buffer", "update", "grad", "ct", "tangent", "saved", "is_buffer", "is_update", "or_default",
+           "is_argument", "is_parameter"]
 
 
 def buffer(name: str) -> str:
@@ -61,3 +62,14 @@ def _unmarked(name: str) -> str:
 def or_default(names: Sequence[str] | None, count: int, stem: str) -> tuple[str, ...]:
     """``names``, or ``stem[0]``, ``stem[1]``, ... for a graph that has none."""
     return tuple(names) if names is not None else tuple(f"{stem}[{i}]" for i in range(count))
+
+
+def is_argument(name: str) -> bool:
+    """A tensor argument of the traced function (``args[0]``, ``kwargs['mask']``)."""
+    return name.startswith(("args[", "kwargs["))
+
+
+def is_parameter(name: str) -> bool:
+    """A module parameter: an input name of none of the marked kinds (a qualified name like ``fc1.weight``)."""
+    marked = ("buffer(", "update(", "grad(", "ct(", "tangent(", "saved[")
+    return not (is_argument(name) or name == "rng_key" or name.startswith(marked))

@@ -222,3 +222,19 @@ def _random_fold_in(key, *, data):
 jax_rules[P.random_fold_in_p] = _random_fold_in
 
 _ = np  # numpy used by rule authors for dtype constants
+
+
+# ----------------------------------------------------------------------------- sharding (reftrace.sharding)
+
+from reftrace.sharding import sharding_constraint_p  # noqa: E402 - this section's own import, kept with its row
+
+
+def _sharding_constraint(x, *, spec):
+    """Under a mesh (``rt.lower(..., mesh=...)`` traces inside ``jax.set_mesh``) XLA's constraint;
+    without one there is nothing to lay out, and the value passes through."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
+jax_rules[sharding_constraint_p] = _sharding_constraint

@@ -551,3 +551,10 @@ torch_rules[P.gather_p] = lambda x, idx, *, axis: torch.gather(_t(x), axis, _ind
 torch_rules[P.scatter_add_p] = (
     lambda x, idx, upd, *, axis: torch.scatter_add(_t(x), axis, _index64(idx), _t(upd)))
 torch_rules[P.scatter_p] = lambda x, idx, upd, *, axis: torch.scatter(_t(x), axis, _index64(idx), _t(upd))
+
+
+# ----------------------------------------------------------------------------- sharding (reftrace.sharding)
+
+from reftrace.sharding import sharding_constraint_p  # noqa: E402 - this section's own import, kept with its row
+
+torch_rules[sharding_constraint_p] = lambda x, *, spec: _t(x)  # one device: a layout request has nothing to do

@@ -9,6 +9,7 @@ works on the reftrace Graph directly (no FX round trip).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -20,6 +21,8 @@ from reftrace.graph import Graph
 from reftrace.torch_bridge.capture import capture_flat
 from reftrace.torch_bridge.tensors import example_tensors
 from reftrace.transforms.partition import partition
+from reftrace.transforms.optimal import Optimal
+from reftrace.transforms.policies import MinCut
 
 
 # ----------------------------------------------------------------------------- compilers
@@ -106,10 +109,14 @@ class ReftracePartitioner:
     def __repr__(self) -> str:
         return self.__name__
 
-    def split(self, joint: Graph, num_fwd_outputs: int, device: torch.device | None = None
-              ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-        """Partition a reftrace joint graph; emit both halves as FX (creating tensors on ``device``)."""
-        p = partition(joint, policy=self.policy)
+    def split(self, joint: Graph, num_fwd_outputs: int, device: torch.device | None = None,
+              overwritten_inputs: tuple[int, ...] = ()) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+        """Partition a reftrace joint graph; emit both halves as FX (creating tensors on ``device``).
+        ``overwritten_inputs``: primals the caller overwrites after the forward (saved ones are copied)."""
+        policy = self.policy
+        if isinstance(policy, Optimal) and overwritten_inputs:
+            policy = dataclasses.replace(policy, overwritten=tuple(overwritten_inputs))
+        p = partition(joint, policy=policy)
         num_saved = len(p.forward.outputs) - num_fwd_outputs
         fw = to_fx(p.forward, input_names=[f"primals_{i + 1}" for i in range(len(p.forward.inputs))],
                    output_as_list=True, device=device)
@@ -143,8 +150,8 @@ class ForeignPartitioner:
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
 
-    def split(self, joint: Graph, num_fwd_outputs: int, device: torch.device | None = None
-              ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    def split(self, joint: Graph, num_fwd_outputs: int, device: torch.device | None = None,
+              overwritten_inputs: tuple[int, ...] = ()) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         num_primals = joint.joint[0]
@@ -165,11 +172,14 @@ class ForeignPartitioner:
 
 
 def as_partitioner(partition_fn: Any) -> Any:
-    """Our partitioners, a policy value ("default", "mincut", a callable policy), or a functorch-style fn."""
+    """Our partitioners, a policy value ("default", "mincut", ``MinCut(...)``, ``rt.optimal(...)``, a
+    callable policy), or a functorch-style fn."""
     if isinstance(partition_fn, ReftracePartitioner):
         return partition_fn
     if isinstance(partition_fn, str):
         return ReftracePartitioner(partition_fn, partition_fn)
+    if isinstance(partition_fn, (MinCut, Optimal)):
+        return ReftracePartitioner(partition_fn, repr(partition_fn))
     if callable(partition_fn):
         import inspect
         try:

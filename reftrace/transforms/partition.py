@@ -25,13 +25,14 @@ from reftrace.builder import Builder
 from reftrace.errors import PartitionError
 from reftrace.graph import Eqn, Graph, Var, expect_graph, free_vars, live_eqns
 from reftrace.primitives import checked, eqn_is_random
-from reftrace.transforms.policies import (MinCut, Policy, default_ban, dots_saveable, resolve_policy, save_all,
-                                          save_anything_except_these, save_nothing, save_only_these)
+from reftrace.transforms.policies import (MinCut, Policy, PolicyValue, is_solver, default_ban, dots_saveable,
+                                          resolve_policy, save_all, save_all_but_copies, save_anything_except_these,
+                                          save_nothing, save_only_these)
 from reftrace.transforms.simplify import simplify
 
-__all__ = ["partition", "Partition", "MinCut", "Policy", "default_ban", "save_all", "save_nothing",
-           "save_only_these", "save_anything_except_these", "dots_saveable", "JointAnalysis", "split",
-           "policy_saved", "min_cut_saved"]
+__all__ = ["partition", "Partition", "MinCut", "Policy", "default_ban", "save_all", "save_all_but_copies",
+           "save_nothing", "save_only_these", "save_anything_except_these", "dots_saveable", "JointAnalysis",
+           "split", "policy_saved", "min_cut_saved"]
 
 
 class _ForwardBackward(NamedTuple):
@@ -92,12 +93,14 @@ class Partition(_ForwardBackward):
                 f"saved={len(self.saved)} values, {self.saved_bytes} bytes)")
 
 
-def partition(joint: Graph, policy: str | Policy | MinCut = "default") -> Partition:
+def partition(joint: Graph, policy: str | PolicyValue = "default") -> Partition:
     """Split ``joint`` (a graph with ``joint.joint``) into forward and backward graphs.
 
     ``policy``: ``"default"`` (compute everything that does not depend on cotangents in the
-    forward and save what the backward uses), ``"mincut"`` (save the fewest bytes, recompute
-    cheap ops in the backward), a ``MinCut(banned=...)`` value, or a callable
+    forward and save what the backward uses, but copies such as a parameter's transpose, which
+    the backward redoes), ``"mincut"`` (save the fewest bytes, recompute
+    cheap ops in the backward), a ``MinCut(banned=...)`` value, an ``rt.optimal(memory_budget)``
+    value (the fewest recomputed FLOPs within a memory budget), or a callable
     ``policy(eqn) -> bool`` (True: this forward equation's outputs may be saved; False:
     recompute it in the backward). The joint is simplified first so nothing is saved twice.
     """
@@ -106,6 +109,8 @@ def partition(joint: Graph, policy: str | Policy | MinCut = "default") -> Partit
         raise PartitionError("partition needs a joint graph (one with .joint = (num_primals, num_outputs)); "
                              "make one with rt.vjp(graph)")
     chosen = resolve_policy(policy)
+    if is_solver(chosen):  # rt.optimal(...): the MILP builds the whole partition
+        return chosen.split_joint(JointAnalysis(simplify(joint)))
     _check_takes_one_equation(chosen.banned if isinstance(chosen, MinCut) else chosen,
                               "MinCut(banned=...)" if isinstance(chosen, MinCut) else "a policy")
     analysis = JointAnalysis(simplify(joint))

@@ -11,7 +11,10 @@ A policy is one of
   random draw is never recomputed;
 - a **MinCut** value: choose the saved set by a minimum cut over byte sizes, with
   ``banned(eqn)`` naming the equations that must not be recomputed;
-- one of the names in ``POLICIES`` (``"default"`` = ``save_all``, ``"mincut"`` =
+- a **solver** value such as ``rt.optimal(memory_budget)`` (``reftrace.transforms.optimal``):
+  the saved set that recomputes the fewest FLOPs within a budget on activation bytes, solved
+  exactly as a mixed-integer program; a solver builds the partition itself (``split_joint``);
+- one of the names in ``POLICIES`` (``"default"`` = ``save_all_but_copies``, ``"mincut"`` =
   ``MinCut()``).
 
 Writing a policy is writing a function of an ``Eqn``: look at ``eqn.primitive``,
@@ -20,13 +23,14 @@ Writing a policy is writing a function of an ``Eqn``: look at ``eqn.primitive``,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from reftrace import primitives as P
 from reftrace.composite import is_compute_intensive
 from reftrace.errors import PartitionError
 from reftrace.graph import Eqn
 from reftrace.primitives import Primitive
+from reftrace.transforms.cost import is_free_to_redo
 
 Policy = Callable[[Eqn], bool]
 
@@ -34,6 +38,14 @@ Policy = Callable[[Eqn], bool]
 def save_all(eqn: Eqn) -> bool:
     """Save every forward value the backward uses (the ``"default"`` policy)."""
     return True
+
+
+def save_all_but_copies(eqn: Eqn) -> bool:
+    """The ``"default"`` policy: save every forward value the backward uses, except copies (data
+    movement that does not shrink its operands: a transpose, reshape or broadcast), which the
+    backward redoes for free from their operands. A parameter's transpose is then not saved as a
+    second copy of the parameter (functorch's default saves it as a view, which costs nothing)."""
+    return not is_free_to_redo(eqn)
 
 
 def save_nothing(eqn: Eqn) -> bool:
@@ -81,10 +93,14 @@ def save_anything_except_these(*primitives: Primitive | str | Iterable[Primitive
     return policy
 
 
-dots_saveable: Policy = save_only_these(*P.COMPUTE_INTENSIVE)
-"""Save matmuls and convolutions, recompute the (cheap, elementwise) rest."""
-
 _NOT_RECOMPUTED = frozenset(P.COMPUTE_INTENSIVE)
+
+
+def dots_saveable(eqn: Eqn) -> bool:
+    """Save matmuls and convolutions (also as composites: ``linear``, ``convolution``, attention),
+    recompute the (cheap, elementwise) rest."""
+    return eqn.primitive in _NOT_RECOMPUTED or is_compute_intensive(eqn.primitive)
+
 _SHRINKING = frozenset(P.REDUCTIONS + P.INDEX_REDUCTIONS)
 
 
@@ -119,10 +135,19 @@ class MinCut:
         return f"MinCut(banned={name})"
 
 
-POLICIES: dict[str, Policy | MinCut] = {"default": save_all, "mincut": MinCut()}
+POLICIES: dict[str, Policy | MinCut] = {"default": save_all_but_copies, "mincut": MinCut()}
+
+PolicyValue = Any
+"""A policy name's value, a ``MinCut``, a callable ``policy(eqn)``, or a *solver* value: one with a
+``split_joint(analysis) -> Partition`` method (``rt.optimal(...)``, ``reftrace.transforms.optimal``),
+which chooses the whole partition itself."""
 
 
-def resolve_policy(policy: str | Policy | MinCut) -> Policy | MinCut:
+def is_solver(policy: Any) -> bool:
+    return callable(getattr(policy, "split_joint", None))
+
+
+def resolve_policy(policy: str | PolicyValue) -> PolicyValue:
     """The policy value for a name, or the value itself; a PartitionError for anything else."""
     if isinstance(policy, str):
         try:
@@ -130,7 +155,7 @@ def resolve_policy(policy: str | Policy | MinCut) -> Policy | MinCut:
         except KeyError:
             raise PartitionError(f"unknown partition policy {policy!r}; use one of {sorted(POLICIES)}, "
                                  "a MinCut(...) value, or a callable policy(eqn) -> bool") from None
-    if isinstance(policy, MinCut) or callable(policy):
+    if isinstance(policy, MinCut) or is_solver(policy) or callable(policy):
         return policy
-    raise PartitionError(f"a partition policy must be a name {sorted(POLICIES)}, a MinCut(...) value or a "
-                         f"callable policy(eqn) -> bool; got {type(policy).__name__}")
+    raise PartitionError(f"a partition policy must be a name {sorted(POLICIES)}, a MinCut(...) or "
+                         f"rt.optimal(...) value, or a callable policy(eqn) -> bool; got {type(policy).__name__}")

@@ -92,6 +92,7 @@ def every_primitive_program(x, y, b, idx, key):
                                          P.atan2_p) + P.COMPARISONS]
     outs += [lax.bind(p, b, lax.bind(P.lt_p, x, y)) for p in (P.and_p, P.or_p, P.xor_p)]
     outs += [lax.bind(P.select_p, b, x, y), lax.convert_element_type(x, np.float32), lax.stop_gradient(x)]
+    outs.append(rt.with_sharding(x, ("data", None)))  # the identity off a mesh
     outs += [lax.bind(p, x, axes=(1,)) for p in (P.reduce_sum_p, P.reduce_max_p, P.reduce_min_p, P.reduce_prod_p)]
     outs += [lax.bind(p, b, axes=(0,)) for p in (P.reduce_and_p, P.reduce_or_p)]
     outs += [lax.argmax(x, 1), lax.argmin(x, 0, np.int32)]

@@ -1,0 +1,401 @@
+"""``optimal`` and ``pareto``: the partitions that recompute the fewest FLOPs within a memory budget.
+
+``rt.optimal(memory_budget)`` is a policy value for ``rt.partition``: of all the partitions
+``split`` can make from a joint graph, it picks one that minimises ``rt.cost(p).recompute_flops``
+subject to ``rt.cost(p).activation_bytes <= memory_budget``, exactly, by solving a mixed-integer
+program with HiGHS (``highspy``). With ``fewest_bytes=True`` (always in ``pareto``) ties go to
+fewer activation bytes (a second solve with the FLOPs fixed at their optimum), so the answer is a
+point of the Pareto frontier, which ``pareto`` walks.
+
+The program, over the *relevant* forward values (the boundary the backward reads and their
+ancestors; everything else is outside any partition's choice):
+
+- ``s_v`` (binary, one per relevant computed value): ``v`` is saved;
+- ``r_e`` (binary, one per relevant equation that is not a random draw): the backward runs ``e``;
+- ``f_e`` (continuous in [0, 1], one per relevant equation the forward outputs do not need):
+  the forward runs ``e`` anyway, because a saved value depends on it;
+- ``y_e`` (continuous, one per such equation with FLOPs): ``e`` runs in both.
+
+Constraints: a boundary value is saved or recomputed (``s_v + r_e(v) >= 1``); an equation the
+backward runs has every operand saved or recomputed (``s_u + r_e(u) >= r_e``); primal inputs are
+always available and cost nothing (they live anyway), random draws can only be saved; the forward
+runs an equation whose output is saved and everything a forward equation reads
+(``f_e >= s_v``, ``f_e(u) >= f_e``); ``y_e >= r_e + f_e - 1``; the budget
+``sum(bytes(v) * s_v) <= memory_budget``. Objective: ``sum(flops(e) * r_e)`` over equations the
+forward outputs need, plus ``sum(flops(e) * y_e)`` over the others: exactly the FLOPs of backward
+equations that repeat forward ones, as ``rt.cost`` counts them. ``f`` and ``y`` take integral
+values at an optimum once ``s`` and ``r`` are integral, so only ``s`` and ``r`` are branched on.
+
+Reduction before solving: only ancestors of the boundary get variables; primal inputs get none
+(always available, free to save); random draws get no ``r``; equations the forward outputs need
+get no ``f``/``y`` (the forward runs them anyway, so recomputing them costs their FLOPs); bytes
+and FLOPs are divided by their gcds (integral coefficients, so ``mip_rel_gap=0`` proves the true
+optimum). The answer is turned into a partition by ``split`` and re-measured with ``rt.cost``
+(integers): the budget is checked exactly, and tightened and re-solved if floating point let a
+byte through.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from reftrace.errors import PartitionError
+from reftrace.graph import Graph, expect_graph
+from reftrace.primitives import eqn_is_random
+from reftrace.transforms.cost import eqn_flops
+from reftrace.transforms.partition import JointAnalysis, Partition, min_cut_saved, policy_saved, split
+from reftrace.transforms.policies import save_all_but_copies
+from reftrace.transforms.simplify import simplify
+
+__all__ = ["optimal", "Optimal", "pareto", "RecomputeProgram"]
+
+
+@dataclass(frozen=True)
+class Optimal:
+    """Recompute the fewest FLOPs (``rt.cost``'s model) within ``memory_budget`` activation bytes.
+
+    ``memory_budget``: an int (bytes), a float in (0, 1] (that fraction of the ``"default"``
+    policy's activation bytes, like torch's ``activation_memory_budget``), or None (min-cut's
+    activation bytes). Make one with ``rt.optimal(...)``, which checks the budget.
+    """
+
+    memory_budget: int | float | None = None
+    #: primal inputs the caller overwrites after the forward (a module's running statistics): a
+    #: saved one is copied first, so saving it costs its bytes (the torch bridge fills this in)
+    overwritten: tuple[int, ...] = ()
+    #: among the partitions with the fewest FLOPs, one with the fewest bytes (a second solve)
+    fewest_bytes: bool = False
+
+    def __repr__(self) -> str:
+        tie = ", fewest_bytes=True" if self.fewest_bytes else ""
+        return f"optimal(memory_budget={self.memory_budget!r}{tie})"
+
+    def split_joint(self, analysis: JointAnalysis) -> Partition:
+        """``rt.partition``'s path for this policy (the joint already simplified and analysed)."""
+        program = RecomputeProgram(analysis, overwritten=self.overwritten)
+        return program.best_within(_budget_bytes(program, self.memory_budget), fewest_bytes=self.fewest_bytes)
+
+
+def optimal(memory_budget: int | float | None = None, *, fewest_bytes: bool = False) -> Optimal:
+    """The policy saving at most ``memory_budget`` activation bytes while recomputing the fewest FLOPs.
+
+    ``memory_budget``: bytes (an int), a fraction in (0, 1] of the ``"default"`` policy's
+    activation bytes (a float, as torch's ``activation_memory_budget``), or None: min-cut's
+    activation bytes. ``fewest_bytes``: among the partitions with the fewest FLOPs, take one with
+    the fewest bytes (a second solve; without it, any within the budget). Use it as
+    ``rt.partition(joint, rt.optimal(0.5))`` or ``aot_module(..., partition_fn=rt.optimal(0.5))``.
+    """
+    if memory_budget is not None:
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float, np.integer, np.floating)):
+            raise PartitionError(f"rt.optimal: memory_budget must be bytes (an int), a fraction in (0, 1] "
+                                 f"(a float) or None, got {type(memory_budget).__name__} {memory_budget!r}")
+        if isinstance(memory_budget, (float, np.floating)):
+            if not 0.0 < float(memory_budget) <= 1.0:
+                raise PartitionError(f"rt.optimal: a float memory_budget is a fraction of the default policy's "
+                                     f"activation bytes, in (0, 1]; got {memory_budget}. Pass bytes as an int")
+            memory_budget = float(memory_budget)
+        else:
+            if memory_budget < 0:
+                raise PartitionError(f"rt.optimal: memory_budget={memory_budget} bytes is negative")
+            memory_budget = int(memory_budget)
+    return Optimal(memory_budget, fewest_bytes=bool(fewest_bytes))
+
+
+def pareto(joint: Graph, points: int | None = 12) -> tuple[Partition, ...]:
+    """Partitions on the activation-bytes / recompute-FLOPs Pareto frontier, fewest bytes first.
+
+    Each is the ``optimal`` partition for some budget, so activation bytes strictly increase and
+    recompute FLOPs strictly decrease along the tuple. ``points``: how many budgets to try, evenly
+    spaced from the smallest feasible one to the fewest bytes with no recomputation (duplicates
+    merge, so fewer may come back); None walks the whole frontier, one point per solve pair.
+    """
+    expect_graph(joint, "pareto")
+    if joint.joint is None:
+        raise PartitionError("pareto needs a joint graph; make one with rt.vjp(graph)")
+    if points is not None and (isinstance(points, bool) or not isinstance(points, int) or points < 2):
+        raise PartitionError(f"pareto: points must be an int >= 2 or None (the whole frontier), got {points!r}")
+    program = RecomputeProgram(JointAnalysis(simplify(joint)))
+    cheapest = program.best_within(None)               # fewest bytes among the least recomputation
+    smallest = program.best_within(program.min_bytes())
+    found = {_key(cheapest): cheapest, _key(smallest): smallest}
+    lo, hi = smallest.saved_activation_bytes, cheapest.saved_activation_bytes
+    if points is None:
+        budget = hi - 1
+        while budget >= lo:
+            p = program.best_within(budget)
+            found[_key(p)] = p
+            budget = p.saved_activation_bytes - 1
+    else:
+        for budget in np.linspace(lo, hi, points)[1:-1]:
+            p = program.best_within(int(budget))
+            found[_key(p)] = p
+    return _frontier(found.values())
+
+
+def _key(p: Partition) -> tuple[int, int]:
+    from reftrace.transforms.cost import recompute_flops
+    return (p.saved_activation_bytes, recompute_flops(p))
+
+
+def _frontier(parts: Any) -> tuple[Partition, ...]:
+    """The non-dominated partitions, fewest bytes first (so FLOPs strictly decrease)."""
+    out: list[Partition] = []
+    for p in sorted(parts, key=_key):
+        if not out or _key(p)[1] < _key(out[-1])[1]:
+            out.append(p)
+    return tuple(out)
+
+
+def _budget_bytes(program: "RecomputeProgram", memory_budget: int | float | None) -> int:
+    analysis = program.analysis
+    if memory_budget is None:
+        return program.activation_bytes(split(analysis, min_cut_saved(analysis)))
+    if isinstance(memory_budget, float):
+        default = program.activation_bytes(split(analysis, policy_saved(analysis, save_all_but_copies)))
+        return int(math.floor(memory_budget * default))
+    return int(memory_budget)
+
+
+# ----------------------------------------------------------------------------- the program
+
+@dataclass(frozen=True)
+class _Solution:
+    saved_ids: tuple[int, ...]
+    flops_units: int
+
+
+class RecomputeProgram:
+    """The mixed-integer program of one analysed joint (see the module docstring); solve it for
+    any budget with ``best_within``."""
+
+    def __init__(self, analysis: JointAnalysis, overwritten: Sequence[int] = ()) -> None:
+        self.analysis = a = analysis
+        eqns = a.graph.eqns
+        num_inputs = len(a.graph.inputs)
+        #: primal inputs whose saving costs their bytes (the caller overwrites them: a copy is saved)
+        self.charged = frozenset(i for i in overwritten if 0 <= i < a.num_primals)
+        relevant = a.ancestor_ids(a.boundary_ids) if a.boundary_ids else []
+        computed = [vid for vid in relevant if vid >= num_inputs]
+        random = {a.eqn_of[vid] for vid in computed if eqn_is_random(eqns[a.eqn_of[vid]].primitive)}
+        flops = {k: eqn_flops(eqns[k]) for k in {a.eqn_of[vid] for vid in computed} if k not in random}
+        stand_in = _stand_ins(a, computed, flops, self.charged)
+        self.savable = [vid for vid in relevant if stand_in[vid] == vid]
+        relevant_eqns = sorted({a.eqn_of[vid] for vid in self.savable} - {-1})
+        fwd = {k for k in relevant_eqns if any(a.forward_needed_mask[v.id] for v in eqns[k].outputs)}
+
+        columns = 0
+
+        def new_columns(keys: Sequence[int]) -> dict[int, int]:
+            nonlocal columns
+            out = {key: columns + i for i, key in enumerate(keys)}
+            columns += len(keys)
+            return out
+
+        s = new_columns(self.savable)
+        r = new_columns([k for k in relevant_eqns if k not in random])
+        f = new_columns([k for k in relevant_eqns if k not in fwd])
+        y = new_columns([k for k in relevant_eqns if k not in fwd and k not in random and flops[k] > 0])
+        self.num_columns = columns
+        self.s_columns = np.array([s[vid] for vid in self.savable], dtype=np.int64)
+        self.integrality = np.zeros(columns)
+        self.integrality[:len(s) + len(r)] = 1
+
+        rows: list[list[tuple[int, float]]] = []
+        lower: list[float] = []
+
+        def available(vid: int) -> list[tuple[int, float]] | None:
+            """Terms of "vid is available to the backward"; None: always (free to recompute)."""
+            vid = stand_in[vid]
+            if vid is None:
+                return None
+            k = a.eqn_of[vid]
+            return [(s[vid], 1.0)] + ([(r[k], 1.0)] if k in r else [])
+
+        for vid in a.boundary_ids:
+            terms = available(vid)
+            if terms is not None:
+                rows.append(terms)
+                lower.append(1.0)
+        for k in r:
+            for u in set(a.operands[k]):
+                terms = available(u)
+                if terms is not None:
+                    rows.append(terms + [(r[k], -1.0)])
+                    lower.append(0.0)
+        for k in f:
+            for v in eqns[k].outputs:
+                if v.id in s:
+                    rows.append([(f[k], 1.0), (s[v.id], -1.0)])
+                    lower.append(0.0)
+            for u in set(a.operands[k]):
+                producer = a.eqn_of[stand_in[u]] if stand_in[u] is not None else -1
+                if producer in f:
+                    rows.append([(f[producer], 1.0), (f[k], -1.0)])
+                    lower.append(0.0)
+        for k in y:
+            rows.append([(y[k], 1.0), (r[k], -1.0), (f[k], -1.0)])
+            lower.append(-1.0)
+
+        self.rows = _sparse(rows, columns)
+        self.lower = np.array(lower)
+
+        sizes = [a.values[vid].nbytes for vid in self.savable]
+        self.byte_unit = math.gcd(*sizes) or 1
+        self.bytes_objective = np.zeros(columns)
+        self.bytes_objective[self.s_columns] = [n // self.byte_unit for n in sizes]
+        costs = {**{r[k]: flops[k] for k in r if k in fwd}, **{y[k]: flops[k] for k in y}}
+        self.flop_unit = math.gcd(*costs.values()) or 1
+        self.flops_objective = np.zeros(columns)
+        for col, c in costs.items():
+            self.flops_objective[col] = c // self.flop_unit
+        self._model: _Highs | None = None
+        self._last: np.ndarray | None = None   # the last solution: a start for the next solve
+
+    # -- solving
+
+    def best_within(self, budget: int | None, fewest_bytes: bool = True) -> Partition:
+        """The partition with the fewest recomputed FLOPs (then, with ``fewest_bytes``, the fewest
+        activation bytes) within ``budget`` activation bytes (None: unbounded). A PartitionError
+        names the smallest feasible budget when there is none."""
+        units = None if budget is None else budget // self.byte_unit
+        for _ in range(4):
+            fewest = self._solve(self.flops_objective, units, None)
+            if fewest is None:
+                smallest = self.min_bytes()
+                raise PartitionError(
+                    f"rt.optimal: no partition saves at most {budget} activation bytes; the smallest feasible "
+                    f"budget is {smallest} bytes (random draws the backward reads are saved, never recomputed). "
+                    f"Pass memory_budget >= {smallest}")
+            best = (self._solve(self.bytes_objective, units, fewest.flops_units) if fewest_bytes else None) or fewest
+            part = self._split(best)
+            spent = self.activation_bytes(part)
+            if budget is None or spent <= budget:
+                return part
+            # floating point let a fraction of a byte through: tighten by the excess and solve again
+            units -= max(1, -(-(spent - budget) // self.byte_unit))
+        raise PartitionError(f"rt.optimal: the solver's answers keep exceeding {budget} bytes; "
+                             "report this joint graph as a bug")
+
+    def min_bytes(self) -> int:
+        """The fewest activation bytes any partition saves (at whatever recomputation)."""
+        solution = self._solve(self.bytes_objective, None, None)
+        return self.activation_bytes(self._split(solution)) if solution is not None else 0
+
+    def activation_bytes(self, part: Partition) -> int:
+        """What a partition's saved values cost here: its activation bytes, plus overwritten
+        inputs it saves (``Partition.saved_activation_bytes`` when nothing is overwritten)."""
+        charged = {part.forward.inputs[i] for i in self.charged}
+        return part.saved_activation_bytes + sum(v.nbytes for v in part.saved if v in charged)
+
+    def _split(self, solution: _Solution) -> Partition:
+        a = self.analysis
+        free = [v for i, v in enumerate(a.primals) if i not in self.charged]
+        saved = set(free) | {a.values[vid] for vid in solution.saved_ids}
+        return split(a, saved)
+
+    def _solve(self, objective: np.ndarray, budget_units: int | None, flops_cap: int | None) -> _Solution | None:
+        """Minimise ``objective`` within the budget (and the FLOPs cap); None if infeasible."""
+        if self.num_columns == 0:
+            return _Solution((), 0)
+        if self._model is None:
+            self._model = _Highs(self.rows, self.lower, self.integrality, [self.bytes_objective, self.flops_objective])
+        x = self._model.minimise(objective, [budget_units, flops_cap], start=self._last)
+        if x is None:
+            return None
+        self._last = x
+        saved = tuple(vid for vid, col in zip(self.savable, self.s_columns) if x[col] > 0.5)
+        return _Solution(saved, int(round(float(self.flops_objective @ np.round(x)))))
+
+
+class _Highs:
+    """One HiGHS model: ``rows x >= lower`` plus one ``<=`` row per extra coefficient vector, whose
+    bounds each solve sets; variables in [0, 1], integral where ``integrality`` says so."""
+
+    def __init__(self, rows: Any, lower: np.ndarray, integrality: np.ndarray, extra_rows: list[np.ndarray]) -> None:
+        import highspy
+        from scipy.sparse import csr_array, vstack
+
+        matrix = vstack([rows] + [csr_array(r[None, :]) for r in extra_rows], format="csr")
+        inf = highspy.kHighsInf
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = matrix.shape[1], matrix.shape[0]
+        lp.col_cost_ = np.zeros(lp.num_col_)
+        lp.col_lower_, lp.col_upper_ = np.zeros(lp.num_col_), np.ones(lp.num_col_)
+        lp.row_lower_ = np.concatenate([lower, np.full(len(extra_rows), -inf)])
+        lp.row_upper_ = np.full(lp.num_row_, inf)
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+        lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = matrix.indptr, matrix.indices, matrix.data
+        lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
+                           for i in integrality]
+        # the private constructor: the public highspy.Highs() prints a banner to stdout
+        self.highs = highspy._core._Highs() if hasattr(highspy, "_core") else highspy.Highs()
+        for option, value in _OPTIONS.items():
+            self.highs.setOptionValue(option, value)
+        self.highs.passModel(lp)
+        self.num_columns = lp.num_col_
+        self.first_extra_row = len(lower)
+        self.status = highspy.HighsModelStatus
+
+    def minimise(self, objective: np.ndarray, bounds: list[int | None], start: np.ndarray | None) -> np.ndarray | None:
+        """The optimal column values, or None when infeasible; ``start``: a solution to try first."""
+        columns = np.arange(self.num_columns, dtype=np.int32)
+        self.highs.changeColsCost(self.num_columns, columns, objective.astype(float))
+        for i, bound in enumerate(bounds):
+            upper = float("inf") if bound is None else bound + 0.5  # integral rows: half a unit is slack enough
+            self.highs.changeRowBounds(self.first_extra_row + i, -float("inf"), upper)
+        if start is not None:
+            self.highs.setSolution(self.num_columns, columns, np.asarray(start, dtype=float))
+        self.highs.run()
+        status = self.highs.getModelStatus()
+        if status == self.status.kInfeasible:
+            return None
+        if status != self.status.kOptimal:
+            reason = self.highs.modelStatusToString(status)
+            raise PartitionError(f"rt.optimal: HiGHS stopped without an optimum ({reason}); "
+                                 "report this joint graph as a bug")
+        return np.asarray(self.highs.getSolution().col_value)
+
+
+# Exact: no relative gap, and objectives are integral so a gap under one unit proves the optimum.
+# HiGHS's sub-MIP heuristics cost more than they save here (the LP bound is tight; an incumbent
+# and reduced-cost fixing finish the job).
+_OPTIONS: dict[str, Any] = {"output_flag": False, "mip_rel_gap": 0.0, "mip_abs_gap": 0.5,
+                            "mip_heuristic_run_rins": False, "mip_heuristic_run_rens": False,
+                            "mip_heuristic_run_root_reduced_cost": False}
+
+
+def _stand_ins(a: JointAnalysis, computed: list[int], flops: dict[int, int],
+               charged: frozenset[int]) -> dict[int, int | None]:
+    """For each relevant value, the value that stands in for it in the program: itself; None when
+    it is free to recompute (a primal input not ``charged``, or 0-FLOP data movement of free
+    values); or, for 0-FLOP
+    data movement of one other value ``u`` at least as large as ``u`` (reshape, broadcast,
+    transpose...), ``u``'s stand-in: saving that is never worse (no more bytes, no FLOPs to rebuild)."""
+    eqns = a.graph.eqns
+    stand_in: dict[int, int | None] = {v.id: (v.id if i in charged else None) for i, v in enumerate(a.primals)}
+    for vid in computed:  # definition order: operands first
+        k = a.eqn_of[vid]
+        stand_in[vid] = vid
+        if flops.get(k) != 0 or len(eqns[k].outputs) != 1:
+            continue
+        sources = {stand_in[u] for u in a.operands[k]} - {None}
+        if not sources:
+            stand_in[vid] = None
+        elif len(sources) == 1:
+            (u,) = sources
+            if a.values[u].nbytes <= a.values[vid].nbytes:
+                stand_in[vid] = u
+    return stand_in
+
+
+def _sparse(rows: list[list[tuple[int, float]]], columns: int) -> Any:
+    """Rows of (column, coefficient) pairs as a CSR matrix."""
+    from scipy.sparse import csr_array
+    data = [c for row in rows for _, c in row]
+    cols = [j for row in rows for j, _ in row]
+    indptr = np.cumsum([0] + [len(row) for row in rows])
+    return csr_array((np.array(data, dtype=float), np.array(cols, dtype=np.int64), indptr),
+                     shape=(len(rows), columns))

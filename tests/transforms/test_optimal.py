@@ -1,0 +1,268 @@
+"""rt.optimal and rt.pareto: the optimum equals brute force over every partition ``split`` can make,
+the budget holds, forward + backward compose to the joint at every budget, the frontier is strictly
+monotone and complete."""
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reftrace as rt
+import reftrace.numpy as rnp
+from reftrace import lax
+from reftrace import primitives as P
+from reftrace.interpreter import eval_graph
+from reftrace.transforms.partition import JointAnalysis, split
+from tests.transforms.test_partition import NUMPY_RULES, f64, joint_args
+
+# ----------------------------------------------------------------------------- random programs
+# Small programs with the cases the program must model: multi-output equations (sort: values and
+# indices, both read by the backward), random draws (never recomputed), matmuls, reductions, and
+# values that both an output and the backward read.
+
+OPS = ["cos", "sin", "tanh", "exp", "mul", "add", "matmul", "sum_keep", "scale", "transpose", "sort",
+       "dropout", "sum_small"]
+
+
+@st.composite
+def programs(draw):
+    num_inputs = draw(st.integers(1, 3))
+    ops = draw(st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 99), st.integers(0, 99)),
+                        min_size=1, max_size=6))
+    return num_inputs, tuple(ops), draw(st.booleans())
+
+
+def build(program):
+    """The traced program; inputs are ``num_inputs`` 2x2 float64 arrays and one random key."""
+    num_inputs, ops, extra_output = program
+
+    def fn(key, *xs):
+        pool = list(xs)
+        for n, (name, i, k) in enumerate(ops):
+            x, y = pool[i % len(pool)], pool[k % len(pool)]
+            if name == "sort":
+                values, indices = lax.sort(x, axis=1)
+                pool.append(rnp.cos(values) * lax.convert_element_type(indices, np.float64))
+                continue
+            if name == "dropout":
+                draw = lax.bind(P.random_p, lax.bind(P.random_fold_in_p, key, data=n), shape=(2, 2),
+                                dtype=np.dtype(np.float64), distribution="uniform")
+                pool.append(x * draw)
+                continue
+            pool.append({
+                "cos": lambda: rnp.cos(x), "sin": lambda: rnp.sin(x), "tanh": lambda: rnp.tanh(x),
+                "exp": lambda: rnp.exp(x), "mul": lambda: x * y, "add": lambda: x + y, "matmul": lambda: x @ y,
+                "sum_keep": lambda: x + rnp.sum(x, axis=0, keepdims=True), "scale": lambda: x * 0.5,
+                "transpose": lambda: x.T, "sum_small": lambda: rnp.sum(x, axis=(0, 1)) * y,
+            }[name]())
+        return (pool[-1], pool[len(pool) // 2]) if extra_output else pool[-1]
+
+    return rt.trace(fn, np.array([3, 7], np.uint32), *[f64(2, 2, seed=i) for i in range(num_inputs)])
+
+
+# ----------------------------------------------------------------------------- an exact numpy interpreter
+
+def _sort(x, *, axis, descending, index_dtype):
+    order = np.argsort(-x if descending else x, axis=axis, kind="stable")
+    return np.take_along_axis(x, order, axis=axis), order.astype(index_dtype)
+
+
+def _scatter_add(operand, indices, updates, *, axis):
+    out = np.array(operand, copy=True)
+    grid = list(np.indices(indices.shape))
+    grid[axis] = indices
+    np.add.at(out, tuple(grid), updates)
+    return out
+
+
+def _fold_in(key, *, data):
+    return np.array([key[0] ^ np.uint32(data), key[1] + np.uint32(1)], np.uint32)
+
+
+RULES = {**NUMPY_RULES, P.sort_p: _sort, P.scatter_add_p: _scatter_add, P.random_fold_in_p: _fold_in}
+
+
+def run(graph, *args):
+    def apply(eqn, values):
+        with np.errstate(all="ignore"):
+            out = RULES[eqn.primitive](*values, **dict(eqn.params))
+        return tuple(np.asarray(o) for o in out) if eqn.primitive.multiple_results else (np.asarray(out),)
+    return [np.asarray(v) for v in eval_graph(graph, list(args), apply)]
+
+
+def assert_composes_to_the_joint(part, joint, args):
+    num_primals, num_outs = joint.joint
+    fw = run(part.forward, *args[:num_primals])
+    grads = run(part.backward, *fw[num_outs:], *args[num_primals:])
+    for got, want in zip(fw[:num_outs] + grads, run(joint, *args), strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    assert not any(e.primitive is P.random_p for e in part.backward.eqns), "random draws are never recomputed"
+
+
+# ----------------------------------------------------------------------------- brute force
+
+def all_partitions(joint):
+    """(activation bytes, recompute FLOPs) of every partition split can make: one per subset of the
+    computed values the backward could read, random draws never recomputed."""
+    a = JointAnalysis(rt.simplify(joint))
+    candidates = [v for v in sorted(a.ancestors(a.boundary), key=lambda v: v.id) if v not in a.graph.inputs]
+    assert len(candidates) <= 11, "too many to enumerate"
+    costs = set()
+    for r in range(len(candidates) + 1):
+        for subset in itertools.combinations(candidates, r):
+            part = split(a, set(a.primals) | set(subset))
+            if any(e.primitive is P.random_p for e in part.backward.eqns):
+                continue
+            c = rt.cost(part)
+            costs.add((c.activation_bytes, c.recompute_flops))
+    return costs
+
+
+def fewest_flops_within(costs, budget):
+    return min((f for b, f in costs if b <= budget), default=None)
+
+
+def frontier(costs):
+    out = []
+    for b, f in sorted(costs):
+        if not out or f < out[-1][1]:
+            out.append((b, f))
+    return out
+
+
+def small_joint(program):
+    j = rt.vjp(build(program))
+    a = JointAnalysis(rt.simplify(j))
+    return j if len([v for v in a.ancestors(a.boundary) if v not in a.graph.inputs]) <= 11 else None
+
+
+@given(programs())
+def test_the_optimum_equals_brute_force_at_every_budget(program):
+    joint = small_joint(program)
+    if joint is None:
+        return
+    costs = all_partitions(joint)
+    args = joint_args(joint)
+    args[0] = np.array([3, 7], np.uint32)
+    levels = sorted({b for b, _ in costs})
+    for budget in levels + [levels[-1] + 1000]:
+        part = rt.partition(joint, rt.optimal(budget))
+        c = rt.cost(part)
+        assert c.activation_bytes <= budget
+        assert c.recompute_flops == fewest_flops_within(costs, budget), budget
+        assert_composes_to_the_joint(part, joint, args)
+    if levels[0] > 0:
+        with pytest.raises(rt.PartitionError, match=f"smallest feasible budget is {levels[0]} bytes"):
+            rt.partition(joint, rt.optimal(levels[0] - 1))
+
+
+@given(programs())
+def test_the_whole_frontier_equals_brute_force(program):
+    joint = small_joint(program)
+    if joint is None:
+        return
+    want = frontier(all_partitions(joint))
+    got = [(rt.cost(p).activation_bytes, rt.cost(p).recompute_flops) for p in rt.pareto(joint, points=None)]
+    assert got == want
+    few = [(rt.cost(p).activation_bytes, rt.cost(p).recompute_flops) for p in rt.pareto(joint, points=3)]
+    assert set(few) <= set(want) and few[0] == want[0] and few[-1] == want[-1]
+
+
+@given(programs())
+def test_default_budgets_are_mincut_bytes_and_fractions_of_the_default(program):
+    joint = rt.vjp(build(program))
+    costs = None if small_joint(program) is None else all_partitions(joint)
+    mincut = rt.partition(joint, "mincut").saved_activation_bytes
+    default = rt.partition(joint, "default").saved_activation_bytes
+    for policy, budget in [(rt.optimal(), mincut), (rt.optimal(1.0), default), (rt.optimal(0.5), default // 2)]:
+        try:
+            part = rt.partition(joint, policy)
+        except rt.PartitionError as err:  # only a random draw can make a budget infeasible
+            assert "random draws" in str(err)
+            assert any(e.primitive is P.random_p for e in joint.eqns)
+            continue
+        c = rt.cost(part)
+        assert c.activation_bytes <= budget
+        if costs is not None:
+            assert c.recompute_flops == fewest_flops_within(costs, budget)
+    assert rt.cost(rt.partition(joint, rt.optimal(1.0))).recompute_flops == 0
+    if costs is not None:  # ties go to the fewest bytes when asked
+        tidy = rt.cost(rt.partition(joint, rt.optimal(1.0, fewest_bytes=True)))
+        assert (tidy.activation_bytes, tidy.recompute_flops) == min((b, f) for b, f in costs if f == 0)
+
+
+# ----------------------------------------------------------------------------- hand-made cases
+
+def mlp_joint(width=16):
+    def fn(x, w1, w2):
+        return rnp.sum(rnp.tanh(rnp.tanh(x @ w1) @ w2))
+    return rt.vjp(rt.trace(fn, f64(8, width), f64(width, width, seed=1), f64(width, 4, seed=2)))
+
+
+def test_matmuls_are_recomputed_only_when_the_budget_forces_it():
+    joint = mlp_joint()
+    matmul_flops = {rt.cost(rt.trace(lambda a, b: a @ b, f64(8, 16), f64(16, 16))).flops,
+                    rt.cost(rt.trace(lambda a, b: a @ b, f64(8, 16), f64(16, 4))).flops}
+    assert rt.cost(rt.partition(joint, rt.optimal())).recompute_flops < min(matmul_flops)
+    tight = rt.partition(joint, rt.optimal(0))
+    c = rt.cost(tight)
+    assert c.activation_bytes == 0
+    assert c.recompute_flops >= min(matmul_flops)   # a matmul runs twice: the budget forces it
+
+
+def test_budgets_are_checked():
+    joint = mlp_joint()
+    for bad in (1.5, 0.0, -3, "half", True):
+        with pytest.raises(rt.PartitionError, match="memory_budget"):
+            rt.partition(joint, rt.optimal(bad))
+    with pytest.raises(rt.PartitionError, match="points"):
+        rt.pareto(joint, points=1)
+    assert repr(rt.optimal(0.5)) == "optimal(memory_budget=0.5)"
+    assert repr(rt.optimal(64, fewest_bytes=True)) == "optimal(memory_budget=64, fewest_bytes=True)"
+
+
+def test_the_frontier_of_an_mlp_is_strictly_monotone():
+    parts = rt.pareto(mlp_joint(), points=None)
+    costs = [(rt.cost(p).activation_bytes, rt.cost(p).recompute_flops) for p in parts]
+    assert len(costs) >= 3
+    assert all(b1 < b2 and f1 > f2 for (b1, f1), (b2, f2) in zip(costs, costs[1:]))
+    assert costs[-1][1] == 0
+
+
+def test_five_thousand_equations_solve_quickly():
+    from benchmarks.partition_speed import joint_with_at_least
+    joint = joint_with_at_least(5000)
+    start = time.process_time()
+    part = rt.partition(joint, rt.optimal(0.5))
+    elapsed = time.process_time() - start
+    default = rt.partition(joint, "default").saved_activation_bytes
+    assert rt.cost(part).activation_bytes <= default // 2
+    assert elapsed < 8, f"{elapsed:.1f} s of CPU time (the target is 2 s of wall time on an idle machine)"
+
+
+def test_the_plot_draws_the_frontier(tmp_path):
+    pytest.importorskip("matplotlib")
+    from reftrace import plot
+    joint = mlp_joint()
+    frontier = plot.pareto(joint, tmp_path / "frontier.svg", points=4)
+    assert frontier == rt.pareto(joint, points=4)
+    text = (tmp_path / "frontier.svg").read_text()
+    assert text.startswith("<?xml") and "mincut" in text and "dots_saveable" in text
+    with pytest.raises(rt.ArgumentError, match=".svg, .png or .pdf"):
+        plot.pareto(joint, tmp_path / "frontier.txt")
+
+
+def test_the_command_prints_and_plots_a_models_frontier(tmp_path, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    from reftrace.__main__ import main
+    out = tmp_path / "mlp.svg"
+    models = Path(__file__).resolve().parents[2] / "examples" / "models.py"
+    assert main(["pareto", f"{models}:mlp", "--points", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "inputs 8x512" in printed and "optimal #1" in printed and "mincut" in printed
+    assert out.read_text().startswith("<?xml")
