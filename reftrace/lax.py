@@ -503,6 +503,10 @@ def pinv(a: Any, atol: Any, rtol: Any, hermitian: bool = False) -> Any:
     return bind(P.pinv_p, a, atol, rtol, hermitian=bool(hermitian))
 
 
+def eig(a: Any) -> tuple[Any, Any]:
+    return bind(P.eig_p, a)
+
+
 def gather(operand: Any, indices: Any, axis: int) -> Any:
     return bind(P.gather_p, operand, indices, axis=int(axis))
 

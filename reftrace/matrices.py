@@ -18,6 +18,11 @@ def mT(x: Any) -> Any:  # noqa: N802 - torch's name for it
     return lax.transpose(x, tuple(range(x.ndim - 2)) + (x.ndim - 1, x.ndim - 2))
 
 
+def mH(x: Any) -> Any:  # noqa: N802 - torch's name for it
+    """The conjugate transpose of the last two dimensions (``mT`` for real matrices)."""
+    return lax.conj_if_complex(mT(x))
+
+
 def matmul(a: Any, b: Any) -> Any:
     """Batched ``a @ b`` for operands with equal batch dimensions."""
     batch = tuple(range(a.ndim - 2))

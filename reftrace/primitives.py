@@ -558,13 +558,16 @@ conv_general_dilated_p = _new("conv_general_dilated", _conv_rule)
 
 
 # ----------------------------------------------------------------------------- linear algebra
-# Batched over leading dimensions; operands are float matrices in the last two dimensions. What a
-# singular or indefinite matrix gives is unspecified (inf/NaN): nothing here raises on values.
+# Batched over leading dimensions; operands are float or complex matrices in the last two dimensions.
+# "Symmetric" reads "Hermitian" and a transpose in a decomposition's definition reads the conjugate
+# transpose for complex matrices (LAPACK's and torch's meaning); ``triangular_solve``'s ``transpose_a``
+# is the plain transpose (a conjugate transpose is ``transpose_a`` of ``conj(a)``). What a singular or
+# indefinite matrix gives is unspecified (inf/NaN): nothing here raises on values.
 
 def _matrices(name: str, *avals: Aval) -> None:
     for a in avals:
-        if a.ndim < 2 or not is_float(a.dtype):
-            raise ShapeError(f"{name}: expects float matrices (rank >= 2), got {a.str_short()}")
+        if a.ndim < 2 or not is_inexact(a.dtype):
+            raise ShapeError(f"{name}: expects float or complex matrices (rank >= 2), got {a.str_short()}")
 
 
 def _square(name: str, a: Aval) -> None:
@@ -578,7 +581,7 @@ def _cholesky_rule(a: Aval) -> Aval:
     return a
 
 
-# the lower factor L with a = L L^T, reading only a's lower triangle (LAPACK potrf)
+# the lower factor L with a = L L^H, reading only a's lower triangle (LAPACK potrf)
 cholesky_p = _new("cholesky", _cholesky_rule)
 
 
@@ -622,10 +625,11 @@ qr_p = _new("qr", _qr_rule, multiple_results=True)
 
 def _eigh_rule(a: Aval, *, lower: bool) -> tuple[Aval, Aval]:
     _square("eigh", a)
-    return Aval(a.shape[:-1], a.dtype), a
+    return Aval(a.shape[:-1], real_dtype(a.dtype)), a
 
 
-# (eigenvalues ascending, eigenvectors as columns) of the symmetric matrix in a's lower (or upper) triangle
+# (eigenvalues ascending, real; eigenvectors as columns) of the symmetric (Hermitian) matrix in a's
+# lower (or upper) triangle
 eigh_p = _new("eigh", _eigh_rule, multiple_results=True)
 
 
@@ -636,19 +640,19 @@ def _svd_rule(a: Aval, *, full_matrices: bool) -> tuple[Aval, Aval, Aval]:
     batch = a.shape[:-2]
     u = (m, m) if full_matrices else (m, k)
     vh = (n, n) if full_matrices else (k, n)
-    return Aval(batch + u, a.dtype), Aval(batch + (k,), a.dtype), Aval(batch + vh, a.dtype)
+    return Aval(batch + u, a.dtype), Aval(batch + (k,), real_dtype(a.dtype)), Aval(batch + vh, a.dtype)
 
 
-# (u, s, vh) with a = u diag(s) vh, s descending (LAPACK gesdd)
+# (u, s, vh) with a = u diag(s) vh, s real and descending (LAPACK gesdd)
 svd_p = _new("svd", _svd_rule, multiple_results=True)
 
 
 def _pinv_rule(a: Aval, atol: Aval, rtol: Aval, *, hermitian: bool) -> Aval:
     _matrices("pinv", a)
     for t in (atol, rtol):
-        if t.shape != a.shape[:-2] or t.dtype != a.dtype:
-            raise ShapeError(f"pinv: tolerances must be {a.dtype.name} arrays of the batch shape {a.shape[:-2]}, "
-                             f"got {t.str_short()}")
+        if t.shape != a.shape[:-2] or t.dtype != real_dtype(a.dtype):
+            raise ShapeError(f"pinv: tolerances must be {real_dtype(a.dtype).name} arrays of the batch shape "
+                             f"{a.shape[:-2]}, got {t.str_short()}")
     return Aval(a.shape[:-2] + (a.shape[-1], a.shape[-2]), a.dtype)
 
 
@@ -656,6 +660,23 @@ def _pinv_rule(a: Aval, atol: Aval, rtol: Aval, *, hermitian: bool) -> Aval:
 # the (symmetric) matrix is decomposed by eigh. Its own primitive so that its derivative is the
 # constant-rank formula, finite at rank-deficient matrices (differentiating the SVD is not).
 pinv_p = _new("pinv", _pinv_rule)
+
+
+def _eig_rule(a: Aval) -> tuple[Aval, Aval]:
+    _square("eig", a)
+    if a.dtype.itemsize < 4:  # LAPACK (both backends) has no half-precision geev
+        raise ShapeError(f"eig: expects float32, float64, complex64 or complex128 matrices, got {a.str_short()}")
+    c = complex_dtype(a.dtype)
+    return Aval(a.shape[:-1], c), Aval(a.shape, c)
+
+
+# (eigenvalues, right eigenvectors as columns) of a general square matrix, both complex even for a real
+# one: a v = l v. LAPACK geev's (and torch.linalg.eig's) meaning: the order of the eigenvalues is
+# unspecified, and each eigenvector has unit 2-norm, so it is unique only up to a phase e^{i phi} (up to
+# sign for a real eigenvector); geev makes its largest component real, but builds of LAPACK may still
+# differ in that sign. JAX computes it with LAPACK on the host CPU (for GPU arrays too, by JAX's docs);
+# the "jax" backend raises on platforms without it (TPU). Differentiable where eigenvalues are distinct.
+eig_p = _new("eig", _eig_rule, multiple_results=True)
 
 
 # ----------------------------------------------------------------------------- indexing (torch-style)

@@ -179,16 +179,26 @@ jax_rules[P.svd_p] = lambda a, *, full_matrices: tuple(
 def _pinv(a, atol, rtol, *, hermitian):
     if hermitian:
         v, w = jax.lax.linalg.eigh(a, symmetrize_input=False)
-        s, u, vh = jnp.abs(w), v * jnp.sign(w)[..., None, :], jnp.swapaxes(v, -1, -2)
+        s, u, vh = jnp.abs(w), v * jnp.sign(w)[..., None, :], jnp.conj(jnp.swapaxes(v, -1, -2))
     else:
         u, s, vh = jax.lax.linalg.svd(a, full_matrices=False)
     largest = jnp.max(s, axis=-1, initial=0.0)
     cutoff = jnp.maximum(atol, rtol * largest)[..., None]
     inv = jnp.where(s > cutoff, 1 / jnp.where(s > cutoff, s, 1), 0)
-    return jnp.einsum("...ji,...j,...kj->...ik", vh, inv, u, precision=lax.Precision.HIGHEST)
+    return jnp.einsum("...ji,...j,...kj->...ik", jnp.conj(vh), inv, jnp.conj(u),  # V diag(1/s) U^H
+                      precision=lax.Precision.HIGHEST)
 
 
 jax_rules[P.pinv_p] = _pinv
+
+
+def _eig(a):
+    """LAPACK geev, as torch: its eigenvectors already have unit 2-norm (no renormalisation needed)."""
+    w, v = jax.lax.linalg.eig(a, compute_left_eigenvectors=False, compute_right_eigenvectors=True)
+    return w, v
+
+
+jax_rules[P.eig_p] = _eig
 
 
 def _full_index(indices, axis):

@@ -508,7 +508,8 @@ def _lu(a: Any) -> tuple[Any, Any, Any]:
         order = torch.arange(m, dtype=torch.int32).expand(list(av.shape[:-2]) + [m])
         return factor, torch.sub(pivots, 1), order
     p, lower, upper = torch.lu_unpack(factor, pivots, unpack_data=False)
-    permutation = torch.argmax(p, dim=-2).to(torch.int32)  # a = P L U: row i of L U is row perm[i] of a
+    # a = P L U: row i of L U is row perm[i] of a (P has a's dtype; argmax refuses complex ones)
+    permutation = torch.argmax(torch.real(p), dim=-2).to(torch.int32)
     return factor, torch.sub(pivots, 1), permutation
 
 
@@ -537,6 +538,14 @@ torch_rules[P.pinv_p] = lambda a, atol, rtol, *, hermitian: torch.linalg.pinv(_t
 torch_rules[P.qr_p] = _qr
 torch_rules[P.eigh_p] = _eigh
 torch_rules[P.svd_p] = _svd
+
+
+def _eig(a: Any) -> tuple[Any, Any]:
+    w, v = torch.linalg.eig(_t(a))
+    return w, v
+
+
+torch_rules[P.eig_p] = _eig
 
 
 # ----------------------------------------------------------------------------- indexing

@@ -165,8 +165,8 @@ def _pass_rate(results: Sequence[OpResult]) -> str:
 
 def _reason(message: str) -> str:
     """A short cause for grouping unsupported ops in the report."""
-    if "complex tensors" in message:
-        return "complex numbers (reftrace graphs are real-valued)"
+    if "complex tensors" in message or "complex inputs" in message:
+        return "complex inputs this op's rule refuses"
     if "data-dependent" in message or "DataDependentControlFlowError" in message:
         return "data-dependent: an output shape or a branch depends on tensor values"
     if "sparse" in message:

@@ -148,6 +148,7 @@ FLOP_RULES: dict[str, Callable[[Eqn], int]] = {
     "lu": _per_matrix(lambda m, n: 2 * n ** 3 / 3),
     "qr": _per_matrix(lambda m, n: 2 * m * n * n - 2 * n ** 3 / 3),
     "eigh": _per_matrix(lambda m, n: 9 * n ** 3),
+    "eig": _per_matrix(lambda m, n: 25 * n ** 3),  # Hessenberg QR iteration with eigenvectors (Golub & Van Loan)
     "svd": _per_matrix(lambda m, n: 4 * m * n * n + 22 * n ** 3),
     "pinv": _per_matrix(lambda m, n: 4 * m * n * n + 22 * n ** 3 + 2 * m * n * n),
     "triangular_solve": _triangular_solve,

@@ -38,15 +38,16 @@ from reftrace.composite import is_composite
 from reftrace.errors import UnsupportedOperatorError
 from reftrace.graph import Aval
 from reftrace.lax import TracedArray
-from reftrace.matrices import (diag_embed, diagonal, eye_mask, leading, matmul, mT, scale_columns, scale_rows,
+from reftrace.matrices import (diag_embed, diagonal, eye_mask, leading, matmul, mH, mT, scale_columns, scale_rows,
                                trailing, triangle)
 from reftrace.nn import activations as _activations
 from reftrace.nn import dense as _dense
 from reftrace.nn._util import along
 from reftrace.primitives import Primitive
 # the VJP table's building blocks where a convention lives: sharing them keeps the two tables' choices identical
-from reftrace.transforms.vjp_rules import (_choice_weight, _exclusive_cumprod, _expand_reduced, _inverse_permutation,
-                                           _kept_dims, _pair_masks, _pairwise, _spectral_gaps, vjp_rules)
+from reftrace.transforms.vjp_rules import (_choice_weight, _eig_solve, _exclusive_cumprod, _expand_reduced,
+                                           _inverse_permutation, _kept_dims, _pair_masks, _pairwise, _spectral_gaps,
+                                           vjp_rules)
 
 Tangent = TracedArray | None
 JvpRule = Callable[..., tuple[Tangent, ...]]
@@ -386,18 +387,31 @@ _bilinear(P.conv_general_dilated_p)
 
 # ----------------------------------------------------------------------------- linear algebra
 # Each rule is the transpose of the VJP rule (torch's formulas), so the symmetric-input conventions
-# agree: cholesky and eigh differentiate as functions of sym(a) = (a + a^T) / 2.
+# agree: cholesky and eigh differentiate as functions of the Hermitian part (a + a^H) / 2.
 
 def _sym(t: TracedArray) -> TracedArray:
-    return lax.mul(_const(0.5, t), lax.add(t, mT(t)))
+    """The Hermitian part (t + t^H) / 2 (the symmetric part of a real t): what cholesky and eigh differentiate."""
+    return lax.mul(_const(0.5, t), lax.add(t, mH(t)))
+
+
+def _real_part(x: TracedArray) -> TracedArray:
+    """Re(x) in the real dtype, ``x`` itself when real: eigenvalues and singular values are real."""
+    return lax.real(x) if P.is_complex(x.dtype) else x
+
+
+def _imaginary_part(x: TracedArray) -> TracedArray:
+    """i Im(x) = x - Re(x), in x's complex dtype."""
+    return lax.sub(x, lax.convert_element_type(lax.real(x), x.dtype))
 
 
 @_register(P.cholesky_p)
 def _cholesky_jvp(tangents, primals, outs):
-    """dL = L Phi(L^-1 sym(da) L^-T), Phi = lower triangle with the diagonal halved."""
+    """dL = L Phi(L^-1 sym(da) L^-H), Phi = lower triangle with the diagonal halved (L^-1 dL has a real
+    diagonal, as L's diagonal stays positive)."""
     (t,), (factor,) = tangents, outs
     left = lax.triangular_solve(factor, _sym(t), left_side=True, lower=True, transpose_a=False)
-    both = lax.triangular_solve(factor, left, left_side=False, lower=True, transpose_a=True)
+    # X L^H = left: transpose_a is the plain transpose, so solve with conj(L)
+    both = lax.triangular_solve(lax.conj_if_complex(factor), left, left_side=False, lower=True, transpose_a=True)
     phi = lax.sub(triangle(both, 0, True), lax.mul(_const(0.5, both), diag_embed(diagonal(both))))
     return (matmul(factor, phi),)
 
@@ -405,7 +419,8 @@ def _cholesky_jvp(tangents, primals, outs):
 @_register(P.triangular_solve_p)
 def _triangular_solve_jvp(tangents, primals, outs, *, left_side, lower, transpose_a, unit_diagonal):
     """op(a) x = b gives op(a) dx = db - op(da) x (or dx op(a) = db - x op(da)), da read on a's
-    triangle only (the strict one with a unit diagonal)."""
+    triangle only (the strict one with a unit diagonal). op is the plain transpose, so the rule is
+    holomorphic: complex matrices need no conjugates."""
     (t_a, t_b), (a, b), (x,) = tangents, primals, outs
     rhs = t_b
     if t_a is not None:
@@ -426,7 +441,8 @@ def _resize(x: TracedArray, rows: int, cols: int) -> TracedArray:
 def _lu_jvp(tangents, primals, outs):
     """P^T a = L U with L (m, k) unit lower and U (k, n) upper. Complete them to square L~ (m, m) and
     U~ (n, n) with identity blocks; then M = L~^-1 P^T da U~^-1 splits into dL = L~ tril_-1(M) and
-    dU = triu(M) U~ (their first k columns / rows), packed like the factors."""
+    dU = triu(M) U~ (their first k columns / rows), packed like the factors. Holomorphic: the same for
+    complex matrices."""
     (t,), (a,), (packed, _, permutation) = tangents, primals, outs
     if a.size == 0:
         return lax.zeros(packed.aval), None, None
@@ -451,11 +467,15 @@ def _lu_jvp(tangents, primals, outs):
 
 
 def _qr_tall_jvp(q: TracedArray, r: TracedArray, t: TracedArray) -> tuple[TracedArray, TracedArray]:
-    """m >= n: C = Q^T da R^-1 = Omega + dR R^-1 with Omega = Q^T dQ skew and dR R^-1 upper, so
-    Omega = tril_-1(C) - tril_-1(C)^T, dR = (C - Omega) R, dQ = da R^-1 - Q (C - Omega)."""
-    c = lax.triangular_solve(r, matmul(mT(q), t), left_side=False, lower=False)
+    """m >= n: C = Q^H da R^-1 = Omega + dR R^-1 with Omega = Q^H dQ skew-Hermitian and dR R^-1 upper, so
+    Omega = tril_-1(C) - tril_-1(C)^H + i Im diag(C), dR = (C - Omega) R, dQ = da R^-1 - Q (C - Omega).
+    The imaginary diagonal keeps R's diagonal real, as LAPACK returns it (torch's and JAX's choice)."""
+    c = lax.triangular_solve(r, matmul(mH(q), t), left_side=False, lower=False)
     strict = triangle(c, -1, True)
-    upper_part = lax.sub(c, lax.sub(strict, mT(strict)))                       # C - Omega = dR R^-1
+    omega = lax.sub(strict, mH(strict))
+    if P.is_complex(c.dtype):
+        omega = lax.add(omega, diag_embed(_imaginary_part(diagonal(c))))
+    upper_part = lax.sub(c, omega)                                             # C - Omega = dR R^-1
     d_r = matmul(upper_part, r)
     d_q = lax.sub(lax.triangular_solve(r, t, left_side=False, lower=False), matmul(q, upper_part))
     return d_q, d_r
@@ -470,64 +490,85 @@ def _qr_jvp(tangents, primals, outs, *, full_matrices):
                                        "differentiable (as in torch); use mode='reduced'")
     if rows >= cols:
         return _qr_tall_jvp(q, r, t)
-    # wide: a = q [x | y] with x square; y = q^T a_y moves with q too
+    # wide: a = q [x | y] with x square; y = q^H a_y moves with q too
     d_q, d_x = _qr_tall_jvp(q, leading(r, 1, rows), leading(t, 1, rows))
-    d_y = lax.add(matmul(mT(d_q), trailing(a, 1, rows)), matmul(mT(q), trailing(t, 1, rows)))
+    d_y = lax.add(matmul(mH(d_q), trailing(a, 1, rows)), matmul(mH(q), trailing(t, 1, rows)))
     return d_q, lax.concatenate([d_x, d_y], a.ndim - 1)
 
 
 @_register(P.pinv_p)
 def _pinv_jvp(tangents, primals, outs, *, hermitian):
     """The constant-rank derivative (Golub & Pereyra), whose transpose is the VJP's:
-    dP = -P da P + P P^T da^T (I - A P) + (I - P A) da^T P^T P."""
+    dP = -P da P + P P^H da^H (I - A P) + (I - P A) da^H P^H P."""
     (t, _, _), (a, _, _), (p,) = tangents, primals, outs
     if t is None:
         return (None,)
-    tt = mT(t)
+    tt = mH(t)
     first = lax.neg(matmul(matmul(p, t), p))
-    second = matmul(matmul(p, mT(p)), lax.sub(tt, matmul(matmul(tt, a), p)))
-    third = matmul(lax.sub(tt, matmul(p, matmul(a, tt))), matmul(mT(p), p))
+    second = matmul(matmul(p, mH(p)), lax.sub(tt, matmul(matmul(tt, a), p)))
+    third = matmul(lax.sub(tt, matmul(p, matmul(a, tt))), matmul(mH(p), p))
     return (lax.add(first, lax.add(second, third)),)
 
 
 @_register(P.eigh_p)
 def _eigh_jvp(tangents, primals, outs, *, lower):
-    """B = V^T sym(da) V: dw = diag(B), dV = V (B / E) off the diagonal, E_ij = w_j - w_i."""
+    """B = V^H sym(da) V: dw = Re diag(B) (real), dV = V (B / E) off the diagonal, E_ij = w_j - w_i. The zero
+    diagonal of V^H dV fixes the phases of complex eigenvectors (torch's and JAX's choice)."""
     (t,), (w, v) = tangents, outs
-    b = matmul(matmul(mT(v), _sym(t)), v)
+    b = matmul(matmul(mH(v), _sym(t)), v)
     gaps, off = _spectral_gaps(w)
-    return diagonal(b), matmul(v, lax.select(off, lax.div(b, gaps), _const(0, b)))
+    gaps = lax.convert_element_type(gaps, b.dtype)
+    return _real_part(diagonal(b)), matmul(v, lax.select(off, lax.div(b, gaps), _const(0, b)))
 
 
 @_register(P.svd_p)
 def _svd_jvp(tangents, primals, outs, *, full_matrices):
-    """dP = U^T da V; dS = diag(dP); U^T dU = (dP S + S dP^T) / E, V^T dV = (S dP + dP^T S) / E off the
-    diagonal (E_ij = s_j^2 - s_i^2), plus the parts of da outside U's / V's column spaces. With full
-    matrices only the first min(m, n) singular vectors move (the VJP ignores the rest, as torch)."""
+    """dP = U^H da V; dS = Re diag(dP) (real); U^H dU = (dP S + S dP^H) / E, V^H dV = (S dP + dP^H S) / E off
+    the diagonal (E_ij = s_j^2 - s_i^2), plus the parts of da outside U's / V's column spaces. Complex
+    singular vectors have a phase each: torch's choice puts +i Im diag(dP) / 2S on the diagonal of U^H dU
+    and -i Im diag(dP) / 2S on V^H dV's. With full matrices only the first min(m, n) singular vectors move
+    (the VJP ignores the rest, as torch)."""
     (t,), (a,), (u, s, vh) = tangents, primals, outs
     k = s.shape[-1]
     rows, cols = a.shape[-2:]
     u_k, vh_k = (leading(u, 1, k), leading(vh, 2, k)) if full_matrices else (u, vh)
-    v = mT(vh_k)
+    v = mH(vh_k)
     t_v = matmul(t, v)
-    d_p = matmul(mT(u_k), t_v)
+    d_p = matmul(mH(u_k), t_v)
     gaps, off = _spectral_gaps(lax.mul(s, s))
+    gaps, s_a = lax.convert_element_type(gaps, a.dtype), lax.convert_element_type(s, a.dtype)
 
     def over_gaps(x):
         return lax.select(off, lax.div(x, gaps), _const(0, x))
 
-    d_u = matmul(u_k, over_gaps(lax.add(scale_columns(d_p, s), scale_rows(s, mT(d_p)))))
-    d_v = matmul(v, over_gaps(lax.add(scale_rows(s, d_p), scale_columns(mT(d_p), s))))
-    inv_s = lax.div(_const(1, s), s)
+    d_u = matmul(u_k, over_gaps(lax.add(scale_columns(d_p, s_a), scale_rows(s_a, mH(d_p)))))
+    d_v = matmul(v, over_gaps(lax.add(scale_rows(s_a, d_p), scale_columns(mH(d_p), s_a))))
+    inv_s = lax.div(_const(1, s_a), s_a)
+    if P.is_complex(a.dtype):
+        phase = lax.mul(_const(0.5, inv_s), lax.mul(_imaginary_part(diagonal(d_p)), inv_s))
+        d_u, d_v = lax.add(d_u, scale_columns(u_k, phase)), lax.sub(d_v, scale_columns(v, phase))
     if rows > k:
         d_u = lax.add(d_u, scale_columns(lax.sub(t_v, matmul(u_k, d_p)), inv_s))
     if cols > k:
-        t_u = matmul(mT(t), u_k)
-        d_v = lax.add(d_v, scale_columns(lax.sub(t_u, matmul(v, mT(d_p))), inv_s))
-    d_vh = mT(d_v)
+        t_u = matmul(mH(t), u_k)
+        d_v = lax.add(d_v, scale_columns(lax.sub(t_u, matmul(v, mH(d_p))), inv_s))
+    d_vh = mH(d_v)
     if full_matrices:
         d_u, d_vh = _resize(d_u, rows, rows), _resize(d_vh, cols, cols)
-    return d_u, diagonal(d_p), d_vh
+    return d_u, _real_part(diagonal(d_p)), d_vh
+
+
+@_register(P.eig_p)
+def _eig_jvp(tangents, primals, outs):
+    """torch's linalg_eig_jvp: dP = V^-1 da V, dl = diag(dP), dX = V (dP / E) off the diagonal
+    (E_ij = l_j - l_i), dV = dX - V diag(re diag(V^H dX)) (the columns keep unit norm). A real tangent
+    is made complex first."""
+    (t,), (l, v) = tangents, outs
+    d_p = _eig_solve(v, matmul(lax.convert_element_type(t, v.dtype), v), adjoint=False)
+    gaps, off = _spectral_gaps(l)
+    d_x = matmul(v, lax.select(off, lax.div(d_p, gaps), _const(0, d_p)))
+    norm_change = lax.convert_element_type(lax.real(diagonal(matmul(mH(v), d_x))), v.dtype)
+    return diagonal(d_p), lax.sub(d_x, scale_columns(v, norm_change))
 
 
 # ----------------------------------------------------------------------------- indexing

@@ -114,6 +114,7 @@ def every_primitive_program(x, y, b, idx, key):
     outs += [lax.cholesky(spd), lax.triangular_solve(spd, x, left_side=True, lower=False, transpose_a=True)]
     outs += list(lax.lu(x)) + list(lax.qr(x)) + list(lax.eigh(spd)) + list(lax.svd(x))
     outs.append(lax.pinv(x, np.array(0.0), np.array(1e-12)))
+    outs += list(lax.eig(lax.dot_general(x, y, (((1,), (1,)), ((), ())))))  # a non-symmetric matrix
     z = lax.complex(x, y)
     outs += [lax.real(lax.conj(z)), lax.imag(z), lax.fft(z, "fft", (6,)), lax.fft(x, "rfft", (4, 6)),
              lax.fft(lax.fft(z, "ifft", (4, 6)), "irfft", (4, 10))]

@@ -149,7 +149,15 @@ def cdist(x1: Any, x2: Any, p: float, compute_mode: int | None = None) -> Any:
 # so there the results are inf/NaN instead (and the ``info`` outputs say so, as LAPACK's do).
 
 def _float(x: Any) -> Any:
-    return cast(x, out_aval().dtype if P.is_float(out_aval().dtype) else np.float64)
+    """A float or complex matrix as it is; anything else in the output's float dtype (or float64)."""
+    if P.is_inexact(x.dtype):
+        return x
+    return cast(x, out_aval().dtype if P.is_inexact(out_aval().dtype) else np.float64)
+
+
+def _in_dtype_of(x: Any, like: Any) -> Any:
+    """A real factor (eigenvalues, singular values) in ``like``'s (maybe complex) dtype."""
+    return cast(x, like.dtype)
 
 
 def _batch_broadcast(a: Any, b: Any, b_matrix_dims: int = 2) -> tuple[Any, Any]:
@@ -193,12 +201,14 @@ def _lu_info(packed: Any) -> Any:
 
 
 def _lu_solve(packed: Any, permutation: Any, b: Any, left: bool = True, adjoint: bool = False) -> Any:
-    """Solve with A = P L U given (packed, permutation): A x = b, A^T x = b, x A = b or x A^T = b."""
+    """Solve with A = P L U given (packed, permutation): A x = b, A^H x = b, x A = b or x A^H = b."""
     lower, upper = _unit_lower(packed), _upper(packed)
     solve = lax.triangular_solve
     if left and not adjoint:
         y = solve(lower, _rows_by(b, permutation), left_side=True, lower=True, unit_diagonal=True)
         return solve(upper, y, left_side=True, lower=False)
+    if adjoint:  # A^H = U^H L^H P^T: transposed solves with the conjugated factors
+        lower, upper = lax.conj_if_complex(lower), lax.conj_if_complex(upper)
     if left:
         y = solve(upper, b, left_side=True, lower=False, transpose_a=True)
         return _rows_to(solve(lower, y, left_side=True, lower=True, transpose_a=True, unit_diagonal=True),
@@ -250,9 +260,11 @@ def _pivots_out(pivots: Any) -> Any:
 @register(aten.linalg_cholesky_ex.default)
 def linalg_cholesky_ex(a: Any, *, upper: bool = False, check_errors: bool = False) -> tuple[Any, Any]:
     factor = lax.cholesky(_float(a))
-    ok = lax.reduce(P.reduce_and_p, lax.is_finite(M.diagonal(factor)), (factor.ndim - 2,))
+    diagonal = M.diagonal(factor)
+    ok = lax.reduce(P.reduce_and_p, lax.is_finite(lax.real(diagonal) if P.is_complex(diagonal.dtype) else diagonal),
+                    (factor.ndim - 2,))
     info = cast(lax.select(ok, literal(0, np.int32), literal(1, np.int32)), np.int32)
-    return (M.mT(factor) if upper else factor), info
+    return (M.mH(factor) if upper else factor), info
 
 
 @register(aten.linalg_lu_factor_ex.default)
@@ -338,6 +350,8 @@ def linalg_slogdet(a: Any) -> tuple[Any, Any, Any, Any]:
     packed, pivots, _ = lax.lu(a)
     d = M.diagonal(packed)
     last = (d.ndim - 1,)
+    if P.is_complex(d.dtype):
+        return _complex_slogdet(d, pivots) + (packed, _pivots_out(pivots))
     negatives = lax.reduce_sum(cast(lax.lt(d, literal(0, d.dtype)), np.int64), last)
     odd = _parity(pivots)
     if odd is not None:
@@ -349,6 +363,21 @@ def linalg_slogdet(a: Any) -> tuple[Any, Any, Any, Any]:
         sign = lax.select(zero, literal(0, d.dtype), sign)
     logabsdet = lax.reduce_sum(lax.log(lax.abs(d)), last)
     return sign, logabsdet, packed, _pivots_out(pivots)
+
+
+def _complex_slogdet(d: Any, pivots: Any) -> tuple[Any, Any]:
+    """(sign, log|det|) of a complex LU: sign = (-1)^swaps prod(d / |d|), 0 for a singular matrix."""
+    last = (d.ndim - 1,)
+    magnitude = lax.abs(d)
+    zero = lax.eq(magnitude, literal(0, magnitude.dtype))
+    unit = lax.select(zero, literal(1, d.dtype), lax.div(d, cast(magnitude, d.dtype)))
+    sign = lax.reduce_prod(unit, last) if d.shape[-1] else lax.full(d.shape[:-1], 1, d.dtype)
+    odd = _parity(pivots)
+    if odd is not None:
+        sign = lax.select(lax.eq(odd, literal(1, np.int64)), lax.neg(sign), sign)
+    if d.shape[-1]:
+        sign = lax.select(lax.reduce(P.reduce_or_p, zero, last), literal(0, d.dtype), sign)
+    return sign, lax.reduce_sum(lax.log(magnitude), last)
 
 
 @register(aten.linalg_solve_triangular.default)
@@ -372,17 +401,17 @@ def triangular_solve(b: Any, a: Any, upper: bool = True, transpose: bool = False
 def cholesky_solve(b: Any, factor: Any, upper: bool = False) -> Any:
     d = out_aval().dtype
     factor, b = _batch_broadcast(cast(factor, d), cast(b, d))
-    lower = M.mT(factor) if upper else factor
+    lower = M.mH(factor) if upper else factor
     y = lax.triangular_solve(lower, b, left_side=True, lower=True)
-    return lax.triangular_solve(lower, y, left_side=True, lower=True, transpose_a=True)
+    return lax.triangular_solve(lax.conj_if_complex(lower), y, left_side=True, lower=True, transpose_a=True)
 
 
 @register(aten.cholesky_inverse.default)
 def cholesky_inverse(factor: Any, upper: bool = False) -> Any:
     factor = _float(factor)
-    lower = M.mT(factor) if upper else factor
+    lower = M.mH(factor) if upper else factor
     y = lax.triangular_solve(lower, M.eye(lower.shape, lower.dtype), left_side=True, lower=True)
-    return lax.triangular_solve(lower, y, left_side=True, lower=True, transpose_a=True)
+    return lax.triangular_solve(lax.conj_if_complex(lower), y, left_side=True, lower=True, transpose_a=True)
 
 
 @register(aten.linalg_qr.default)
@@ -406,8 +435,14 @@ def linalg_svd(a: Any, full_matrices: bool = False, compute_uv: bool = True, *, 
                ) -> tuple[Any, Any, Any]:
     u, s, vh = lax.svd(_float(a), full_matrices=full_matrices and compute_uv)
     if not compute_uv:
-        return lax.full(out_aval(0).shape, 0, s.dtype), s, lax.full(out_aval(2).shape, 0, s.dtype)
+        return lax.full(out_aval(0).shape, 0, u.dtype), s, lax.full(out_aval(2).shape, 0, vh.dtype)
     return u, s, vh
+
+
+@register(aten.linalg_eig.default)
+def linalg_eig(a: Any) -> tuple[Any, Any]:
+    """(eigenvalues, eigenvectors), complex for a real ``a`` too; torch.linalg.eigvals reaches this op as well."""
+    return lax.eig(_float(a))
 
 
 def _tolerance(value: Any, batch: tuple[int, ...], dtype: Any) -> Any:
@@ -419,7 +454,7 @@ def linalg_pinv(a: Any, *, atol: Any = None, rtol: Any = None, hermitian: bool =
     """torch's tolerances: keep s > max(atol, rtol * s_max); rtol defaults to eps * max(m, n), or to 0
     where a positive atol is given."""
     a = _float(a)
-    d, batch = a.dtype, a.shape[:-2]
+    d, batch = P.real_dtype(a.dtype), a.shape[:-2]  # tolerances compare with (real) singular values
     default_rtol = np.finfo(d).eps * max(a.shape[-2:])
     atol_ = _tolerance(0 if atol is None else atol, batch, d)
     if rtol is not None:
@@ -434,7 +469,7 @@ def linalg_pinv(a: Any, *, atol: Any = None, rtol: Any = None, hermitian: bool =
 
 @register(aten.linalg_householder_product.default)
 def householder_product(a: Any, tau: Any) -> Any:
-    """Q = H_1 ... H_k, H_i = I - tau_i v_i v_i^T with v_i = (0.., 1, a[i+1:, i]) (LAPACK orgqr)."""
+    """Q = H_1 ... H_k, H_i = I - tau_i v_i v_i^H with v_i = (0.., 1, a[i+1:, i]) (LAPACK orgqr/ungqr)."""
     a, tau = _float(a), cast(tau, out_aval().dtype)
     rows, cols = a.shape[-2:]
     q = M.eye(a.shape[:-2] + (rows, cols), a.dtype)
@@ -452,31 +487,32 @@ def _reflector(a: Any, i: int) -> Any:
     return lax.select(lax.eq(position, literal(i, np.int64)), literal(1, a.dtype), v) if rows else v
 
 
-def _reflect(a: Any, tau: Any, i: int, c: Any, left: bool, transpose: bool = False) -> Any:
-    """H_i c (left) or c H_i, with H_i = I - tau_i v v^T (symmetric, so transpose changes nothing)."""
+def _reflect(a: Any, tau: Any, i: int, c: Any, left: bool, adjoint: bool = False) -> Any:
+    """H_i c (left) or c H_i, with H_i = I - tau_i v v^H; with ``adjoint``, H_i^H (conj(tau_i) for tau_i)."""
     v = _reflector(a, i)
     t = lax.reshape(M.leading(M.trailing(lax.reshape(tau, tau.shape[:-1] + (1, tau.shape[-1])), 1, i), 1, 1),
                     tau.shape[:-1] + (1, 1))
+    if adjoint:
+        t = lax.conj_if_complex(t)
     if left:
-        w = M.matmul(M.mT(v), c)                  # (.., 1, n)
+        w = M.matmul(M.mH(v), c)                  # (.., 1, n)
         return lax.sub(c, lax.mul(lax.broadcast_to_rank(t, c.shape), M.matmul(v, w)))
     w = M.matmul(c, v)                            # (.., m, 1)
-    return lax.sub(c, lax.mul(lax.broadcast_to_rank(t, c.shape), M.matmul(w, M.mT(v))))
+    return lax.sub(c, lax.mul(lax.broadcast_to_rank(t, c.shape), M.matmul(w, M.mH(v))))
 
 
 @register(aten.ormqr.default)
 def ormqr(a: Any, tau: Any, c: Any, left: bool = True, transpose: bool = False) -> Any:
-    """op(Q) C or C op(Q) for Q = H_1 ... H_k stored as reflectors (LAPACK ormqr)."""
+    """op(Q) C or C op(Q) for Q = H_1 ... H_k stored as reflectors, op(Q) = Q^H with ``transpose``
+    (LAPACK ormqr/unmqr)."""
     d = out_aval().dtype
-    if P.is_complex(d):  # complex reflectors are I - tau v v^H: not written here
-        raise unsupported("complex reflectors are not supported")
     a, tau, c = cast(a, d), cast(tau, d), cast(c, d)
     k = tau.shape[-1]
-    # Q C = H_1 (H_2 (... H_k C)); Q^T C = H_k (... H_1 C); C Q = ((C H_1) H_2)...; C Q^T = ((C H_k) ...) H_1
+    # Q C = H_1 (H_2 (... H_k C)); Q^H C = H_k^H (... H_1^H C); C Q = ((C H_1) H_2)...; C Q^H = ((C H_k^H) ...) H_1^H
     forward = (left and transpose) or (not left and not transpose)
     order = range(k) if forward else reversed(range(k))
     for i in order:
-        c = _reflect(a, tau, i, c, left)
+        c = _reflect(a, tau, i, c, left, adjoint=transpose)
     return c
 
 
@@ -484,17 +520,17 @@ def ormqr(a: Any, tau: Any, c: Any, left: bool = True, transpose: bool = False) 
 
 @register(aten.linalg_matrix_sqrth.default)
 def linalg_matrix_sqrth(a: Any) -> Any:
-    """V sqrt(max(w, 0)) V^T from the symmetric eigendecomposition of a's lower triangle."""
+    """V sqrt(max(w, 0)) V^H from the Hermitian eigendecomposition of a's lower triangle."""
     w, v = lax.eigh(_float(a))
     root = lax.sqrt(lax.max(w, literal(0, w.dtype)))
-    return M.matmul(M.scale_columns(v, root), M.mT(v))
+    return M.matmul(M.scale_columns(v, _in_dtype_of(root, v)), M.mH(v))
 
 
 @register(aten.linalg_polar.default)
 def linalg_polar(a: Any) -> tuple[Any, Any]:
-    """a = U H with U = W Vh (orthogonal) and H = Vh^T S Vh (positive semi-definite), from a = W S Vh."""
+    """a = U H with U = W Vh (unitary) and H = Vh^H S Vh (positive semi-definite), from a = W S Vh."""
     w, s, vh = lax.svd(_float(a))
-    return M.matmul(w, vh), M.matmul(M.mT(vh), M.scale_rows(s, vh))
+    return M.matmul(w, vh), M.matmul(M.mH(vh), M.scale_rows(_in_dtype_of(s, vh), vh))
 
 
 _EXPM_TERMS = 16      # Taylor terms once the 1-norm is <= 1/2: the remainder is below 2e-19
@@ -509,7 +545,7 @@ def linalg_matrix_exp(a: Any) -> Any:
     (a select); the Taylor polynomial is evaluated by Horner's rule. A 1-norm above 2^39 (more
     squarings than emitted) gives NaN.
     """
-    a = a if P.is_complex(a.dtype) else _float(a)
+    a = _float(a)
     d, r = a.dtype, P.real_dtype(a.dtype)  # a complex matrix has a real norm and real scale factors
     n = a.shape[-1]
     if n == 0:

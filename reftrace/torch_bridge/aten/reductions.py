@@ -220,6 +220,9 @@ def logsumexp(x: Any, dim: Any = (), keepdim: bool = False) -> Any:
 @register(aten.logcumsumexp.default)
 def logcumsumexp(x: Any, dim: int) -> Any:
     """``log(cumsum(exp(x - m))) + m`` with ``m`` the (finite) maximum along ``dim``."""
+    if P.is_complex(x.dtype):  # torch's scan carries imaginary parts past (-pi, pi]; one log would wrap them
+        raise unsupported("complex inputs (torch's running log-add-exp keeps imaginary parts that a single "
+                          "complex log would wrap into (-pi, pi])")
     x = cast(x, float_dtype(out_aval().dtype))
     if x.ndim == 0:
         return x
