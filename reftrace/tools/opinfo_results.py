@@ -136,6 +136,8 @@ def write_report(sweeps: Sequence[Sweep], path: str) -> None:
               "outputs of the `_ex` variants are nonzero.",
               "- Eigenvectors and singular vectors are unique up to sign; the xla backend's LAPACK calls may pick "
               "other signs than torch's (wide matrices in `svd`). Sign-invariant results and their gradients agree.",
+              "- Complex eigenvectors (`linalg.eig`) and singular vectors are unique up to a phase each: for a loss "
+              "that depends on that phase torch raises, reftrace returns a gradient (docs/complex.md#linear-algebra).",
               "- `topk(sorted=False)` returns the sorted order (torch leaves the order unspecified).",
               "- Random ops draw from reftrace's counter-based RNG (docs/torch.md#random-operators), not torch's "
               "generator stream."]

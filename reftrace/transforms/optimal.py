@@ -43,10 +43,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from reftrace.errors import PartitionError
-from reftrace.graph import Graph, expect_graph
+from reftrace.graph import Graph, Var, expect_graph
 from reftrace.primitives import eqn_is_random
 from reftrace.transforms.cost import eqn_flops
-from reftrace.transforms.partition import JointAnalysis, Partition, min_cut_saved, policy_saved, split
+from reftrace.transforms.partition import (JointAnalysis, Partition, min_cut_saved, policy_saved, saved_values,
+                                           split)
 from reftrace.transforms.policies import save_all_but_copies
 from reftrace.transforms.simplify import simplify
 
@@ -152,9 +153,9 @@ def _frontier(parts: Any) -> tuple[Partition, ...]:
 def _budget_bytes(program: "RecomputeProgram", memory_budget: int | float | None) -> int:
     analysis = program.analysis
     if memory_budget is None:
-        return program.activation_bytes(split(analysis, min_cut_saved(analysis)))
+        return program.activation_bytes(saved_values(analysis, min_cut_saved(analysis)))
     if isinstance(memory_budget, float):
-        default = program.activation_bytes(split(analysis, policy_saved(analysis, save_all_but_copies)))
+        default = program.activation_bytes(saved_values(analysis, policy_saved(analysis, save_all_but_copies)))
         return int(math.floor(memory_budget * default))
     return int(memory_budget)
 
@@ -270,10 +271,10 @@ class RecomputeProgram:
                     f"budget is {smallest} bytes (random draws the backward reads are saved, never recomputed). "
                     f"Pass memory_budget >= {smallest}")
             best = (self._solve(self.bytes_objective, units, fewest.flops_units) if fewest_bytes else None) or fewest
-            part = self._split(best)
-            spent = self.activation_bytes(part)
+            saved = self._saved_set(best)
+            spent = self.activation_bytes(saved_values(self.analysis, saved))
             if budget is None or spent <= budget:
-                return part
+                return split(self.analysis, saved)
             # floating point let a fraction of a byte through: tighten by the excess and solve again
             units -= max(1, -(-(spent - budget) // self.byte_unit))
         raise PartitionError(f"rt.optimal: the solver's answers keep exceeding {budget} bytes; "
@@ -282,19 +283,23 @@ class RecomputeProgram:
     def min_bytes(self) -> int:
         """The fewest activation bytes any partition saves (at whatever recomputation)."""
         solution = self._solve(self.bytes_objective, None, None)
-        return self.activation_bytes(self._split(solution)) if solution is not None else 0
+        if solution is None:
+            return 0
+        return self.activation_bytes(saved_values(self.analysis, self._saved_set(solution)))
 
-    def activation_bytes(self, part: Partition) -> int:
-        """What a partition's saved values cost here: its activation bytes, plus overwritten
-        inputs it saves (``Partition.saved_activation_bytes`` when nothing is overwritten)."""
-        charged = {part.forward.inputs[i] for i in self.charged}
-        return part.saved_activation_bytes + sum(v.nbytes for v in part.saved if v in charged)
+    def activation_bytes(self, saved: Sequence[Var]) -> int:
+        """What the values a backward reads (``Partition.saved``, or ``saved_values``) cost here:
+        the bytes of the computed ones, plus the overwritten inputs among them (with nothing
+        overwritten, ``Partition.saved_activation_bytes``)."""
+        a = self.analysis
+        free = set(a.primals) - {a.primals[i] for i in self.charged}
+        return sum(v.nbytes for v in saved if v not in free)
 
-    def _split(self, solution: _Solution) -> Partition:
+    def _saved_set(self, solution: _Solution) -> set[Var]:
+        """The saved set a solution stands for: its saved values and the inputs that are free to save."""
         a = self.analysis
         free = [v for i, v in enumerate(a.primals) if i not in self.charged]
-        saved = set(free) | {a.values[vid] for vid in solution.saved_ids}
-        return split(a, saved)
+        return set(free) | {a.values[vid] for vid in solution.saved_ids}
 
     def _solve(self, objective: np.ndarray, budget_units: int | None, flops_cap: int | None) -> _Solution | None:
         """Minimise ``objective`` within the budget (and the FLOPs cap); None if infeasible."""
@@ -361,10 +366,11 @@ class _Highs:
 
 # Exact: no relative gap, and objectives are integral so a gap under one unit proves the optimum.
 # HiGHS's sub-MIP heuristics cost more than they save here (the LP bound is tight; an incumbent
-# and reduced-cost fixing finish the job).
+# and reduced-cost fixing finish the job). Under tight budgets the time goes to strong branching
+# among near-identical blocks; branching on pseudocosts at once halves it (benchmarks/partition_speed.py).
 _OPTIONS: dict[str, Any] = {"output_flag": False, "mip_rel_gap": 0.0, "mip_abs_gap": 0.5,
                             "mip_heuristic_run_rins": False, "mip_heuristic_run_rens": False,
-                            "mip_heuristic_run_root_reduced_cost": False}
+                            "mip_heuristic_run_root_reduced_cost": False, "mip_pscost_minreliable": 0}
 
 
 def _stand_ins(a: JointAnalysis, computed: list[int], flops: dict[int, int],

@@ -424,6 +424,25 @@ def _split_names(analysis: JointAnalysis, saved: tuple[Var, ...]) -> tuple[tuple
 def split(analysis: JointAnalysis, saved: Iterable[Var]) -> Partition:
     """The forward and backward graphs for a chosen saved set. Saved values the backward does
     not read are dropped; a backward that would need an unsaved primal is a PartitionError."""
+    backward_eqns, saved_vars = _backward_eqns(analysis, saved)
+    fw_names, bw_names = _split_names(analysis, saved_vars)
+    backward = Graph(saved_vars + tuple(analysis.cotangents), tuple(backward_eqns), analysis.grads, None, *bw_names)
+
+    targets = tuple(analysis.outs) + saved_vars
+    forward = Graph(tuple(analysis.primals), tuple(live_eqns(analysis.graph.eqns, targets)), targets, None,
+                    *fw_names)
+    return Partition(checked(forward, "partition (forward)"), checked(backward, "partition (backward)"),
+                     len(saved_vars))
+
+
+def saved_values(analysis: JointAnalysis, saved: Iterable[Var]) -> tuple[Var, ...]:
+    """The values ``split(analysis, saved)`` would hand to the backward (``Partition.saved``),
+    without building the graphs: what a policy's choice costs, cheaply."""
+    return _backward_eqns(analysis, saved)[1]
+
+
+def _backward_eqns(analysis: JointAnalysis, saved: Iterable[Var]) -> tuple[list[Eqn], tuple[Var, ...]]:
+    """The backward's equations for a saved set, and the saved values they read (in value order)."""
     joint = analysis.graph
     is_saved = [False] * len(analysis.values)
     for v in saved:
@@ -446,12 +465,4 @@ def split(analysis: JointAnalysis, saved: Iterable[Var]) -> Partition:
     missing = [v for v in analysis.primals if v in needed and not is_saved[v.id]]
     if missing:
         raise PartitionError(f"the backward needs primal inputs {missing} that the policy did not save")
-    saved_vars = tuple(v for v in analysis.values if is_saved[v.id] and v in needed)
-
-    fw_names, bw_names = _split_names(analysis, saved_vars)
-    backward = Graph(saved_vars + tuple(analysis.cotangents), tuple(backward_eqns), analysis.grads, None, *bw_names)
-
-    targets = tuple(analysis.outs) + saved_vars
-    forward = Graph(tuple(analysis.primals), tuple(live_eqns(joint.eqns, targets)), targets, None, *fw_names)
-    return Partition(checked(forward, "partition (forward)"), checked(backward, "partition (backward)"),
-                     len(saved_vars))
+    return backward_eqns, tuple(v for v in analysis.values if is_saved[v.id] and v in needed)
