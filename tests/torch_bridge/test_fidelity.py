@@ -460,3 +460,35 @@ def test_linear_weight_gradients_are_laid_out_like_eager():
     compiled(torch.randn(5, 8)).sum().backward()
     weights = [g for g in returned if g.ndim == 2]
     assert len(weights) == 2 and all(g.is_contiguous() for g in weights), [g.stride() for g in weights]
+
+
+@pytest.mark.parametrize("compiler", [nop, xla_compile], ids=["nop", "xla"])
+@pytest.mark.parametrize("var_shape, full, reduction", [((4, 3), False, "mean"), ((4,), True, "sum"),
+                                                        ((4, 1), False, "none")])
+def test_gaussian_nll_loss_with_a_variance_tensor(compiler, var_shape, full, reduction):
+    """torch checks ``torch.any(var < 0)`` in Python; the capture computes the same loss and gradients
+    (the clamp stays out of the gradient, as torch's no_grad clamp keeps it), including variances
+    below ``eps``, and returns NaN where torch would raise on a negative variance."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    var = torch.rand(var_shape, dtype=torch.float64) + 0.1
+    var.view(-1)[0] = 1e-9  # clamped to eps in the value, not in the gradient
+
+    def loss(x, var):
+        return torch.nn.functional.gaussian_nll_loss(x, y, var, full=full, reduction=reduction)
+    compiled = aot_function(loss, compiler, compiler)
+    inputs = [t.clone().requires_grad_() for t in (x, var)]
+    eager_inputs = [t.clone().requires_grad_() for t in (x, var)]
+    out, expected = compiled(*inputs), loss(*eager_inputs)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    ct = torch.randn_like(expected)
+    grads = torch.autograd.grad(out, inputs, ct)
+    eager_grads = torch.autograd.grad(expected, eager_inputs, ct)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+    negative = var.clone()
+    negative.view(-1)[-1] = -1.0
+    with pytest.raises(ValueError, match="negative"):
+        loss(x, negative)
+    assert torch.isnan(compiled(x, negative)).any()
