@@ -59,7 +59,8 @@ def _gaussian_nll_arguments(args: tuple, kwargs: dict) -> dict[str, Any] | None:
     names = ("input", "target", "var", "full", "eps", "reduction")
     bound = dict(zip(names, args))
     bound.update({k: v for k, v in kwargs.items() if k in names})
-    return bound if isinstance(bound.get("var"), torch.Tensor) else None
+    var = bound.get("var")
+    return bound if isinstance(var, torch.Tensor) and var.is_floating_point() else None
 
 
 class StaticShapeRewrites(TorchFunctionMode):
