@@ -192,13 +192,8 @@ def _pinv(a, atol, rtol, *, hermitian):
 jax_rules[P.pinv_p] = _pinv
 
 
-def _eig(a):
-    """LAPACK geev, as torch: its eigenvectors already have unit 2-norm (no renormalisation needed)."""
-    w, v = jax.lax.linalg.eig(a, compute_left_eigenvectors=False, compute_right_eigenvectors=True)
-    return w, v
-
-
-jax_rules[P.eig_p] = _eig
+# LAPACK geev, as torch: its eigenvectors already have unit 2-norm (no renormalisation needed)
+jax_rules[P.eig_p] = lambda a: tuple(jax.lax.linalg.eig(a, compute_left_eigenvectors=False))
 
 
 def _full_index(indices, axis):

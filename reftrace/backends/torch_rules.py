@@ -541,7 +541,7 @@ torch_rules[P.svd_p] = _svd
 
 
 def _eig(a: Any) -> tuple[Any, Any]:
-    w, v = torch.linalg.eig(_t(a))
+    w, v = torch.linalg.eig(_t(a))  # unpacked, not tuple(): on an FX proxy only unpacking can iterate
     return w, v
 
 
