@@ -1,10 +1,12 @@
 """How long ``partition`` takes on a joint graph of about 5,000 equations.
 
-    .venv/bin/python benchmarks/partition_speed.py [--eqns 5000] [--repeat 3]
+    .venv/bin/python benchmarks/partition_speed.py [--model mlp|transformer] [--eqns 5000] [--repeat 3]
 
-Builds the joint graph (``vjp``) of a deep residual MLP with LayerNorm-like
-normalisation and tanh/GELU-style activations written with ``reftrace.numpy``,
-grown until the joint has at least ``--eqns`` equations, then times
+Builds the joint graph (``vjp``) of a deep model grown until the joint has at least ``--eqns``
+equations: ``mlp``, a residual MLP with LayerNorm-like normalisation and tanh/GELU-style
+activations written with ``reftrace.numpy``; or ``transformer``, pre-norm GPT blocks (layer norm,
+causal attention, tanh GELU) built from ``reftrace.nn`` composites and decomposed to core
+primitives (``rt.decompose``: the partitioner sees every elementwise step). Then it times
 ``simplify`` and ``partition`` under each policy (best of ``--repeat``, wall and
 process CPU time). Tracing
 and ``vjp`` are not timed. The targets: under a second for ``"mincut"``, under two seconds for
@@ -18,6 +20,7 @@ import time
 import numpy as np
 
 import reftrace as rt
+import reftrace.nn as nn
 import reftrace.numpy as rnp
 from reftrace.transforms.policies import dots_saveable, save_nothing
 
@@ -47,10 +50,43 @@ def model_graph(depth: int, batch: int = 32, width: int = 128) -> rt.Graph:
     return rt.trace(fn, *args)
 
 
-def joint_with_at_least(num_eqns: int) -> rt.Graph:
+def transformer_block(x, ln1w, ln1b, wqkv, bqkv, wo, bo, ln2w, ln2b, w1, b1, w2, b2, *, batch, heads):
+    tokens, width = x.shape
+    h = nn.layer_norm(x, ln1w, ln1b, normalized_ndim=1, eps=1e-5)[0]
+    qkv = rnp.reshape(nn.linear(h, wqkv, bqkv), batch, tokens // batch, 3, heads, width // heads)
+    q, k, v = [rnp.transpose(qkv[:, :, i], (0, 2, 1, 3)) for i in range(3)]
+    a = nn.dot_product_attention(q, k, v, causal=True)[0]
+    x = x + nn.linear(rnp.reshape(rnp.transpose(a, (0, 2, 1, 3)), tokens, width), wo, bo)
+    h = nn.layer_norm(x, ln2w, ln2b, normalized_ndim=1, eps=1e-5)[0]
+    return x + nn.linear(nn.gelu(nn.linear(h, w1, b1), approximate="tanh"), w2, b2)
+
+
+def transformer_graph(depth: int, batch: int = 2, seq: int = 64, width: int = 128, heads: int = 4) -> rt.Graph:
+    def fn(x, *params):
+        for i in range(depth):
+            x = transformer_block(x, *params[12 * i: 12 * i + 12], batch=batch, heads=heads)
+        return rnp.sum(x * x)
+
+    rng = np.random.default_rng(0)
+
+    def weight(*shape):
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+
+    ones, zeros = np.ones(width, np.float32), np.zeros(width, np.float32)
+    args = [weight(batch * seq, width)]
+    for _ in range(depth):
+        args += [ones, zeros, weight(width, 3 * width), weight(3 * width), weight(width, width), weight(width),
+                 ones, zeros, weight(width, 4 * width), weight(4 * width), weight(4 * width, width), weight(width)]
+    return rt.decompose(rt.trace(fn, *args))
+
+
+MODELS = {"mlp": model_graph, "transformer": transformer_graph}
+
+
+def joint_with_at_least(num_eqns: int, model: str = "mlp") -> rt.Graph:
     depth = 1
     while True:
-        joint = rt.vjp(model_graph(depth))
+        joint = rt.vjp(MODELS[model](depth))
         if len(joint.eqns) >= num_eqns:
             return joint
         per_block = max(1, len(joint.eqns) // depth)
@@ -70,11 +106,12 @@ def best_time(fn, repeat: int) -> tuple[float, float, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
     parser.add_argument("--eqns", type=int, default=5000)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    joint = joint_with_at_least(args.eqns)
+    joint = joint_with_at_least(args.eqns, args.model)
     print(f"joint graph: {len(joint.eqns)} equations, {len(joint.inputs)} inputs, {len(joint.outputs)} outputs")
     wall, cpu, simple = best_time(lambda: rt.simplify(joint), args.repeat)
     print(f"simplify                wall {wall * 1000:6.1f} ms  cpu {cpu * 1000:6.1f} ms  "
