@@ -266,3 +266,25 @@ def test_the_command_prints_and_plots_a_models_frontier(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "inputs 8x512" in printed and "optimal #1" in printed and "mincut" in printed
     assert out.read_text().startswith("<?xml")
+
+
+def test_a_decomposed_transformer_composes_at_every_budget():
+    """Attention, layer norm and GELU at the primitive level (masks, max-shifts, rsqrt): at every
+    budget the forward and backward the optimum picks run (on JAX) to the joint's values."""
+    pytest.importorskip("jax")
+    from benchmarks.partition_speed import transformer_graph
+    from reftrace.backends.jax import lower_jax
+    joint = rt.vjp(transformer_graph(2, batch=1, seq=8, width=16, heads=2))
+    rng = np.random.default_rng(1)
+    args = [(0.3 * rng.standard_normal(v.shape)).astype(v.dtype) for v in joint.inputs]
+    want = [np.asarray(w) for w in lower_jax(joint)(*args)]
+    num_primals, num_outs = joint.joint
+    flops = []
+    for budget in [1.0, 0.5, 0.2, 0.05]:
+        part = rt.partition(joint, rt.optimal(budget))
+        fw = [np.asarray(x) for x in lower_jax(part.forward)(*args[:num_primals])]
+        bw = [np.asarray(x) for x in lower_jax(part.backward)(*fw[num_outs:], *args[num_primals:])]
+        for got, expected in zip(fw[:num_outs] + bw, want, strict=True):
+            np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * float(np.max(np.abs(expected))))
+        flops.append(rt.cost(part).recompute_flops)
+    assert flops[0] == 0 and flops == sorted(flops) and flops[-1] > flops[1]
