@@ -45,13 +45,13 @@ import numpy as np
 from reftrace.errors import PartitionError
 from reftrace.graph import Graph, Var, expect_graph
 from reftrace.primitives import eqn_is_random
-from reftrace.transforms.cost import eqn_flops
+from reftrace.transforms.cost import eqn_flops, peak_bytes
 from reftrace.transforms.partition import (JointAnalysis, Partition, min_cut_saved, policy_saved, saved_values,
                                            split)
 from reftrace.transforms.policies import save_all_but_copies
 from reftrace.transforms.simplify import simplify
 
-__all__ = ["optimal", "Optimal", "pareto", "RecomputeProgram"]
+__all__ = ["optimal", "Optimal", "pareto", "RecomputeProgram", "within_peak"]
 
 
 @dataclass(frozen=True)
@@ -69,40 +69,56 @@ class Optimal:
     overwritten: tuple[int, ...] = ()
     #: among the partitions with the fewest FLOPs, one with the fewest bytes (a second solve)
     fewest_bytes: bool = False
+    #: ``rt.cost(p).peak_bytes`` at most this (bytes, or a fraction of the default policy's peak);
+    #: approximate: searched along the activation-bytes frontier (see ``within_peak``)
+    peak_budget: int | float | None = None
 
     def __repr__(self) -> str:
         tie = ", fewest_bytes=True" if self.fewest_bytes else ""
-        return f"optimal(memory_budget={self.memory_budget!r}{tie})"
+        peak = f", peak_budget={self.peak_budget!r}" if self.peak_budget is not None else ""
+        return f"optimal(memory_budget={self.memory_budget!r}{tie}{peak})"
 
     def split_joint(self, analysis: JointAnalysis) -> Partition:
         """``rt.partition``'s path for this policy (the joint already simplified and analysed)."""
         program = RecomputeProgram(analysis, overwritten=self.overwritten)
-        return program.best_within(_budget_bytes(program, self.memory_budget), fewest_bytes=self.fewest_bytes)
+        budget = _budget_bytes(program, self.memory_budget)
+        if self.peak_budget is None:
+            return program.best_within(budget, fewest_bytes=self.fewest_bytes)
+        return within_peak(program, budget, _peak_bytes_budget(analysis, self.peak_budget))
 
 
-def optimal(memory_budget: int | float | None = None, *, fewest_bytes: bool = False) -> Optimal:
+def optimal(memory_budget: int | float | None = None, *, fewest_bytes: bool = False,
+            peak_budget: int | float | None = None) -> Optimal:
     """The policy saving at most ``memory_budget`` activation bytes while recomputing the fewest FLOPs.
 
     ``memory_budget``: bytes (an int), a fraction in (0, 1] of the ``"default"`` policy's
     activation bytes (a float, as torch's ``activation_memory_budget``), or None: min-cut's
     activation bytes. ``fewest_bytes``: among the partitions with the fewest FLOPs, take one with
-    the fewest bytes (a second solve; without it, any within the budget). Use it as
+    the fewest bytes (a second solve; without it, any within the budget). ``peak_budget``: also
+    keep ``rt.cost(p).peak_bytes`` within this many bytes (an int) or this fraction of the default
+    policy's peak (a float); approximate, see ``within_peak``. Use it as
     ``rt.partition(joint, rt.optimal(0.5))`` or ``aot_module(..., partition_fn=rt.optimal(0.5))``.
     """
-    if memory_budget is not None:
-        if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float, np.integer, np.floating)):
-            raise PartitionError(f"rt.optimal: memory_budget must be bytes (an int), a fraction in (0, 1] "
-                                 f"(a float) or None, got {type(memory_budget).__name__} {memory_budget!r}")
-        if isinstance(memory_budget, (float, np.floating)):
-            if not 0.0 < float(memory_budget) <= 1.0:
-                raise PartitionError(f"rt.optimal: a float memory_budget is a fraction of the default policy's "
-                                     f"activation bytes, in (0, 1]; got {memory_budget}. Pass bytes as an int")
-            memory_budget = float(memory_budget)
-        else:
-            if memory_budget < 0:
-                raise PartitionError(f"rt.optimal: memory_budget={memory_budget} bytes is negative")
-            memory_budget = int(memory_budget)
-    return Optimal(memory_budget, fewest_bytes=bool(fewest_bytes))
+    return Optimal(_checked_budget("memory_budget", memory_budget, "activation bytes"), fewest_bytes=bool(fewest_bytes),
+                   peak_budget=_checked_budget("peak_budget", peak_budget, "peak bytes"))
+
+
+def _checked_budget(name: str, budget: Any, measure: str) -> int | float | None:
+    """``budget`` as an int (bytes), a float in (0, 1] (a fraction of the default policy's
+    ``measure``) or None; a PartitionError says what is wrong with anything else."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)):
+        raise PartitionError(f"rt.optimal: {name} must be bytes (an int), a fraction in (0, 1] "
+                             f"(a float) or None, got {type(budget).__name__} {budget!r}")
+    if isinstance(budget, (float, np.floating)):
+        if not 0.0 < float(budget) <= 1.0:
+            raise PartitionError(f"rt.optimal: a float {name} is a fraction of the default policy's "
+                                 f"{measure}, in (0, 1]; got {budget}. Pass bytes as an int")
+        return float(budget)
+    if budget < 0:
+        raise PartitionError(f"rt.optimal: {name}={budget} bytes is negative")
+    return int(budget)
 
 
 def pareto(joint: Graph, points: int | None = 12) -> tuple[Partition, ...]:
@@ -158,6 +174,50 @@ def _budget_bytes(program: "RecomputeProgram", memory_budget: int | float | None
         default = program.activation_bytes(saved_values(analysis, policy_saved(analysis, save_all_but_copies)))
         return int(math.floor(memory_budget * default))
     return int(memory_budget)
+
+
+def _peak_bytes_budget(analysis: JointAnalysis, peak_budget: int | float) -> int:
+    if isinstance(peak_budget, float):
+        default = peak_bytes(split(analysis, policy_saved(analysis, save_all_but_copies)))
+        return int(math.floor(peak_budget * default))
+    return int(peak_budget)
+
+
+def within_peak(program: "RecomputeProgram", budget: int, peak_budget: int, probes: int = 12) -> Partition:
+    """A partition with few recomputed FLOPs within ``budget`` activation bytes whose
+    ``rt.cost(p).peak_bytes`` is at most ``peak_budget``: approximate, searched along the
+    activation-bytes frontier.
+
+    Exact would need the program to model when each value dies in both passes. Peak memory is not
+    monotone along the frontier (saving nothing recomputes the whole forward inside the backward,
+    which can peak higher than saving everything), so this solves ``probes`` evenly spaced
+    budgets, takes the fitting point with the fewest FLOPs, and bisects the budget between it and
+    the next point up. The answer is a frontier point whose peak fits; between probes a point
+    with fewer FLOPs may fit too. When no probe fits, a PartitionError names the smallest peak seen."""
+    best = program.best_within(budget)
+    if peak_bytes(best) <= peak_budget:
+        return best
+    spent = program.activation_bytes
+    probed = (program.best_within(int(b)) for b in np.linspace(program.min_bytes(), spent(best.saved), probes))
+    seen = {spent(p.saved): p for p in probed}
+    seen[spent(best.saved)] = best
+    peaks = {b: peak_bytes(p) for b, p in seen.items()}
+    fitting = [b for b in peaks if peaks[b] <= peak_budget]
+    if not fitting:
+        smallest = min(peaks.values())
+        raise PartitionError(f"rt.optimal: none of the partitions tried on the activation-bytes frontier peaks "
+                             f"at or under {peak_budget} bytes; the smallest peak among those {len(peaks)} is "
+                             f"{smallest} bytes (inputs, parameters and outputs included). "
+                             f"Pass peak_budget >= {smallest}")
+    fits_to = max(fitting)
+    low, high = seen[fits_to], min(b for b in peaks if b > fits_to)
+    while high - fits_to > program.byte_unit:  # low fits, the point at high does not
+        candidate = program.best_within((fits_to + high) // 2)
+        if peak_bytes(candidate) <= peak_budget:
+            low, fits_to = candidate, (fits_to + high) // 2
+        else:
+            high = spent(candidate.saved)
+    return low
 
 
 # ----------------------------------------------------------------------------- the program

@@ -426,13 +426,50 @@ def split(analysis: JointAnalysis, saved: Iterable[Var]) -> Partition:
     not read are dropped; a backward that would need an unsaved primal is a PartitionError."""
     backward_eqns, saved_vars = _backward_eqns(analysis, saved)
     fw_names, bw_names = _split_names(analysis, saved_vars)
-    backward = Graph(saved_vars + tuple(analysis.cotangents), tuple(backward_eqns), analysis.grads, None, *bw_names)
+    backward = Graph(saved_vars + tuple(analysis.cotangents), _just_in_time(analysis, backward_eqns), analysis.grads,
+                     None, *bw_names)
 
     targets = tuple(analysis.outs) + saved_vars
     forward = Graph(tuple(analysis.primals), tuple(live_eqns(analysis.graph.eqns, targets)), targets, None,
                     *fw_names)
     return Partition(checked(forward, "partition (forward)"), checked(backward, "partition (backward)"),
                      len(saved_vars))
+
+
+def _just_in_time(analysis: JointAnalysis, eqns: list[Eqn]) -> tuple[Eqn, ...]:
+    """The backward's equations with each recomputation moved to just before its first use.
+
+    In the joint, the forward comes first, so the backward's recomputed forward equations would
+    all run before any gradient: every recomputed value would be live at once, and recomputing
+    would save no memory over saving (as torch's partitioner, which reorders to mimic the autograd
+    engine). The equations that read the cotangents keep their order; each other equation runs
+    as late as its first reader allows."""
+    producer: dict[Var, Eqn] = {v: e for e in eqns for v in e.outputs}
+    done: set[int] = set()
+    order: list[Eqn] = []
+
+    def emit(root: Eqn) -> None:
+        stack = [(root, False)]
+        while stack:
+            e, ready = stack.pop()
+            if id(e) in done:
+                continue
+            if ready:
+                done.add(id(e))
+                order.append(e)
+                continue
+            stack.append((e, True))
+            for a in reversed(e.inputs):
+                p = producer.get(a) if isinstance(a, Var) else None
+                if p is not None and id(p) not in done:
+                    stack.append((p, False))
+
+    for e in eqns:
+        if any(analysis.tangent_ids[v.id] for v in e.outputs if v.id < len(analysis.tangent_ids)):
+            emit(e)
+    for e in eqns:  # what no gradient equation reads (a gradient that is a forward value)
+        emit(e)
+    return tuple(order)
 
 
 def saved_values(analysis: JointAnalysis, saved: Iterable[Var]) -> tuple[Var, ...]:

@@ -223,6 +223,43 @@ def test_budgets_are_checked():
         rt.pareto(joint, points=1)
     assert repr(rt.optimal(0.5)) == "optimal(memory_budget=0.5)"
     assert repr(rt.optimal(64, fewest_bytes=True)) == "optimal(memory_budget=64, fewest_bytes=True)"
+    for bad in (1.5, 0.0, -3, "half", True):
+        with pytest.raises(rt.PartitionError, match="peak_budget"):
+            rt.partition(joint, rt.optimal(peak_budget=bad))
+    assert repr(rt.optimal(0.5, peak_budget=10**6)) == "optimal(memory_budget=0.5, peak_budget=1000000)"
+
+
+def deep_mlp_joint(depth=6):
+    from benchmarks.partition_speed import model_graph
+    return rt.vjp(model_graph(depth, batch=8, width=32))
+
+
+def test_a_peak_budget_is_honoured_on_a_frontier_point():
+    joint = deep_mlp_joint()
+    default_peak = rt.cost(rt.partition(joint, "default")).peak_bytes
+    frontier = {(rt.cost(p).activation_bytes, rt.cost(p).recompute_flops) for p in rt.pareto(joint, points=None)}
+    args = joint_args(joint)
+    flops = []
+    for fraction in (1.0, 0.9, 0.8, 0.75):
+        part = rt.partition(joint, rt.optimal(1.0, peak_budget=fraction))
+        c = rt.cost(part)
+        assert c.peak_bytes <= int(fraction * default_peak)
+        assert (c.activation_bytes, c.recompute_flops) in frontier
+        assert_composes_to_the_joint(part, joint, args)
+        flops.append(c.recompute_flops)
+    assert flops[0] == 0 < flops[-1], "a tighter peak costs recomputation"
+    within = rt.cost(rt.partition(joint, rt.optimal(30000, peak_budget=0.8)))
+    assert within.activation_bytes <= 30000 and within.peak_bytes <= int(0.8 * default_peak)
+    with pytest.raises(rt.PartitionError, match="smallest peak among those [0-9]+ is [0-9]+ bytes"):
+        rt.partition(joint, rt.optimal(peak_budget=1000))
+
+
+def test_recomputing_lowers_the_peak():
+    """Recomputation runs just in time in the backward, so saving less lowers peak memory."""
+    joint = deep_mlp_joint()
+    default, half = (rt.cost(rt.partition(joint, p)) for p in ("default", rt.optimal(0.5)))
+    assert half.activation_bytes <= default.activation_bytes // 2
+    assert half.peak_bytes < default.peak_bytes - default.activation_bytes // 4
 
 
 def test_the_frontier_of_an_mlp_is_strictly_monotone():

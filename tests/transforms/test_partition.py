@@ -122,7 +122,38 @@ def check_partition(joint, policy, args=None):
     args = joint_args(joint) if args is None else args
     assert_same(compose(part, joint, args), run(joint, *args))
     assert rt.partition(joint, policy) == part, "partition is deterministic"
+    assert_recomputes_just_in_time(part)
     return part
+
+
+def assert_recomputes_just_in_time(part):
+    """Each backward equation that does not read the cotangents (a recomputation) runs just before
+    its first reader: everything between the two also feeds that reader."""
+    backward = part.backward
+    cotangents = set(backward.inputs[len(part.saved):])
+    reads_cotangents = set()
+    producer = {}
+    for k, e in enumerate(backward.eqns):
+        if any(isinstance(a, Var) and (a in cotangents or producer.get(a) in reads_cotangents) for a in e.inputs):
+            reads_cotangents.add(k)
+        producer.update((v, k) for v in e.outputs)
+
+    def feeds(k):
+        seen, stack = set(), [k]
+        while stack:
+            for a in backward.eqns[stack.pop()].inputs:
+                if isinstance(a, Var) and producer.get(a) is not None and producer[a] not in seen:
+                    seen.add(producer[a])
+                    stack.append(producer[a])
+        return seen
+
+    for k, e in enumerate(backward.eqns):
+        if k in reads_cotangents:
+            continue
+        readers = [j for j, r in enumerate(backward.eqns) if any(a in e.outputs for a in r.inputs)]
+        if readers:
+            assert all(i in feeds(readers[0]) for i in range(k, readers[0])), \
+                f"recomputed {e} runs before it is needed"
 
 
 def saved_kinds(part):
