@@ -18,6 +18,7 @@ fresh one drawn from torch's default generator (``new_rng_key``), so
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -181,10 +182,17 @@ class AOTFunction:
         self.__name__ = getattr(fn, "__name__", "aot_function")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+            # the common call, tensors only: its spec is known without walking the arguments, and
+            # the count stands for it in the key (a spec hashes recursively)
+            leaves, spec, tensor_pos = list(args), _tensors_spec(len(args)), list(range(len(args)))
+            structure: Any = len(args)
+        else:
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+            tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+            structure = spec
         tensors = [leaves[i] for i in tensor_pos]
-        key = self._key(leaves, spec, tensor_pos)
+        key = self._key(leaves, structure, tensor_pos)
         compiled = self.cache.get(key)
         if compiled is None:
             with _gc_paused():
@@ -200,8 +208,8 @@ class AOTFunction:
         return _run(compiled, tensors)
 
     @staticmethod
-    def _key(leaves: list, spec: Any, tensor_pos: list[int]) -> Any:
-        parts: list[Any] = [spec, torch.is_grad_enabled()]
+    def _key(leaves: list, structure: Any, tensor_pos: list[int]) -> Any:
+        parts: list[Any] = [structure, torch.is_grad_enabled()]
         j = 0
         for i, x in enumerate(leaves):
             if j < len(tensor_pos) and tensor_pos[j] == i:
@@ -238,6 +246,13 @@ class AOTFunction:
                                       mutated_inputs=captured.mutated_inputs)
         return _Compiled(run, captured.num_outputs, captured.mutated_inputs, captured.out_spec, captured.key_input,
                          plan)
+
+
+@functools.lru_cache(maxsize=None)
+def _tensors_spec(n: int) -> Any:
+    """The pytree spec of ``(args, {})`` for ``n`` positional leaves: what flattening a call of
+    ``n`` tensors gives."""
+    return pytree.tree_flatten((tuple(range(n)), {}))[1]
 
 
 def _run(compiled: _Compiled, tensors: list[torch.Tensor]) -> Any:
