@@ -52,6 +52,9 @@ def tensor_to_jax(tensor: Any, index: int) -> Any:
     numpy; a tensor that requires grad is detached first (JAX computes no torch gradients).
     Call inside ``jax.enable_x64(True)`` so 64-bit dtypes stay 64-bit.
     """
+    origin = getattr(tensor, "_reftrace_jax_origin", None)
+    if origin is not None and origin[1] == tensor._version:  # made by array_to_tensor, unchanged since
+        return origin[0]
     tensor = tensor.detach().resolve_conj().resolve_neg()
     try:
         return jax.dlpack.from_dlpack(tensor)
@@ -65,6 +68,20 @@ def tensor_to_jax(tensor: Any, index: int) -> Any:
     if tensor.dtype == torch.bfloat16:  # numpy has no native bfloat16: move the bits, as ml_dtypes' bfloat16
         return tensor.contiguous().view(torch.int16).numpy().view(numpy_dtype(tensor.dtype))
     return tensor.numpy()
+
+
+def array_to_tensor(array: Any) -> Any:
+    """A JAX array as a torch tensor: DLPack shares the memory (bool arrays, which DLPack refuses,
+    are copied). The tensor remembers its array, so ``tensor_to_jax`` hands the same array back
+    while the tensor is unchanged (a forward's saved values reach the backward without a second
+    DLPack import)."""
+    import torch
+    try:
+        tensor = torch.from_dlpack(array)
+    except Exception:  # noqa: BLE001 - e.g. bool arrays; copy instead
+        return torch.from_numpy(np.array(array))
+    tensor._reftrace_jax_origin = (array, tensor._version)
+    return tensor
 
 
 class _Transferred:

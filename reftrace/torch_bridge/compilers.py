@@ -17,7 +17,7 @@ import torch
 
 from reftrace.backends.torch import to_fx
 from reftrace.errors import ArgumentError, CompilerError
-from reftrace.graph import Graph
+from reftrace.graph import Graph, Var
 from reftrace.torch_bridge.capture import capture_flat
 from reftrace.torch_bridge.tensors import example_tensors
 from reftrace.transforms.partition import partition
@@ -70,7 +70,12 @@ def xla_compile(fx_g: torch.fx.GraphModule, inps: Sequence[torch.Tensor]) -> Cal
     graph = getattr(fx_g, "reftrace_graph", None)
     if graph is None:
         graph = capture_flat(lambda ts: fx_g(*ts), list(inps)).graph
-    run = lower_jax(graph)
+    # Outputs that are inputs (a forward hands primals to the backward) pass through on the torch
+    # side, as with ``nop``: an XLA computation would copy them into fresh buffers on every call.
+    position = {v: i for i, v in enumerate(graph.inputs)}
+    passed = {k: position[o] for k, o in enumerate(graph.outputs) if isinstance(o, Var) and o in position}
+    computed = tuple(o for k, o in enumerate(graph.outputs) if k not in passed)
+    run = lower_jax(dataclasses.replace(graph, outputs=computed, output_names=None) if passed else graph)
     as_list = _returns_list(fx_g)
 
     import jax
@@ -78,7 +83,8 @@ def xla_compile(fx_g: torch.fx.GraphModule, inps: Sequence[torch.Tensor]) -> Cal
     def call(*args: torch.Tensor) -> Any:
         # the executable takes torch tensors (DLPack where it can, bit-exact copies where it cannot)
         with jax.enable_x64(True):  # keep 64-bit dtypes while crossing DLPack
-            outs = [_from_jax(o) for o in run(*args)]
+            results = iter([_from_jax(o) for o in run(*args)])
+        outs = [args[passed[k]] if k in passed else next(results) for k in range(len(graph.outputs))]
         return outs if as_list else tuple(outs)
     call.reftrace_graph = graph  # type: ignore[attr-defined]
     return call
@@ -90,11 +96,8 @@ def _returns_list(fx_g: torch.fx.GraphModule) -> bool:
 
 
 def _from_jax(a: Any) -> torch.Tensor:
-    try:
-        return torch.from_dlpack(a)
-    except Exception:  # noqa: BLE001 - e.g. bool arrays; copy instead
-        import numpy as np
-        return torch.from_numpy(np.array(a))
+    from reftrace.backends.jax import array_to_tensor
+    return array_to_tensor(a)
 
 
 # ----------------------------------------------------------------------------- partitioners
