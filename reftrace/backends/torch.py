@@ -220,6 +220,7 @@ def to_fx(graph: Graph, input_names: Sequence[str] | None = None, output_as_list
         outs = [as_tensor(o) for o in outs]  # a rank-0 literal output becomes a torch.full node
     fx_graph.output(tracer.create_arg(list(outs) if output_as_list else tuple(outs)))
     _transpose_products(fx_graph)
+    _merge_convolution_backwards(fx_graph)
     gm = fx.GraphModule(root, fx_graph)
     gm.reftrace_graph = graph
     # fx's deepcopy keeps only attributes listed here (functorch-style pipelines deepcopy modules)
@@ -261,6 +262,42 @@ def _transpose_products(fx_graph: fx.Graph) -> None:
         for operand in operands:
             if not operand.users and operand.op == "call_method":
                 fx_graph.erase_node(operand)
+
+
+def _merge_convolution_backwards(fx_graph: fx.Graph) -> None:
+    """A convolution's input and weight gradients, two ``aten.convolution_backward`` calls on one
+    cotangent (each computing one gradient, with a shape-only stand-in for the other operand),
+    become one call computing both, as eager's autograd runs it: the backend prepares the
+    cotangent and the operands once (mkldnn reorders them), and the values are the same."""
+    conv_backward = torch.ops.aten.convolution_backward
+    position = {node: i for i, node in enumerate(fx_graph.nodes)}
+    waiting: dict[Any, list[fx.Node]] = {}  # (cotangent, params, computed gradient) -> calls
+    for node in list(fx_graph.nodes):
+        if node.op != "call_function" or node.target is not conv_backward or len(node.args) != 11:
+            continue
+        mask = list(node.args[10])
+        which = {(True, False, False): 0, (False, True, False): 1}.get(tuple(mask))
+        if which is None:
+            continue
+        params = tuple(tuple(a) if isinstance(a, (list, tuple)) else a for a in node.args[3:10])
+        partners = waiting.get((node.args[0], params, 1 - which))
+        if not partners:
+            waiting.setdefault((node.args[0], params, which), []).append(node)
+            continue
+        other = partners.pop(0)
+        first, (input_grad, weight_grad) = other, ((node, other) if which == 0 else (other, node))
+        x, w = weight_grad.args[1], input_grad.args[2]  # the real operands; the other two are stand-ins
+        if any(isinstance(a, fx.Node) and position[a] >= position[first] for a in (x, w)):
+            continue
+        with fx_graph.inserting_before(first):
+            both = fx_graph.call_function(conv_backward, (node.args[0], x, w, *node.args[3:10], [True, True, False]))
+        stand_ins = (input_grad.args[1], weight_grad.args[2])
+        for call in (input_grad, weight_grad):
+            call.replace_all_uses_with(both)
+            fx_graph.erase_node(call)
+        for stand_in in stand_ins:
+            if isinstance(stand_in, fx.Node) and not stand_in.users:
+                fx_graph.erase_node(stand_in)
 
 
 def _swapped(fx_graph: fx.Graph, matrix: fx.Node) -> fx.Node:

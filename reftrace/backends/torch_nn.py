@@ -165,8 +165,9 @@ torch_rules[nll_loss_backward_p] = _nll_loss_backward
 
 
 # ----------------------------------------------------------------------------- convolution
-# torch.convNd with the bias fused, and aten.convolution_backward for each gradient (what eager's
-# autograd runs); operands of zero size run as the decomposition.
+# torch.convNd with the bias fused, and aten.convolution_backward for each gradient (to_fx merges
+# the two calls of one convolution into one, what eager's autograd runs); operands of zero size run
+# as the decomposition.
 
 _CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
 

@@ -369,4 +369,24 @@ def test_torch_modules_compile_to_aten_kernels_and_match_eager():
                    "_softmax_backward_data", "_log_softmax_backward_data", "threshold_backward"):
         assert f"aten.{kernel}(" in backward, kernel
     assert forward.count("torch.conv2d(") == 2 and "torch.relu(" in forward
-    assert "[True, False, False]" in backward and backward.count("aten.convolution_backward(") == 3
+    # as eager: one convolution_backward per convolution, input and weight gradients together
+    assert "[True, True, False]" in backward and backward.count("aten.convolution_backward(") == 2
+
+
+@pytest.mark.parametrize("stride,groups", [(1, 1), (2, 1), (1, 2)])
+def test_a_convolutions_input_and_weight_gradients_are_one_call_with_the_same_bits(stride, groups):
+    """The torch backend merges the two convolution_backward calls of one convolution (input and
+    weight gradients on the same cotangent) into one, as eager runs it; the bits do not change."""
+    from reftrace.backends.torch import eval_torch, to_fx
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, stride=stride, padding=1, groups=groups)
+    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    joint = rt.vjp(rt.trace(lambda x, w, b: torch.relu(torch.nn.functional.conv2d(
+        x, w, b, stride=stride, padding=1, groups=groups)) * 2, x, conv.weight, conv.bias))
+    _, backward = rt.partition(joint, "default")
+    assert all(v.dtype == np.float32 for v in backward.inputs)
+    args = [torch.randn(v.shape) for v in backward.inputs]
+    gm = to_fx(backward)
+    assert gm.code.count("aten.convolution_backward(") == 1 and "[True, True, False]" in gm.code
+    for merged, separate in zip(gm(*args), eval_torch(backward, *args), strict=True):
+        assert torch.equal(merged, separate)

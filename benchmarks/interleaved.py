@@ -1,0 +1,63 @@
+"""Training steps of reftrace, functorch and eager, interleaved step by step in one process.
+
+    .venv/bin/python benchmarks/interleaved.py [--models mlp,resnet18,cos-chain,convnet] [--steps 30]
+
+``step.py`` times each system's steps in a block, so a drift of the shared machine's speed between
+blocks shows up as a ratio. Here the systems take turns, one step each (the order reversed every
+round), so drift hits them alike. Same models and step as ``step.py`` (``nop`` compilers, default
+partition); prints the 10th percentile and the median per system, and reftrace's ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as step.py, before torch starts
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+import step as S  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="mlp,resnet18,cos-chain,convnet")
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    import functorch.compile as fc
+    import reftrace.compile as rc
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        case = S.MODELS[name]()
+        model, inputs, leaves = case.target, case.inputs, case.leaves()
+        module = isinstance(model, torch.nn.Module)
+        systems = {"reftrace nop": (rc.aot_module if module else rc.aot_function)(model, rc.nop, rc.nop),
+                   "functorch nop": (fc.aot_module if module else fc.aot_function)(model, fc.nop, fc.nop),
+                   "eager": model}
+
+        def step(fn):
+            for leaf in leaves:
+                leaf.grad = None
+            fn(*inputs).sum().backward()
+        times: dict[str, list[float]] = {k: [] for k in systems}
+        for fn in systems.values():  # the first step compiles
+            step(fn)
+            step(fn)
+        for i in range(args.steps):
+            for k in (list(systems) if i % 2 else list(systems)[::-1]):
+                t0 = time.perf_counter()
+                step(systems[k])
+                times[k].append((time.perf_counter() - t0) * 1e3)
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        for k, v in times.items():
+            print(f"{name:10s} {k:14s} p10 {np.percentile(v, 10):8.2f} ms  median {med[k]:8.2f} ms", flush=True)
+        print(f"{name:10s} reftrace / functorch {med['reftrace nop'] / med['functorch nop']:.2f}, "
+              f"reftrace / eager {med['reftrace nop'] / med['eager']:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
