@@ -271,24 +271,25 @@ def _merge_convolution_backwards(fx_graph: fx.Graph) -> None:
     cotangent and the operands once (mkldnn reorders them), and the values are the same."""
     conv_backward = torch.ops.aten.convolution_backward
     position = {node: i for i, node in enumerate(fx_graph.nodes)}
-    waiting: dict[Any, list[fx.Node]] = {}  # (cotangent, params, computed gradient) -> calls
+    waiting: dict[Any, list[fx.Node]] = {}  # (cotangent, params, computed gradient) -> unpaired calls
     for node in list(fx_graph.nodes):
         if node.op != "call_function" or node.target is not conv_backward or len(node.args) != 11:
             continue
-        mask = list(node.args[10])
-        which = {(True, False, False): 0, (False, True, False): 1}.get(tuple(mask))
+        which = {(True, False, False): 0, (False, True, False): 1}.get(tuple(node.args[10]))
         if which is None:
             continue
         params = tuple(tuple(a) if isinstance(a, (list, tuple)) else a for a in node.args[3:10])
-        partners = waiting.get((node.args[0], params, 1 - which))
-        if not partners:
+        partners = waiting.get((node.args[0], params, 1 - which), [])
+        for other in partners:
+            input_grad, weight_grad = (node, other) if which == 0 else (other, node)
+            if _mergeable(input_grad, weight_grad, position):
+                partners.remove(other)
+                break
+        else:
             waiting.setdefault((node.args[0], params, which), []).append(node)
             continue
-        other = partners.pop(0)
-        first, (input_grad, weight_grad) = other, ((node, other) if which == 0 else (other, node))
-        x, w = weight_grad.args[1], input_grad.args[2]  # the real operands; the other two are stand-ins
-        if any(isinstance(a, fx.Node) and position[a] >= position[first] for a in (x, w)):
-            continue
+        first = min(input_grad, weight_grad, key=position.__getitem__)
+        x, w = weight_grad.args[1], input_grad.args[2]
         with fx_graph.inserting_before(first):
             both = fx_graph.call_function(conv_backward, (node.args[0], x, w, *node.args[3:10], [True, True, False]))
         stand_ins = (input_grad.args[1], weight_grad.args[2])
@@ -298,6 +299,31 @@ def _merge_convolution_backwards(fx_graph: fx.Graph) -> None:
         for stand_in in stand_ins:
             if isinstance(stand_in, fx.Node) and not stand_in.users:
                 fx_graph.erase_node(stand_in)
+
+
+def _mergeable(input_grad: fx.Node, weight_grad: fx.Node, position: dict[fx.Node, int]) -> bool:
+    """Whether one call can compute both gradients: the real operands (the weight grad's input, the
+    input grad's weight) exist before either call, and each has its stand-in's shape. Summed
+    convolution outputs share a cotangent, so the two calls may come from different
+    convolutions; that is still right, since an input gradient reads only the weight and the
+    input's shape, and a weight gradient only the input and the weight's shape."""
+    x, w = weight_grad.args[1], input_grad.args[2]
+    shapes = (_stand_in_shape(input_grad.args[1]), _shape(x), _stand_in_shape(weight_grad.args[2]), _shape(w))
+    first = min(position[input_grad], position[weight_grad])
+    return (None not in shapes and shapes[0] == shapes[1] and shapes[2] == shapes[3]
+            and all(position[a] < first for a in (x, w)))
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    aval = node.meta.get(AVAL_META) if isinstance(node, fx.Node) else None
+    return None if aval is None else tuple(aval.shape)
+
+
+def _stand_in_shape(node: Any) -> tuple[int, ...] | None:
+    """The shape of a ``x.new_empty(shape)`` node (a convolution rule's shape-only operand)."""
+    if isinstance(node, fx.Node) and node.op == "call_method" and node.target == "new_empty":
+        return tuple(node.args[1])
+    return None
 
 
 def _swapped(fx_graph: fx.Graph, matrix: fx.Node) -> fx.Node:

@@ -390,3 +390,74 @@ def test_a_convolutions_input_and_weight_gradients_are_one_call_with_the_same_bi
     assert gm.code.count("aten.convolution_backward(") == 1 and "[True, True, False]" in gm.code
     for merged, separate in zip(gm(*args), eval_torch(backward, *args), strict=True):
         assert torch.equal(merged, separate)
+
+
+@pytest.mark.parametrize("size2", [9, 10])
+def test_two_convolutions_sharing_a_cotangent_keep_their_own_gradients(size2):
+    """Summed convolution outputs share one cotangent, so the merge could pair one convolution's
+    input gradient with the other's weight gradient: right when the shapes agree (size 9: the
+    same input shape), wrong when they do not (size 10: stride 2 gives the same output size from
+    a different input), which the merge checks. The gradients are eager's either way."""
+    torch.manual_seed(0)
+    c1, c2 = torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.Conv2d(3, 4, 3, stride=2)
+    x1, x2 = torch.randn(2, 3, 9, 9, requires_grad=True), torch.randn(2, 3, size2, size2, requires_grad=True)
+
+    def fn(x1, x2, w1, w2):
+        return torch.tanh(torch.nn.functional.conv2d(x1, w1, stride=2) + torch.nn.functional.conv2d(x2, w2, stride=2))
+
+    from reftrace.compile import aot_function, nop
+    leaves = [x1, x2, c1.weight, c2.weight]
+    codes = []
+
+    def spy(gm, _):
+        codes.append(gm.code)
+        return gm
+    aot_function(fn, nop, spy)(*leaves).sum().backward()
+    got = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    fn(*leaves).sum().backward()
+    for a, t in zip(got, leaves, strict=True):
+        torch.testing.assert_close(a, t.grad, rtol=1e-5, atol=1e-5)
+    assert codes[0].count("[True, True, False]") == 2  # each convolution's pair, whatever the order
+
+
+def test_the_merge_pairs_only_calls_whose_operands_have_their_stand_ins_shapes():
+    """On one cotangent, the first input-gradient call (input 9x9) meets a weight-gradient call
+    whose input is 10x10 (stride 2 maps both to 4x4): merging those would give the 9x9 input a
+    10x10 gradient. The merge pairs each call with its own convolution instead; the results are
+    the separate calls' bit for bit."""
+    import copy
+    import operator
+    from torch import fx
+    from reftrace.backends.torch import _merge_convolution_backwards
+    from reftrace.backends.torch_rules import AVAL_META
+    from reftrace.graph import Aval
+    conv_backward = torch.ops.aten.convolution_backward
+    graph = fx.Graph()
+    shapes = {"g": (2, 4, 4, 4), "x1": (2, 3, 9, 9), "x2": (2, 3, 10, 10), "w1": (4, 3, 3, 3), "w2": (4, 3, 3, 3)}
+    nodes = {}
+    for name, shape in shapes.items():
+        nodes[name] = graph.placeholder(name)
+        nodes[name].meta[AVAL_META] = Aval(shape, np.float32)
+    g = nodes["g"]
+    params = (None, [2, 2], [0, 0], [1, 1], False, [0, 0], 1)
+
+    def call(x, w, which):
+        mask = [which == 0, which == 1, False]
+        return graph.call_function(operator.getitem, (graph.call_function(conv_backward, (g, x, w, *params, mask)),
+                                                      which))
+
+    def stand_in(shape):
+        return graph.call_method("new_empty", (g, list(shape)))
+    outs = [call(stand_in(shapes["x1"]), nodes["w1"], 0), call(nodes["x2"], stand_in(shapes["w2"]), 1),
+            call(stand_in(shapes["x2"]), nodes["w2"], 0), call(nodes["x1"], stand_in(shapes["w1"]), 1)]
+    graph.output(tuple(outs))
+    separate = fx.GraphModule(torch.nn.Module(), copy.deepcopy(graph))
+    _merge_convolution_backwards(graph)
+    merged = fx.GraphModule(torch.nn.Module(), graph)
+    assert merged.code.count("[True, True, False]") == 2 and "new_empty" not in merged.code
+    torch.manual_seed(0)
+    args = [torch.randn(shape) for shape in shapes.values()]
+    for a, b in zip(merged(*args), separate(*args), strict=True):
+        assert a.shape == b.shape and torch.equal(a, b)
