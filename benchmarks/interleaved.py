@@ -43,10 +43,14 @@ def main() -> None:
             for leaf in leaves:
                 leaf.grad = None
             fn(*inputs).sum().backward()
+        for k, fn in list(systems.items()):  # the first step compiles
+            try:
+                step(fn)
+                step(fn)
+            except Exception as e:  # noqa: BLE001 - functorch rejects tied weights (GPT-2)
+                print(f"{name:10s} {k:14s} fails ({type(e).__name__})")
+                del systems[k]
         times: dict[str, list[float]] = {k: [] for k in systems}
-        for fn in systems.values():  # the first step compiles
-            step(fn)
-            step(fn)
         for i in range(args.steps):
             for k in (list(systems) if i % 2 else list(systems)[::-1]):
                 t0 = time.perf_counter()
@@ -55,8 +59,8 @@ def main() -> None:
         med = {k: float(np.median(v)) for k, v in times.items()}
         for k, v in times.items():
             print(f"{name:10s} {k:14s} p10 {np.percentile(v, 10):8.2f} ms  median {med[k]:8.2f} ms", flush=True)
-        print(f"{name:10s} reftrace / functorch {med['reftrace nop'] / med['functorch nop']:.2f}, "
-              f"reftrace / eager {med['reftrace nop'] / med['eager']:.2f}", flush=True)
+        ratios = [f"reftrace / {k.split()[0]} {med['reftrace nop'] / med[k]:.2f}" for k in med if k != "reftrace nop"]
+        print(f"{name:10s} {', '.join(ratios)}", flush=True)
 
 
 if __name__ == "__main__":

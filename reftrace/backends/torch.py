@@ -11,6 +11,7 @@ model's compile path. The generated code prints readably and is accepted by
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -29,7 +30,7 @@ from reftrace.graph import Aval, Eqn, Graph, Literal, Params, Var
 from reftrace.interpreter import eval_graph
 from reftrace.primitives import Primitive, infer_avals
 
-__all__ = ["to_fx", "lower_torch", "apply_torch", "eval_torch", "TorchExecutable"]
+__all__ = ["to_fx", "lower_torch", "apply_torch", "eval_torch", "TorchExecutable", "accumulate_in_place"]
 
 
 def _call_rule(eqn: Eqn, operands: Sequence[Any]) -> tuple[Any, ...]:
@@ -312,6 +313,59 @@ def _mergeable(input_grad: fx.Node, weight_grad: fx.Node, position: dict[fx.Node
     first = min(position[input_grad], position[weight_grad])
     return (None not in shapes and shapes[0] == shapes[1] and shapes[2] == shapes[3]
             and all(position[a] < first for a in (x, w)))
+
+
+def accumulate_in_place(gm: fx.GraphModule) -> None:
+    """Rewrite ``gm`` so that ``torch.add(a, b)`` is ``a.add_(b)`` where ``a`` is a fresh tensor
+    (made by an arithmetic op or an ATen op that returns new memory, never a view) read by nothing
+    else, with the sum's shape and dtype: the sum reuses ``a``'s memory instead of allocating, as
+    eager's autograd accumulates gradients (a residual stream's cotangents, on every block). Same
+    values: the same kernel adds the same operands. The module is no longer functional, so this
+    is for a module that runs as it is (the torch bridge applies it when the compiler returns the
+    module itself, as ``nop`` does); compilers and torch's partitioners get functional graphs."""
+    fx_graph = gm.graph
+    for node in list(fx_graph.nodes):
+        if node.op != "call_function" or node.target is not torch.add or len(node.args) != 2 or node.kwargs:
+            continue
+        out = node.meta.get(AVAL_META)
+        for a, b in (node.args, node.args[::-1]):
+            aval = a.meta.get(AVAL_META) if isinstance(a, fx.Node) else None
+            if aval is None or out is None or (aval.shape, aval.dtype) != (out.shape, out.dtype):
+                continue
+            if len(a.users) != 1 or not _is_fresh(a):
+                continue
+            with fx_graph.inserting_before(node):
+                summed = fx_graph.call_method("add_", (a, b))
+            summed.meta[AVAL_META] = out
+            node.replace_all_uses_with(summed)
+            fx_graph.erase_node(node)
+            break
+    gm.recompile()
+
+
+_FRESH_RESULTS = frozenset({torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.matmul})
+
+
+def _is_fresh(node: fx.Node) -> bool:
+    """Whether ``node``'s tensor is memory nothing else refers to: the result of an arithmetic op,
+    an element of an ATen op's tuple whose schema returns no aliases (not ``split``'s views), or
+    an in-place sum made by ``accumulate_in_place`` on such a tensor."""
+    if node.op == "call_method":
+        return node.target == "add_" and _is_fresh(node.args[0])
+    if node.op != "call_function":
+        return False
+    if node.target in _FRESH_RESULTS:
+        return True
+    source = node.args[0] if node.target is operator.getitem else None
+    if not (isinstance(source, fx.Node) and source.op == "call_function"):
+        return False
+    if any(u.target is not operator.getitem or (u is not node and u.args[1] == node.args[1]) for u in source.users):
+        return False  # the tuple, or this element, is read some other way too
+    op = source.target
+    overloads = ([getattr(op, name) for name in op.overloads()] if isinstance(op, torch._ops.OpOverloadPacket)
+                 else [op] if isinstance(op, torch._ops.OpOverload) else [])
+    functional = [o for o in overloads if not o._schema.is_mutable]  # not the out= variants
+    return bool(functional) and all(r.alias_info is None for o in functional for r in o._schema.returns)
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:

@@ -1,6 +1,6 @@
 """``simplify``: a Graph -> Graph cleanup that every later stage can rely on.
 
-Four rewrites, all value-preserving:
+Five rewrites, all value-preserving:
 
 1. **Forwarding of identities**: an equation that returns its operand unchanged
    (``reshape`` to the same shape, ``convert_element_type`` to the same dtype,
@@ -19,7 +19,10 @@ Four rewrites, all value-preserving:
 3. **Common-subexpression elimination**: two equations with the same primitive,
    parameters and operand atoms compute the same value; the second reuses the
    first. This includes ``random``, which is a pure function of its key.
-4. **Dead-code elimination**: equations none of whose outputs is needed are
+4. **Slices put back together**: ``pad(a) + pad(b)``, zero paddings along one axis
+   whose kept ranges are adjacent (a VJP's cotangent of a split), becomes
+   ``pad(concatenate(a, b))``, the pad dropped when the pieces cover the axis.
+5. **Dead-code elimination**: equations none of whose outputs is needed are
    dropped (``random`` included, for the same reason).
 
 The graph's inputs, outputs and ``joint`` spec are kept, so a joint graph stays a
@@ -72,6 +75,16 @@ def eliminate_dead_code(graph: Graph) -> Graph:
 def _rewrite(graph: Graph, fold: bool) -> tuple[list[Eqn], list[Atom]]:
     builder = Builder()
     seen: dict[tuple, tuple[Var, ...]] = {}
+    made_by: dict[Var, tuple[Primitive, tuple[Atom, ...], Params]] = {}
+
+    def bind(prim: Primitive, atoms: Sequence[Atom], params: Params) -> tuple[Var, ...]:
+        key = (prim, params, tuple(atoms))
+        outs = seen.get(key)
+        if outs is None:
+            outs = seen[key] = builder.bind(prim, atoms, params)
+            for v in outs:
+                made_by[v] = (prim, tuple(atoms), params)
+        return outs
 
     def apply(eqn: Eqn, atoms: Sequence[Atom]) -> Sequence[Atom]:
         prim, params = eqn.primitive, eqn.params
@@ -82,14 +95,75 @@ def _rewrite(graph: Graph, fold: bool) -> tuple[list[Eqn], list[Atom]]:
             folded = fold_constants(prim, atoms, params)
             if folded is not None:
                 return folded
-        key = (prim, params, tuple(atoms))
-        outs = seen.get(key)
-        if outs is None:
-            outs = seen[key] = builder.bind(prim, atoms, params)
-        return outs
+        if prim is P.add_p:
+            joined = _sum_of_adjacent_pads(atoms, made_by, bind)
+            if joined is not None:
+                return (joined,)
+        return bind(prim, atoms, params)
 
     outputs = eval_graph(graph, graph.inputs, apply, literal=lambda lit: lit)
     return builder.eqns, outputs
+
+
+# ----------------------------------------------------------------------------- slices put back
+
+def _sum_of_adjacent_pads(atoms: Sequence[Atom], made_by: dict, bind: Callable[..., tuple[Var, ...]]) -> Atom | None:
+    """``pad(a) + pad(b)``, two zero paddings along one axis whose kept ranges are adjacent, as one
+    ``pad(concatenate(a, b))``. A VJP writes a split's cotangent this way: each slice's cotangent
+    padded back to the full size, then summed (three full-size passes and two adds for a
+    query/key/value split, against one concatenation). Where the ranges meet exactly, adding the
+    other's zeros leaves each value unchanged, save that ``-0.0 + 0.0`` is ``+0.0``: the
+    concatenation keeps a cotangent's ``-0.0``, as eager's split backward does."""
+    ranges = [_padded_range(a, made_by) for a in atoms]
+    if None in ranges:
+        return None
+    (axis_a, lo_a, hi_a, a), (axis_b, lo_b, hi_b, b) = ranges
+    if axis_a != axis_b or atoms[0].aval != atoms[1].aval:
+        return None
+    size = atoms[0].shape[axis_a]
+    if size - hi_a == lo_b:
+        first, second, lo, hi = a, b, lo_a, hi_b
+    elif size - hi_b == lo_a:
+        first, second, lo, hi = b, a, lo_b, hi_a
+    else:
+        return None
+    parts = [p for x in (first, second) for p in _concatenated_parts(x, axis_a, made_by)]
+    (joined,) = bind(P.concatenate_p, parts, Params({"dimension": axis_a}))
+    if lo == 0 and hi == 0:
+        return joined
+    zero = made_by[atoms[0]][1][1]
+    config = tuple((lo, hi, 0) if d == axis_a else (0, 0, 0) for d in range(joined.ndim))
+    return bind(P.pad_p, (joined, zero), Params({"padding_config": config}))[0]
+
+
+def _padded_range(atom: Atom, made_by: dict) -> tuple[int, int, int, Atom] | None:
+    """(axis, lo, hi, operand) when ``atom`` is a zero ``pad`` of ``operand`` along one axis by
+    non-negative lo/hi, without interior padding; else None."""
+    if not isinstance(atom, Var) or atom not in made_by:
+        return None
+    prim, operands, params = made_by[atom]
+    if prim is not P.pad_p:
+        return None
+    operand, value = operands
+    if not isinstance(value, Literal) or value.value != 0:
+        return None
+    padded = [(d, lo, hi) for d, (lo, hi, interior) in enumerate(params["padding_config"])
+              if (lo, hi, interior) != (0, 0, 0)]
+    if len(padded) != 1:
+        return None
+    axis, lo, hi = padded[0]
+    if lo < 0 or hi < 0 or params["padding_config"][axis][2] != 0:
+        return None
+    return axis, lo, hi, operand
+
+
+def _concatenated_parts(atom: Atom, axis: int, made_by: dict) -> list[Atom]:
+    """The operands of ``atom`` if it is a concatenation along ``axis`` (flattened), else [atom]."""
+    if isinstance(atom, Var) and atom in made_by:
+        prim, operands, params = made_by[atom]
+        if prim is P.concatenate_p and params["dimension"] == axis:
+            return list(operands)
+    return [atom]
 
 
 # ----------------------------------------------------------------------------- identities

@@ -324,3 +324,58 @@ def test_random_programs_keep_their_values(program):
     rng = np.random.default_rng(0)
     args = [rng.standard_normal((2, 3)).astype(np.float32) for _ in g.inputs]
     assert_same_values(g, s, *args)
+
+
+# ----------------------------------------------------------------------------- slices put back
+
+def test_a_splits_cotangent_becomes_one_concatenation():
+    """The VJP of x[..., :4], x[..., 4:8], x[..., 8:] pads each slice's cotangent back to x's size
+    and adds them: simplify joins them into one concatenate, with the same bits, and the gradient
+    is still jax.grad's."""
+    import jax
+    import jax.numpy as jnp
+    x = np.random.default_rng(0).standard_normal((2, 5, 12)).astype(np.float32)
+
+    def f(x, np_=rnp):
+        q, k, v = x[:, :, :4], x[:, :, 4:8], x[:, :, 8:]
+        return np_.sum(np_.tanh(q) * np_.sin(k) + np_.cos(v))
+    joint = rt.vjp(rt.trace(f, x))
+    assert prims(joint).count("pad") == 3
+    s = simplify(joint)
+    assert prims(s).count("concatenate") == 1 and "pad" not in prims(s) and prims(s).count("add") == 1
+    assert_same_values(joint, s, x, np.float32(1.0))
+    np.testing.assert_allclose(jax_values(s, x, np.float32(1.0))[1], jax.grad(lambda x: f(x, jnp))(x),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ranges,joined", [
+    (((0, 3), (3, 5)), True),                # adjacent, covering the axis: a concatenation alone
+    (((1, 3), (3, 4)), True),                # adjacent inside the axis: pad(concatenate) by (1, 2)
+    (((0, 2), (3, 5)), False),               # a gap between them
+    (((0, 3), (2, 5)), False),               # overlapping
+])
+def test_only_adjacent_zero_pads_along_one_axis_are_joined(ranges, joined):
+    (a0, a1), (b0, b1) = ranges
+
+    def body(b, x, y):
+        zero = Literal.of(np.float32(0))
+        (px,) = b.bind(P.pad_p, [x, zero], {"padding_config": ((0, 0, 0), (a0, 6 - a1, 0))})
+        (py,) = b.bind(P.pad_p, [y, zero], {"padding_config": ((0, 0, 0), (b0, 6 - b1, 0))})
+        return b.bind(P.add_p, [py, px], {})
+    g = by_hand([((2, a1 - a0), np.float32), ((2, b1 - b0), np.float32)], body)
+    s = simplify(g)
+    assert ("concatenate" in prims(s)) == joined and ("add" in prims(s)) != joined
+    if joined:
+        assert prims(s).count("pad") == (0 if (a0, b1) == (0, 6) else 1)
+    rng = np.random.default_rng(1)
+    assert_same_values(g, s, *[rng.standard_normal(v.shape).astype(np.float32) for v in g.inputs])
+
+
+def test_pads_with_a_value_or_interior_padding_are_not_joined():
+    def body(b, x, y, value, interior):
+        (px,) = b.bind(P.pad_p, [x, Literal.of(np.float32(value))], {"padding_config": ((0, 3, interior),)})
+        (py,) = b.bind(P.pad_p, [y, Literal.of(np.float32(0))], {"padding_config": ((3 + 2 * interior, 0, 0),)})
+        return b.bind(P.add_p, [px, py], {})
+    for value, interior in ((1.0, 0), (0.0, 1)):
+        g = by_hand([((3,), np.float32), ((3,), np.float32)], lambda b, x, y: body(b, x, y, value, interior))
+        assert "concatenate" not in prims(simplify(g))
