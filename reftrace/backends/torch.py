@@ -30,7 +30,7 @@ from reftrace.graph import Aval, Eqn, Graph, Literal, Params, Var
 from reftrace.interpreter import eval_graph
 from reftrace.primitives import Primitive, infer_avals
 
-__all__ = ["to_fx", "lower_torch", "apply_torch", "eval_torch", "TorchExecutable", "accumulate_in_place"]
+__all__ = ["to_fx", "lower_torch", "apply_torch", "eval_torch", "TorchExecutable", "compute_in_place"]
 
 
 def _call_rule(eqn: Eqn, operands: Sequence[Any]) -> tuple[Any, ...]:
@@ -315,43 +315,55 @@ def _mergeable(input_grad: fx.Node, weight_grad: fx.Node, position: dict[fx.Node
             and all(position[a] < first for a in (x, w)))
 
 
-def accumulate_in_place(gm: fx.GraphModule) -> None:
-    """Rewrite ``gm`` so that ``torch.add(a, b)`` is ``a.add_(b)`` where ``a`` is a fresh tensor
-    (made by an arithmetic op or an ATen op that returns new memory, never a view) read by nothing
-    else, with the sum's shape and dtype: the sum reuses ``a``'s memory instead of allocating, as
-    eager's autograd accumulates gradients (a residual stream's cotangents, on every block). Same
-    values: the same kernel adds the same operands. The module is no longer functional, so this
+def compute_in_place(gm: fx.GraphModule) -> None:
+    """Rewrite ``gm`` so that elementwise arithmetic writes into a fresh operand: ``torch.add(a, b)``
+    becomes ``a.add_(b)`` (and ``mul``, ``sub``, ``div``, ``neg`` alike) where ``a`` is a fresh
+    tensor (made by an elementwise op, a matmul or an ATen op that returns new memory, never a
+    view) read by nothing else, with the result's shape and dtype. The result reuses ``a``'s
+    memory instead of allocating, as eager's autograd does when it accumulates gradients (a
+    residual stream's cotangents) and as a memory-bound chain needs (``cos``'s backward,
+    ``-sin(x) * ct``, reuses ``sin(x)`` twice). Same values: the same kernels on the same
+    operands (``add`` and ``mul`` commute exactly). The module is no longer functional, so this
     is for a module that runs as it is (the torch bridge applies it when the compiler returns the
     module itself, as ``nop`` does); compilers and torch's partitioners get functional graphs."""
     fx_graph = gm.graph
     for node in list(fx_graph.nodes):
-        if node.op != "call_function" or node.target is not torch.add or len(node.args) != 2 or node.kwargs:
+        if node.op != "call_function" or node.target not in _IN_PLACE or node.kwargs:
             continue
+        method, commutes = _IN_PLACE[node.target]
+        operands = list(node.args)
         out = node.meta.get(AVAL_META)
-        for a, b in (node.args, node.args[::-1]):
+        orders = [operands, operands[::-1]] if commutes and len(operands) == 2 else [operands]
+        for a, *rest in orders:
             aval = a.meta.get(AVAL_META) if isinstance(a, fx.Node) else None
             if aval is None or out is None or (aval.shape, aval.dtype) != (out.shape, out.dtype):
                 continue
             if len(a.users) != 1 or not _is_fresh(a):
                 continue
             with fx_graph.inserting_before(node):
-                summed = fx_graph.call_method("add_", (a, b))
-            summed.meta[AVAL_META] = out
-            node.replace_all_uses_with(summed)
+                result = fx_graph.call_method(method, (a, *rest))
+            result.meta[AVAL_META] = out
+            node.replace_all_uses_with(result)
             fx_graph.erase_node(node)
             break
     gm.recompile()
 
 
-_FRESH_RESULTS = frozenset({torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.matmul})
+# op -> (its in-place method, whether its two operands commute)
+_IN_PLACE = {torch.add: ("add_", True), torch.mul: ("mul_", True), torch.sub: ("sub_", False),
+             torch.div: ("div_", False), torch.neg: ("neg_", False)}
+
+_FRESH_RESULTS = frozenset({torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.matmul, torch.sin,
+                            torch.cos, torch.exp, torch.log, torch.tanh, torch.sigmoid, torch.sqrt, torch.rsqrt,
+                            torch.abs, torch.relu, torch.where, torch.pow, torch.square, torch.reciprocal})
 
 
 def _is_fresh(node: fx.Node) -> bool:
-    """Whether ``node``'s tensor is memory nothing else refers to: the result of an arithmetic op,
-    an element of an ATen op's tuple whose schema returns no aliases (not ``split``'s views), or
-    an in-place sum made by ``accumulate_in_place`` on such a tensor."""
+    """Whether ``node``'s tensor is memory nothing else refers to: the result of an elementwise op
+    or a matmul, an element of an ATen op's tuple whose schema returns no aliases (not ``split``'s
+    views), or an in-place result ``compute_in_place`` made on such a tensor."""
     if node.op == "call_method":
-        return node.target == "add_" and _is_fresh(node.args[0])
+        return node.target in {m for m, _ in _IN_PLACE.values()} and _is_fresh(node.args[0])
     if node.op != "call_function":
         return False
     if node.target in _FRESH_RESULTS:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from reftrace.backends.torch import accumulate_in_place, to_fx
+from reftrace.backends.torch import compute_in_place, to_fx
 from reftrace.backends.torch_dtypes import torch_dtype
 from reftrace.errors import CompilerError
 from reftrace.graph import Graph
@@ -143,11 +143,12 @@ class PartitionedFunction:
 def _compile(compiler: Compiler, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor], role: str
              ) -> Callable[..., Any]:
     """``compiler(gm, example_inputs)``, checked: a compiler must return something callable. A
-    compiler that returns the module itself (``nop``) runs it as it is: its sums then accumulate
-    in place, as eager's (``accumulate_in_place``); other compilers keep the functional graph."""
+    compiler that returns the module itself (``nop``) runs it as it is: its elementwise arithmetic
+    then writes into fresh operands, as eager's gradient sums do (``compute_in_place``); other
+    compilers keep the functional graph."""
     compiled = compiler(gm, example_inputs)
     if compiled is gm:
-        accumulate_in_place(gm)
+        compute_in_place(gm)
     if not callable(compiled):
         name = getattr(compiler, "__name__", type(compiler).__name__)
         raise CompilerError(f"the {role} {name} returned {type(compiled).__name__}, not a callable; a compiler "

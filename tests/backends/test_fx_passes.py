@@ -1,6 +1,6 @@
-"""``accumulate_in_place``, the pass the torch bridge applies to a module that runs as it is:
-sums accumulate into a fresh operand, with the values bit for bit (checked against
-``eval_torch``, which runs every rule eagerly on fresh tensors)."""
+"""``compute_in_place``, the pass the torch bridge applies to a module that runs as it is:
+elementwise arithmetic writes into a fresh operand, with the values bit for bit (checked
+against ``eval_torch``, which runs every rule eagerly on fresh tensors)."""
 from __future__ import annotations
 
 import operator
@@ -12,13 +12,13 @@ from torch import fx
 
 import reftrace as rt
 import reftrace.numpy as rnp
-from reftrace.backends.torch import _is_fresh, accumulate_in_place, eval_torch, to_fx
+from reftrace.backends.torch import _is_fresh, compute_in_place, eval_torch, to_fx
 
 
 def run_both(graph, *args):
     gm = to_fx(graph)
     assert ".add_(" not in gm.code, "to_fx itself stays functional"
-    accumulate_in_place(gm)
+    compute_in_place(gm)
     fast = gm(*[torch.as_tensor(a) for a in args])
     eager = eval_torch(graph, *args)
     for a, b in zip(fast, eager, strict=True):
@@ -26,7 +26,7 @@ def run_both(graph, *args):
     return gm.code
 
 
-def test_a_residual_streams_cotangents_accumulate_in_place():
+def test_a_residual_streams_cotangents_compute_in_place():
     """Each block's gradient adds into the stream's: ``add_`` on the fresh product, as eager."""
     x, w = np.random.default_rng(0).standard_normal((2, 8, 8)).astype(np.float32)
 
@@ -85,3 +85,26 @@ def test_the_bridge_accumulates_in_place_only_for_modules_run_as_they_are():
     for name, compiler in (("nop", nop), ("boxed", make_boxed_compiler(nop))):
         aot_function(f, nop, keep(name, compiler))(x, w).backward()
     assert ".add_(" in seen["nop"].code and ".add_(" not in seen["boxed"].code
+
+
+def test_a_memory_bound_chain_reuses_its_buffers():
+    """cos's backward recomputed (min-cut), ``-sin(x) * ct``: the negation writes into ``sin(x)``
+    and the products into the running cotangent, one buffer per step instead of three."""
+    x = np.random.default_rng(2).standard_normal(64).astype(np.float32)
+
+    def f(x):
+        for _ in range(3):
+            x = rnp.cos(x)
+        return rnp.sum(x)
+    _, backward = rt.partition(rt.vjp(rt.trace(f, x)), "mincut")
+    args = [np.random.default_rng(k).standard_normal(v.shape).astype(v.dtype) for k, v in enumerate(backward.inputs)]
+    code = run_both(backward, *args)
+    assert code.count(".neg_(") == 3 and code.count(".mul_(") == 3
+
+
+def test_only_the_first_operand_of_sub_and_div_is_written():
+    def f(x, y):
+        return (x * 2.0) - (y * 3.0), (x * 2.0) / (y * 3.0), -(x * y)
+    x, y = np.full((4,), 3.0, np.float32), np.full((4,), 5.0, np.float32)
+    code = run_both(rt.trace(f, x, y), x, y)
+    assert ".sub_(" in code and ".div_(" in code and ".neg_(" in code
