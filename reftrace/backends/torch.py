@@ -367,7 +367,7 @@ def _is_fresh(node: fx.Node) -> bool:
     if node.op != "call_function":
         return False
     if node.target in _FRESH_RESULTS:
-        return True
+        return "out" not in node.kwargs
     source = node.args[0] if node.target is operator.getitem else None
     if not (isinstance(source, fx.Node) and source.op == "call_function"):
         return False

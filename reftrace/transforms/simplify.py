@@ -145,7 +145,7 @@ def _padded_range(atom: Atom, made_by: dict) -> tuple[int, int, int, Atom] | Non
     if prim is not P.pad_p:
         return None
     operand, value = operands
-    if not isinstance(value, Literal) or value.value != 0:
+    if not isinstance(value, Literal) or not _is_positive_zero(value.value):
         return None
     padded = [(d, lo, hi) for d, (lo, hi, interior) in enumerate(params["padding_config"])
               if (lo, hi, interior) != (0, 0, 0)]
@@ -155,6 +155,12 @@ def _padded_range(atom: Atom, made_by: dict) -> tuple[int, int, int, Atom] | Non
     if lo < 0 or hi < 0 or params["padding_config"][axis][2] != 0:
         return None
     return axis, lo, hi, operand
+
+
+def _is_positive_zero(value: Any) -> bool:
+    """``+0`` exactly (for complex, both parts): outside both ranges the sum is ``+0 + +0``."""
+    parts = [np.real(value), np.imag(value)] if np.iscomplexobj(value) else [value]
+    return all(p == 0 and not (np.issubdtype(np.asarray(p).dtype, np.floating) and np.signbit(p)) for p in parts)
 
 
 def _concatenated_parts(atom: Atom, axis: int, made_by: dict) -> list[Atom]:

@@ -108,3 +108,17 @@ def test_only_the_first_operand_of_sub_and_div_is_written():
     x, y = np.full((4,), 3.0, np.float32), np.full((4,), 5.0, np.float32)
     code = run_both(rt.trace(f, x, y), x, y)
     assert ".sub_(" in code and ".div_(" in code and ".neg_(" in code
+
+
+def test_a_fresh_operand_added_to_itself_and_out_arguments():
+    """``m + m`` (one product read twice by one add) doubles in place correctly; a call writing into
+    an ``out=`` tensor does not make fresh memory."""
+    def f(x):
+        m = x * 2.0
+        return m + m
+    x = np.arange(4, dtype=np.float32)
+    assert ".add_(" in run_both(rt.trace(f, x), x)
+    g = fx.Graph()
+    a, b = g.placeholder("a"), g.placeholder("b")
+    assert not _is_fresh(g.call_function(torch.add, (a, b), {"out": a}))
+    assert _is_fresh(g.call_function(torch.add, (a, b)))

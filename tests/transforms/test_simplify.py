@@ -376,6 +376,6 @@ def test_pads_with_a_value_or_interior_padding_are_not_joined():
         (px,) = b.bind(P.pad_p, [x, Literal.of(np.float32(value))], {"padding_config": ((0, 3, interior),)})
         (py,) = b.bind(P.pad_p, [y, Literal.of(np.float32(0))], {"padding_config": ((3 + 2 * interior, 0, 0),)})
         return b.bind(P.add_p, [px, py], {})
-    for value, interior in ((1.0, 0), (0.0, 1)):
+    for value, interior in ((1.0, 0), (0.0, 1), (-0.0, 0)):
         g = by_hand([((3,), np.float32), ((3,), np.float32)], lambda b, x, y: body(b, x, y, value, interior))
         assert "concatenate" not in prims(simplify(g))
