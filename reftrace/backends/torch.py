@@ -321,11 +321,12 @@ def compute_in_place(gm: fx.GraphModule) -> None:
     tensor (made by an elementwise op, a matmul or an ATen op that returns new memory, never a
     view) read by nothing else, with the result's shape and dtype. The result reuses ``a``'s
     memory instead of allocating, as eager's autograd does when it accumulates gradients (a
-    residual stream's cotangents) and as a memory-bound chain needs (``cos``'s backward,
-    ``-sin(x) * ct``, reuses ``sin(x)`` twice). Same values: the same kernels on the same
-    operands (``add`` and ``mul`` commute exactly). The module is no longer functional, so this
-    is for a module that runs as it is (the torch bridge applies it when the compiler returns the
-    module itself, as ``nop`` does); compilers and torch's partitioners get functional graphs."""
+    residual stream's cotangents) and as a memory-bound chain needs (a recomputed ``cos``
+    backward, ``-sin(x) * ct`` per step, allocates once per step instead of three times). Same
+    values: the same kernels on the same operands (``add`` and ``mul`` commute exactly). The
+    module is no longer functional, so this is for a module that runs as it is (the torch bridge
+    applies it when the compiler returns the module itself, as ``nop`` does); compilers and
+    torch's partitioners get functional graphs."""
     fx_graph = gm.graph
     for node in list(fx_graph.nodes):
         if node.op != "call_function" or node.target not in _IN_PLACE or node.kwargs:
