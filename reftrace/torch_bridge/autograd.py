@@ -19,8 +19,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from reftrace.backends.torch import compute_in_place, to_fx
+from reftrace.backends.torch import to_fx
 from reftrace.backends.torch_dtypes import torch_dtype
+from reftrace.backends.torch_fx_passes import compute_in_place
 from reftrace.errors import CompilerError
 from reftrace.graph import Graph
 from reftrace.primitives import is_inexact

@@ -430,7 +430,7 @@ def test_the_merge_pairs_only_calls_whose_operands_have_their_stand_ins_shapes()
     import copy
     import operator
     from torch import fx
-    from reftrace.backends.torch import _merge_convolution_backwards
+    from reftrace.backends.torch_fx_passes import merge_convolution_backwards
     from reftrace.backends.torch_rules import AVAL_META
     from reftrace.graph import Aval
     conv_backward = torch.ops.aten.convolution_backward
@@ -454,7 +454,7 @@ def test_the_merge_pairs_only_calls_whose_operands_have_their_stand_ins_shapes()
             call(stand_in(shapes["x2"]), nodes["w2"], 0), call(nodes["x1"], stand_in(shapes["w1"]), 1)]
     graph.output(tuple(outs))
     separate = fx.GraphModule(torch.nn.Module(), copy.deepcopy(graph))
-    _merge_convolution_backwards(graph)
+    merge_convolution_backwards(graph)
     merged = fx.GraphModule(torch.nn.Module(), graph)
     assert merged.code.count("[True, True, False]") == 2 and "new_empty" not in merged.code
     torch.manual_seed(0)

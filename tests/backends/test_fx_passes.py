@@ -12,7 +12,8 @@ from torch import fx
 
 import reftrace as rt
 import reftrace.numpy as rnp
-from reftrace.backends.torch import _is_fresh, compute_in_place, eval_torch, to_fx
+from reftrace.backends.torch import eval_torch, to_fx
+from reftrace.backends.torch_fx_passes import _is_fresh, compute_in_place
 
 
 def run_both(graph, *args):
@@ -122,3 +123,17 @@ def test_a_fresh_operand_added_to_itself_and_out_arguments():
     a, b = g.placeholder("a"), g.placeholder("b")
     assert not _is_fresh(g.call_function(torch.add, (a, b), {"out": a}))
     assert _is_fresh(g.call_function(torch.add, (a, b)))
+
+
+def test_a_sum_of_thousands_of_terms_is_written_in_place_without_recursion():
+    """Each add writes into the previous one's result: a chain longer than Python's recursion
+    limit (it used to raise RecursionError at compile time)."""
+    xs = [np.full((3,), float(k), np.float32) for k in range(1500)]
+
+    def f(*xs):
+        s = xs[0] * 1.0
+        for x in xs[1:]:
+            s = s + x * 2.0
+        return s
+    code = run_both(rt.trace(f, *xs), *xs)
+    assert code.count(".add_(") == len(xs) - 1
