@@ -185,12 +185,21 @@ class AOTFunction:
         if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
             # the common call, tensors only: its spec is known without walking the arguments, and
             # the count stands for it in the key (a spec hashes recursively)
-            leaves, spec, tensor_pos = list(args), _tensors_spec(len(args)), list(range(len(args)))
-            structure: Any = len(args)
-        else:
-            leaves, spec = pytree.tree_flatten((args, kwargs))
-            tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
-            structure = spec
+            return self._call_leaves(list(args), _tensors_spec(len(args)), list(range(len(args))), len(args))
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        return self._call_leaves(leaves, spec, tensor_pos, spec)
+
+    def call_module(self, state: Sequence[torch.Tensor], attributes: Any, args: Sequence[torch.Tensor]) -> Any:
+        """``self(state, attributes, *args)`` where ``args`` are tensors (``aot_module``'s common call),
+        without walking the arguments: the spec is known from the two counts."""
+        n, m = len(state), len(args)
+        return self._call_leaves([*state, attributes, *args], _module_call_spec(n, m),
+                                 [*range(n), *range(n + 1, n + 1 + m)], ("module", n, m))
+
+    def _call_leaves(self, leaves: list, spec: Any, tensor_pos: list[int], structure: Any) -> Any:
+        """Run (compiling first if new) the signature of a call flattened to ``leaves``; ``structure``
+        stands for ``spec`` in the cache key."""
         tensors = [leaves[i] for i in tensor_pos]
         key = self._key(leaves, structure, tensor_pos)
         compiled = self.cache.get(key)
@@ -253,6 +262,16 @@ def _tensors_spec(n: int) -> Any:
     """The pytree spec of ``(args, {})`` for ``n`` positional leaves: what flattening a call of
     ``n`` tensors gives."""
     return pytree.tree_flatten((tuple(range(n)), {}))[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _module_call_spec(n: int, m: int) -> Any:
+    """The pytree spec of ``((state, attributes, *args), {})`` for ``n`` state tensors, one attributes
+    leaf and ``m`` tensor arguments: what flattening ``aot_module``'s call gives."""
+    return pytree.tree_flatten(((tuple(range(n)), _LEAF, *range(m)), {}))[1]
+
+
+_LEAF = object()  # a pytree leaf that stands for the attributes
 
 
 def _run(compiled: _Compiled, tensors: list[torch.Tensor]) -> Any:
@@ -326,6 +345,8 @@ class AOTModule(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         state, attributes = self._guard.check()
+        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+            return self._compiled.call_module(state.tensors, attributes, args)
         return self._compiled(state.tensors, attributes, *args, **kwargs)
 
 

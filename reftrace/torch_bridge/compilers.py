@@ -66,7 +66,7 @@ def xla_compile(fx_g: torch.fx.GraphModule, inps: Sequence[torch.Tensor]) -> Cal
     foreign GraphModule is captured first. Tensors cross to JAX and back through
     DLPack (no copy where the layout allows).
     """
-    from reftrace.backends.jax import lower_jax
+    from reftrace.backends.jax import array_to_tensor, lower_jax, numpy_runs_on_cpu
     graph = getattr(fx_g, "reftrace_graph", None)
     if graph is None:
         graph = capture_flat(lambda ts: fx_g(*ts), list(inps)).graph
@@ -81,9 +81,11 @@ def xla_compile(fx_g: torch.fx.GraphModule, inps: Sequence[torch.Tensor]) -> Cal
     import jax
 
     def call(*args: torch.Tensor) -> Any:
-        # the executable takes torch tensors (DLPack where it can, bit-exact copies where it cannot)
+        # the executable takes torch tensors (numpy views or DLPack where memory can be shared, bit-exact
+        # copies where not); with a CPU default device, CPU tensors make it run on the CPU
+        on_cpu = numpy_runs_on_cpu() and all(getattr(a, "is_cpu", False) for a in args)
         with jax.enable_x64(True):  # keep 64-bit dtypes while crossing DLPack
-            results = iter([_from_jax(o) for o in run(*args)])
+            results = iter([array_to_tensor(o, on_cpu) for o in run.call_tensors(args)])
         outs = [args[passed[k]] if k in passed else next(results) for k in range(len(graph.outputs))]
         return outs if as_list else tuple(outs)
     call.reftrace_graph = graph  # type: ignore[attr-defined]
@@ -93,11 +95,6 @@ def xla_compile(fx_g: torch.fx.GraphModule, inps: Sequence[torch.Tensor]) -> Cal
 def _returns_list(fx_g: torch.fx.GraphModule) -> bool:
     out = fx_g.graph.find_nodes(op="output")[0]
     return isinstance(out.args[0], list)
-
-
-def _from_jax(a: Any) -> torch.Tensor:
-    from reftrace.backends.jax import array_to_tensor
-    return array_to_tensor(a)
 
 
 # ----------------------------------------------------------------------------- partitioners

@@ -1,6 +1,9 @@
 """reftrace.compile as a drop-in for functorch.compile: values and gradients against eager torch."""
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -218,12 +221,14 @@ def test_xla_compile_crosses_without_copies_and_keeps_unchanged_parameters():
     did not move since the last call is not transferred again, and an in-place update is seen."""
     import jax.numpy as jnp
     from reftrace.backends import jax as jax_backend
-    from reftrace.backends.jax import tensor_to_jax
-    from reftrace.torch_bridge.compilers import _from_jax
+    from reftrace.backends.jax import array_to_tensor, tensor_to_jax
     t = torch.randn(64, 32)
     assert tensor_to_jax(t, 0).unsafe_buffer_pointer() == t.data_ptr()
+    view = tensor_to_jax(t.requires_grad_(), 0, host_numpy=True)  # what a CPU call passes to the executable
+    assert isinstance(view, np.ndarray) and view.ctypes.data == t.data_ptr()
     array = jnp.ones((16, 8))
-    assert _from_jax(array).data_ptr() == array.unsafe_buffer_pointer()
+    for on_cpu in (False, True):
+        assert array_to_tensor(array, on_cpu).data_ptr() == array.unsafe_buffer_pointer()
 
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
@@ -232,9 +237,9 @@ def test_xla_compile_crosses_without_copies_and_keeps_unchanged_parameters():
     transfers = []
     original = jax_backend.tensor_to_jax
 
-    def counting(tensor, index):
+    def counting(tensor, index, host_numpy=False):
         transfers.append(tensor)
-        return original(tensor, index)
+        return original(tensor, index, host_numpy)
     try:
         jax_backend.tensor_to_jax = counting
         compiled(x).sum().backward()
@@ -247,6 +252,66 @@ def test_xla_compile_crosses_without_copies_and_keeps_unchanged_parameters():
     finally:
         jax_backend.tensor_to_jax = original
     torch.testing.assert_close(out, model(x))
+
+
+def test_xla_compile_call_takes_any_layout_and_names_a_wrong_argument():
+    """The compiled call's fast path (numpy views of CPU tensors, no per-argument check) gives the same
+    values for tensors numpy cannot view as they are (transposed, conjugated, bfloat16, requiring grad),
+    and a call with a wrong shape still raises ``ArgumentError`` naming the argument."""
+    def f(a, b):
+        return torch.sin(a) * b + a.sum()
+
+    cases = [(torch.randn(5, 3).t(), torch.randn(3, 5)),                          # strided view
+             (torch.randn(3, 4, dtype=torch.complex64).conj(), torch.randn(3, 4, dtype=torch.complex64)),
+             (torch.randn(2, 3).to(torch.bfloat16), torch.randn(2, 3).to(torch.bfloat16)),
+             (leaf(2, 3), leaf(2, 3, seed=1))]
+    for a, b in cases:
+        gm = torch.fx.symbolic_trace(f)
+        compiled = xla_compile(gm, [a, b])
+        torch.testing.assert_close(compiled(a, b)[0] if isinstance(compiled(a, b), (list, tuple)) else compiled(a, b),
+                                   f(a, b).detach())
+    compiled = xla_compile(torch.fx.symbolic_trace(f), [torch.randn(2, 3), torch.randn(2, 3)])
+    with pytest.raises(rt.ReftraceError, match="argument 1 .*f32\\[2,3\\].*f32\\[3,2\\]"):
+        compiled(torch.randn(2, 3), torch.randn(3, 2))
+
+
+def test_xla_compile_warms_up_glibc_malloc_once():
+    """After the XLA backend's first executable, an 8 MiB block comes from glibc's heap instead of a fresh
+    mapping (the chunk header's IS_MMAPPED bit), so steps stop page-faulting their outputs in; with
+    REFTRACE_MALLOC_WARM_UP=0 malloc is left as it was."""
+    import platform
+    if platform.libc_ver()[0] != "glibc" or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
+        pytest.skip("glibc's malloc only")
+    program = (
+        "import ctypes, numpy as np, reftrace as rt, reftrace.numpy as rnp\n"
+        "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; libc.malloc.argtypes = [ctypes.c_size_t]\n"
+        "def mapped(size):\n"
+        "    p = libc.malloc(size); bit = ctypes.c_size_t.from_address(p - 8).value & 2\n"
+        "    libc.free(ctypes.c_void_p(p)); return bool(bit)\n"
+
+        "rt.lower(rt.trace(rnp.sin, np.ones(3, np.float32)), 'jax')(np.ones(3, np.float32))\n"
+        "print(mapped(8 << 20))\n")
+    for setting, expected in (("1", "False"), ("0", "True")):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        env["REFTRACE_MALLOC_WARM_UP"] = setting
+        out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split("\n")[-2] == expected, (setting, out.stdout, out.stderr)
+
+
+def test_aot_module_tensor_call_reuses_one_signature():
+    """``aot_module``'s call of tensors only skips flattening its arguments; it compiles once, agrees
+    with the general path (keyword arguments), and recompiles when a plain attribute changes."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)).double()
+    compiled = aot_module(model, nop, nop)
+    x = leaf(2, 4)
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), model(x))
+    assert len(compiled._compiled.cache) == 1
+    torch.testing.assert_close(compiled(input=x), model(x))
+    model[1].eps = 1e-2
+    torch.testing.assert_close(compiled(x), model(x))
+    assert len(compiled._compiled.cache) == 3
 
 
 def test_xla_compile_passes_inputs_it_returns_through_uncopied():
