@@ -281,6 +281,19 @@ def test_five_thousand_equations_solve_quickly():
     assert elapsed < 8, f"{elapsed:.1f} s of CPU time (the target is 2 s of wall time on an idle machine)"
 
 
+def test_the_rounded_budget_row_divides_the_common_sizes():
+    """The Chvatal-Gomory row's divisor is the largest size that divides the sizes of 90% of the bytes;
+    the random programs above (2x2 float64 values, scalars) use it, so brute force checks that it cuts
+    off no partition."""
+    from reftrace.transforms.optimal import RecomputeProgram, _rounding_divisor
+    assert _rounding_divisor([128] * 10 + [1] * 5) == 128        # one activation size
+    assert _rounding_divisor([512, 384, 256, 128] * 5 + [4, 1]) == 128
+    assert _rounding_divisor([7, 5, 3, 1]) is None              # no common size: the plain row only
+    assert _rounding_divisor([1, 1]) is None
+    joint = rt.vjp(build((2, (("cos", 0, 0), ("mul", 1, 2), ("sum_small", 3, 0), ("tanh", 4, 0)), False)))
+    assert RecomputeProgram(JointAnalysis(rt.simplify(joint))).cut_divisor == 4  # 32-byte values, 8-byte units
+
+
 def test_the_plot_draws_the_frontier(tmp_path):
     pytest.importorskip("matplotlib")
     from reftrace import plot
