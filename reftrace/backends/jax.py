@@ -96,6 +96,17 @@ except (ImportError, AttributeError):  # pragma: no cover - another jaxlib: the 
     _export_dlpack = None
 
 
+def _shared_tensor(array: Any, on_cpu: bool) -> Any:
+    """A torch tensor sharing ``array``'s memory through DLPack (raises where DLPack refuses)."""
+    import torch
+    if on_cpu and _export_dlpack is not None:
+        try:
+            return torch._C._from_dlpack(_export_dlpack(array, stream=None))
+        except Exception:  # noqa: BLE001 - the public protocol decides (and names what it refuses)
+            pass
+    return torch.from_dlpack(array)
+
+
 def array_to_tensor(array: Any, on_cpu: bool = False) -> Any:
     """A JAX array as a torch tensor: DLPack shares the memory (bool arrays, which DLPack refuses,
     are copied). The tensor remembers its array, so ``tensor_to_jax`` hands the same array back
@@ -104,10 +115,7 @@ def array_to_tensor(array: Any, on_cpu: bool = False) -> Any:
     so the capsule is made directly."""
     import torch
     try:
-        if on_cpu and _export_dlpack is not None:
-            tensor = torch._C._from_dlpack(_export_dlpack(array, stream=None))
-        else:
-            tensor = torch.from_dlpack(array)
+        tensor = _shared_tensor(array, on_cpu)
     except Exception:  # noqa: BLE001 - e.g. bool arrays; copy instead
         return torch.from_numpy(np.array(array))
     tensor._reftrace_jax_origin = (array, tensor._version)

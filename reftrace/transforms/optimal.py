@@ -21,8 +21,8 @@ backward runs has every operand saved or recomputed (``s_u + r_e(u) >= r_e``); p
 always available and cost nothing (they live anyway), random draws can only be saved; the forward
 runs an equation whose output is saved and everything a forward equation reads
 (``f_e >= s_v``, ``f_e(u) >= f_e``); ``y_e >= r_e + f_e - 1``; the budget
-``sum(bytes(v) * s_v) <= memory_budget``, and that row rounded (``_rounding_divisor``). Objective: ``sum(flops(e) * r_e)`` over equations the
-forward outputs need, plus ``sum(flops(e) * y_e)`` over the others: exactly the FLOPs of backward
+``sum(bytes(v) * s_v) <= memory_budget``, and that row rounded (``_rounding_divisor``).
+Objective: ``sum(flops(e) * r_e)`` over equations the forward outputs need, plus ``sum(flops(e) * y_e)`` over the others: exactly the FLOPs of backward
 equations that repeat forward ones, as ``rt.cost`` counts them. ``f`` and ``y`` take integral
 values at an optimum once ``s`` and ``r`` are integral, so only ``s`` and ``r`` are branched on.
 
@@ -37,6 +37,7 @@ byte through.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -367,10 +368,11 @@ class RecomputeProgram:
         """Minimise ``objective`` within the budget (and the FLOPs cap); None if infeasible."""
         if self.num_columns == 0:
             return _Solution((), 0)
-        extra_rows, bounds = [self.bytes_objective, self.flops_objective], [budget_units, flops_cap]
+        bounds = [budget_units, flops_cap]
+        extra_rows = [self.bytes_objective, self.flops_objective]
         if self.cut_divisor is not None:  # the budget row divided by ``cut_divisor`` and rounded down
-            extra_rows.append(np.floor(self.bytes_objective / self.cut_divisor))
             bounds.append(None if budget_units is None else budget_units // self.cut_divisor)
+            extra_rows.append(np.floor(self.bytes_objective / self.cut_divisor))
         if self._model is None:
             self._model = _Highs(self.rows, self.lower, self.integrality, extra_rows)
         x = self._model.minimise(objective, bounds, start=self._last)
@@ -389,12 +391,15 @@ def _rounding_divisor(weights: Sequence[int], share: float = 0.9) -> int | None:
     tight budget. It is strong when most bytes sit in values whose size ``d`` divides exactly (a stack
     of identical blocks: one activation size), so ``d`` is the largest size that divides the sizes of at
     least ``share`` of the bytes, when that is more than one unit. On the 5,043-equation MLP joint it
-    takes the budget-0.2 solve from 2.6-4.0 s to 0.13-0.18 s (five HiGHS seeds); elsewhere it does as
-    well as the plain row (docs/partition.md, "Speed").
+    takes the budget-0.2 solve from 2.6-4.0 s to 0.13-0.18 s (five HiGHS seeds); on three other joints
+    it is faster or within the seeds' spread (docs/partition.md, "Speed").
     """
-    total = sum(weights)
-    for d in sorted({w for w in weights if w > 1}, reverse=True):
-        if sum(w for w in weights if w % d == 0) >= share * total:
+    bytes_of_size = Counter(weights)
+    for size in bytes_of_size:
+        bytes_of_size[size] *= size
+    total = sum(bytes_of_size.values())
+    for d in sorted((w for w in bytes_of_size if w > 1), reverse=True):
+        if sum(b for w, b in bytes_of_size.items() if w % d == 0) >= share * total:
             return d
     return None
 
