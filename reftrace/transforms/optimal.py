@@ -21,7 +21,7 @@ backward runs has every operand saved or recomputed (``s_u + r_e(u) >= r_e``); p
 always available and cost nothing (they live anyway), random draws can only be saved; the forward
 runs an equation whose output is saved and everything a forward equation reads
 (``f_e >= s_v``, ``f_e(u) >= f_e``); ``y_e >= r_e + f_e - 1``; the budget
-``sum(bytes(v) * s_v) <= memory_budget``, and that row rounded (``_rounding_divisor``).
+``sum(bytes(v) * s_v) <= memory_budget``, and that row rounded (``_rounding_divisors``).
 Objective: ``sum(flops(e) * r_e)`` over equations the forward outputs need, plus ``sum(flops(e) * y_e)`` over the others: exactly the FLOPs of backward
 equations that repeat forward ones, as ``rt.cost`` counts them. ``f`` and ``y`` take integral
 values at an optimum once ``s`` and ``r`` are integral, so only ``s`` and ``r`` are branched on.
@@ -308,15 +308,14 @@ class RecomputeProgram:
         self.byte_unit = math.gcd(*sizes) or 1
         self.bytes_objective = np.zeros(columns)
         self.bytes_objective[self.s_columns] = [n // self.byte_unit for n in sizes]
-        #: the rounded budget row's divisor (None: no such row); see ``_rounding_divisor``
-        self.cut_divisor = _rounding_divisor([n // self.byte_unit for n in sizes])
+        #: the rounded budget rows' divisors; see ``_rounding_divisors``
+        self.cut_divisors = _rounding_divisors([n // self.byte_unit for n in sizes])
         costs = {**{r[k]: flops[k] for k in r if k in fwd}, **{y[k]: flops[k] for k in y}}
         self.flop_unit = math.gcd(*costs.values()) or 1
         self.flops_objective = np.zeros(columns)
         for col, c in costs.items():
             self.flops_objective[col] = c // self.flop_unit
         self._model: _Highs | None = None
-        self._last: np.ndarray | None = None   # the last solution: a start for the next solve
 
     # -- solving
 
@@ -370,38 +369,38 @@ class RecomputeProgram:
             return _Solution((), 0)
         bounds = [budget_units, flops_cap]
         extra_rows = [self.bytes_objective, self.flops_objective]
-        if self.cut_divisor is not None:  # the budget row divided by ``cut_divisor`` and rounded down
-            bounds.append(None if budget_units is None else budget_units // self.cut_divisor)
-            extra_rows.append(np.floor(self.bytes_objective / self.cut_divisor))
+        for d in self.cut_divisors:  # the budget row divided by ``d`` and rounded down
+            bounds.append(None if budget_units is None else budget_units // d)
+            extra_rows.append(np.floor(self.bytes_objective / d))
         if self._model is None:
             self._model = _Highs(self.rows, self.lower, self.integrality, extra_rows)
-        x = self._model.minimise(objective, bounds, start=self._last)
+        x = self._model.minimise(objective, bounds)
         if x is None:
             return None
-        self._last = x
         saved = tuple(vid for vid, col in zip(self.savable, self.s_columns) if x[col] > 0.5)
         return _Solution(saved, int(round(float(self.flops_objective @ np.round(x)))))
 
 
-def _rounding_divisor(weights: Sequence[int], share: float = 0.9) -> int | None:
-    """The divisor ``d`` of the rounded budget row ``sum(floor(w / d) * s) <= floor(budget / d)``, or None.
+def _rounding_divisors(weights: Sequence[int], share: float = 0.9) -> tuple[int, ...]:
+    """The divisors ``d`` of the rounded budget rows ``sum(floor(w / d) * s) <= floor(budget / d)``.
 
-    The row is a Chvatal-Gomory cut: valid for binary ``s`` (``floor(w / d) <= w / d`` and the left side
-    is an integer), and it cuts off the fractional knapsack solutions the LP bound rests on under a
-    tight budget. It is strong when most bytes sit in values whose size ``d`` divides exactly (a stack
-    of identical blocks: one activation size), so ``d`` is the largest size that divides the sizes of at
-    least ``share`` of the bytes, when that is more than one unit. On the 5,043-equation MLP joint it
-    takes the budget-0.2 solve from 2.6-4.0 s to 0.13-0.18 s (five HiGHS seeds); on three other joints
-    it is faster or within the seeds' spread (docs/partition.md, "Speed").
+    Each row is a Chvatal-Gomory cut: valid for binary ``s`` (``floor(w / d) <= w / d`` and the left
+    side is an integer), and it cuts off fractional knapsack solutions the LP bound rests on under a
+    tight budget. Two divisors, when more than one unit: the largest size that divides the sizes of at
+    least ``share`` of the bytes (the row then loses almost nothing: on a stack of identical blocks,
+    the one activation size), and the size holding the most bytes (where the LP's fractional value
+    most likely is). On the 5,043-equation MLP joint they take the budget-0.2 solve from 2.6-4.0 s to
+    0.13-0.18 s (five HiGHS seeds); on three other joints they are faster or within the seeds'
+    spread (docs/partition.md, "Speed").
     """
     bytes_of_size = Counter(weights)
     for size in bytes_of_size:
         bytes_of_size[size] *= size
     total = sum(bytes_of_size.values())
-    for d in sorted((w for w in bytes_of_size if w > 1), reverse=True):
-        if sum(b for w, b in bytes_of_size.items() if w % d == 0) >= share * total:
-            return d
-    return None
+    common = next((d for d in sorted(bytes_of_size, reverse=True)
+                   if d > 0 and sum(b for w, b in bytes_of_size.items() if w % d == 0) >= share * total), 1)
+    largest = max(bytes_of_size, key=lambda w: (bytes_of_size[w], w), default=1)
+    return tuple(sorted({common, largest} - {0, 1}, reverse=True))
 
 
 class _Highs:
@@ -433,15 +432,18 @@ class _Highs:
         self.first_extra_row = len(lower)
         self.status = highspy.HighsModelStatus
 
-    def minimise(self, objective: np.ndarray, bounds: list[int | None], start: np.ndarray | None) -> np.ndarray | None:
-        """The optimal column values, or None when infeasible; ``start``: a solution to try first."""
+    def minimise(self, objective: np.ndarray, bounds: list[int | None]) -> np.ndarray | None:
+        """The optimal column values, or None when infeasible.
+
+        No MIP start is given: HiGHS can value a start in its presolved program below the true
+        optimum and stop at it, calling it optimal (a pareto walk on a 9-variable program returned 64
+        bytes where 40 did, at the same FLOPs; brute force caught it; docs/partition.md).
+        """
         columns = np.arange(self.num_columns, dtype=np.int32)
         self.highs.changeColsCost(self.num_columns, columns, objective.astype(float))
         for i, bound in enumerate(bounds):
             upper = float("inf") if bound is None else bound + 0.5  # integral rows: half a unit is slack enough
             self.highs.changeRowBounds(self.first_extra_row + i, -float("inf"), upper)
-        if start is not None:
-            self.highs.setSolution(self.num_columns, columns, np.asarray(start, dtype=float))
         self.highs.run()
         status = self.highs.getModelStatus()
         if status == self.status.kInfeasible:
