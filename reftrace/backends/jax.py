@@ -200,10 +200,11 @@ class JaxExecutable:
             args = [self._to_jax(a, i) if is_torch_tensor(a) else a for i, a in enumerate(args)]
             return self._run(args)
 
-    def call_tensors(self, tensors: Sequence[Any]) -> tuple[Any, ...]:
+    def call_tensors(self, tensors: Sequence[Any], host_numpy: bool | None = None) -> tuple[Any, ...]:
         """``self(*tensors)`` for the torch bridge, whose guards already matched every shape and dtype:
         an exact comparison with the inputs' torch avals stands in for ``check_args`` (which still
-        answers a mismatch, with its message), and CPU tensors go in as numpy views."""
+        answers a mismatch, with its message), and CPU tensors go in as numpy views (``host_numpy``:
+        ``numpy_runs_on_cpu()``, if the caller has it already)."""
         expected = self._torch_avals
         if expected is None:
             from reftrace.backends.torch_dtypes import torch_dtype
@@ -212,7 +213,8 @@ class JaxExecutable:
                 is_torch_tensor(t) and t.dtype == d and t.shape == s for t, (s, d) in zip(tensors, expected)):
             return self(*tensors)
         with jax.enable_x64(True):
-            host_numpy = numpy_runs_on_cpu()
+            if host_numpy is None:
+                host_numpy = numpy_runs_on_cpu()
             return self._run([self._to_jax(t, i, host_numpy) for i, t in enumerate(tensors)])
 
     def _run(self, args: list[Any]) -> tuple[Any, ...]:

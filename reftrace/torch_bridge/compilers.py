@@ -83,9 +83,10 @@ def xla_compile(fx_g: torch.fx.GraphModule, inps: Sequence[torch.Tensor]) -> Cal
     def call(*args: torch.Tensor) -> Any:
         # the executable takes torch tensors (numpy views or DLPack where memory can be shared, bit-exact
         # copies where not); with a CPU default device, CPU tensors make it run on the CPU
-        on_cpu = numpy_runs_on_cpu() and all(getattr(a, "is_cpu", False) for a in args)
+        host_numpy = numpy_runs_on_cpu()
+        on_cpu = host_numpy and all(getattr(a, "is_cpu", False) for a in args)
         with jax.enable_x64(True):  # keep 64-bit dtypes while crossing DLPack
-            results = iter([array_to_tensor(o, on_cpu) for o in run.call_tensors(args)])
+            results = iter([array_to_tensor(o, on_cpu) for o in run.call_tensors(args, host_numpy)])
         outs = [args[passed[k]] if k in passed else next(results) for k in range(len(graph.outputs))]
         return outs if as_list else tuple(outs)
     call.reftrace_graph = graph  # type: ignore[attr-defined]
