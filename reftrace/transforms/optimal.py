@@ -30,9 +30,10 @@ Reduction before solving: only ancestors of the boundary get variables; primal i
 (always available, free to save); random draws get no ``r``; equations the forward outputs need
 get no ``f``/``y`` (the forward runs them anyway, so recomputing them costs their FLOPs); bytes
 and FLOPs are divided by their gcds (integral coefficients, so ``mip_rel_gap=0`` proves the true
-optimum). The answer is turned into a partition by ``split`` and re-measured with ``rt.cost``
-(integers): the budget is checked exactly, and tightened and re-solved if floating point let a
-byte through.
+optimum). HiGHS solves it in two searches, a short one for a good solution and an exact one cut
+off just above it (``_Highs.minimise``). The answer is turned into a partition by ``split`` and
+re-measured with ``rt.cost`` (integers): the budget is checked exactly, and tightened and re-solved
+if floating point let a byte through.
 """
 from __future__ import annotations
 
@@ -430,10 +431,21 @@ class _Highs:
         self.highs.passModel(lp)
         self.num_columns = lp.num_col_
         self.first_extra_row = len(lower)
+        #: nodes of the short first search of ``minimise``; None: one exact search
+        self.scout_nodes: int | None = _SCOUT_NODES
         self.status = highspy.HighsModelStatus
 
     def minimise(self, objective: np.ndarray, bounds: list[int | None]) -> np.ndarray | None:
         """The optimal column values, or None when infeasible.
+
+        Two searches (``_SCOUT``): a short one, branching on at most ``scout_nodes`` nodes with
+        HiGHS's sub-MIP heuristics on, which ends most solves; then, if it stopped with a solution
+        of objective ``U``, the exact search with its cutoff at ``U + 0.5`` (objectives are
+        integral): the root's reduced-cost fixing then removes most columns at once, where a
+        single search finds the same solution early but carries the whole program until one of
+        its own restarts. The cutoff is sound because a solution of value ``U`` exists; below the
+        optimum HiGHS reports its best solution above the cutoff as optimal, so a guessed cutoff is
+        never used.
 
         No MIP start is given: HiGHS can value a start in its presolved program below the true
         optimum and stop at it, calling it optimal (a pareto walk on a 9-variable program returned 64
@@ -444,8 +456,32 @@ class _Highs:
         for i, bound in enumerate(bounds):
             upper = float("inf") if bound is None else bound + 0.5  # integral rows: half a unit is slack enough
             self.highs.changeRowBounds(self.first_extra_row + i, -float("inf"), upper)
-        self.highs.run()
-        status = self.highs.getModelStatus()
+        cutoff = float("inf")
+        if self.scout_nodes is not None:
+            status = self._run({**_SCOUT, "mip_max_nodes": self.scout_nodes})
+            if status in (self.status.kOptimal, self.status.kInfeasible):
+                return self._solution(status)
+            if self.highs.getInfo().primal_solution_status == _FEASIBLE:
+                cutoff = round(self.highs.getInfo().objective_function_value) + 0.5
+        status = self._run({"objective_bound": cutoff})
+        if cutoff < float("inf") and not (status == self.status.kOptimal
+                                          and self.highs.getInfo().objective_function_value < cutoff):
+            raise PartitionError(f"rt.optimal: HiGHS found no solution under {cutoff} after finding one "
+                                 "just under it; report this joint graph as a bug")
+        return self._solution(status)
+
+    def _run(self, options: dict[str, Any]) -> Any:
+        """Run HiGHS with ``options`` over ``_OPTIONS``, then restore ``_OPTIONS``; its model status."""
+        for option, value in options.items():
+            self.highs.setOptionValue(option, value)
+        try:
+            self.highs.run()
+        finally:
+            for option in options:
+                self.highs.setOptionValue(option, _OPTIONS.get(option, _DEFAULTS.get(option)))
+        return self.highs.getModelStatus()
+
+    def _solution(self, status: Any) -> np.ndarray | None:
         if status == self.status.kInfeasible:
             return None
         if status != self.status.kOptimal:
@@ -456,12 +492,19 @@ class _Highs:
 
 
 # Exact: no relative gap, and objectives are integral so a gap under one unit proves the optimum.
-# HiGHS's sub-MIP heuristics cost more than they save here (the LP bound is tight; an incumbent
-# and reduced-cost fixing finish the job). Under tight budgets the time goes to strong branching
+# In the exact search HiGHS's sub-MIP heuristics cost more than they save (the LP bound is tight;
+# the scout's incumbent and reduced-cost fixing finish the job). Under tight budgets the time goes to strong branching
 # among near-identical blocks; branching on pseudocosts at once halves it (benchmarks/partition_speed.py).
 _OPTIONS: dict[str, Any] = {"output_flag": False, "mip_rel_gap": 0.0, "mip_abs_gap": 0.5,
                             "mip_heuristic_run_rins": False, "mip_heuristic_run_rens": False,
                             "mip_heuristic_run_root_reduced_cost": False, "mip_pscost_minreliable": 0}
+# The short first search of ``_Highs.minimise``: looking for good solutions pays there. Settled on
+# the 5,022-equation GPT-block joint (budgets 0.3-0.85, three seeds; docs/partition.md, "Speed").
+_SCOUT: dict[str, Any] = {"mip_heuristic_run_rins": True, "mip_heuristic_run_rens": True,
+                          "mip_heuristic_effort": 0.3}
+_DEFAULTS: dict[str, Any] = {"objective_bound": float("inf"), "mip_max_nodes": 2**31 - 1, "mip_heuristic_effort": 0.05}
+_SCOUT_NODES = 200
+_FEASIBLE = 2  # HiGHS's solution status "feasible"
 
 
 def _stand_ins(a: JointAnalysis, computed: list[int], flops: dict[int, int],

@@ -292,6 +292,32 @@ def test_five_thousand_equations_solve_quickly():
     assert elapsed < 8, f"{elapsed:.1f} s of CPU time (the target is 2 s of wall time on an idle machine)"
 
 
+def test_the_scouts_cutoff_keeps_the_optimum(monkeypatch):
+    """The short first search hands the exact one a cutoff just above its solution: the answer must
+    be the one a single exact search finds. On 12 GPT blocks at budget 0.6 the scout stops with a
+    solution and the exact search runs under its cutoff (checked, so the test exercises that path)."""
+    from benchmarks.partition_speed import transformer_graph
+    from reftrace.transforms import optimal
+    joint = rt.vjp(transformer_graph(12, seq=16, width=32))
+    cutoffs = []
+    run = optimal._Highs._run
+
+    def recording_run(self, options):
+        cutoffs.append(options.get("objective_bound", None))
+        return run(self, options)
+
+    monkeypatch.setattr(optimal._Highs, "_run", recording_run)
+    answers = {}
+    for scout_nodes in [None, 1]:
+        monkeypatch.setattr(optimal, "_SCOUT_NODES", scout_nodes)
+        cutoffs.clear()
+        part = rt.partition(joint, rt.optimal(0.6))
+        answers[scout_nodes] = rt.cost(part).recompute_flops
+        assert rt.cost(part).activation_bytes <= int(0.6 * rt.partition(joint, "default").saved_activation_bytes)
+    assert any(c is not None and c < float("inf") for c in cutoffs), "the scout ended the solve alone"
+    assert answers[1] == answers[None]
+
+
 def test_the_rounded_budget_rows_divide_the_common_sizes():
     """The Chvatal-Gomory rows' divisors: the largest size dividing the sizes of 90% of the bytes, and
     the size holding the most bytes; the random programs above (2x2 float64 values, scalars) use them,
