@@ -5,7 +5,8 @@
 ``step.py`` times each system's steps in a block, so a drift of the shared machine's speed between
 blocks shows up as a ratio. Here the systems take turns, one step each (the order reversed every
 round), so drift hits them alike. Same models and step as ``step.py`` (``nop`` compilers, default
-partition); prints the 10th percentile and the median per system, and reftrace's ratios.
+partition; with ``--xla``, the default, also ``xla_compile`` and the hand-written JAX twin where
+``step.py`` has one); prints the 10th percentile and the median per system, and reftrace's ratios.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mlp,resnet18,cos-chain,convnet")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
+                        help="also reftrace xla_compile against the hand-written JAX twin, where there is one")
     args = parser.parse_args()
     import functorch.compile as fc
     import reftrace.compile as rc
@@ -38,29 +41,47 @@ def main() -> None:
         systems = {"reftrace nop": (rc.aot_module if module else rc.aot_function)(model, rc.nop, rc.nop),
                    "functorch nop": (fc.aot_module if module else fc.aot_function)(model, fc.nop, fc.nop),
                    "eager": model}
+        if args.xla and name in S.JAX_TWINS:
+            systems["reftrace xla"] = (rc.aot_module if module else rc.aot_function)(model, rc.xla_compile)
 
-        def step(fn):
-            for leaf in leaves:
-                leaf.grad = None
-            fn(*inputs).sum().backward()
-        for k, fn in list(systems.items()):  # the first step compiles
+        def torch_step(fn):
+            def run():
+                for leaf in leaves:
+                    leaf.grad = None
+                fn(*inputs).sum().backward()
+            return run
+        steps = {k: torch_step(fn) for k, fn in systems.items()}
+        if "reftrace xla" in steps:
+            steps["jax"] = jax_step(S.JAX_TWINS[name], case)
+        for k, step in list(steps.items()):  # the first step compiles
             try:
-                step(fn)
-                step(fn)
+                step()
+                step()
             except Exception as e:  # noqa: BLE001 - functorch rejects tied weights (GPT-2)
                 print(f"{name:10s} {k:14s} fails ({type(e).__name__})")
-                del systems[k]
-        times: dict[str, list[float]] = {k: [] for k in systems}
+                del steps[k]
+        times: dict[str, list[float]] = {k: [] for k in steps}
         for i in range(args.steps):
-            for k in (list(systems) if i % 2 else list(systems)[::-1]):
+            for k in (list(steps) if i % 2 else list(steps)[::-1]):
                 t0 = time.perf_counter()
-                step(systems[k])
+                steps[k]()
                 times[k].append((time.perf_counter() - t0) * 1e3)
         med = {k: float(np.median(v)) for k, v in times.items()}
         for k, v in times.items():
             print(f"{name:10s} {k:14s} p10 {np.percentile(v, 10):8.2f} ms  median {med[k]:8.2f} ms", flush=True)
-        ratios = [f"reftrace / {k.split()[0]} {med['reftrace nop'] / med[k]:.2f}" for k in med if k != "reftrace nop"]
+        ratios = [f"reftrace / {k.split()[0]} {med['reftrace nop'] / med[k]:.2f}"
+                  for k in ("functorch nop", "eager") if k in med and "reftrace nop" in med]
+        if "reftrace xla" in med and "jax" in med:
+            ratios.append(f"reftrace xla / jax {med['reftrace xla'] / med['jax']:.2f}")
         print(f"{name:10s} {', '.join(ratios)}", flush=True)
+
+
+def jax_step(twin, case):
+    """One step of the hand-written JAX twin: ``jax.jit(jax.value_and_grad(loss))``, waited for."""
+    import jax
+    loss, args = twin(case)
+    step = jax.jit(jax.value_and_grad(loss))
+    return lambda: jax.block_until_ready(step(*args))
 
 
 if __name__ == "__main__":
