@@ -463,6 +463,7 @@ class _Highs:
                 return self._solution(status)
             if self.highs.getInfo().primal_solution_status == _FEASIBLE:
                 cutoff = round(self.highs.getInfo().objective_function_value) + 0.5
+            self.highs.clearSolver()  # else HiGHS hands the scout's solution to the next search as a MIP start
         status = self._run({"objective_bound": cutoff})
         if cutoff < float("inf") and not (status == self.status.kOptimal
                                           and self.highs.getInfo().objective_function_value < cutoff):

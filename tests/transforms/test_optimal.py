@@ -292,10 +292,11 @@ def test_five_thousand_equations_solve_quickly():
     assert elapsed < 8, f"{elapsed:.1f} s of CPU time (the target is 2 s of wall time on an idle machine)"
 
 
-def test_the_scouts_cutoff_keeps_the_optimum(monkeypatch):
+def test_the_scouts_cutoff_keeps_the_optimum(monkeypatch, capfd):
     """The short first search hands the exact one a cutoff just above its solution: the answer must
     be the one a single exact search finds. On 12 GPT blocks at budget 0.6 the scout stops with a
-    solution and the exact search runs under its cutoff (checked, so the test exercises that path)."""
+    solution and the exact search runs under its cutoff (checked, so the test exercises that path),
+    without the scout's solution as a MIP start (HiGHS's log says so when it has one)."""
     from benchmarks.partition_speed import transformer_graph
     from reftrace.transforms import optimal
     joint = rt.vjp(transformer_graph(12, seq=16, width=32))
@@ -304,7 +305,11 @@ def test_the_scouts_cutoff_keeps_the_optimum(monkeypatch):
 
     def recording_run(self, options):
         cutoffs.append(options.get("objective_bound", None))
-        return run(self, options)
+        self.highs.setOptionValue("output_flag", True)  # the log goes to the process's stdout
+        try:
+            return run(self, options)
+        finally:
+            self.highs.setOptionValue("output_flag", False)
 
     monkeypatch.setattr(optimal._Highs, "_run", recording_run)
     answers = {}
@@ -316,6 +321,8 @@ def test_the_scouts_cutoff_keeps_the_optimum(monkeypatch):
         assert rt.cost(part).activation_bytes <= int(0.6 * rt.partition(joint, "default").saved_activation_bytes)
     assert any(c is not None and c < float("inf") for c in cutoffs), "the scout ended the solve alone"
     assert answers[1] == answers[None]
+    log = capfd.readouterr().out
+    assert "Solving MIP model" in log and "MIP start" not in log
 
 
 def test_the_rounded_budget_rows_divide_the_common_sizes():
