@@ -22,8 +22,9 @@ always available and cost nothing (they live anyway), random draws can only be s
 runs an equation whose output is saved and everything a forward equation reads
 (``f_e >= s_v``, ``f_e(u) >= f_e``); ``y_e >= r_e + f_e - 1``; the budget
 ``sum(bytes(v) * s_v) <= memory_budget``, and that row rounded (``_rounding_divisors``).
-Objective: ``sum(flops(e) * r_e)`` over equations the forward outputs need, plus ``sum(flops(e) * y_e)`` over the others: exactly the FLOPs of backward
-equations that repeat forward ones, as ``rt.cost`` counts them. ``f`` and ``y`` take integral
+Objective: ``sum(flops(e) * r_e)`` over equations the forward outputs need, plus
+``sum(flops(e) * y_e)`` over the others: exactly the FLOPs of backward equations that repeat
+forward ones, as ``rt.cost`` counts them. ``f`` and ``y`` take integral
 values at an optimum once ``s`` and ``r`` are integral, so only ``s`` and ``r`` are branched on.
 
 Reduction before solving: only ancestors of the boundary get variables; primal inputs get none
@@ -445,7 +446,8 @@ class _Highs:
         single search finds the same solution early but carries the whole program until one of
         its own restarts. The cutoff is sound because a solution of value ``U`` exists; below the
         optimum HiGHS reports its best solution above the cutoff as optimal, so a guessed cutoff is
-        never used.
+        never used. The solver's state is cleared between the two, so the scout's solution does not
+        become the exact search's MIP start (below).
 
         No MIP start is given: HiGHS can value a start in its presolved program below the true
         optimum and stop at it, calling it optimal (a pareto walk on a 9-variable program returned 64
@@ -494,8 +496,9 @@ class _Highs:
 
 # Exact: no relative gap, and objectives are integral so a gap under one unit proves the optimum.
 # In the exact search HiGHS's sub-MIP heuristics cost more than they save (the LP bound is tight;
-# the scout's incumbent and reduced-cost fixing finish the job). Under tight budgets the time goes to strong branching
-# among near-identical blocks; branching on pseudocosts at once halves it (benchmarks/partition_speed.py).
+# the scout's incumbent and reduced-cost fixing finish the job). Under tight budgets the time goes
+# to strong branching among near-identical blocks; branching on pseudocosts at once halves it
+# (benchmarks/partition_speed.py).
 _OPTIONS: dict[str, Any] = {"output_flag": False, "mip_rel_gap": 0.0, "mip_abs_gap": 0.5,
                             "mip_heuristic_run_rins": False, "mip_heuristic_run_rens": False,
                             "mip_heuristic_run_root_reduced_cost": False, "mip_pscost_minreliable": 0}
@@ -503,7 +506,9 @@ _OPTIONS: dict[str, Any] = {"output_flag": False, "mip_rel_gap": 0.0, "mip_abs_g
 # the 5,022-equation GPT-block joint (budgets 0.3-0.85, three seeds; docs/partition.md, "Speed").
 _SCOUT: dict[str, Any] = {"mip_heuristic_run_rins": True, "mip_heuristic_run_rens": True,
                           "mip_heuristic_effort": 0.3}
-_DEFAULTS: dict[str, Any] = {"objective_bound": float("inf"), "mip_max_nodes": 2**31 - 1, "mip_heuristic_effort": 0.05}
+# HiGHS's own values of the options the two searches change that ``_OPTIONS`` leaves alone
+_DEFAULTS: dict[str, Any] = {"objective_bound": float("inf"), "mip_max_nodes": 2**31 - 1,
+                             "mip_heuristic_effort": 0.05}
 _SCOUT_NODES = 200
 _FEASIBLE = 2  # HiGHS's solution status "feasible"
 
