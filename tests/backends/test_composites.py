@@ -238,13 +238,27 @@ def test_fused_lowerings_and_vjp_rules_match_the_decomposition(case):
 
 @given(forward_cases(dtype=np.float32))
 def test_fused_lowerings_in_float32(case):
+    """float32: the fused joint (ATen kernels) against the decomposition's joint run in float64 on the
+    same values. Where the problem itself is ill-conditioned, float32 cannot do better than its own
+    rounding: a layer norm over two nearly equal values cancels almost all of its input gradient
+    (found by the deep profile: 0.01091 where 0.01097 is exact, and the decomposition in float32 gives
+    0.01095). So each output may also miss by four times the decomposition's own float32 error."""
     label, fn, args = case
     graph = rt.trace(_outputs(fn), *args)
     skip = tuple(range(1, len(graph.outputs)))
     cts = random_cotangents(graph, np.random.default_rng(2), skip)
     joint = vjp(graph, nondiff_outputs=skip)
-    want = _run(vjp(decompose(graph), nondiff_outputs=skip), "jax", [*args, *cts])
-    _assert_all_close(_run(joint, "torch", [*args, *cts]), want, f"{label}, float32", 2e-4, 2e-5)
+    in_float32 = _run(vjp(decompose(graph), nondiff_outputs=skip), "jax", [*args, *cts])
+    wide = [a.astype(np.float64) if a.dtype == np.float32 else a for a in [*args, *cts]]
+    graph64 = rt.trace(_outputs(fn), *wide[:len(args)])
+    exact = _run(vjp(decompose(graph64), nondiff_outputs=skip), "jax", wide)
+    got = _run(joint, "torch", [*args, *cts])
+    assert len(got) == len(exact), label
+    for j, (g, e, d) in enumerate(zip(got, exact, in_float32)):
+        assert g.shape == e.shape and g.dtype == d.dtype, (label, j)
+        miss = np.abs(d.astype(np.float64) - e)
+        own_error = float(np.max(miss[np.isfinite(miss)], initial=0.0))  # inf - inf: a masked-out row
+        np.testing.assert_allclose(g, e, rtol=2e-4, atol=2e-5 + 4 * own_error, err_msg=f"{label}, float32: output {j}")
 
 
 @pytest.mark.parametrize("seed", range(6))
