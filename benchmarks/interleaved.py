@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Any, Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as step.py, before torch starts
 
@@ -76,7 +77,8 @@ def main() -> None:
         print(f"{name:10s} {', '.join(ratios)}", flush=True)
 
 
-def jax_step(twin, case):
+def jax_step(twin: Callable[[S.Case], tuple[Callable[..., Any], tuple[Any, ...]]],
+             case: S.Case) -> Callable[[], Any]:
     """One step of the hand-written JAX twin: ``jax.jit(jax.value_and_grad(loss))``, waited for."""
     import jax
     loss, args = twin(case)
