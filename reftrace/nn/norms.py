@@ -13,7 +13,9 @@ from typing import Any, Sequence
 
 from reftrace import lax
 from reftrace.composite import define_composite
+from reftrace.graph import Eqn, Params
 from reftrace.nn._util import accumulation_dtype, along, cast, const, mean, other_axes
+from reftrace.transforms.recompute_rules import recompute_rules
 from reftrace.transforms.vjp import through_decomposition
 from reftrace.transforms.vjp_rules import vjp_rules
 
@@ -232,3 +234,16 @@ def _batch_norm_eval_vjp(cts, primals, outs, *, eps, has_weight, has_bias):
 
 vjp_rules[batch_norm_train_p] = _batch_norm_train_vjp
 vjp_rules[batch_norm_eval_p] = _batch_norm_eval_vjp
+
+
+def _batch_norm_train_without_running_stats(eqn: Eqn) -> tuple[Eqn, tuple[int, ...]] | None:
+    """(y, mean, rstd) without the running statistics: what a backward recomputing the batch norm
+    reads, from operands the caller does not overwrite after the forward."""
+    if not eqn.params["has_running_stats"]:
+        return None
+    operands = 1 + eqn.params["has_weight"] + eqn.params["has_bias"]
+    params = Params({**eqn.params, "has_running_stats": False})
+    return Eqn(batch_norm_train_p, eqn.inputs[:operands], eqn.outputs[:3], params), (0, 1, 2)
+
+
+recompute_rules[batch_norm_train_p] = _batch_norm_train_without_running_stats

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Sequence
 from reftrace.composite import decomposition_graph, is_composite
 from reftrace.errors import ArgumentError
 from reftrace.graph import Atom, Aval, Eqn, Graph, Params, Var
+from reftrace.transforms.recompute_rules import smaller_forms
 
 __all__ = ["Cost", "cost", "eqn_flops", "graph_flops", "recompute_flops", "peak_bytes", "FLOP_RULES",
            "DATA_MOVEMENT", "is_free_to_redo"]
@@ -211,12 +212,16 @@ def recompute_flops(partition: Any) -> int:
 
     A backward equation that does not depend on the cotangents reads saved values (or values
     recomputed from them); it repeats the forward's work when the forward runs the same
-    primitive, with the same params, on the same values. Matching goes through the saved slots
-    (backward input ``k`` is forward output ``saved[k]``), so it needs nothing but the partition.
+    primitive, with the same params, on the same values, or when it is the smaller form of a
+    forward equation (``recompute_rules``: a batch norm without its running statistics). Matching
+    goes through the saved slots (backward input ``k`` is forward output ``saved[k]``), so it needs
+    nothing but the partition.
     """
     fw, bw = partition
     num_saved = partition.num_saved
     forward_eqn = {_key(e.primitive, e.inputs, e.params): e for e in fw.eqns}
+    for form, _ in smaller_forms(fw.eqns).values():
+        forward_eqn[_key(form.primitive, form.inputs, form.params)] = form
     as_forward: dict[Var, Atom] = dict(zip(bw.inputs[:num_saved], partition.saved))
     total = 0
     for e in bw.eqns:

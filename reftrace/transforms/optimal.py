@@ -17,7 +17,8 @@ ancestors; everything else is outside any partition's choice):
 - ``y_e`` (continuous, one per such equation with FLOPs): ``e`` runs in both.
 
 Constraints: a boundary value is saved or recomputed (``s_v + r_e(v) >= 1``); an equation the
-backward runs has every operand saved or recomputed (``s_u + r_e(u) >= r_e``); primal inputs are
+backward runs has every operand saved or recomputed (``s_u + r_e(u) >= r_e``; operands and FLOPs
+are those of the smaller form the backward runs, where ``recompute_rules`` gives one); primal inputs are
 always available and cost nothing (they live anyway), random draws can only be saved; the forward
 runs an equation whose output is saved and everything a forward equation reads
 (``f_e >= s_v``, ``f_e(u) >= f_e``); ``y_e >= r_e + f_e - 1``; the budget
@@ -244,7 +245,8 @@ class RecomputeProgram:
         relevant = a.ancestor_ids(a.boundary_ids) if a.boundary_ids else []
         computed = [vid for vid in relevant if vid >= num_inputs]
         random = {a.eqn_of[vid] for vid in computed if eqn_is_random(eqns[a.eqn_of[vid]].primitive)}
-        flops = {k: eqn_flops(eqns[k]) for k in {a.eqn_of[vid] for vid in computed} if k not in random}
+        # what the backward runs to recompute equation k: its smaller form where it has one
+        flops = {k: eqn_flops(a.backward_source[k]) for k in {a.eqn_of[vid] for vid in computed} if k not in random}
         stand_in = _stand_ins(a, computed, flops, self.charged)
         self.savable = [vid for vid in relevant if stand_in[vid] == vid]
         relevant_eqns = sorted({a.eqn_of[vid] for vid in self.savable} - {-1})
@@ -284,7 +286,7 @@ class RecomputeProgram:
                 rows.append(terms)
                 lower.append(1.0)
         for k in r:
-            for u in set(a.operands[k]):
+            for u in set(a.recompute_operands(k)):
                 terms = available(u)
                 if terms is not None:
                     rows.append(terms + [(r[k], -1.0)])
@@ -329,10 +331,11 @@ class RecomputeProgram:
         for _ in range(4):
             fewest = self._solve(self.flops_objective, units, None)
             if fewest is None:
-                smallest = self.min_bytes()
+                floor = self._fewest_bytes_saved()
+                smallest = self.activation_bytes(floor)
                 raise PartitionError(
                     f"rt.optimal: no partition saves at most {budget} activation bytes; the smallest feasible "
-                    f"budget is {smallest} bytes (random draws the backward reads are saved, never recomputed). "
+                    f"budget is {smallest} bytes. It pays for {self._floor_reason(floor)}. "
                     f"Pass memory_budget >= {smallest}")
             best = (self._solve(self.bytes_objective, units, fewest.flops_units) if fewest_bytes else None) or fewest
             saved = self._saved_set(best)
@@ -346,10 +349,29 @@ class RecomputeProgram:
 
     def min_bytes(self) -> int:
         """The fewest activation bytes any partition saves (at whatever recomputation)."""
+        return self.activation_bytes(self._fewest_bytes_saved())
+
+    def _fewest_bytes_saved(self) -> tuple[Var, ...]:
+        """The values a partition with the fewest activation bytes hands to the backward."""
         solution = self._solve(self.bytes_objective, None, None)
-        if solution is None:
-            return 0
-        return self.activation_bytes(saved_values(self.analysis, self._saved_set(solution)))
+        return () if solution is None else saved_values(self.analysis, self._saved_set(solution))
+
+    def _floor_reason(self, floor: Sequence[Var]) -> str:
+        """What the smallest feasible budget (``floor``, the fewest-bytes saved values) pays for: values
+        the backward reads that no partition recomputes (random draws) or that live only as copies
+        (overwritten inputs)."""
+        random = _random_dependent(self.analysis)
+        charged = {self.analysis.primals[i] for i in self.charged}
+        parts = []
+        draws = [v for v in floor if random[v.id]]
+        if draws:
+            parts.append(f"random draws, or values computed from them, that the backward reads ({_values(draws)}; "
+                         "a draw is saved, never recomputed)")
+        copies = [v for v in floor if v in charged]
+        if copies:
+            parts.append(f"inputs the function overwrites in place ({_values(copies)}): the backward reads their "
+                         "values from before the forward's update, so they are saved as copies")
+        return " and for ".join(parts) or "values the backward reads that cannot be recomputed"
 
     def activation_bytes(self, saved: Sequence[Var]) -> int:
         """What the values a backward reads (``Partition.saved``, or ``saved_values``) cost here:
@@ -381,6 +403,21 @@ class RecomputeProgram:
             return None
         saved = tuple(vid for vid, col in zip(self.savable, self.s_columns) if x[col] > 0.5)
         return _Solution(saved, int(round(float(self.flops_objective @ np.round(x)))))
+
+
+def _random_dependent(a: JointAnalysis) -> list[bool]:
+    """Per value id: whether the value is a random draw or computed from one."""
+    out = [False] * len(a.values)
+    for e, operands in zip(a.graph.eqns, a.operands):
+        if eqn_is_random(e.primitive) or any(out[i] for i in operands):
+            for v in e.outputs:
+                out[v.id] = True
+    return out
+
+
+def _values(vs: Sequence[Var]) -> str:
+    n = len(vs)
+    return f"{n} value{'s' if n != 1 else ''}, {sum(v.nbytes for v in vs)} bytes"
 
 
 def _rounding_divisors(weights: Sequence[int], share: float = 0.9) -> tuple[int, ...]:

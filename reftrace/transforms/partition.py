@@ -25,6 +25,7 @@ from reftrace.builder import Builder
 from reftrace.errors import PartitionError
 from reftrace.graph import Eqn, Graph, Var, expect_graph, free_vars, live_eqns
 from reftrace.primitives import checked, eqn_is_random
+from reftrace.transforms.recompute_rules import smaller_forms
 from reftrace.transforms.policies import (MinCut, Policy, PolicyValue, is_solver, default_ban, dots_saveable,
                                           resolve_policy, save_all, save_all_but_copies, save_anything_except_these,
                                           save_nothing, save_only_these)
@@ -189,6 +190,27 @@ class JointAnalysis:
         self.forward_needed_mask = [False] * len(self.values)
         for i in self.forward_needed_ids:
             self.forward_needed_mask[i] = True
+        #: forward equations the backward recomputes in a smaller form (``recompute_rules``), by index
+        self.recompute_forms: dict[int, Eqn] = self._smaller_forms(eqn_tangent)
+        #: the joint's equations with those forms in place: what a backward is cut from
+        self.backward_source: list[Eqn] = [self.recompute_forms.get(k, e) for k, e in enumerate(joint.eqns)]
+
+    def _smaller_forms(self, eqn_tangent: list[bool]) -> dict[int, Eqn]:
+        """The forward equations with a smaller form none of whose left-out outputs the backward can
+        read (no ancestor of the boundary), so that every partition recomputes that form."""
+        candidates = {k: found for k, found in smaller_forms(self.graph.eqns).items() if not eqn_tangent[k]}
+        if not candidates:
+            return {}
+        relevant = [False] * len(self.values)
+        for i in self.ancestor_ids(self.boundary_ids):
+            relevant[i] = True
+        return {k: form for k, (form, kept) in candidates.items()
+                if not any(relevant[v.id] for j, v in enumerate(self.graph.eqns[k].outputs) if j not in kept)}
+
+    def recompute_operands(self, k: int) -> tuple[int, ...]:
+        """Ids of the values equation ``k`` reads when the backward recomputes it."""
+        form = self.recompute_forms.get(k)
+        return self.operands[k] if form is None else tuple(a.id for a in form.inputs if isinstance(a, Var))
 
     # Var-level views (for policies, tests and readers)
     @property
@@ -263,7 +285,7 @@ def policy_saved(analysis: JointAnalysis, policy: Policy) -> set[Var]:
         if decisions[k]:
             saved.add(i)
         else:
-            stack.extend(analysis.operands[k])
+            stack.extend(analysis.recompute_operands(k))
     return {analysis.values[i] for i in saved}
 
 
@@ -321,7 +343,7 @@ def min_cut_saved(analysis: JointAnalysis, banned: Callable[[Eqn], bool] = defau
     for i, vid in enumerate(relevant):
         k = analysis.eqn_of[vid]
         if k >= 0:
-            infinite.update((3 + 2 * node[op], 2 + 2 * i) for op in analysis.operands[k])
+            infinite.update((3 + 2 * node[op], 2 + 2 * i) for op in analysis.recompute_operands(k))
     edges = np.array(split_edges + [(u, w, inf) for u, w in sorted(infinite)], dtype=np.int64).reshape(-1, 3)
     flows = _max_flow(num_nodes, edges)
 
@@ -480,7 +502,6 @@ def saved_values(analysis: JointAnalysis, saved: Iterable[Var]) -> tuple[Var, ..
 
 def _backward_eqns(analysis: JointAnalysis, saved: Iterable[Var]) -> tuple[list[Eqn], tuple[Var, ...]]:
     """The backward's equations for a saved set, and the saved values they read (in value order)."""
-    joint = analysis.graph
     is_saved = [False] * len(analysis.values)
     for v in saved:
         if analysis.tangent_ids[v.id]:
@@ -488,7 +509,7 @@ def _backward_eqns(analysis: JointAnalysis, saved: Iterable[Var]) -> tuple[list[
         is_saved[v.id] = True
 
     saved_set = {v for v in analysis.values if is_saved[v.id]}
-    backward_eqns = live_eqns(joint.eqns, analysis.grads, available=saved_set)
+    backward_eqns = live_eqns(analysis.backward_source, analysis.grads, available=saved_set)
     # An equation recomputed in the backward may also have a saved output (multiple results):
     # that output is a backward input, so the recomputed copy gets a fresh name (before asking
     # which saved values the backward reads: the saved one is read, not the copy).

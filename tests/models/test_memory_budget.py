@@ -1,6 +1,8 @@
 """rt.optimal(memory_budget=0.5) through aot_module on real models: the activations autograd really
 keeps (measured with saved_tensors_hooks, parameters and inputs left out) are at most half the
 default's, and outputs and gradients are unchanged."""
+import copy
+
 import pytest
 import torch
 
@@ -30,3 +32,26 @@ def test_half_the_default_activation_memory_with_the_same_gradients(name):
     assert 0 < budget_bytes <= default_bytes / 2
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_recomputed_batch_norm_reads_no_running_statistics():
+    """The backward recomputes a train-mode batch norm without its running statistics (which the
+    forward overwrites), so no copy of them is kept and a zero budget is feasible; the step matches
+    eager, statistics included."""
+    torch.manual_seed(0)
+    channels = 8
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, channels, 3), torch.nn.BatchNorm2d(channels), torch.nn.ReLU(),
+                                torch.nn.Conv2d(channels, 2, 1)).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    eager = copy.deepcopy(model)
+    eager(x).sum().backward()
+    graphs = []
+    compiled = aot_module(model, nop, lambda gm, _: graphs.append(gm) or gm, partition_fn=rt.optimal(0))
+    compiled(x).sum().backward()
+    assert "batch_norm" in graphs[0].code, "the budget forces the backward to recompute the batch norm"
+    for a, b in zip([*model.parameters(), *model.buffers()], [*eager.parameters(), *eager.buffers()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(model.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+    kept = saved_activation_bytes(lambda: compiled(x).sum().backward(), [*model.parameters(), x])
+    assert kept == 0, "nothing but the input and parameters is saved: no copy of the running statistics"

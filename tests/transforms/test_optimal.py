@@ -14,9 +14,10 @@ import reftrace as rt
 import reftrace.numpy as rnp
 from reftrace import lax
 from reftrace import primitives as P
+from reftrace.composite import decomposition_of, is_composite
 from reftrace.interpreter import eval_graph
 from reftrace.transforms.partition import JointAnalysis, split
-from tests.transforms.test_partition import NUMPY_RULES, f64, joint_args
+from tests.transforms.test_partition import NUMPY_RULES, batch_norm_with_updates, f64, joint_args
 
 # ----------------------------------------------------------------------------- random programs
 # Small programs with the cases the program must model: multi-output equations (sort: values and
@@ -24,7 +25,7 @@ from tests.transforms.test_partition import NUMPY_RULES, f64, joint_args
 # values that both an output and the backward read.
 
 OPS = ["cos", "sin", "tanh", "exp", "mul", "add", "matmul", "sum_keep", "scale", "transpose", "sort",
-       "dropout", "sum_small"]
+       "dropout", "sum_small", "batch_norm"]
 
 
 @st.composite
@@ -41,8 +42,14 @@ def build(program):
 
     def fn(key, *xs):
         pool = list(xs)
+        updates = []
         for n, (name, i, k) in enumerate(ops):
             x, y = pool[i % len(pool)], pool[k % len(pool)]
+            if name == "batch_norm":
+                out, *stats = batch_norm_with_updates(x, y)
+                pool.append(out)
+                updates += stats
+                continue
             if name == "sort":
                 values, indices = lax.sort(x, axis=1)
                 pool.append(rnp.cos(values) * lax.convert_element_type(indices, np.float64))
@@ -58,7 +65,7 @@ def build(program):
                 "sum_keep": lambda: x + rnp.sum(x, axis=0, keepdims=True), "scale": lambda: x * 0.5,
                 "transpose": lambda: x.T, "sum_small": lambda: rnp.sum(x, axis=(0, 1)) * y,
             }[name]())
-        return (pool[-1], pool[len(pool) // 2]) if extra_output else pool[-1]
+        return (pool[-1], pool[len(pool) // 2], *updates) if extra_output or updates else pool[-1]
 
     return rt.trace(fn, np.array([3, 7], np.uint32), *[f64(2, 2, seed=i) for i in range(num_inputs)])
 
@@ -87,6 +94,8 @@ RULES = {**NUMPY_RULES, P.sort_p: _sort, P.scatter_add_p: _scatter_add, P.random
 
 def run(graph, *args):
     def apply(eqn, values):
+        if is_composite(eqn.primitive):
+            return tuple(run(decomposition_of(eqn), *values))
         with np.errstate(all="ignore"):
             out = RULES[eqn.primitive](*values, **dict(eqn.params))
         return tuple(np.asarray(o) for o in out) if eqn.primitive.multiple_results else (np.asarray(out),)

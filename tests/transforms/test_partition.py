@@ -13,6 +13,7 @@ import reftrace.numpy as rnp
 from reftrace import lax
 from reftrace import primitives as P
 from reftrace.builder import Builder
+from reftrace.composite import decomposition_of, is_composite
 from reftrace.graph import Aval, Graph, Var
 from reftrace.interpreter import eval_graph
 from reftrace.lax import new_input, tracing
@@ -70,11 +71,14 @@ NUMPY_RULES = {
     P.reduce_max_p: lambda x, *, axes: np.max(x, axis=axes),
     P.dot_general_p: _dot_general,
     P.random_p: _random,
+    P.rsqrt_p: lambda x: 1 / np.sqrt(x), P.stop_gradient_p: lambda x: x,
 }
 
 
 def run(graph, *args):
     def apply(eqn, values):
+        if is_composite(eqn.primitive):  # through its decomposition
+            return tuple(run(decomposition_of(eqn), *values))
         with np.errstate(all="ignore"):
             return (np.asarray(NUMPY_RULES[eqn.primitive](*values, **dict(eqn.params))),)
     return [np.asarray(v) for v in eval_graph(graph, list(args), apply)]
@@ -435,8 +439,8 @@ def brute_force_optimum(joint, banned=default_ban):
                     ok[v] = True
                 elif v in forced:
                     ok[v] = False
-                else:
-                    ok[v] = all(ok[u] for u in a.producer[v].inputs if isinstance(u, Var))
+                else:  # what the backward runs to recompute v (a smaller form, where there is one)
+                    ok[v] = all(ok[a.values[u]] for u in a.recompute_operands(a.eqn_of[v.id]))
             if all(ok[b] for b in a.boundary):
                 primal = sum(1 for v in chosen if v in a.primal_set)
                 key = (sum(v.nbytes for v in chosen), len(chosen) - primal, primal)
@@ -450,7 +454,7 @@ def partition_key(part):
 
 
 OPS = ["cos", "sin", "tanh", "neg", "exp_tanh", "add", "mul", "sub", "max", "matmul", "sum_keep", "scale",
-       "transpose", "sum_small"]
+       "transpose", "sum_small", "batch_norm"]
 
 
 @st.composite
@@ -462,13 +466,26 @@ def programs(draw):
     return num_inputs, ops, extra_output
 
 
+def batch_norm_with_updates(x, y):
+    """A train-mode batch norm of ``x`` with running statistics made from ``y``: (output, new running
+    mean, new running variance); a program returns the last two, as a module's buffer updates."""
+    stats = rnp.sum(y, axis=0)
+    out, _, _, mean, var = rt.nn.batch_norm_train(x, None, None, stats, stats * stats, momentum=0.1, eps=1e-5)
+    return out, mean, var
+
+
 def build(program):
     num_inputs, ops, extra_output = program
 
     def fn(*xs):
-        pool = list(xs)
+        pool, updates = list(xs), []
         for name, i, k in ops:
             x, y = pool[i % len(pool)], pool[k % len(pool)]
+            if name == "batch_norm":
+                out, *stats = batch_norm_with_updates(x, y)
+                pool.append(out)
+                updates += stats
+                continue
             pool.append({
                 "cos": lambda: rnp.cos(x), "sin": lambda: rnp.sin(x), "tanh": lambda: rnp.tanh(x),
                 "neg": lambda: -x, "exp_tanh": lambda: rnp.exp(rnp.tanh(x)), "add": lambda: x + y,
@@ -477,7 +494,7 @@ def build(program):
                 "scale": lambda: x * 0.5, "transpose": lambda: x.T,
                 "sum_small": lambda: rnp.sum(x, axis=(0, 1)) * y,
             }[name]())
-        return (pool[-1], pool[len(pool) // 2]) if extra_output else pool[-1]
+        return (pool[-1], pool[len(pool) // 2], *updates) if extra_output or updates else pool[-1]
 
     shapes = [(2, 2)] * num_inputs
     return rt.trace(fn, *[f64(*s, seed=i) for i, s in enumerate(shapes)])
