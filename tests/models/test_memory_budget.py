@@ -8,7 +8,7 @@ import torch
 
 import reftrace as rt
 from benchmarks.partition_budget import MODELS, saved_activation_bytes
-from reftrace.compile import aot_module, nop
+from reftrace.compile import aot_function, aot_module, nop
 
 
 def step_bytes_and_results(model, x, policy):
@@ -55,3 +55,23 @@ def test_a_recomputed_batch_norm_reads_no_running_statistics():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
     kept = saved_activation_bytes(lambda: compiled(x).sum().backward(), [*model.parameters(), x])
     assert kept == 0, "nothing but the input and parameters is saved: no copy of the running statistics"
+
+
+def test_an_infeasible_budget_names_the_overwritten_input_it_pays_for():
+    """An input the function overwrites after reading it: the backward needs its old value, so the
+    smallest budget is one copy of it, the message says so, and at that budget the gradient is
+    eager's and the input is updated once."""
+    def f(x, w):
+        y = (x * w).sin()
+        x.add_(1)
+        return y
+
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(rt.PartitionError, match=r"smallest feasible budget is 32 bytes. It pays for inputs the "
+                                                r"function overwrites in place \(1 value, 32 bytes\)"):
+        aot_function(f, nop, nop, partition_fn=rt.optimal(0))(torch.randn(4, dtype=torch.float64), w)
+    x = torch.randn(4, dtype=torch.float64)
+    before = x.clone()
+    aot_function(f, nop, nop, partition_fn=rt.optimal(32))(x, w).sum().backward()
+    torch.testing.assert_close(w.grad, (before * w).cos().detach() * before, rtol=1e-14, atol=0)
+    torch.testing.assert_close(x, before + 1, rtol=0, atol=0)
