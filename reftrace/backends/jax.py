@@ -138,6 +138,16 @@ class _Transferred:
                 and self.data_ptr == tensor.data_ptr())
 
 
+def _shares_memory(array: Any, tensor: Any) -> bool:
+    """Whether ``array`` reads ``tensor``'s memory, so that it sees every in-place update."""
+    if isinstance(array, np.ndarray):
+        return array.__array_interface__["data"][0] == tensor.data_ptr()
+    try:
+        return array.unsafe_buffer_pointer() == tensor.data_ptr()
+    except Exception:  # noqa: BLE001 - an array with no single buffer (sharded, deleted): not shared
+        return False
+
+
 _malloc_warmed = False
 
 
@@ -188,10 +198,13 @@ class JaxExecutable:
         if cached is not None and cached.holds(tensor):
             return cached.array
         # only parameters (leaves that require grad) are kept: holding a step's activations until the
-        # next call would keep their memory alive (the array shares it)
+        # next call would keep their memory alive (the array shares it). And only an array that reads
+        # the tensor's own memory: an update through ``.data`` (an EMA, weight clipping) changes the
+        # memory without bumping the version counter, which a copy (DLPack copies a tensor whose
+        # memory XLA cannot alias, such as one at an unaligned offset into a flat buffer) would miss
         keep = tensor.requires_grad and tensor.is_leaf
         array = tensor_to_jax(tensor, i, host_numpy and not keep)
-        self._transferred[i] = _Transferred(tensor, array) if keep else None
+        self._transferred[i] = _Transferred(tensor, array) if keep and _shares_memory(array, tensor) else None
         return array
 
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, ...]:

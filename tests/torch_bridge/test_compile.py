@@ -254,6 +254,26 @@ def test_xla_compile_crosses_without_copies_and_keeps_unchanged_parameters():
     torch.testing.assert_close(out, model(x))
 
 
+def test_xla_compile_sees_updates_through_data_of_a_parameter_jax_had_to_copy():
+    """A parameter at an unaligned offset into a flat buffer crosses to JAX as a copy; an update through
+    ``.data`` (an EMA, weight clipping) does not bump its version counter, so that copy must not be
+    kept. A parameter whose memory JAX reads is kept, and sees the update. Found by a sweep: the first
+    kept the old weights and gave outputs off by 1.5."""
+    torch.manual_seed(0)
+    flat = torch.randn(16)
+    model = torch.nn.Linear(4, 3)
+    model.weight = torch.nn.Parameter(flat[1:13].view(3, 4))  # 4 bytes into the buffer: not aligned for XLA
+    compiled = aot_module(model, xla_compile, xla_compile)
+    x = torch.randn(2, 4)
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), model(x))
+        model.weight.data.mul_(0.5)
+        model.bias.data.add_(1.0)
+    torch.testing.assert_close(compiled(x), model(x))
+    compiled(x).sum().backward()
+    torch.testing.assert_close(model.weight.grad, x.sum(0).expand(3, 4))
+
+
 def test_xla_compile_call_takes_any_layout_and_names_a_wrong_argument():
     """The compiled call's fast path (numpy views of CPU tensors, no per-argument check) gives the same
     values for tensors numpy cannot view as they are (transposed, conjugated, bfloat16, requiring grad),
