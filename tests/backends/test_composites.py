@@ -91,7 +91,7 @@ def forward_cases(draw: st.DrawFn, dtype: Any = np.float64) -> Case:
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     kind = draw(st.sampled_from(["gelu", "softmax", "log_softmax", "layer_norm", "batch_norm_train",
                                  "batch_norm_eval", "attention", "linear", "embedding",
-                                 "nll_loss", "relu", "convolution", "max_pool"]))
+                                 "nll_loss", "relu", "convolution", "max_pool", "xlogy"]))
     if kind == "attention":
         return draw(attention_cases(rng, dtype))
     if kind == "embedding":
@@ -127,6 +127,10 @@ def forward_cases(draw: st.DrawFn, dtype: Any = np.float64) -> Case:
     if kind == "relu":
         x.flat[0] = 0.0  # the tie: slope 0 there, as torch's
         return f"relu {shape}", rt.nn.relu, [x]
+    if kind == "xlogy":  # with zeros in both operands (y < 0: NaN, as torch's)
+        y = np.abs(_normal(rng, shape, dtype)) if draw(st.booleans()) else _normal(rng, shape, dtype)
+        x.flat[0], y.flat[-1] = 0.0, 0.0
+        return f"xlogy {shape}", rt.nn.xlogy, [x, y]
     if kind == "gelu":
         approximate = draw(st.sampled_from(["none", "tanh"]))
         return f"gelu({approximate}) {shape}", lambda x: rt.nn.gelu(x, approximate), [x]
@@ -229,7 +233,8 @@ def test_fused_lowerings_and_vjp_rules_match_the_decomposition(case):
     for skip in (statistics, ()):
         cts = random_cotangents(graph, np.random.default_rng(1), skip)
         joint = vjp(graph, nondiff_outputs=skip)
-        if (skip or len(graph.outputs) == 1) and not label.startswith("linear"):  # linear's VJP is two dots
+        # linear's VJP is two dots; xlogy's is xlogy again
+        if (skip or len(graph.outputs) == 1) and not label.startswith(("linear", "xlogy")):
             assert _composites_in(joint) - _composites_in(graph), f"{label}: no composite backward equation"
         want = _run(vjp(plain, nondiff_outputs=skip), "jax", [*args, *cts])
         _assert_all_close(_run(joint, "torch", [*args, *cts]), want, f"{label}, fused joint", 1e-9, 1e-11)

@@ -249,6 +249,9 @@ CASES: dict[str, Case] = {
     "xlogy_x_zero": Case(lambda x, y: torch.xlogy(x, y),
                          lambda: (t([0.0, 0.0, 0.0, 1.0, 2.0, nan, 0.0]), t([2.0, 0.5, -1.0, 0.0, 3.0, 1.0, nan]))),
     "xlogy_origin_y_fixed": Case(lambda x, y: torch.xlogy(x, y), lambda: (t([0.0, 0.0]), t([0.0, 0.5], grad=False))),
+    # a zero cotangent where log(y) is -inf (a loss masking its non-finite terms): torch's slope xlogy(g, y) is 0
+    "xlogy_masked_minus_inf": Case(lambda x, y: torch.where(torch.isfinite(v := torch.xlogy(x, y)), v, 0.0),
+                                   lambda: (t([2.0, 1.0, 0.0]), t([0.0, 3.0, 0.0], grad=False))),
     "logaddexp_ties": Case(lambda x, y: torch.logaddexp(x, y), lambda: (t([1.0, -inf]), t([1.0, -inf]))),
     "where": Case(lambda x, y: torch.where(x > y, x, y), lambda: (t([1.0, 2.0, 3.0]), t([1.0, 3.0, 2.0]))),
     "where_condition_only": Case(lambda x, y: torch.where(y > 0, x, 0.0), lambda: (t([1.0, 2.0]), t([0.0, 1.0]))),
@@ -330,7 +333,7 @@ def test_fmax_with_one_nan_operand_sends_the_gradient_to_the_other():
 
 
 def test_xlogy_at_the_origin_gives_y_no_gradient():
-    """Eager's slope in ``y`` is ``x / y``, ``0/0`` at ``x == y == 0``; reftrace's log sees a stand-in there."""
+    """Eager's slope in ``y`` is ``x / y``, ``0/0`` at ``x == y == 0``; reftrace's VJP rule gives 0 there."""
     x, y = t([0.0, 0.0]), t([0.0, 2.0])
     out = aot_function(torch.xlogy, nop)(x, y)
     gx, gy = torch.autograd.grad(out, (x, y), torch.ones(2, dtype=f64))

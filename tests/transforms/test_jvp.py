@@ -558,6 +558,7 @@ def _composite_cases() -> list[Case]:
          [normal(6, 3), indices]),
         ("nll_loss", lambda x, t, w: rt.nn.nll_loss(x, t, w), [logp, target, rng.uniform(0.1, 2, 3)]),
         ("nll_loss none, one row", lambda x, t: rt.nn.nll_loss(x, t, reduction="none"), [logp[0], np.array(1)]),
+        ("xlogy", rt.nn.xlogy, [normal(3, 4), rng.uniform(0.5, 2, (3, 4))]),
     ]
 
 

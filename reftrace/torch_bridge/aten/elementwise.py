@@ -586,20 +586,11 @@ def hypot(x: Any, y: Any) -> Any:
 
 @register(aten.xlogy.Tensor)
 def xlogy(x: Any, y: Any) -> Any:
-    """``x * log(y)``, 0 where ``x == 0`` (unless ``y`` is NaN), with torch's slope ``log(y)`` in ``x`` there.
-
-    Where ``x == 0`` and ``log(y)`` is not finite (``y <= 0`` or ``inf``) the log sees a stand-in 1, so
-    the value is 0 and no ``0 * inf`` reaches the gradient (torch's decomposition selects 0 and so
-    loses the slope ``log(y)`` at ``x == 0`` altogether). Unlike eager: at ``x == 0`` the slope in
-    ``y`` is 0 also at ``y == 0`` (eager: ``0/0``), and the slope in ``x`` is 0 at ``y == inf``.
-    """
+    """``x * log(y)``, 0 where ``x == 0`` (unless ``y`` is NaN), as the ``xlogy`` composite: its VJP is
+    torch's (``xlogy(g, y)`` in ``x``, so a zero cotangent gives 0 where ``log(y)`` is ``-inf``)."""
     d = float_dtype(_out_dtype())
-    a, b = same_shape(x, y, d)
-    zero, one = literal(0, d), literal(1, d)
-    log_unsafe = lax.logical_or(lax.le(b, zero), lax.eq(b, literal(np.inf, d)))
-    at_zero = lax.eq(a, zero)
-    product = lax.mul(a, lax.log(lax.select(lax.logical_and(at_zero, log_unsafe), one, b)))
-    return lax.select(at_zero, lax.add(product, zero), product)  # torch's 0 there is +0.0
+    shape = broadcast_shapes(x, y)
+    return nn.xlogy(bcast_full(cast(x, d), shape), bcast_full(cast(y, d), shape))
 
 
 @register(aten.sinc.default)
