@@ -19,7 +19,8 @@ from reftrace.nn.convolution import conv_input_grad_p, conv_weight_grad_p, convo
 from reftrace.nn.pooling import max_pool_backward_p, max_pool_p
 from reftrace.nn.embeddings import embedding_backward_p, embedding_p
 from reftrace.nn.dense import linear_p
-from reftrace.nn.losses import nll_loss_backward_p, nll_loss_p
+from reftrace.nn.losses import (binary_cross_entropy_backward_p, binary_cross_entropy_p, nll_loss_backward_p,
+                                nll_loss_p)
 from reftrace.nn import norms as N
 from reftrace.nn.special import xlogy_p
 
@@ -164,6 +165,10 @@ def _nll_loss_backward(g: Any, logp: Any, target: Any, *rest: Any, reduction: in
 
 torch_rules[nll_loss_p] = _nll_loss
 torch_rules[nll_loss_backward_p] = _nll_loss_backward
+torch_rules[binary_cross_entropy_p] = lambda p, t, *w, reduction, has_weight: aten.binary_cross_entropy(
+    _t(p), _t(t), _t(w[0]) if has_weight else None, reduction)
+torch_rules[binary_cross_entropy_backward_p] = lambda g, p, t, *w, reduction, has_weight: (
+    aten.binary_cross_entropy_backward(_t(g), _t(p), _t(t), _t(w[0]) if has_weight else None, reduction))
 
 
 # ----------------------------------------------------------------------------- convolution

@@ -12,7 +12,8 @@ kernel; JAX: what XLA fuses). The torch bridge captures the matching ATen ops as
     convolution: convolution (torch's layout, bias fused; input and weight gradient equations)
     pooling:     max_pool (values and torch's indices; and its backward equation)
     embedding:   embedding (and its backward equation)
-    losses:      nll_loss (cross-entropy = log_softmax + nll_loss; and its backward equation)
+    losses:      nll_loss (cross-entropy = log_softmax + nll_loss), binary_cross_entropy (and their backward
+                 equations)
     special:     xlogy (torch's VJP: no NaN from a zero cotangent where ``log(y)`` is ``-inf``)
 """
 from reftrace.nn.activations import gelu, log_softmax, relu, softmax
@@ -20,10 +21,10 @@ from reftrace.nn.attention import dot_product_attention
 from reftrace.nn.convolution import convolution
 from reftrace.nn.pooling import max_pool
 from reftrace.nn.embeddings import embedding
-from reftrace.nn.losses import nll_loss
+from reftrace.nn.losses import binary_cross_entropy, nll_loss
 from reftrace.nn.dense import linear
 from reftrace.nn.norms import batch_norm_eval, batch_norm_train, layer_norm
 from reftrace.nn.special import xlogy
 
 __all__ = ["relu", "gelu", "softmax", "log_softmax", "layer_norm", "batch_norm_train", "batch_norm_eval", "dot_product_attention",
-           "linear", "convolution", "max_pool", "embedding", "nll_loss", "xlogy"]
+           "linear", "convolution", "max_pool", "embedding", "nll_loss", "binary_cross_entropy", "xlogy"]

@@ -91,3 +91,75 @@ def _nll_loss_vjp(cts, primals, outs, *, reduction, ignore_index, has_weight):
 
 
 vjp_rules[nll_loss_p] = _nll_loss_vjp
+
+
+# ----------------------------------------------------------------------------- binary cross-entropy
+# ``aten.binary_cross_entropy`` on probabilities: each log is clamped at -100, as torch's kernel. Its
+# backward is torch's, not the decomposition's: ``g * (p - t) / max(p * (1 - p), 1e-12)``. At a
+# probability of exactly 0 or 1 (a saturated sigmoid) the decomposition's gradient is NaN (the
+# clamped log's untaken branch: 0 * 1/0); torch's is finite, and 0 through the sigmoid.
+
+_BCE_EPSILON = 1e-12
+
+
+def _reduce(values: Any, reduction: int) -> Any:
+    if reduction == REDUCTIONS["none"]:
+        return values
+    total = lax.reduce_sum(values, tuple(range(values.ndim)))
+    return lax.div(total, lax.full((), max(values.size, 1), values.dtype)) if reduction == REDUCTIONS["mean"] \
+        else total
+
+
+def _per_element(g: Any, like: Any, reduction: int) -> Any:
+    """The cotangent of a reduced loss as one value per element (the mean's divided by the count)."""
+    if reduction == REDUCTIONS["none"]:
+        return g
+    if reduction == REDUCTIONS["mean"]:
+        g = lax.div(g, lax.full((), max(like.size, 1), like.dtype))
+    return lax.broadcast_in_dim(g, like.shape, ())
+
+
+def _binary_cross_entropy(p: Any, t: Any, *weight: Any, reduction: int, has_weight: bool) -> Any:
+    d = p.dtype
+    floor = lax.full(p.shape, -100, d)
+    one = lax.full(p.shape, 1, d)
+    log_p = lax.max(lax.log(p), floor)
+    log_q = lax.max(lax.log1p(lax.neg(p)), floor)
+    losses = lax.sub(lax.mul(lax.sub(t, one), log_q), lax.mul(t, log_p))
+    if has_weight:
+        losses = lax.mul(losses, lax.stop_gradient(weight[0]))
+    return _reduce(losses, reduction)
+
+
+def _binary_cross_entropy_backward(g: Any, p: Any, t: Any, *weight: Any, reduction: int, has_weight: bool) -> Any:
+    d = p.dtype
+    denominator = lax.max(lax.mul(lax.sub(lax.full(p.shape, 1, d), p), p), lax.full(p.shape, _BCE_EPSILON, d))
+    grad = lax.div(lax.mul(_per_element(g, p, reduction), lax.sub(p, t)), denominator)
+    return lax.mul(grad, weight[0]) if has_weight else grad
+
+
+binary_cross_entropy_p = define_composite("binary_cross_entropy", _binary_cross_entropy)
+binary_cross_entropy_backward_p = define_composite("binary_cross_entropy_backward", _binary_cross_entropy_backward)
+
+
+def binary_cross_entropy(p: Any, target: Any, weight: Any = None, reduction: str = "mean") -> Any:
+    """Binary cross-entropy of probabilities ``p`` against ``target`` (same shape and dtype; ``weight``
+    too), each log clamped at -100, with torch's gradient (finite at ``p`` of exactly 0 or 1)."""
+    if reduction not in REDUCTIONS:
+        from reftrace.errors import ArgumentError
+        raise ArgumentError(f"binary_cross_entropy: reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
+    operands = (p, target) if weight is None else (p, target, weight)
+    return lax.bind(binary_cross_entropy_p, *operands, reduction=REDUCTIONS[reduction], has_weight=weight is not None)
+
+
+def _binary_cross_entropy_vjp(cts, primals, outs, *, reduction, has_weight):
+    p, t, *weight = primals
+    dp = lax.bind(binary_cross_entropy_backward_p, cts[0], *primals, reduction=reduction, has_weight=has_weight)
+    # the target's slope is torch's: -logit(p), weighted (the weight itself gets none, as in torch)
+    dt = lax.mul(_per_element(cts[0], p, reduction), lax.neg(lax.sub(lax.log(p), lax.log1p(lax.neg(p)))))
+    if has_weight:
+        dt = lax.mul(dt, lax.stop_gradient(weight[0]))
+    return (dp, dt, *(None,) * len(weight))
+
+
+vjp_rules[binary_cross_entropy_p] = _binary_cross_entropy_vjp

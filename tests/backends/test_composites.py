@@ -91,7 +91,7 @@ def forward_cases(draw: st.DrawFn, dtype: Any = np.float64) -> Case:
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     kind = draw(st.sampled_from(["gelu", "softmax", "log_softmax", "layer_norm", "batch_norm_train",
                                  "batch_norm_eval", "attention", "linear", "embedding",
-                                 "nll_loss", "relu", "convolution", "max_pool", "xlogy"]))
+                                 "nll_loss", "relu", "convolution", "max_pool", "xlogy", "binary_cross_entropy"]))
     if kind == "attention":
         return draw(attention_cases(rng, dtype))
     if kind == "embedding":
@@ -127,6 +127,12 @@ def forward_cases(draw: st.DrawFn, dtype: Any = np.float64) -> Case:
     if kind == "relu":
         x.flat[0] = 0.0  # the tie: slope 0 there, as torch's
         return f"relu {shape}", rt.nn.relu, [x]
+    if kind == "binary_cross_entropy":  # probabilities inside (0, 1): at 0 and 1 only torch's rule is finite
+        p, t = rng.uniform(0.05, 0.95, shape).astype(dtype), rng.uniform(0, 1, shape).astype(dtype)
+        reduction, weighted = draw(st.sampled_from(["none", "mean", "sum"])), draw(st.booleans())
+        fn = lambda p, t, *w: rt.nn.binary_cross_entropy(p, t, *w, reduction=reduction)  # noqa: E731
+        return (f"binary_cross_entropy({reduction}, weighted={weighted}) {shape}", fn,
+                [p, t] + ([rng.uniform(0.5, 2, shape).astype(dtype)] if weighted else []))
     if kind == "xlogy":  # with zeros in both operands (y < 0: NaN, as torch's)
         y = np.abs(_normal(rng, shape, dtype)) if draw(st.booleans()) else _normal(rng, shape, dtype)
         x.flat[0], y.flat[-1] = 0.0, 0.0

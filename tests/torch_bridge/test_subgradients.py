@@ -257,6 +257,10 @@ CASES: dict[str, Case] = {
     "where_condition_only": Case(lambda x, y: torch.where(y > 0, x, 0.0), lambda: (t([1.0, 2.0]), t([0.0, 1.0]))),
     "masked_fill": Case(lambda x: x.masked_fill(x == 0, 1.0), lambda: (t([0.0, 1.0]),)),
     # losses at their kinks
+    "binary_cross_entropy_saturated": Case(lambda p, t: F.binary_cross_entropy(p, t, reduction="none"),
+                                           lambda: (t([0.0, 1.0, 0.0, 1.0, 0.3]), t([1.0, 0.0, 0.0, 1.0, 0.5]))),
+    "binary_cross_entropy_of_a_saturated_sigmoid": Case(lambda z, t: F.binary_cross_entropy(torch.sigmoid(z), t),
+                                                         lambda: (t([-800.0, 0.3, 800.0]), t([1.0, 1.0, 0.0]))),
     "l1_loss_zero": Case(lambda x, y: F.l1_loss(x, y), lambda: (t([1.0, 2.0]), t([1.0, 3.0]))),
     "smooth_l1_at_beta": Case(lambda x, y: F.smooth_l1_loss(x, y, beta=0.5, reduction="none"),
                               lambda: (t([0.5, -0.5, 0.0, 1.0]), t([0.0, 0.0, 0.0, 0.0]))),

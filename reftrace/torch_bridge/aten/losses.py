@@ -9,7 +9,7 @@ import numpy as np
 
 from reftrace import lax, nn
 from reftrace import primitives as P
-from reftrace.torch_bridge.aten._common import aten, cast, literal, out_aval, register, unsupported
+from reftrace.torch_bridge.aten._common import aten, bcast_full, cast, literal, out_aval, register, unsupported
 from reftrace.torch_bridge.aten.indexing import take
 
 
@@ -19,6 +19,16 @@ def nll_loss_forward(x: Any, target: Any, weight: Any, reduction: int, ignore_in
     loss, total = nn.nll_loss(cast(x, d), cast(target, np.int64), None if weight is None else cast(weight, d),
                               ("none", "mean", "sum")[reduction], ignore_index)
     return loss, lax.stop_gradient(total)
+
+
+@register(aten.binary_cross_entropy.default)
+def binary_cross_entropy(p: Any, target: Any, weight: Any = None, reduction: int = 1) -> Any:
+    """The ``binary_cross_entropy`` composite: torch's values and torch's gradient (finite at a
+    probability of exactly 0 or 1, where differentiating the clamped logs gives NaN)."""
+    d = out_aval().dtype
+    w = None if weight is None else bcast_full(cast(weight, d), p.shape)
+    return nn.binary_cross_entropy(cast(p, d), bcast_full(cast(target, d), p.shape), w,
+                                   ("none", "mean", "sum")[reduction])
 
 
 # ----------------------------------------------------------------------------- fused linear + cross-entropy
