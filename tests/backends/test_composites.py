@@ -6,6 +6,7 @@ composite backward equations must agree with it at every shape and parameter dra
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import numpy as np
@@ -250,10 +251,12 @@ def test_fused_lowerings_and_vjp_rules_match_the_decomposition(case):
 @given(forward_cases(dtype=np.float32))
 def test_fused_lowerings_in_float32(case):
     """float32: the fused joint (ATen kernels) against the decomposition's joint run in float64 on the
-    same values. Where the problem itself is ill-conditioned, float32 cannot do better than its own
-    rounding: a layer norm over two nearly equal values cancels almost all of its input gradient
-    (found by the deep profile: 0.01091 where 0.01097 is exact, and the decomposition in float32 gives
-    0.01095). So each output may also miss by four times the decomposition's own float32 error."""
+    same values. A float32 result can miss by its rounding times the size of the terms it cancels: a
+    layer norm over two values cancels almost all of its input gradient, and ATen's own float32 kernel
+    (what eager runs) then misses by 0.4% (found by the deep profile). So each output may also miss by
+    four times the decomposition's own float32 error, and by 64 float32 roundings of the largest value
+    the float64 joint computes along the way. Wiring errors (a wrong operand, flag or epsilon) are the
+    float64 test's to catch, at 1e-10."""
     label, fn, args = case
     graph = rt.trace(_outputs(fn), *args)
     skip = tuple(range(1, len(graph.outputs)))
@@ -262,14 +265,24 @@ def test_fused_lowerings_in_float32(case):
     in_float32 = _run(vjp(decompose(graph), nondiff_outputs=skip), "jax", [*args, *cts])
     wide = [a.astype(np.float64) if a.dtype == np.float32 else a for a in [*args, *cts]]
     graph64 = rt.trace(_outputs(fn), *wide[:len(args)])
-    exact = _run(vjp(decompose(graph64), nondiff_outputs=skip), "jax", wide)
+    joint64 = vjp(decompose(graph64), nondiff_outputs=skip)
+    exact = _run(joint64, "jax", wide)
+    intermediates = [v for e in joint64.eqns for v in e.outputs if v.aval.dtype == np.float64]
+    largest = max((_finite_max(np.abs(a)) for a in _run(dataclasses.replace(joint64, outputs=tuple(intermediates),
+                                                                            output_names=None, joint=None),
+                                                        "jax", wide)), default=0.0)
     got = _run(joint, "torch", [*args, *cts])
     assert len(got) == len(exact), label
     for j, (g, e, d) in enumerate(zip(got, exact, in_float32)):
         assert g.shape == e.shape and g.dtype == d.dtype, (label, j)
-        miss = np.abs(d.astype(np.float64) - e)
-        own_error = float(np.max(miss[np.isfinite(miss)], initial=0.0))  # inf - inf: a masked-out row
-        np.testing.assert_allclose(g, e, rtol=2e-4, atol=2e-5 + 4 * own_error, err_msg=f"{label}, float32: output {j}")
+        own_error = _finite_max(np.abs(d.astype(np.float64) - e))
+        np.testing.assert_allclose(g, e, rtol=2e-4, atol=2e-5 + 4 * own_error + 64 * 2.0**-23 * largest,
+                                   err_msg=f"{label}, float32: output {j}")
+
+
+def _finite_max(miss: np.ndarray) -> float:
+    """The largest finite difference (inf - inf is NaN: a masked-out row)."""
+    return float(np.max(miss[np.isfinite(miss)], initial=0.0))
 
 
 @pytest.mark.parametrize("seed", range(6))
