@@ -22,7 +22,7 @@ from reftrace.nn.dense import linear_p
 from reftrace.nn.losses import (binary_cross_entropy_backward_p, binary_cross_entropy_p, nll_loss_backward_p,
                                 nll_loss_p)
 from reftrace.nn import norms as N
-from reftrace.nn.special import xlogy_p
+from reftrace.nn.special import entr_p, xlog1py_p, xlogy_p
 
 aten = torch.ops.aten
 
@@ -44,6 +44,8 @@ def _with_dtype(x: Any, like: Any) -> Any:
 
 torch_rules[A.relu_p] = lambda x: torch.relu(_t(x))
 torch_rules[xlogy_p] = lambda x, y: torch.xlogy(_t(x), _t(y))
+torch_rules[xlog1py_p] = lambda x, y: torch.special.xlog1py(_t(x), _t(y))
+torch_rules[entr_p] = lambda x: torch.special.entr(_t(x))
 torch_rules[A.relu_backward_p] = lambda g, y: aten.threshold_backward(_t(g), _t(y), 0)
 torch_rules[A.gelu_p] = lambda x, *, approximate: aten.gelu(_t(x), approximate=approximate)
 torch_rules[A.gelu_backward_p] = lambda g, x, *, approximate: aten.gelu_backward(_t(g), _t(x),

@@ -14,7 +14,7 @@ kernel; JAX: what XLA fuses). The torch bridge captures the matching ATen ops as
     embedding:   embedding (and its backward equation)
     losses:      nll_loss (cross-entropy = log_softmax + nll_loss), binary_cross_entropy (and their backward
                  equations)
-    special:     xlogy (torch's VJP: no NaN from a zero cotangent where ``log(y)`` is ``-inf``)
+    special:     xlogy, xlog1py, entr (torch's VJPs: no NaN from a zero cotangent where a log is ``-inf``)
 """
 from reftrace.nn.activations import gelu, log_softmax, relu, softmax
 from reftrace.nn.attention import dot_product_attention
@@ -24,7 +24,8 @@ from reftrace.nn.embeddings import embedding
 from reftrace.nn.losses import binary_cross_entropy, nll_loss
 from reftrace.nn.dense import linear
 from reftrace.nn.norms import batch_norm_eval, batch_norm_train, layer_norm
-from reftrace.nn.special import xlogy
+from reftrace.nn.special import entr, xlog1py, xlogy
 
 __all__ = ["relu", "gelu", "softmax", "log_softmax", "layer_norm", "batch_norm_train", "batch_norm_eval", "dot_product_attention",
-           "linear", "convolution", "max_pool", "embedding", "nll_loss", "binary_cross_entropy", "xlogy"]
+           "linear", "convolution", "max_pool", "embedding", "nll_loss", "binary_cross_entropy", "xlogy", "xlog1py",
+           "entr"]

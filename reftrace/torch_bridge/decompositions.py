@@ -31,6 +31,7 @@ _OWN_ROWS = ("index_fill.int_Tensor", "index_fill.int_Scalar", "_safe_softmax.de
              "_scaled_dot_product_flash_attention_for_cpu.default",
              # torch's gradient at a boundary: std at zero variance, sinc and xlogy at 0, hardswish at NaN
              "std.correction", "std_mean.correction", "sinc.default", "xlogy.Tensor", "hardswish.default",
+             "special_xlog1py.default", "special_entr.default",
              "hardsigmoid.default",
              # torch's softplus computes exp(x) on the linear branch too: inf / inf in the gradient at large x
              "softplus.default",

@@ -168,7 +168,7 @@ def composite_calls(x, y, idx):
         outs += [*loss, lax.bind(L.nll_loss_backward_p, lax.full(loss[0].shape, 1.0, x.dtype), x, target,
                                  *([] if weight is None else [weight]), loss[1], reduction=L.REDUCTIONS[reduction],
                                  ignore_index=-100, has_weight=weight is not None)]
-    outs += [rt.nn.xlogy(x, y), rt.nn.binary_cross_entropy(x, y, y, "sum"),
+    outs += [rt.nn.xlogy(x, y), rt.nn.xlog1py(x, y), rt.nn.entr(x), rt.nn.binary_cross_entropy(x, y, y, "sum"),
              lax.bind(L.binary_cross_entropy_backward_p, lax.full((), 1.0, x.dtype), x, y,
                       reduction=L.REDUCTIONS["mean"], has_weight=False)]
     return tuple(outs)

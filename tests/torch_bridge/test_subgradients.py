@@ -252,6 +252,10 @@ CASES: dict[str, Case] = {
     # a zero cotangent where log(y) is -inf (a loss masking its non-finite terms): torch's slope xlogy(g, y) is 0
     "xlogy_masked_minus_inf": Case(lambda x, y: torch.where(torch.isfinite(v := torch.xlogy(x, y)), v, 0.0),
                                    lambda: (t([2.0, 1.0, 0.0]), t([0.0, 3.0, 0.0], grad=False))),
+    "xlog1py_masked_minus_inf": Case(
+        lambda x, y: torch.where(torch.isfinite(v := torch.special.xlog1py(x, y)), v, 0.0),
+        lambda: (t([2.0, 1.0, 0.0, 0.0]), t([-1.0, 3.0, -1.0, 0.5], grad=False))),
+    "entr_at_zero": Case(lambda x: torch.special.entr(x), lambda: (t([0.0, 0.5, 1.0, 2.0]),)),
     "logaddexp_ties": Case(lambda x, y: torch.logaddexp(x, y), lambda: (t([1.0, -inf]), t([1.0, -inf]))),
     "where": Case(lambda x, y: torch.where(x > y, x, y), lambda: (t([1.0, 2.0, 3.0]), t([1.0, 3.0, 2.0]))),
     "where_condition_only": Case(lambda x, y: torch.where(y > 0, x, 0.0), lambda: (t([1.0, 2.0]), t([0.0, 1.0]))),

@@ -559,6 +559,8 @@ def _composite_cases() -> list[Case]:
         ("nll_loss", lambda x, t, w: rt.nn.nll_loss(x, t, w), [logp, target, rng.uniform(0.1, 2, 3)]),
         ("nll_loss none, one row", lambda x, t: rt.nn.nll_loss(x, t, reduction="none"), [logp[0], np.array(1)]),
         ("xlogy", rt.nn.xlogy, [normal(3, 4), rng.uniform(0.5, 2, (3, 4))]),
+        ("xlog1py", rt.nn.xlog1py, [normal(3, 4), rng.uniform(-0.5, 2, (3, 4))]),
+        ("entr", rt.nn.entr, [rng.uniform(0.1, 2, (3, 4))]),
         ("binary_cross_entropy", lambda p, t, w: rt.nn.binary_cross_entropy(p, t, w),
          [rng.uniform(0.1, 0.9, (3, 4)), rng.uniform(0, 1, (3, 4)), rng.uniform(0.5, 2, (3, 4))]),
         ("binary_cross_entropy none", lambda p, t: rt.nn.binary_cross_entropy(p, t, reduction="none"),

@@ -588,9 +588,25 @@ def hypot(x: Any, y: Any) -> Any:
 def xlogy(x: Any, y: Any) -> Any:
     """``x * log(y)``, 0 where ``x == 0`` (unless ``y`` is NaN), as the ``xlogy`` composite: its VJP is
     torch's (``xlogy(g, y)`` in ``x``, so a zero cotangent gives 0 where ``log(y)`` is ``-inf``)."""
+    return _x_times_log(nn.xlogy, x, y)
+
+
+@register(aten.special_xlog1py.default)
+def xlog1py(x: Any, y: Any) -> Any:
+    """``x * log1p(y)`` as the ``xlog1py`` composite (torch's VJP, as ``xlogy``)."""
+    return _x_times_log(nn.xlog1py, x, y)
+
+
+def _x_times_log(composite: Any, x: Any, y: Any) -> Any:
     d = float_dtype(_out_dtype())
     shape = broadcast_shapes(x, y)
-    return nn.xlogy(bcast_full(cast(x, d), shape), bcast_full(cast(y, d), shape))
+    return composite(bcast_full(cast(x, d), shape), bcast_full(cast(y, d), shape))
+
+
+@register(aten.special_entr.default)
+def entr(x: Any) -> Any:
+    """``-x log x`` as the ``entr`` composite: torch's slope ``-(1 + log x)``, +inf at 0 (not ``0 * inf``)."""
+    return nn.entr(cast(x, float_dtype(_out_dtype())))
 
 
 @register(aten.sinc.default)
