@@ -18,6 +18,7 @@ function that uses any gets one extra graph input, the key, always the last one
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -113,6 +114,23 @@ _DATA_DEPENDENT_HINT = ("Its value is unknown while tracing (tensors are fake), 
                         "it; use torch.where / masking instead of Python control flow on tensor values")
 
 
+_BATCH_NORM_HINT = ("; BatchNorm with momentum=None reads num_batches_tracked as a Python float in training: "
+                    "give it a float momentum, or use torch.compile(backend=\"reftrace\"), which breaks the graph "
+                    "there")
+
+
+def _torch_module_frame() -> str:
+    """Where inside a ``torch.nn`` module the read happened (a stock module's own code), or ""."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename.replace(os.sep, "/")
+        if "/torch/nn/modules/" in name:
+            where = f", inside torch.nn's {os.path.basename(name)}:{frame.f_lineno} in {frame.f_code.co_name}"
+            return where + (_BATCH_NORM_HINT if name.endswith("batchnorm.py") else "")
+        frame = frame.f_back
+    return ""
+
+
 _DETACH_OPS = (torch.ops.aten.detach.default, torch.ops.aten.detach_.default)
 _METADATA_OPS = (torch.ops.aten.size.default, torch.ops.aten.stride.default, torch.ops.aten.storage_offset.default)
 
@@ -190,7 +208,8 @@ class _UserFrames(TorchDispatchMode):
                                                                                      torch.SymBool)):
             raise DataDependentControlFlowError(
                 f"data-dependent control flow: a tensor value was read as a Python number (.item(), .tolist(), "
-                f"bool(), if/while on a tensor) (at {innermost_user_frame()}). {_DATA_DEPENDENT_HINT}.")
+                f"bool(), if/while on a tensor) (at {innermost_user_frame()}{_torch_module_frame()}). "
+                f"{_DATA_DEPENDENT_HINT}.")
         for t in pytree.tree_leaves(out):
             if not isinstance(t, torch.Tensor):
                 continue

@@ -216,6 +216,16 @@ def test_data_dependent_control_flow_is_reported():
         aot_function(fn, nop)(leaf(3))
 
 
+def test_a_stock_modules_data_dependent_read_names_the_module_and_what_to_do():
+    """BatchNorm(momentum=None) reads num_batches_tracked as a Python float in training: the error
+    names the line inside torch.nn and says how to compile such a module."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4, momentum=None))
+    with pytest.raises(rt.DataDependentControlFlowError, match="test_compile.py.*inside torch.nn's batchnorm.py:"
+                                                               r"\d+ in forward; BatchNorm with momentum=None.*"
+                                                               "torch.compile"):
+        aot_module(model, nop)(torch.randn(8, 4))
+
+
 def test_xla_compile_crosses_without_copies_and_keeps_unchanged_parameters():
     """Tensors cross to JAX and back through DLPack sharing memory; a parameter whose version counter
     did not move since the last call is not transferred again, and an in-place update is seen."""
