@@ -25,10 +25,10 @@ from reftrace.builder import Builder
 from reftrace.errors import PartitionError
 from reftrace.graph import Eqn, Graph, Var, expect_graph, free_vars, live_eqns
 from reftrace.primitives import checked, eqn_is_random
-from reftrace.transforms.recompute_rules import smaller_forms
 from reftrace.transforms.policies import (MinCut, Policy, PolicyValue, is_solver, default_ban, dots_saveable,
                                           resolve_policy, save_all, save_all_but_copies, save_anything_except_these,
                                           save_nothing, save_only_these)
+from reftrace.transforms.recompute_rules import smaller_forms
 from reftrace.transforms.simplify import simplify
 
 __all__ = ["partition", "Partition", "MinCut", "Policy", "default_ban", "save_all", "save_all_but_copies",
