@@ -18,7 +18,6 @@ function that uses any gets one extra graph input, the key, always the last one
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from reftrace.torch_bridge.static_rewrites import StaticShapeRewrites
 from reftrace.torch_bridge.trace_settings import compiling_flag, fake_tensor_logs_silenced, mkldnn_disabled
 from reftrace.torch_bridge.translate import (ClosedOver, Translator, functional_variant, op_display_name,
                                              unsupported_operator)
-from reftrace.torch_bridge.user_frames import innermost_user_frame, location_from_traceback
+from reftrace.torch_bridge.user_frames import innermost_user_frame, location_from_traceback, torch_module_frame
 
 __all__ = ["Captured", "capture", "capture_flat", "capture_tree"]
 
@@ -112,23 +111,6 @@ class Captured:
 
 _DATA_DEPENDENT_HINT = ("Its value is unknown while tracing (tensors are fake), so reftrace will not specialise on "
                         "it; use torch.where / masking instead of Python control flow on tensor values")
-
-
-_BATCH_NORM_HINT = ("; BatchNorm with momentum=None reads num_batches_tracked as a Python float in training: "
-                    "give it a float momentum, or use torch.compile(backend=\"reftrace\"), which breaks the graph "
-                    "there")
-
-
-def _torch_module_frame() -> str:
-    """Where inside a ``torch.nn`` module the read happened (a stock module's own code), or ""."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        name = frame.f_code.co_filename.replace(os.sep, "/")
-        if "/torch/nn/modules/" in name:
-            where = f", inside torch.nn's {os.path.basename(name)}:{frame.f_lineno} in {frame.f_code.co_name}"
-            return where + (_BATCH_NORM_HINT if name.endswith("batchnorm.py") else "")
-        frame = frame.f_back
-    return ""
 
 
 _DETACH_OPS = (torch.ops.aten.detach.default, torch.ops.aten.detach_.default)
@@ -208,7 +190,7 @@ class _UserFrames(TorchDispatchMode):
                                                                                      torch.SymBool)):
             raise DataDependentControlFlowError(
                 f"data-dependent control flow: a tensor value was read as a Python number (.item(), .tolist(), "
-                f"bool(), if/while on a tensor) (at {innermost_user_frame()}{_torch_module_frame()}). "
+                f"bool(), if/while on a tensor) (at {innermost_user_frame()}{torch_module_frame()}). "
                 f"{_DATA_DEPENDENT_HINT}.")
         for t in pytree.tree_leaves(out):
             if not isinstance(t, torch.Tensor):

@@ -67,6 +67,25 @@ def innermost_user_frame(frame: types.FrameType | None = None) -> str | None:
     return None
 
 
+def torch_module_frame(frame: types.FrameType | None = None) -> str:
+    """``", inside torch.nn's FILE:LINE in FUNCTION"`` for the innermost frame of a stock ``torch.nn``
+    module's own code on the current stack (the user frame is the line that called the module), with
+    a hint where that module is known to need one; "" when no such frame is on the stack."""
+    frame = frame or sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename.replace(os.sep, "/")
+        if "/torch/nn/modules/" in name:
+            where = f", inside torch.nn's {os.path.basename(name)}:{frame.f_lineno} in {frame.f_code.co_name}"
+            return where + _MODULE_HINTS.get(os.path.basename(name), "")
+        frame = frame.f_back
+    return ""
+
+
+_MODULE_HINTS = {"batchnorm.py": "; BatchNorm with momentum=None reads num_batches_tracked as a Python float in "
+                                 "training: give it a float momentum, or use torch.compile(backend=\"reftrace\"), "
+                                 "which breaks the graph there"}
+
+
 # generated code object -> {line: the user location of the node that line runs}; one code object per
 # GraphModule.recompile(), so lines never go stale
 _fx_locations: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
