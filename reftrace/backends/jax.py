@@ -213,22 +213,22 @@ class JaxExecutable:
             args = [self._to_jax(a, i) if is_torch_tensor(a) else a for i, a in enumerate(args)]
             return self._run(args)
 
-    def call_tensors(self, tensors: Sequence[Any], host_numpy: bool | None = None) -> tuple[Any, ...]:
-        """``self(*tensors)`` for the torch bridge, whose guards already matched every shape and dtype:
-        an exact comparison with the inputs' torch avals stands in for ``check_args`` (which still
-        answers a mismatch, with its message), and CPU tensors go in as numpy views (``host_numpy``:
-        ``numpy_runs_on_cpu()``, if the caller has it already)."""
+    def call_tensors(self, tensors: Sequence[Any], host_numpy: bool, on_cpu: bool) -> list[Any]:
+        """``self(*tensors)`` for the torch bridge, as torch tensors (``array_to_tensor``), whose guards
+        already matched every shape and dtype: an exact comparison with the inputs' torch avals stands
+        in for ``check_args`` (which still answers a mismatch, with its message), and CPU tensors go in
+        as numpy views. ``host_numpy``: ``numpy_runs_on_cpu()``; ``on_cpu``: the outputs are on the CPU."""
         expected = self._torch_avals
         if expected is None:
             from reftrace.backends.torch_dtypes import torch_dtype
             expected = self._torch_avals = [(v.aval.shape, torch_dtype(v.aval.dtype)) for v in self.graph.inputs]
-        if len(tensors) != len(expected) or not all(
-                is_torch_tensor(t) and t.dtype == d and t.shape == s for t, (s, d) in zip(tensors, expected)):
-            return self(*tensors)
-        with jax.enable_x64(True):
-            if host_numpy is None:
-                host_numpy = numpy_runs_on_cpu()
-            return self._run([self._to_jax(t, i, host_numpy) for i, t in enumerate(tensors)])
+        with jax.enable_x64(True):  # also while crossing DLPack: keeps 64-bit dtypes
+            if len(tensors) != len(expected) or not all(
+                    is_torch_tensor(t) and t.dtype == d and t.shape == s for t, (s, d) in zip(tensors, expected)):
+                results = self(*tensors)
+            else:
+                results = self._run([self._to_jax(t, i, host_numpy) for i, t in enumerate(tensors)])
+            return [array_to_tensor(r, on_cpu) for r in results]
 
     def _run(self, args: list[Any]) -> tuple[Any, ...]:
         # block: inputs may alias caller memory (numpy, DLPack) that the caller may overwrite next

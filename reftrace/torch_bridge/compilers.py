@@ -66,31 +66,52 @@ def xla_compile(fx_g: torch.fx.GraphModule, inps: Sequence[torch.Tensor]) -> Cal
     foreign GraphModule is captured first. Tensors cross to JAX and back through
     DLPack (no copy where the layout allows).
     """
-    from reftrace.backends.jax import array_to_tensor, lower_jax, numpy_runs_on_cpu
+    from reftrace.backends.jax import lower_jax, numpy_runs_on_cpu
     graph = getattr(fx_g, "reftrace_graph", None)
     if graph is None:
         graph = capture_flat(lambda ts: fx_g(*ts), list(inps)).graph
-    # Outputs that are inputs (a forward hands primals to the backward) pass through on the torch
-    # side, as with ``nop``: an XLA computation would copy them into fresh buffers on every call.
-    position = {v: i for i, v in enumerate(graph.inputs)}
-    passed = {k: position[o] for k, o in enumerate(graph.outputs) if isinstance(o, Var) and o in position}
-    computed = tuple(o for k, o in enumerate(graph.outputs) if k not in passed)
-    run = lower_jax(dataclasses.replace(graph, outputs=computed, output_names=None) if passed else graph)
+    sources, computed = _output_sources(graph)
+    run = lower_jax(graph.replace(outputs=computed) if computed != graph.outputs else graph)
     as_list = _returns_list(fx_g)
-
-    import jax
 
     def call(*args: torch.Tensor) -> Any:
         # the executable takes torch tensors (numpy views or DLPack where memory can be shared, bit-exact
         # copies where not); with a CPU default device, CPU tensors make it run on the CPU
         host_numpy = numpy_runs_on_cpu()
         on_cpu = host_numpy and all(getattr(a, "is_cpu", False) for a in args)
-        with jax.enable_x64(True):  # keep 64-bit dtypes while crossing DLPack
-            results = iter([array_to_tensor(o, on_cpu) for o in run.call_tensors(args, host_numpy)])
-        outs = [args[passed[k]] if k in passed else next(results) for k in range(len(graph.outputs))]
+        results = run.call_tensors(args, host_numpy, on_cpu)
+        outs = [args[j] if is_input else results[j] for is_input, j in sources]
         return outs if as_list else tuple(outs)
     call.reftrace_graph = graph  # type: ignore[attr-defined]
     return call
+
+
+def _output_sources(graph: Graph) -> tuple[list[tuple[bool, int]], tuple[Any, ...]]:
+    """Where each output of ``graph`` comes from, ``(True, i)``: input ``i``; ``(False, j)``: the ``j``-th
+    of the outputs the computation returns (also returned), each value once.
+
+    Inputs pass through on the torch side, as with ``nop`` (a forward hands primals to the backward:
+    an XLA computation would copy them into fresh buffers on every call). A value at several outputs
+    (a forward output the backward needs too) is computed once and becomes one tensor, as with
+    ``nop``: autograd then sees the user's in-place change of that output and refuses the backward
+    that needs its old value, as eager does, where two tensors sharing memory would hide it.
+    """
+    position = {v: i for i, v in enumerate(graph.inputs)}
+    sources: list[tuple[bool, int]] = []
+    computed: list[Any] = []
+    index: dict[Var, int] = {}
+    for o in graph.outputs:
+        if isinstance(o, Var) and o in position:
+            sources.append((True, position[o]))
+            continue
+        j = index.get(o) if isinstance(o, Var) else None
+        if j is None:
+            j = len(computed)
+            computed.append(o)
+            if isinstance(o, Var):
+                index[o] = j
+        sources.append((False, j))
+    return sources, tuple(computed)
 
 
 def _returns_list(fx_g: torch.fx.GraphModule) -> bool:

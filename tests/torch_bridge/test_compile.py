@@ -366,3 +366,26 @@ def test_xla_compile_passes_inputs_it_returns_through_uncopied():
     fw_args, fw_outs = seen["calls"][0]
     passed = [o for o in fw_outs if any(o is a for a in fw_args)]
     assert passed, "the backward reads a primal: the forward hands it over"
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_changing_an_output_the_backward_needs_is_refused_as_in_eager(compiler):
+    """``exp``'s backward reads its output. Changed in place by the user, that output no longer holds
+    what the backward needs: eager refuses the backward, and so must every compiler, whose forward
+    hands the backward that very tensor (not a second tensor sharing its memory with its own
+    version counter, which would let the backward read the changed values: gradients 2x eager's).
+    A value returned twice comes back as one tensor, as in eager."""
+    def f(x):
+        y = x.exp()
+        return y, torch.tanh(x) * 2, y
+
+    x = leaf(4)
+    y, t, again = aot_function(f, COMPILERS[compiler])(x)
+    assert again is y
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (y.sum() + t.sum()).backward()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        ey, et, _ = f(x)
+        ey.mul_(2)
+        (ey.sum() + et.sum()).backward()
