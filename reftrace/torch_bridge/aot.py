@@ -28,9 +28,11 @@ from torch.utils import _pytree as pytree
 
 from reftrace.errors import ArgumentError
 from reftrace.primitives import is_inexact
+from reftrace.transforms.simplify import eliminate_dead_code
 from reftrace.torch_bridge.autograd import Compiler, InferenceFunction, PartitionedFunction, new_rng_key
 from reftrace.torch_bridge.compilers import as_partitioner, default_partition
 from reftrace.torch_bridge.capture import capture_flat
+from reftrace.torch_bridge.output_views import OutputView, rebuild_outputs
 from reftrace.torch_bridge.modules import ModuleGuard, module_state
 from reftrace.torch_bridge.outputs import OutputSpec, flatten_outputs
 
@@ -149,14 +151,15 @@ class _Compiled:
 
     def __init__(self, run: Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, ...]],
                  num_outputs: int, mutated_inputs: Sequence[int], out_spec: OutputSpec, key_input: int | None = None,
-                 alias_plan: _AliasPlan | None = None) -> None:
+                 alias_plan: _AliasPlan | None = None, output_views: Sequence[OutputView] = ()) -> None:
         self.run = run
-        self.num_outputs = num_outputs
+        self.num_outputs = num_outputs  # the graph's outputs that are the function's (views excluded)
         self.mutated_inputs = tuple(mutated_inputs)  # graph input positions
         self.out_spec = out_spec
         self.key_input = key_input  # the graph's random key input (after the user's tensors), or None
         self.alias_plan = alias_plan  # how the user's tensors became the graph's inputs, or None (as they are)
         self.aliased: dict[_AliasPlan, _Compiled] = {}  # variants of this signature for overlapping inputs
+        self.output_views = tuple(output_views)  # outputs rebuilt as views of graph inputs or of outputs
 
 
 class AOTFunction:
@@ -242,19 +245,29 @@ class AOTFunction:
 
         inputs = tensors if plan is None else plan.graph_inputs(tensors)
         captured = capture_flat(fn_flat, inputs, decompositions=self.decompositions)
-        graph = captured.graph
+        graph, views = captured.graph, captured.output_views
+        if views:  # outputs that are views of inputs or outputs are rebuilt from them, not computed
+            dropped = {v.output for v in views}
+            graph = eliminate_dead_code(graph.replace(
+                outputs=tuple(o for k, o in enumerate(graph.outputs) if k not in dropped)))
         examples = list(inputs)
         if captured.key_input is not None:
             examples.append(torch.zeros(2, dtype=torch.uint32))
         wrt = [i for i, t in enumerate(inputs) if t.requires_grad and is_inexact(graph.inputs[i].dtype)]
-        if not (torch.is_grad_enabled() and wrt):
-            run: Any = InferenceFunction(graph, self.inference_compiler, examples)
+        if not graph.outputs:  # every output is a view of an input, and nothing is mutated
+            run: Any = _no_outputs
+        elif not (torch.is_grad_enabled() and wrt):
+            run = InferenceFunction(graph, self.inference_compiler, examples)
         else:
             run = PartitionedFunction(graph, wrt, fw_compiler=self.fw_compiler, bw_compiler=self.bw_compiler,
                                       partitioner=self.partitioner, example_inputs=examples,
                                       mutated_inputs=captured.mutated_inputs)
-        return _Compiled(run, captured.num_outputs, captured.mutated_inputs, captured.out_spec, captured.key_input,
-                         plan)
+        return _Compiled(run, captured.num_outputs - len(views), captured.mutated_inputs, captured.out_spec,
+                         captured.key_input, plan, views)
+
+
+def _no_outputs(_tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return ()
 
 
 @functools.lru_cache(maxsize=None)
@@ -291,7 +304,9 @@ def _run(compiled: _Compiled, tensors: list[torch.Tensor]) -> Any:
         else:
             with torch.no_grad():
                 target.copy_(new)
-    return compiled.out_spec.rebuild(outs[:n])
+    if not compiled.output_views:
+        return compiled.out_spec.rebuild(outs[:n])
+    return compiled.out_spec.rebuild(rebuild_outputs(outs[:n], compiled.output_views, tensors))
 
 
 def _guard_value(x: Any, i: int) -> Any:

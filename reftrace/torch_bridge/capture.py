@@ -30,6 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.fx.experimental.proxy_tensor import disable_autocast_cache
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode, autograd_would_have_decomposed
 
@@ -38,7 +39,9 @@ from reftrace.errors import (ArgumentError, DataDependentControlFlowError, Reftr
                              UnsupportedOperatorError)
 from reftrace.graph import Graph
 from reftrace.torch_bridge.aten.random import key_stream
+from reftrace.torch_bridge.autograd_hooks import autograd_hooks_refused
 from reftrace.torch_bridge.decompositions import decomposition_table
+from reftrace.torch_bridge.output_views import OutputView, find_output_views
 from reftrace.torch_bridge.modules import ModuleState, functional_module, module_state
 from reftrace.torch_bridge.outputs import OutputSpec, flatten_outputs
 from reftrace.torch_bridge.static_rewrites import StaticShapeRewrites
@@ -70,6 +73,9 @@ class Captured:
       (``reftrace.torch_bridge.autograd.new_rng_key``) to get fresh random numbers.
     - ``closed_over``: the real tensors the function read from its enclosing scope, baked into
       the graph as constants (``capture`` refuses those that require grad).
+    - ``output_views``: the outputs that are views of inputs (``x.t()``, ``x[0]``, ``x``) or of other
+      outputs (``y.view(-1)`` next to ``y``) in eager, with how to rebuild each from its base
+      (``reftrace.torch_bridge.output_views``); the graph computes them too, as values.
     """
 
     graph: Graph
@@ -83,6 +89,7 @@ class Captured:
     state: ModuleState | None = None
     key_input: int | None = None
     closed_over: tuple[ClosedOver, ...] = ()
+    output_views: tuple[OutputView, ...] = ()
 
     def unflatten_outputs(self, flat: Sequence[Any]) -> Any:
         """The function's return value, rebuilt around the graph's leading ``num_outputs`` values."""
@@ -128,6 +135,8 @@ class _TraceState:
         self.location: str | None = None  # the user's line behind the op being dispatched
         self.stops = False  # made under no_grad() or by detach(): gradients stop where the value leaves
         self.straight = False  # the ``copy`` that writes an in-place op's result under no_grad()
+        # storage of a ``.detach()`` / ``.data`` alias -> the tensor requiring grad it aliases
+        self.detached_from: dict[StorageWeakRef, torch.Tensor] = {}
 
     @contextlib.contextmanager
     def flag(self, name: str) -> Any:
@@ -169,9 +178,12 @@ class _UserFrames(TorchDispatchMode):
                               "forward's true derivative (a straight-through estimator, gradient clipping), "
                               "gradients will differ from eager; torch.compile(backend='reftrace') runs such "
                               "Functions eagerly", CustomBackwardIgnoredWarning, stacklevel=2)
+        owner = None if stop else _detached_owner(state, func, args)
         try:
             if stop and func not in _DETACH_OPS and _writes_float_tensor(func, args):
                 out = _mutate_straight_through(state, func, args, kwargs or {})
+            elif owner is not None:  # a write through ``.data`` / ``.detach()``: autograd does not see it either
+                out = _mutate_straight_through(state, func, args, kwargs or {}, owner)
             elif stop:  # ops made for this one carry the flag; the translator stops gradients where they leave
                 with state.flag("stops"):
                     out = func(*args, **(kwargs or {}))
@@ -186,6 +198,8 @@ class _UserFrames(TorchDispatchMode):
                 # the user's code is wrong for these shapes/dtypes (eager torch raises the same): say where
                 raise TracingError(f"{op_display_name(func)} failed at {innermost_user_frame()}: {err}") from None
             raise
+        if func in _DETACH_OPS and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+            state.detached_from[StorageWeakRef(out.untyped_storage())] = args[0]
         if func is torch.ops.aten._local_scalar_dense.default and isinstance(out, (torch.SymInt, torch.SymFloat,
                                                                                      torch.SymBool)):
             raise DataDependentControlFlowError(
@@ -335,15 +349,25 @@ def _writes_float_tensor(func: Any, args: Any) -> bool:
             and args[0].is_floating_point())
 
 
-def _mutate_straight_through(state: _TraceState, func: Any, args: Any, kwargs: Any) -> Any:
-    """An in-place op under ``no_grad()``: the tensor takes the new value, its gradient passes unchanged.
+def _detached_owner(state: _TraceState, func: Any, args: Any) -> torch.Tensor | None:
+    """For an in-place op writing into a ``.detach()`` / ``.data`` alias of a tensor that requires grad
+    (``self.weight.data.mul_(0.5)``), with grad mode on: that tensor; else None."""
+    if not state.detached_from or not _writes_float_tensor(func, args) or args[0].requires_grad:
+        return None
+    return state.detached_from.get(StorageWeakRef(args[0].untyped_storage()))
 
-    torch autograd does not record the mutation, so the tensor keeps its history and the
-    gradient reaching it flows to its old value as if the op were the identity (torch's
-    ``cosine_similarity`` clamps norms this way). The new value is computed with gradients
-    stopped, then a ``copy`` flagged ``straight`` joins it to the old value.
+
+def _mutate_straight_through(state: _TraceState, func: Any, args: Any, kwargs: Any,
+                             target: torch.Tensor | None = None) -> Any:
+    """An in-place op torch autograd does not record (under ``no_grad()``, or into a ``.detach()`` /
+    ``.data`` alias of ``target``): the tensor takes the new value, its gradient passes unchanged.
+
+    The tensor keeps its history and the gradient reaching it flows to its old value as if the
+    op were the identity (torch's ``cosine_similarity`` clamps norms this way; a module that
+    clips ``self.weight.data`` in its forward still trains ``weight``). The new value is computed
+    with gradients stopped, then a ``copy`` flagged ``straight`` joins it to the old value.
     """
-    target = args[0]
+    target = args[0] if target is None else target
     while target._base is not None:  # writing through a view writes its base: pass the base straight through
         target = target._base
     before = torch.ops.aten.clone.default(target)
@@ -393,12 +417,14 @@ def _data_dependent_errors() -> tuple[type[BaseException], ...]:
 
 
 def _run_functionalized(fn: Callable[[list[torch.Tensor]], Any], fakes: Sequence[torch.Tensor],
-                        state: _TraceState) -> tuple[list[torch.Tensor], OutputSpec, tuple[int, ...]]:
+                        state: _TraceState
+                        ) -> tuple[list[torch.Tensor], OutputSpec, tuple[int, ...], tuple[OutputView, ...]]:
     """Runs ``fn`` functionalized: the (fake) ``[*outputs, *new values of mutated inputs]``, the spec that
-    rebuilds the function's return value from its output tensors, and the mutated inputs' indices."""
+    rebuilds the function's return value from its output tensors, the mutated inputs' indices, and the
+    outputs that are views of inputs."""
     with FunctionalTensorMode():
         inputs = [FunctionalTensor.to_functional(t) for t in fakes]
-        with _UserFrames(state), StaticShapeRewrites():
+        with _UserFrames(state), StaticShapeRewrites(), autograd_hooks_refused():
             out = fn(list(inputs))
         state.location = None
         leaves, spec = flatten_outputs(out)
@@ -409,8 +435,9 @@ def _run_functionalized(fn: Callable[[list[torch.Tensor]], Any], fakes: Sequence
             if tuple(t.shape) != tuple(fakes[i].shape):
                 raise TracingError(f"input {i} had its shape changed in place ({tuple(fakes[i].shape)} -> "
                                    f"{tuple(t.shape)}); reftrace captures value mutations only")
+        views = find_output_views(leaves, inputs)
         results = [_unwrap(t) for t in leaves] + [_unwrap(inputs[i]) for i in mutated]
-    return results, spec, mutated
+    return results, spec, mutated, views
 
 
 def _unwrap(t: torch.Tensor) -> torch.Tensor:
@@ -421,9 +448,11 @@ def _unwrap(t: torch.Tensor) -> torch.Tensor:
 
 
 def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tensor],
-           table: Mapping[Any, Callable[..., Any]]) -> tuple[Graph, OutputSpec, tuple[int, ...]]:
+           table: Mapping[Any, Callable[..., Any]]
+           ) -> tuple[Graph, OutputSpec, tuple[int, ...], tuple[ClosedOver, ...], tuple[OutputView, ...]]:
     """``fn`` run on fake tensors, functionalized, with every ATen op translated as it is dispatched:
-    the graph, the spec of the function's return value, and the indices of the inputs it mutates."""
+    the graph, the spec of the function's return value, the indices of the inputs it mutates, the
+    constants it read from its enclosing scope, and the outputs that are views of inputs."""
     devices = {t.device for t in tensors} or {torch.device("cpu")}
     state = _TraceState(table, devices)
     translator = state.translator
@@ -444,7 +473,7 @@ def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tens
         stack.enter_context(fake_mode)
         stack.enter_context(_Translating(state))
         try:
-            outputs, out_spec, mutated = _run_functionalized(fn, fakes, state)
+            outputs, out_spec, mutated, views = _run_functionalized(fn, fakes, state)
         except ReftraceError as err:
             raise err.with_traceback(None) from None
         except _data_dependent_errors() as err:
@@ -464,7 +493,7 @@ def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tens
         graph = translator.finish(outputs, keys.key)
     except ReftraceError as err:
         raise err.with_traceback(None) from None
-    return graph, out_spec, mutated, tuple(translator.closed_over)
+    return graph, out_spec, mutated, tuple(translator.closed_over), views
 
 
 def _check_tensors(tensors: Sequence[Any], what: str) -> list[torch.Tensor]:
@@ -490,10 +519,10 @@ def capture_flat(fn: Callable[[list[torch.Tensor]], Any], example_tensors: Seque
     if not callable(fn):
         raise ArgumentError(f"capture_flat expects a callable, got {type(fn).__name__}")
     tensors = _check_tensors(list(example_tensors), "example tensor")
-    graph, out_spec, mutated, closed_over = _trace(fn, tensors, decomposition_table(decompositions))
+    graph, out_spec, mutated, closed_over, views = _trace(fn, tensors, decomposition_table(decompositions))
     key_input = len(tensors) if len(graph.inputs) > len(tensors) else None  # the key follows the tensors
     return Captured(graph=graph, num_outputs=out_spec.num_tensors, mutated_inputs=mutated, out_spec=out_spec,
-                    key_input=key_input, closed_over=closed_over)
+                    key_input=key_input, closed_over=closed_over, output_views=views)
 
 
 _STATIC_LEAVES = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -546,7 +575,8 @@ def capture_tree(fn_or_module: Callable[..., Any], *args: Any,
                     mutated_inputs=captured.mutated_inputs, out_spec=captured.out_spec, in_spec=in_spec,
                     static_args=static,
                     arg_slots=tensor_slots, num_state=num_state, state=state,
-                    key_input=captured.key_input, closed_over=captured.closed_over)
+                    key_input=captured.key_input, closed_over=captured.closed_over,
+                    output_views=captured.output_views)
 
 
 LARGE_CONSTANT_BYTES = 1024

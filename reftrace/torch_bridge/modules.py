@@ -102,11 +102,17 @@ def _plain(value: Any) -> bool:
     return type(value) in _PLAIN
 
 
+# a module's dicts whose contents (by identity) the compiled graph depends on; a backward hook added
+# after compiling makes the next call capture again, which refuses it (``autograd_hooks``)
+_STRUCTURE_DICTS = ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks",
+                    "_backward_hooks", "_backward_pre_hooks")
+
+
 class ModuleGuard:
     """What a compiled module depends on besides its tensors' shapes, checked cheaply per call.
 
     Two parts: the module's *structure* — its submodules, their parameter and buffer objects
-    and their forward hooks, compared by identity — and its *attributes*: every submodule's
+    and their forward and backward hooks, compared by identity — and its *attributes*: every submodule's
     plain attributes (``training``, ``eps``, ``momentum``, ``scale``...), compared by value.
     While the structure holds, the ``ModuleState`` is reused; the attributes go into the
     compile cache key, so changing ``ln.eps`` after compiling recompiles instead of reusing a
@@ -126,7 +132,7 @@ class ModuleGuard:
     def _structure(self) -> tuple[int, ...]:
         ids: list[int] = []
         for d in self.dicts:
-            for key in ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks"):
+            for key in _STRUCTURE_DICTS:
                 ids.extend(map(id, d[key].values()))
                 ids.append(-1)  # a separator, so moving an object between dicts changes the tuple
         return tuple(ids)

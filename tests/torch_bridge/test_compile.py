@@ -389,3 +389,151 @@ def test_changing_an_output_the_backward_needs_is_refused_as_in_eager(compiler):
         ey, et, _ = f(x)
         ey.mul_(2)
         (ey.sum() + et.sum()).backward()
+
+
+def _views_and_copies(x, w):
+    y = w * 2
+    return x.t(), x[1], x.sum(-1), x, y, y.view(-1)
+
+
+def _change_views_then_differentiate(fn):
+    w, base = leaf(3, 4), leaf(3, 4, seed=1)
+    x = base * 1  # not a leaf: its views may be changed in place
+    outs = fn(x, w)
+    t, row, _, same, y, flat = outs
+    aliasing = (t._base is x, row._base is x, same is x, flat._base is y)
+    t.mul_(2)  # changes x, and row with it
+    flat.add_(1)  # changes y
+    loss = (x * x).sum() + (row * 3).sum() + outs[2].sum() + (y * y).sum() + same.sum()
+    return aliasing, [o.detach().clone() for o in (x, *outs)], torch.autograd.grad(loss, [w, base])
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_outputs_that_are_views_of_inputs_or_outputs_stay_views(compiler):
+    """``x.t()``, ``x[1]``, ``x`` itself and ``y.view(-1)`` next to ``y`` are views in eager: changing one in
+    place changes what it views. Every compiler returns them as views of the same tensors (a copy would
+    leave ``x`` unchanged, silently), and values and gradients after the changes match eager's."""
+    want_aliasing, want_values, want_grads = _change_views_then_differentiate(_views_and_copies)
+    aliasing, values, grads = _change_views_then_differentiate(aot_function(_views_and_copies, COMPILERS[compiler]))
+    assert aliasing == want_aliasing == (True, True, True, True)
+    for a, b in zip(values + list(grads), want_values + list(want_grads), strict=True):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():  # the inference path too
+        x = leaf(3, 4)
+        t = aot_function(_views_and_copies, COMPILERS[compiler])(x, leaf(3, 4, seed=2))[0]
+        t.zero_()
+    assert not x.any()
+
+
+def test_a_module_output_that_views_a_parameter_is_that_view():
+    """``self.weight.t()`` comes back as a view of the parameter, with eager's gradient; changing a view
+    of a leaf parameter in place is refused as in eager."""
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+
+        def forward(self, x):
+            return x @ self.weight, self.weight.t()
+
+    model, x = Tied(), leaf(2, 4, requires_grad=False)
+    out, wt = aot_module(model, xla_compile)(x)
+    assert wt._base is model.weight
+    (out.sum() + (wt * wt).sum()).backward()
+    got = model.weight.grad.clone()
+    model.weight.grad = None
+    out, wt = model(x)
+    (out.sum() + (wt * wt).sum()).backward()
+    torch.testing.assert_close(got, model.weight.grad)
+    with pytest.raises(RuntimeError, match="view of a leaf Variable that requires grad"):
+        aot_module(model, xla_compile)(x)[1].mul_(2)
+
+
+def _hooked_inside(x):
+    h = x * 2
+    h.register_hook(lambda g: g * 10)
+    return (h * h).sum()
+
+
+def _retains_inside(x):
+    h = x * 2
+    h.retain_grad()
+    return (h * h).sum()
+
+
+@pytest.mark.parametrize("fn, what", [(_hooked_inside, "registers a gradient hook"),
+                                      (_retains_inside, "retain the gradient")])
+def test_autograd_hooks_on_values_inside_are_refused_by_name(fn, what):
+    """Eager runs a hook on an intermediate inside its backward (here scaling the gradient 10x);
+    reftrace's backward is its own, so ignoring the hook would change gradients silently."""
+    with pytest.raises(rt.TracingError, match=f"{what}.*test_compile.py.*torch.compile"):
+        aot_function(fn, nop)(leaf(3))
+
+
+def test_module_backward_hooks_are_refused_also_when_added_after_compiling():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh())
+    compiled = aot_module(model, nop)
+    x = leaf(2, 3, dtype=torch.float32)
+    compiled(x).sum().backward()
+    model[0].register_full_backward_hook(lambda module, grad_in, grad_out: (grad_in[0] * 0,))
+    with pytest.raises(rt.TracingError, match="Linear has a backward hook"):
+        compiled(x)
+
+
+@pytest.mark.parametrize("compiler", ["nop", "xla"])
+def test_hooks_on_inputs_and_parameters_run_as_in_eager(compiler):
+    """Registered outside the compiled function, on what autograd reaches through its backward."""
+    def run(call_model, model):
+        x = leaf(2, 3, dtype=torch.float32)
+        x.register_hook(lambda g: g * 3)
+        handle = model.weight.register_hook(lambda g: g.clamp(max=0.1))
+        call_model(x).sum().backward()
+        handle.remove()
+        return x.grad, model.weight.grad
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 4)
+    want = run(model, model)
+    model.weight.grad = None
+    got = run(aot_module(model, COMPILERS[compiler]), model)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+class _ClipsThroughData(torch.nn.Module):
+    """Older code clips or rescales weights in ``forward`` through ``.data`` / ``.detach()``: autograd
+    does not see the write, so ``weight`` stays a leaf whose later uses get the gradient."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        if self.how == "data":
+            self.fc.weight.data.mul_(0.9)
+        elif self.how == "detach":
+            self.fc.weight.detach().clamp_(-0.3, 0.3)
+        else:  # a view of the alias
+            self.fc.weight.data[0].zero_()
+        return torch.tanh(self.fc(x)).sum()
+
+
+@pytest.mark.parametrize("compiler", ["nop", "xla"])
+@pytest.mark.parametrize("how", ["data", "detach", "view of data"])
+def test_writes_through_data_in_forward_train_as_in_eager(compiler, how):
+    """Three SGD steps: weights and gradients match eager's (the gradient of ``fc.weight`` was None)."""
+    torch.manual_seed(0)
+    eager, model = _ClipsThroughData(how), _ClipsThroughData(how)
+    model.load_state_dict(eager.state_dict())
+    compiled = aot_module(model, COMPILERS[compiler])
+    x = torch.randn(5, 4)
+    for m, call in ((eager, eager), (model, compiled)):
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        for _ in range(3):
+            opt.zero_grad()
+            call(x).backward()
+            opt.step()
+    assert model.fc.weight.grad is not None
+    for a, b in zip([*model.parameters(), model.fc.weight.grad], [*eager.parameters(), eager.fc.weight.grad]):
+        torch.testing.assert_close(a, b)
