@@ -33,7 +33,9 @@ from reftrace.torch_bridge.autograd import Compiler, InferenceFunction, Partitio
 from reftrace.torch_bridge.compilers import as_partitioner, default_partition
 from reftrace.torch_bridge.capture import capture_flat
 from reftrace.torch_bridge.output_views import OutputView, rebuild_outputs
-from reftrace.torch_bridge.modules import ModuleGuard, module_state
+from reftrace.torch_bridge.translate import ClosedOver
+from reftrace.torch_bridge.module_writes import rebind_buffers
+from reftrace.torch_bridge.modules import ModuleGuard, functional_module
 from reftrace.torch_bridge.outputs import OutputSpec, flatten_outputs
 
 
@@ -151,7 +153,8 @@ class _Compiled:
 
     def __init__(self, run: Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, ...]],
                  num_outputs: int, mutated_inputs: Sequence[int], out_spec: OutputSpec, key_input: int | None = None,
-                 alias_plan: _AliasPlan | None = None, output_views: Sequence[OutputView] = ()) -> None:
+                 alias_plan: _AliasPlan | None = None, output_views: Sequence[OutputView] = (),
+                 constants: Sequence[ClosedOver] = ()) -> None:
         self.run = run
         self.num_outputs = num_outputs  # the graph's outputs that are the function's (views excluded)
         self.mutated_inputs = tuple(mutated_inputs)  # graph input positions
@@ -160,6 +163,7 @@ class _Compiled:
         self.alias_plan = alias_plan  # how the user's tensors became the graph's inputs, or None (as they are)
         self.aliased: dict[_AliasPlan, _Compiled] = {}  # variants of this signature for overlapping inputs
         self.output_views = tuple(output_views)  # outputs rebuilt as views of graph inputs or of outputs
+        self.constants = tuple(c for c in constants if c.tensor is not None)  # read from the enclosing scope
 
 
 class AOTFunction:
@@ -206,7 +210,8 @@ class AOTFunction:
         tensors = [leaves[i] for i in tensor_pos]
         key = self._key(leaves, structure, tensor_pos)
         compiled = self.cache.get(key)
-        if compiled is None:
+        if compiled is None or (compiled.constants and any(c.changed() for c in compiled.constants)):
+            # new, or a tensor the graph holds as a constant was written since: eager reads its new values
             with _gc_paused():
                 compiled = self.cache[key] = self._compile(leaves, spec, tensor_pos, tensors, None)
         if compiled.mutated_inputs:
@@ -263,7 +268,7 @@ class AOTFunction:
                                       partitioner=self.partitioner, example_inputs=examples,
                                       mutated_inputs=captured.mutated_inputs)
         return _Compiled(run, captured.num_outputs - len(views), captured.mutated_inputs, captured.out_spec,
-                         captured.key_input, plan, views)
+                         captured.key_input, plan, views, captured.closed_over)
 
 
 def _no_outputs(_tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -352,17 +357,21 @@ def aot_function(fn: Callable[..., Any], fw_compiler: Compiler, bw_compiler: Com
 class AOTModule(torch.nn.Module):
     """The module ``aot_module`` returns; parameters and buffers stay the original module's."""
 
-    def __init__(self, mod: torch.nn.Module, compiled: AOTFunction) -> None:
+    def __init__(self, mod: torch.nn.Module, compiled: AOTFunction, guard: ModuleGuard) -> None:
         super().__init__()
         self.orig_module = mod
         self._compiled = compiled
-        self._guard = ModuleGuard(mod)
+        self._guard = guard
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         state, attributes = self._guard.check()
         if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-            return self._compiled.call_module(state.tensors, attributes, args)
-        return self._compiled(state.tensors, attributes, *args, **kwargs)
+            out, rebound = self._compiled.call_module(state.tensors, attributes, args)
+        else:
+            out, rebound = self._compiled(state.tensors, attributes, *args, **kwargs)
+        if rebound:
+            rebind_buffers(self.orig_module, rebound)
+        return out
 
 
 def aot_module(mod: torch.nn.Module, fw_compiler: Compiler, bw_compiler: Compiler | None = None,
@@ -371,7 +380,8 @@ def aot_module(mod: torch.nn.Module, fw_compiler: Compiler, bw_compiler: Compile
     """``aot_function`` for an ``nn.Module``: parameters and buffers become graph inputs.
 
     Tied weights are one input (their gradient is summed); buffer updates made in the
-    forward (BatchNorm running statistics) are written back after each call; every
+    forward (BatchNorm running statistics, in place or by reassigning the buffer) are written
+    back after each call; every
     submodule's plain attributes (``training``, ``eps``, ...) are part of the guard.
     The module itself is never changed by compiling it.
     """
@@ -379,13 +389,17 @@ def aot_module(mod: torch.nn.Module, fw_compiler: Compiler, bw_compiler: Compile
         raise ArgumentError(f"aot_module expects an nn.Module, got {type(mod).__name__}; use aot_function "
                             "for functions")
 
+    guard = ModuleGuard(mod)
+
     def functional(tensors: Sequence[torch.Tensor], attributes: Any, *args: Any, **kw: Any) -> Any:
-        # ``attributes`` is only a guard: the module traces with its current attributes.
+        # ``attributes`` is only a guard: the module traces with its current attributes, and with the
+        # state the guard just checked (``tensors`` are its tensors)
         del attributes
-        state = module_state(mod)
-        return torch.func.functional_call(mod, dict(zip(state.names, tensors)), args, kw)
+        rebound: dict[str, torch.Tensor] = {}  # buffers the forward set to a new shape or dtype
+        out = functional_module(mod, guard.state, rebound)(tensors, *args, **kw)
+        return out, rebound
 
     functional.__name__ = type(mod).__name__
     compiled = aot_function(functional, fw_compiler, bw_compiler, partition_fn, decompositions,
                             inference_compiler=inference_compiler, **kwargs)
-    return AOTModule(mod, compiled)
+    return AOTModule(mod, compiled, guard)

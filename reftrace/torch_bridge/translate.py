@@ -12,6 +12,7 @@ tensor inputs (so it is the last input); see ``reftrace.torch_bridge.aten.random
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -155,7 +156,7 @@ class Translator:
             with no_dispatch():  # a constant's values, read beneath the fake-tensor mode we run inside
                 value = Literal.of(tensor_to_numpy(t))
             self._constant_index[id(t)] = len(self.closed_over)
-            self.closed_over.append(ClosedOver(tuple(t.shape), t.dtype, False, value.nbytes, innermost_user_frame()))
+            self.closed_over.append(ClosedOver.of(t, value.nbytes, innermost_user_frame()))
             entry = self.env[id(t)] = _Entry(t, lax.constant(value), False)
         if t.requires_grad and not consumer_stops and id(t) in self._constant_index:
             # a differentiable read of a constant (not under detach()/no_grad): its gradient is lost
@@ -256,13 +257,29 @@ class Translator:
 @dataclass(frozen=True)
 class ClosedOver:
     """A real tensor the function read from its enclosing scope: baked into the graph as a constant.
-    ``requires_grad``: it requires grad and an op read it differentiably (not under detach/no_grad)."""
+    ``requires_grad``: it requires grad and an op read it differentiably (not under detach/no_grad).
+    ``tensor`` (weakly) and ``version``: the tensor and its version counter when its values were read."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     requires_grad: bool
     nbytes: int
     location: str | None
+    tensor: Any = dataclasses.field(default=None, compare=False, repr=False)
+    version: int | None = None
+
+    @staticmethod
+    def of(t: torch.Tensor, nbytes: int, location: str | None) -> "ClosedOver":
+        try:
+            tensor, version = weakref.ref(t), t._version
+        except (RuntimeError, TypeError):  # an inference-mode tensor has no version counter to watch
+            tensor, version = None, None
+        return ClosedOver(tuple(t.shape), t.dtype, False, nbytes, location, tensor, version)
+
+    def changed(self) -> bool:
+        """Whether the tensor was written in place since its values were baked into the graph."""
+        t = self.tensor() if self.tensor is not None else None
+        return t is not None and t._version != self.version
 
     def describe(self) -> str:
         where = f" at {self.location}" if self.location else ""

@@ -537,3 +537,107 @@ def test_writes_through_data_in_forward_train_as_in_eager(compiler, how):
     assert model.fc.weight.grad is not None
     for a, b in zip([*model.parameters(), model.fc.weight.grad], [*eager.parameters(), eager.fc.weight.grad]):
         torch.testing.assert_close(a, b)
+
+
+class _WritesItsState(torch.nn.Module):
+    """A forward that updates its own buffers by reassignment, as research code does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.register_buffer("count", torch.zeros(()))
+        self.register_buffer("avg", torch.zeros(3))
+        self.register_buffer("seen", torch.zeros(0, 3))  # grows: rebound to a new shape every call
+        self.register_buffer("first", None)  # set by the first call
+
+    def forward(self, x):
+        self.count = self.count + 1
+        self.avg = 0.9 * self.avg + 0.1 * x.mean(0)
+        self.seen = torch.cat([self.seen, x[:1]])
+        if self.first is None:
+            self.first = x[0] * 1
+        return (self.fc(x) * self.count).sum() + self.first.sum()
+
+
+@pytest.mark.parametrize("compiler", ["nop", "xla"])
+def test_buffers_a_forward_reassigns_are_updated_as_in_eager(compiler):
+    """Reassigned in their shape, written back in place; in a new shape (or where it was None), rebound
+    after the call. Three calls: buffers, losses and gradients match eager's (they were dropped)."""
+    torch.manual_seed(0)
+    eager, model = _WritesItsState(), _WritesItsState()
+    model.load_state_dict(eager.state_dict())
+    compiled = aot_module(model, COMPILERS[compiler])
+    for step in range(3):
+        x = torch.randn(4, 3) + step
+        want, got = eager(x), compiled(x)
+        want.backward()
+        got.backward()
+        torch.testing.assert_close(got, want)
+    for name, b in eager.named_buffers():
+        torch.testing.assert_close(dict(model.named_buffers())[name], b)
+    torch.testing.assert_close(model.fc.weight.grad, eager.fc.weight.grad)
+    assert model.seen.shape == (3, 3)
+
+
+def test_a_tensor_kept_in_a_plain_attribute_is_refused_and_put_back():
+    class KeepsAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+            self.weights = None
+
+        def forward(self, x):
+            self.weights = torch.softmax(self.fc(x), -1)
+            return self.weights.sum()
+
+    model = KeepsAttention()
+    with pytest.raises(rt.TracingError, match=r"module attributes \(weights\).*register_buffer"):
+        aot_module(model, nop)(torch.randn(2, 3))
+    assert model.weights is None
+
+
+class _TensorAttributes(torch.nn.Module):
+    """Tensors kept in plain attributes, not registered: a scale, a mask, a gain that requires grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.scale = torch.tensor(2.0)
+        self.mask = torch.tril(torch.ones(3, 3))
+        self.gain = torch.ones(3, requires_grad=True)
+
+    def forward(self, x):
+        return ((self.fc(x) @ self.mask) * self.gain / self.scale).sum()
+
+
+@pytest.mark.parametrize("compiler", ["nop", "xla"])
+def test_tensors_in_plain_attributes_are_read_at_every_call(compiler):
+    """They are graph inputs, like buffers: changing one in place or rebinding it after compiling is seen
+    (a constant baked into the graph was not), and one that requires grad gets eager's gradient."""
+    torch.manual_seed(0)
+    model = _TensorAttributes()
+    compiled = aot_module(model, COMPILERS[compiler])
+    x = torch.randn(4, 3)
+    for change in (lambda m: None, lambda m: m.scale.fill_(4.0), lambda m: setattr(m, "mask", torch.eye(3))):
+        change(model)
+        got = compiled(x)
+        got.backward()
+        grad = model.gain.grad
+        model.gain.grad = None
+        want = model(x)
+        want.backward()
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(grad, model.gain.grad)
+        model.gain.grad = None
+    assert "buffer(scale)" in rt.torch_bridge.capture(model, x).input_names
+
+
+def test_a_tensor_read_from_the_enclosing_scope_is_read_again_after_an_in_place_change():
+    """It is a constant of the graph; written in place, the next call captures again with its new values."""
+    scale = torch.tensor(3.0)
+    compiled = aot_function(lambda x: x * scale, nop)
+    x = leaf(2)
+    torch.testing.assert_close(compiled(x), x * 3)
+    scale.fill_(5.0)
+    torch.testing.assert_close(compiled(x), x * 5)
+    assert len(compiled.cache) == 1
