@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from reftrace.errors import ArgumentError
+from reftrace.errors import ArgumentError, TracingError
 from reftrace.primitives import is_inexact
 from reftrace.transforms.simplify import eliminate_dead_code
 from reftrace.torch_bridge.autograd import Compiler, InferenceFunction, PartitionedFunction, new_rng_key
@@ -34,7 +34,7 @@ from reftrace.torch_bridge.compilers import as_partitioner, default_partition
 from reftrace.torch_bridge.capture import capture_flat
 from reftrace.torch_bridge.output_views import OutputView, rebuild_outputs
 from reftrace.torch_bridge.translate import ClosedOver
-from reftrace.torch_bridge.module_writes import rebind_buffers
+from reftrace.torch_bridge.module_writes import rebind
 from reftrace.torch_bridge.modules import ModuleGuard, functional_module
 from reftrace.torch_bridge.outputs import OutputSpec, flatten_outputs
 
@@ -148,13 +148,28 @@ def _group(tensors: Sequence[torch.Tensor], members: list[int]) -> _AliasGroup:
 
 # ----------------------------------------------------------------------------- compiled signatures
 
+class _Constant:
+    """A tensor the graph holds as a constant (``ClosedOver``), and the module attribute holding it, if one
+    does (``holder[key]``): the graph is stale once the tensor is written in place or the attribute is
+    rebound to another tensor (``m.scale = torch.tensor(4.0)``), where eager would read the new value."""
+
+    __slots__ = ("record", "holder", "key")
+
+    def __init__(self, record: ClosedOver, holder: dict[str, Any] | None = None, key: str = "") -> None:
+        self.record, self.holder, self.key = record, holder, key
+
+    def changed(self) -> bool:
+        return self.record.changed() or (self.holder is not None and self.holder.get(self.key) is not
+                                         self.record.tensor())
+
+
 class _Compiled:
     """One compiled signature: the graph functions plus how to rebuild the outputs."""
 
     def __init__(self, run: Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, ...]],
                  num_outputs: int, mutated_inputs: Sequence[int], out_spec: OutputSpec, key_input: int | None = None,
                  alias_plan: _AliasPlan | None = None, output_views: Sequence[OutputView] = (),
-                 constants: Sequence[ClosedOver] = ()) -> None:
+                 constants: Sequence[_Constant] = ()) -> None:
         self.run = run
         self.num_outputs = num_outputs  # the graph's outputs that are the function's (views excluded)
         self.mutated_inputs = tuple(mutated_inputs)  # graph input positions
@@ -163,7 +178,7 @@ class _Compiled:
         self.alias_plan = alias_plan  # how the user's tensors became the graph's inputs, or None (as they are)
         self.aliased: dict[_AliasPlan, _Compiled] = {}  # variants of this signature for overlapping inputs
         self.output_views = tuple(output_views)  # outputs rebuilt as views of graph inputs or of outputs
-        self.constants = tuple(c for c in constants if c.tensor is not None)  # read from the enclosing scope
+        self.constants = tuple(constants)  # tensors read from the enclosing scope, baked into the graph
 
 
 class AOTFunction:
@@ -184,6 +199,8 @@ class AOTFunction:
         self.inference_compiler = inference_compiler or fw_compiler
         self.partitioner = as_partitioner(partition_fn)
         self.decompositions = decompositions
+        # where a tensor the function reads as a constant is kept, as (attribute dict, name); aot_module's
+        self.constant_holder: Callable[[torch.Tensor], tuple[dict[str, Any], str] | None] = lambda t: None
         self.cache: dict[Any, _Compiled] = {}
         self.__wrapped__ = fn
         self.__name__ = getattr(fn, "__name__", "aot_function")
@@ -250,6 +267,8 @@ class AOTFunction:
 
         inputs = tensors if plan is None else plan.graph_inputs(tensors)
         captured = capture_flat(fn_flat, inputs, decompositions=self.decompositions)
+        if torch.is_grad_enabled():
+            _refuse_trainable_constants(captured.closed_over)
         graph, views = captured.graph, captured.output_views
         if views:  # outputs that are views of inputs or outputs are rebuilt from them, not computed
             dropped = {v.output for v in views}
@@ -268,7 +287,30 @@ class AOTFunction:
                                       partitioner=self.partitioner, example_inputs=examples,
                                       mutated_inputs=captured.mutated_inputs)
         return _Compiled(run, captured.num_outputs - len(views), captured.mutated_inputs, captured.out_spec,
-                         captured.key_input, plan, views, captured.closed_over)
+                         captured.key_input, plan, views, self._constants(captured.closed_over))
+
+    def _constants(self, closed_over: Sequence[ClosedOver]) -> list[_Constant]:
+        constants = []
+        for record in closed_over:
+            tensor = record.tensor() if record.tensor is not None else None
+            if tensor is not None:
+                constants.append(_Constant(record, *(self.constant_holder(tensor) or (None, ""))))
+        return constants
+
+
+def _refuse_trainable_constants(closed_over: Sequence[ClosedOver]) -> None:
+    """A tensor that requires grad, read from the enclosing scope (``aot_function(lambda x: model(x))``
+    reads ``model``'s parameters so), would be a constant of the graph and get no gradient, where
+    eager gives it one: say so instead of training without it."""
+    trainable = [c for c in closed_over if c.requires_grad]
+    if trainable:
+        listed = "; ".join(c.describe() for c in trainable[:4]) + (" ..." if len(trainable) > 4 else "")
+        raise TracingError(
+            f"the function reads {len(trainable)} tensor(s) that require grad from its enclosing scope ({listed}); "
+            "compiled, they would be constants and get no gradient, where eager gives them one. Compile the "
+            "module itself with aot_module (its parameters become inputs; a tensor a module keeps in a plain "
+            "attribute must be registered as an nn.Parameter), or pass the tensors as arguments (read them "
+            "under .detach() or torch.no_grad() to use them as constants on purpose)")
 
 
 def _no_outputs(_tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -370,7 +412,7 @@ class AOTModule(torch.nn.Module):
         else:
             out, rebound = self._compiled(state.tensors, attributes, *args, **kwargs)
         if rebound:
-            rebind_buffers(self.orig_module, rebound)
+            rebind(self.orig_module, rebound)
         return out
 
 
@@ -395,11 +437,19 @@ def aot_module(mod: torch.nn.Module, fw_compiler: Compiler, bw_compiler: Compile
         # ``attributes`` is only a guard: the module traces with its current attributes, and with the
         # state the guard just checked (``tensors`` are its tensors)
         del attributes
-        rebound: dict[str, torch.Tensor] = {}  # buffers the forward set to a new shape or dtype
+        rebound: dict[str, torch.Tensor] = {}  # buffers and attributes the forward rebinds
         out = functional_module(mod, guard.state, rebound)(tensors, *args, **kw)
         return out, rebound
+
+    def constant_holder(tensor: torch.Tensor) -> tuple[dict[str, Any], str] | None:
+        for m in mod.modules():
+            for key, value in m.__dict__.items():
+                if value is tensor:
+                    return m.__dict__, key
+        return None
 
     functional.__name__ = type(mod).__name__
     compiled = aot_function(functional, fw_compiler, bw_compiler, partition_fn, decompositions,
                             inference_compiler=inference_compiler, **kwargs)
+    compiled.constant_holder = constant_holder
     return AOTModule(mod, compiled, guard)

@@ -6,16 +6,16 @@ Order (the leading inputs of every captured module graph):
    under two names (tied weights, e.g. input and output embeddings) is ONE
    input, named by its first name, the others recorded as aliases;
 2. unique buffers, in ``named_buffers()`` order (same rule);
-3. unique tensors held in plain attributes (``self.scale = torch.tensor(2.0)``, a mask made in
-   ``__init__`` without ``register_buffer``), in ``named_modules()`` then attribute order, named
-   and read like buffers: as inputs rather than constants baked into the graph, a later change
-   (``m.scale.fill_(4)``, ``m.scale = torch.tensor(4.0)``) is seen, as in eager;
-4. then the user's tensor arguments.
+3. then the user's tensor arguments.
+
+Tensors kept in plain attributes (``self.scale = torch.tensor(2.0)``) are not inputs: a forward
+reads them as constants (guarded: ``reftrace.torch_bridge.aot``), or writes them (old-style
+``weight_norm`` recomputes ``self.weight`` in a pre-hook: ``module_writes``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -71,8 +71,7 @@ def module_state(module: torch.nn.Module) -> ModuleState:
     aliases: dict[str, str] = {}
     canonical: dict[int, str] = {}
     for param, items in ((True, module.named_parameters(remove_duplicate=False)),
-                         (False, module.named_buffers(remove_duplicate=False)),
-                         (False, _tensor_attributes(module))):
+                         (False, module.named_buffers(remove_duplicate=False))):
         for name, t in items:
             if t is None:
                 continue
@@ -86,14 +85,6 @@ def module_state(module: torch.nn.Module) -> ModuleState:
     return ModuleState(tuple(names), tuple(tensors), tuple(is_param), aliases)
 
 
-def _tensor_attributes(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` for each tensor a module keeps in a plain attribute (not a parameter or buffer)."""
-    for prefix, m in module.named_modules(remove_duplicate=False):
-        for key, value in m.__dict__.items():
-            if isinstance(value, torch.Tensor):
-                yield (f"{prefix}.{key}" if prefix else key), value
-
-
 def functional_module(module: torch.nn.Module, state: ModuleState,
                       rebound: dict[str, torch.Tensor] | None = None) -> Callable[..., Any]:
     """``f(state_tensors, *args, **kwargs)``: the module run with ``state_tensors`` in place of its own.
@@ -101,8 +92,8 @@ def functional_module(module: torch.nn.Module, state: ModuleState,
     ``torch.func.functional_call`` keeps tied names tied: passing the canonical name
     also rebinds its aliases. What the forward writes into the module itself is settled as
     ``reftrace.torch_bridge.module_writes`` says: a buffer reassigned in its form is an update of
-    its input, one rebound to another form goes into ``rebound`` (or raises when ``rebound`` is
-    ``None``), a tensor kept in a plain attribute raises.
+    its input; a buffer rebound to another form, and a tensor stored in a plain attribute, go into
+    ``rebound`` (``{name: tensor}``, rebound after each call), or raise where ``rebound`` is ``None``.
     """
     def call(state_tensors: Sequence[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         mapping = dict(zip(state.names, state_tensors))
@@ -132,9 +123,8 @@ _STRUCTURE_DICTS = ("_modules", "_parameters", "_buffers", "_forward_hooks", "_f
 class ModuleGuard:
     """What a compiled module depends on besides its tensors' shapes, checked cheaply per call.
 
-    Two parts: the module's *structure* — its submodules, their parameter and buffer objects, the
-    tensors in their plain attributes and their forward and backward hooks, compared by identity — and
-    its *attributes*: every submodule's
+    Two parts: the module's *structure* — its submodules, their parameter and buffer objects
+    and their forward and backward hooks, compared by identity — and its *attributes*: every submodule's
     plain attributes (``training``, ``eps``, ``momentum``, ``scale``...), compared by value.
     While the structure holds, the ``ModuleState`` is reused; the attributes go into the
     compile cache key, so changing ``ln.eps`` after compiling recompiles instead of reusing a
@@ -148,7 +138,6 @@ class ModuleGuard:
     def _snapshot(self) -> None:
         self.dicts = [m.__dict__ for m in self.module.modules()]
         self.plain_names = [tuple(k for k, v in d.items() if _plain(v)) for d in self.dicts]
-        self.tensor_names = [tuple(k for k, v in d.items() if isinstance(v, torch.Tensor)) for d in self.dicts]
         self.structure = self._structure()
         self.state = module_state(self.module)
 
@@ -158,8 +147,6 @@ class ModuleGuard:
             for key in _STRUCTURE_DICTS:
                 ids.extend(map(id, d[key].values()))
                 ids.append(-1)  # a separator, so moving an object between dicts changes the tuple
-        for d, names in zip(self.dicts, self.tensor_names):  # tensors in plain attributes, by identity
-            ids.extend(id(d.get(k)) for k in names)
         return tuple(ids)
 
     def check(self) -> tuple[ModuleState, tuple[Any, ...]]:

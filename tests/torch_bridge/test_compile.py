@@ -579,7 +579,10 @@ def test_buffers_a_forward_reassigns_are_updated_as_in_eager(compiler):
     assert model.seen.shape == (3, 3)
 
 
-def test_a_tensor_kept_in_a_plain_attribute_is_refused_and_put_back():
+def test_a_tensor_kept_in_a_plain_attribute_is_there_after_each_call():
+    """``self.weights = ...`` in forward (kept for a later look): after each compiled call the attribute
+    holds that call's tensor, as in eager (it used to hold a tracing tensor from the capture). A graph
+    alone cannot store it: ``rt.trace`` refuses by name."""
     class KeepsAttention(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -591,29 +594,36 @@ def test_a_tensor_kept_in_a_plain_attribute_is_refused_and_put_back():
             return self.weights.sum()
 
     model = KeepsAttention()
-    with pytest.raises(rt.TracingError, match=r"module attributes \(weights\).*register_buffer"):
-        aot_module(model, nop)(torch.randn(2, 3))
-    assert model.weights is None
+    compiled = aot_module(model, xla_compile)
+    for scale in (1.0, 3.0):
+        x = torch.randn(2, 3) * scale
+        compiled(x)
+        got = model.weights
+        model(x)
+        assert type(got) is torch.Tensor
+        torch.testing.assert_close(got, model.weights)
+    with pytest.raises(rt.TracingError, match="the forward sets 'weights' .*aot_module"):
+        rt.trace(model, torch.randn(2, 3))
 
 
 class _TensorAttributes(torch.nn.Module):
-    """Tensors kept in plain attributes, not registered: a scale, a mask, a gain that requires grad."""
+    """Tensors kept in plain attributes, not registered: a scale and a mask."""
 
     def __init__(self):
         super().__init__()
         self.fc = torch.nn.Linear(3, 3)
         self.scale = torch.tensor(2.0)
         self.mask = torch.tril(torch.ones(3, 3))
-        self.gain = torch.ones(3, requires_grad=True)
 
     def forward(self, x):
-        return ((self.fc(x) @ self.mask) * self.gain / self.scale).sum()
+        return ((self.fc(x) @ self.mask) / self.scale).sum()
 
 
 @pytest.mark.parametrize("compiler", ["nop", "xla"])
-def test_tensors_in_plain_attributes_are_read_at_every_call(compiler):
-    """They are graph inputs, like buffers: changing one in place or rebinding it after compiling is seen
-    (a constant baked into the graph was not), and one that requires grad gets eager's gradient."""
+def test_tensors_in_plain_attributes_are_read_again_after_a_change(compiler):
+    """They are constants of the graph: changed in place or rebound after compiling, the next call captures
+    again and reads the new values, as eager does (the graph kept the old ones). One that requires grad
+    would get no gradient: refused by name."""
     torch.manual_seed(0)
     model = _TensorAttributes()
     compiled = aot_module(model, COMPILERS[compiler])
@@ -622,14 +632,17 @@ def test_tensors_in_plain_attributes_are_read_at_every_call(compiler):
         change(model)
         got = compiled(x)
         got.backward()
-        grad = model.gain.grad
-        model.gain.grad = None
+        grad = model.fc.weight.grad
+        model.fc.weight.grad = None
         want = model(x)
         want.backward()
         torch.testing.assert_close(got, want)
-        torch.testing.assert_close(grad, model.gain.grad)
-        model.gain.grad = None
-    assert "buffer(scale)" in rt.torch_bridge.capture(model, x).input_names
+        torch.testing.assert_close(grad, model.fc.weight.grad)
+        model.fc.weight.grad = None
+    model.gain = torch.ones(3, requires_grad=True)
+    model.forward = lambda x: (model.fc(x) * model.gain).sum()
+    with pytest.raises(rt.TracingError, match="require grad from its enclosing scope.*nn.Parameter"):
+        aot_module(model, COMPILERS[compiler])(x)
 
 
 def test_a_tensor_read_from_the_enclosing_scope_is_read_again_after_an_in_place_change():
@@ -641,3 +654,35 @@ def test_a_tensor_read_from_the_enclosing_scope_is_read_again_after_an_in_place_
     scale.fill_(5.0)
     torch.testing.assert_close(compiled(x), x * 5)
     assert len(compiled.cache) == 1
+
+
+_NORMED = {
+    "weight_norm (hook)": lambda: torch.nn.utils.weight_norm(torch.nn.Linear(4, 3)),
+    "spectral_norm (hook)": lambda: torch.nn.utils.spectral_norm(torch.nn.Linear(4, 3)),
+    "weight_norm (parametrization)": lambda: torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 3)),
+    "spectral_norm (parametrization)": lambda: torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(4, 3)),
+}
+
+
+@pytest.mark.parametrize("compiler", ["nop", "xla"])
+@pytest.mark.parametrize("norm", _NORMED)
+def test_weight_and_spectral_norm_train_as_in_eager(norm, compiler):
+    """The hook-based forms recompute ``module.weight`` (a plain attribute) in a forward pre-hook and, for
+    spectral norm, update ``u`` and ``v`` in place: three SGD steps match eager's parameters, buffers and
+    ``module.weight`` (which was left holding a tracing tensor)."""
+    torch.manual_seed(0)
+    eager = _NORMED[norm]().double()
+    torch.manual_seed(0)
+    model = _NORMED[norm]().double()
+    compiled = aot_module(model, COMPILERS[compiler])
+    x = torch.randn(5, 4, dtype=torch.float64)
+    for m, call in ((eager, eager), (model, compiled)):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            call(x).pow(2).sum().backward()
+            opt.step()
+    for a, b in zip([*model.parameters(), *model.buffers()], [*eager.parameters(), *eager.buffers()], strict=True):
+        torch.testing.assert_close(a, b)
+    if "hook" in norm:
+        torch.testing.assert_close(model.weight, eager.weight)
