@@ -26,12 +26,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from reftrace.errors import ArgumentError, TracingError
+from reftrace.errors import ArgumentError
 from reftrace.primitives import is_inexact
 from reftrace.transforms.simplify import eliminate_dead_code
 from reftrace.torch_bridge.autograd import Compiler, InferenceFunction, PartitionedFunction, new_rng_key
 from reftrace.torch_bridge.compilers import as_partitioner, default_partition
-from reftrace.torch_bridge.capture import capture_flat
+from reftrace.torch_bridge.capture import capture_flat, refuse_trainable_constants
 from reftrace.torch_bridge.output_views import OutputView, rebuild_outputs
 from reftrace.torch_bridge.translate import ClosedOver
 from reftrace.torch_bridge.module_writes import rebind
@@ -267,8 +267,12 @@ class AOTFunction:
 
         inputs = tensors if plan is None else plan.graph_inputs(tensors)
         captured = capture_flat(fn_flat, inputs, decompositions=self.decompositions)
-        if torch.is_grad_enabled():
-            _refuse_trainable_constants(captured.closed_over)
+        if torch.is_grad_enabled():  # eager would give them gradients
+            refuse_trainable_constants(
+                captured.closed_over, "compiled, they would be constants and get no gradient, where eager gives "
+                "them one. Compile the module itself with aot_module (its parameters become inputs; a tensor a "
+                "module keeps in a plain attribute must be registered as an nn.Parameter), or pass the tensors "
+                "as arguments")
         graph, views = captured.graph, captured.output_views
         if views:  # outputs that are views of inputs or outputs are rebuilt from them, not computed
             dropped = {v.output for v in views}
@@ -296,21 +300,6 @@ class AOTFunction:
             if tensor is not None:
                 constants.append(_Constant(record, *(self.constant_holder(tensor) or (None, ""))))
         return constants
-
-
-def _refuse_trainable_constants(closed_over: Sequence[ClosedOver]) -> None:
-    """A tensor that requires grad, read from the enclosing scope (``aot_function(lambda x: model(x))``
-    reads ``model``'s parameters so), would be a constant of the graph and get no gradient, where
-    eager gives it one: say so instead of training without it."""
-    trainable = [c for c in closed_over if c.requires_grad]
-    if trainable:
-        listed = "; ".join(c.describe() for c in trainable[:4]) + (" ..." if len(trainable) > 4 else "")
-        raise TracingError(
-            f"the function reads {len(trainable)} tensor(s) that require grad from its enclosing scope ({listed}); "
-            "compiled, they would be constants and get no gradient, where eager gives them one. Compile the "
-            "module itself with aot_module (its parameters become inputs; a tensor a module keeps in a plain "
-            "attribute must be registered as an nn.Parameter), or pass the tensors as arguments (read them "
-            "under .detach() or torch.no_grad() to use them as constants on purpose)")
 
 
 def _no_outputs(_tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -587,20 +587,26 @@ class LargeConstantWarning(UserWarning):
     """The traced function read a large tensor from its enclosing scope; the graph holds a copy."""
 
 
-def _check_closed_over(closed_over: Sequence[ClosedOver]) -> None:
-    """A graph value must not silently lose gradients: a closed-over tensor that requires grad
-    (a parameter reached through a closure) would be baked in as a constant, and ``vjp`` would
-    give it no gradient. Large constants are copied into the graph: say so."""
+def refuse_trainable_constants(closed_over: Sequence[ClosedOver], consequence: str) -> None:
+    """A graph value must not silently lose gradients: a closed-over tensor that requires grad (a
+    parameter reached through a closure) would be baked in as a constant and get no gradient.
+    ``consequence``: what that means for the caller, and what to do instead."""
     trainable = [c for c in closed_over if c.requires_grad]
     if trainable:
         listed = "; ".join(c.describe() for c in trainable[:4]) + (" ..." if len(trainable) > 4 else "")
-        raise TracingError(
-            f"the function reads {len(trainable)} tensor(s) that require grad from its enclosing scope ({listed}); "
-            "rt.trace would bake them into the graph as constants, and vjp would give them no gradient. "
-            "Trace the module itself so its parameters become named inputs "
-            "(rt.trace(model, ids, use_cache=False) rather than rt.trace(lambda ids: model(ids).logits, ids); "
-            "keyword arguments go to the module), or pass the tensors as arguments "
-            "(or read them under .detach() / torch.no_grad() to bake them in on purpose)")
+        raise TracingError(f"the function reads {len(trainable)} tensor(s) that require grad from its enclosing "
+                           f"scope ({listed}); {consequence} (or read them under .detach() / torch.no_grad() to "
+                           "use them as constants on purpose)")
+
+
+def _check_closed_over(closed_over: Sequence[ClosedOver]) -> None:
+    """No trainable constants (``refuse_trainable_constants``); large constants are copied into the
+    graph: say so."""
+    refuse_trainable_constants(
+        closed_over, "rt.trace would bake them into the graph as constants, and vjp would give them no gradient. "
+        "Trace the module itself so its parameters become named inputs (rt.trace(model, ids, use_cache=False) "
+        "rather than rt.trace(lambda ids: model(ids).logits, ids); keyword arguments go to the module), or pass "
+        "the tensors as arguments")
     large = [c for c in closed_over if c.nbytes > LARGE_CONSTANT_BYTES]
     if large:
         listed = "; ".join(c.describe() for c in large[:4]) + (" ..." if len(large) > 4 else "")
