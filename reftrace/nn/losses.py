@@ -3,9 +3,10 @@ backward equation.
 
 ``nll_loss(logp, target[, weight])`` on (n, classes) log-probabilities (or one row of them) and
 integer targets returns ``(loss, total_weight)`` as ``aten.nll_loss_forward``: targets equal to
-``ignore_index`` count for nothing; ``reduction`` is ATen's code (0 none, 1 mean, 2 sum); the
-mean divides by the total weight of the counted targets (0/0 = NaN when none counts), and
-``total_weight`` is 0 without reduction. ``total_weight`` carries no gradient.
+``ignore_index`` count for nothing (their terms are 0, in the loss and its gradient, whatever
+their log-probabilities); ``reduction`` is ATen's code (0 none, 1 mean, 2 sum); the mean divides
+by the total weight of the counted targets (0/0 = NaN when none counts, while the gradient stays
+0, as eager's), and ``total_weight`` is 0 without reduction. ``total_weight`` carries no gradient.
 """
 from __future__ import annotations
 
@@ -29,22 +30,30 @@ def _as_rows(logp: Any, target: Any) -> tuple[Any, Any]:
     return logp, lax.reshape(target, (logp.shape[0], 1))
 
 
-def _target_weights(logp: Any, column: Any, weight: Any, ignore_index: int) -> tuple[Any, Any]:
-    """(a safe class column, each row's weight: 0 where the target is ignored), both (n, 1)."""
+def _target_weights(logp: Any, column: Any, weight: Any, ignore_index: int) -> tuple[Any, Any, Any]:
+    """(a safe class column, each row's weight: 0 where the target is ignored, whether it counts),
+    all (n, 1)."""
     counted = lax.ne(column, lax.full(column.shape, ignore_index, np.int64))
     safe = lax.select(counted, column, lax.full(column.shape, 0, np.int64))
     d = logp.dtype
     # the class weights carry no gradient, as in torch (whose nll_loss has no derivative for them)
     per_row = (lax.gather(along(lax.stop_gradient(weight), (column.shape[0], weight.shape[0]), (1,)), safe, 1)
                if weight is not None else lax.full(column.shape, 1, d))
-    return safe, lax.select(counted, cast(per_row, d), lax.full(column.shape, 0, d))
+    return safe, lax.select(counted, cast(per_row, d), lax.full(column.shape, 0, d)), counted
+
+
+def _counted_only(counted: Any, values: Any) -> Any:
+    """``values`` where the row's target counts, 0 where it is ignored: ATen skips ignored rows, so
+    their terms are 0 even where a factor is not finite (a -inf log-probability; the mean's 1/0 when
+    no target counts, whose gradient eager leaves 0 while the loss is NaN)."""
+    return lax.select(counted, values, lax.full(values.shape, 0, values.dtype))
 
 
 def _nll_loss(logp: Any, target: Any, *weight: Any, reduction: int, ignore_index: int, has_weight: bool
               ) -> tuple[Any, Any]:
     rows, column = _as_rows(logp, target)
-    safe, w = _target_weights(rows, column, weight[0] if has_weight else None, ignore_index)
-    losses = lax.neg(lax.mul(lax.gather(rows, safe, 1), w))          # (n, 1)
+    safe, w, counted = _target_weights(rows, column, weight[0] if has_weight else None, ignore_index)
+    losses = _counted_only(counted, lax.neg(lax.mul(lax.gather(rows, safe, 1), w)))          # (n, 1)
     total = lax.stop_gradient(lax.reduce_sum(w, (0, 1)))
     if reduction == REDUCTIONS["none"]:  # ATen reports the total weight only for a single row
         return lax.reshape(losses, target.shape), total if logp.ndim == 1 else lax.full((), 0, rows.dtype)
@@ -56,13 +65,13 @@ def _nll_loss_backward(g: Any, logp: Any, target: Any, *rest: Any, reduction: in
                        has_weight: bool) -> Any:
     weight, total = (rest[0], rest[1]) if has_weight else (None, rest[0])
     rows, column = _as_rows(logp, target)
-    safe, w = _target_weights(rows, column, weight, ignore_index)
+    safe, w, counted = _target_weights(rows, column, weight, ignore_index)
     n = rows.shape[0]
     if reduction == REDUCTIONS["none"]:
         scale = lax.reshape(g, (n, 1))
     else:
         scale = lax.broadcast_in_dim(lax.div(g, total) if reduction == REDUCTIONS["mean"] else g, (n, 1), ())
-    picked = lax.neg(lax.mul(w, scale))
+    picked = _counted_only(counted, lax.neg(lax.mul(w, scale)))
     grad = lax.scatter_add(lax.full(rows.shape, 0, rows.dtype), safe, picked, 1)
     return lax.reshape(grad, logp.shape)
 

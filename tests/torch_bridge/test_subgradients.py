@@ -265,6 +265,14 @@ CASES: dict[str, Case] = {
                                            lambda: (t([0.0, 1.0, 0.0, 1.0, 0.3]), t([1.0, 0.0, 0.0, 1.0, 0.5]))),
     "binary_cross_entropy_of_a_saturated_sigmoid": Case(lambda z, t: F.binary_cross_entropy(torch.sigmoid(z), t),
                                                          lambda: (t([-800.0, 0.3, 800.0]), t([1.0, 1.0, 0.0]))),
+    # no target counts: the mean is 0/0 (NaN) and eager's gradient 0 (ATen skips ignored rows)
+    "cross_entropy_all_ignored": Case(lambda x: F.cross_entropy(x, torch.tensor([-100, -100])),
+                                      lambda: (t([[0.5, 1.0, -1.0], [2.0, 0.0, 1.0]]),)),
+    "cross_entropy_all_ignored_smoothed": Case(
+        lambda x: F.cross_entropy(x, torch.tensor([-100, -100]), label_smoothing=0.1),
+        lambda: (t([[0.5, 1.0, -1.0], [2.0, 0.0, 1.0]]),)),
+    "nll_loss_ignored_row_at_minus_inf": Case(lambda x: F.nll_loss(x, torch.tensor([-100, 1])),
+                                              lambda: (t([[-inf, 0.0, 1.0], [0.5, 0.2, 0.1]]),)),
     "l1_loss_zero": Case(lambda x, y: F.l1_loss(x, y), lambda: (t([1.0, 2.0]), t([1.0, 3.0]))),
     "smooth_l1_at_beta": Case(lambda x, y: F.smooth_l1_loss(x, y, beta=0.5, reduction="none"),
                               lambda: (t([0.5, -0.5, 0.0, 1.0]), t([0.0, 0.0, 0.0, 0.0]))),
@@ -286,9 +294,11 @@ def test_matches_eager(name: str) -> None:
     compare(case.fn, *case.inputs(), rtol=case.rtol)
 
 
-# The JAX backend agrees: NaN in argmax, max and comparisons, signed zeros in atan2 (one XLA compile each).
+# The JAX backend agrees: NaN in argmax, max and comparisons, signed zeros in atan2, ignored targets (one XLA
+# compile each).
 THROUGH_XLA = ["clamp_tensor_nan", "maximum", "max_all_nan", "max_dim_nan", "max_pool2d_nan", "median_all_nan",
-               "cummax", "atan2_origin", "cdist_inf_ties", "pow_tensor_tensor_at_zero", "hardswish", "elu"]
+               "cummax", "atan2_origin", "cdist_inf_ties", "pow_tensor_tensor_at_zero", "hardswish", "elu",
+               "cross_entropy_all_ignored", "cross_entropy_all_ignored_smoothed", "nll_loss_ignored_row_at_minus_inf"]
 
 
 @pytest.mark.parametrize("name", THROUGH_XLA)
