@@ -1,5 +1,5 @@
 """Drop-in for ``functorch.compile``: ``from reftrace.compile import aot_function, aot_module, draw_graph``."""
-from reftrace.torch_bridge.aot import AOTFunction, AOTModule, aot_function, aot_module
+from reftrace.torch_bridge.aot import AOTFunction, AOTModule, RecaptureWarning, aot_function, aot_module
 from reftrace.torch_bridge.compilers import (default_partition, make_boxed_compiler, make_boxed_func,
                                              min_cut_rematerialization_partition, nop, print_compile, ts_compile,
                                              xla_compile)
@@ -8,4 +8,4 @@ from reftrace.torch_bridge.dynamo import reftrace_backend
 
 __all__ = ["aot_function", "aot_module", "draw_graph", "make_boxed_func", "make_boxed_compiler", "nop",
            "print_compile", "ts_compile", "xla_compile", "default_partition",
-           "min_cut_rematerialization_partition", "AOTFunction", "AOTModule", "reftrace_backend"]
+           "min_cut_rematerialization_partition", "AOTFunction", "AOTModule", "RecaptureWarning", "reftrace_backend"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -148,6 +149,14 @@ def _group(tensors: Sequence[torch.Tensor], members: list[int]) -> _AliasGroup:
 
 # ----------------------------------------------------------------------------- compiled signatures
 
+RECAPTURE_WARNING = 8
+"""Captures of one compiled function after which ``RecaptureWarning`` says what keeps changing."""
+
+
+class RecaptureWarning(UserWarning):
+    """A compiled function keeps being captured anew: something it is guarded on changes every call."""
+
+
 class _Constant:
     """A tensor the graph holds as a constant (``ClosedOver``), and the module attribute holding it, if one
     does (``holder[key]``): the graph is stale once the tensor is written in place or the attribute is
@@ -202,6 +211,8 @@ class AOTFunction:
         # where a tensor the function reads as a constant is kept, as (attribute dict, name); aot_module's
         self.constant_holder: Callable[[torch.Tensor], tuple[dict[str, Any], str] | None] = lambda t: None
         self.cache: dict[Any, _Compiled] = {}
+        self.captures = 0  # how many times a signature was captured (``_note_capture``)
+        self._last_key: Any = None
         self.__wrapped__ = fn
         self.__name__ = getattr(fn, "__name__", "aot_function")
 
@@ -229,8 +240,10 @@ class AOTFunction:
         compiled = self.cache.get(key)
         if compiled is None or (compiled.constants and any(c.changed() for c in compiled.constants)):
             # new, or a tensor the graph holds as a constant was written since: eager reads its new values
+            self._note_capture(key)
             with _gc_paused():
                 compiled = self.cache[key] = self._compile(leaves, spec, tensor_pos, tensors, None)
+        self._last_key = key
         if compiled.mutated_inputs:
             plan = _alias_plan(tensors, compiled.mutated_inputs)
             if plan is not None:
@@ -240,6 +253,21 @@ class AOTFunction:
                         variant = compiled.aliased[plan] = self._compile(leaves, spec, tensor_pos, tensors, plan)
                 compiled, tensors = variant, plan.graph_inputs(tensors)
         return _run(compiled, tensors)
+
+    def _note_capture(self, key: Any) -> None:
+        """Count captures; at ``RECAPTURE_WARNING`` and every doubling, say what changed since the last call
+        (a Python counter the forward bumps, ``self.steps += 1``, makes every call capture anew)."""
+        self.captures += 1
+        if self.captures < RECAPTURE_WARNING or self.captures & (self.captures - 1):
+            return
+        last = self._last_key
+        changes = (["the tensors' shapes, dtypes or the argument structure"] if last is None or len(last) != len(key)
+                   else [c for j, (new, old) in enumerate(zip(key, last)) if new != old for c in _changes(j, old, new)])
+        warnings.warn(f"{self.__name__} was captured and compiled {self.captures} times; since the previous call, "
+                      f"{'; '.join(changes[:6]) or 'a constant it reads was written in place'} changed. Every new "
+                      "value of what a compiled function is guarded on (shapes, Python numbers it reads, module "
+                      "attributes) captures it again: keep values that change every call in tensors (a buffer, "
+                      "an argument)", RecaptureWarning, stacklevel=4)
 
     @staticmethod
     def _key(leaves: list, structure: Any, tensor_pos: list[int]) -> Any:
@@ -300,6 +328,18 @@ class AOTFunction:
             if tensor is not None:
                 constants.append(_Constant(record, *(self.constant_holder(tensor) or (None, ""))))
         return constants
+
+
+def _changes(j: int, old: Any, new: Any) -> list[str]:
+    """What differs between part ``j`` of two cache keys (``_key``), in words."""
+    if j < 2:
+        return ["grad mode" if j else "the argument structure"]
+    if isinstance(new, tuple) and len(new) == 2 and isinstance(new[0], type):  # a guarded value: (type, value)
+        new = new[1]
+        old = old[1] if isinstance(old, tuple) and len(old) == 2 else old
+        if hasattr(new, "changes_since"):  # a module's attributes, by name
+            return new.changes_since(old)
+    return [f"argument leaf {j - 2}: {old!r} -> {new!r}"]
 
 
 def _no_outputs(_tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -136,8 +136,10 @@ class ModuleGuard:
         self._snapshot()
 
     def _snapshot(self) -> None:
+        paths = [path for path, _ in self.module.named_modules()]
         self.dicts = [m.__dict__ for m in self.module.modules()]
         self.plain_names = [tuple(k for k, v in d.items() if _plain(v)) for d in self.dicts]
+        self.attribute_names = tuple(zip(paths, self.plain_names))
         self.structure = self._structure()
         self.state = module_state(self.module)
 
@@ -158,8 +160,21 @@ class ModuleGuard:
         except KeyError:  # an attribute was deleted: look again
             self._snapshot()
             attributes = tuple(tuple(d[k] for k in names) for d, names in zip(self.dicts, self.plain_names))
-        return self.state, _Attributes(attributes)
+        attributes = _Attributes(attributes)
+        attributes.names = self.attribute_names
+        return self.state, attributes
 
 
 class _Attributes(tuple):
-    """A module's plain attributes as one guard value (one pytree leaf, hashed once per call)."""
+    """A module's plain attributes as one guard value (one pytree leaf, hashed once per call).
+    ``names``: per submodule, its path and attribute names (for saying what changed)."""
+
+    names: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def changes_since(self, old: Any) -> list[str]:
+        """``path.name: old -> new`` for each attribute whose value differs from ``old``'s."""
+        if not isinstance(old, _Attributes) or old.names != self.names:
+            return ["the module's attributes"]
+        return [f"{path + '.' if path else ''}{name}: {a!r} -> {b!r}"
+                for (path, keys), before, now in zip(self.names, old, self) for name, a, b in zip(keys, before, now)
+                if a != b]

@@ -686,3 +686,29 @@ def test_weight_and_spectral_norm_train_as_in_eager(norm, compiler):
         torch.testing.assert_close(a, b)
     if "hook" in norm:
         torch.testing.assert_close(model.weight, eager.weight)
+
+
+def test_a_counter_bumped_in_forward_recaptures_every_call_and_says_so():
+    """``self.steps += 1`` (a Python int the forward reads) is part of the guard: every call captures
+    again, which keeps eager's values; at the 8th capture a RecaptureWarning names the attribute."""
+    from reftrace.compile import RecaptureWarning
+
+    class Counts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+            self.steps = 0
+
+        def forward(self, x):
+            self.steps += 1
+            return self.fc(x).sum() * (2.0 if self.steps % 2 else 1.0)
+
+    torch.manual_seed(0)
+    eager, model = Counts(), Counts()
+    model.load_state_dict(eager.state_dict())
+    compiled = aot_module(model, nop)
+    x = torch.randn(2, 3)
+    with pytest.warns(RecaptureWarning, match=r"captured and compiled 8 times.*steps: 6 -> 7"):
+        for _ in range(8):
+            torch.testing.assert_close(compiled(x), eager(x))
+    assert model.steps == eager.steps == 8
