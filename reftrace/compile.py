@@ -5,7 +5,9 @@ from reftrace.torch_bridge.compilers import (default_partition, make_boxed_compi
                                              xla_compile)
 from reftrace.torch_bridge.drawing import draw_graph
 from reftrace.torch_bridge.dynamo import reftrace_backend
+from reftrace.torch_bridge.openmp import throttle_openmp_spinning
 
 __all__ = ["aot_function", "aot_module", "draw_graph", "make_boxed_func", "make_boxed_compiler", "nop",
            "print_compile", "ts_compile", "xla_compile", "default_partition",
-           "min_cut_rematerialization_partition", "AOTFunction", "AOTModule", "RecaptureWarning", "reftrace_backend"]
+           "min_cut_rematerialization_partition", "AOTFunction", "AOTModule", "RecaptureWarning", "reftrace_backend",
+           "throttle_openmp_spinning"]

@@ -712,3 +712,42 @@ def test_a_counter_bumped_in_forward_recaptures_every_call_and_says_so():
         for _ in range(8):
             torch.testing.assert_close(compiled(x), eager(x))
     assert model.steps == eager.steps == 8
+
+
+_SPIN_PROBE = r"""
+import os, threading, time, torch
+from reftrace.compile import throttle_openmp_spinning
+
+def others_cpu_ms_after_a_parallel_op():
+    # CPU the process's other threads burn while this one sleeps right after a parallel torch op
+    tick = os.sysconf("SC_CLK_TCK")
+    def cpu():
+        me, total = str(threading.get_native_id()), 0
+        for tid in os.listdir("/proc/self/task"):
+            if tid != me:
+                fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        return total / tick * 1e3
+    x, before = torch.randn(256, 512), cpu()
+    for _ in range(20):
+        x.sum()
+        time.sleep(0.03)
+    return (cpu() - before) / 20
+
+spinning = others_cpu_ms_after_a_parallel_op()
+print(spinning, throttle_openmp_spinning(), others_cpu_ms_after_a_parallel_op())
+"""
+
+
+def test_throttled_openmp_workers_stop_spinning_after_a_torch_op():
+    """Where torch's OpenMP workers spin after a parallel op (libgomp's default, more than one
+    thread), ``throttle_openmp_spinning`` makes them sleep at once: the CPU the idle process burns
+    after each op drops from milliseconds to almost none."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", _SPIN_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    spinning, throttled, after = out.stdout.split()
+    if float(spinning) < 1.0:
+        pytest.skip(f"torch's OpenMP workers do not spin here ({spinning} ms of CPU after an op)")
+    assert throttled == "True"
+    assert float(after) < 0.25 * float(spinning), (spinning, after)
