@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from reftrace import primitives as P
 from reftrace.backends import jax_nn  # noqa: F401 - its rows complete jax_rules
 from reftrace.backends.jax_rules import jax_rules
 from reftrace.backends.signature import check_args, is_torch_tensor
@@ -42,9 +43,49 @@ def _literal(lit: Literal) -> Any:
 
 def graph_function(graph: Graph):
     """A plain Python function running ``graph`` with jax ops (jit it, vmap it, grad it)."""
+    exact = rounded_divisions(graph)
+
+    def apply(eqn: Eqn, args: Sequence[Any]) -> Sequence[Any]:
+        return (_ieee_div(*args),) if id(eqn) in exact else _apply(eqn, args)
+
     def run(*args: Any) -> tuple[Any, ...]:
-        return tuple(eval_graph(graph, args, _apply, _literal))
+        return tuple(eval_graph(graph, args, apply if exact else _apply, _literal))
     return run
+
+
+_ROUNDING = frozenset({P.floor_p, P.ceil_p, P.round_p, *P.COMPARISONS})
+
+
+def rounded_divisions(graph: Graph) -> set[int]:
+    """``id``s of ``graph``'s floating divisions whose quotient goes straight into a rounding, a
+    comparison or an integer conversion (``trunc(a / b)``, histogram bins, ``(x / step).floor()``).
+
+    XLA turns ``a / b`` into ``a * (1 / b)`` where ``b`` is a broadcast or a constant, which is off by one
+    unit in the last place for about a third of the quotients: harmless for a value, but it moves a
+    quotient that torch computes as exactly 3.0 to 2.9999999999999996, and ``trunc`` then gives 2.
+    These divisions are lowered as IEEE divisions (``_ieee_div``), as torch and numpy compute them.
+    """
+    users: dict[Var, list[Eqn]] = {}
+    for eqn in graph.eqns:
+        for a in eqn.inputs:
+            if isinstance(a, Var):
+                users.setdefault(a, []).append(eqn)
+
+    def rounds(user: Eqn) -> bool:
+        if user.primitive is P.convert_element_type_p:
+            return not P.is_inexact(user.params["new_dtype"])
+        return user.primitive in _ROUNDING
+
+    return {id(e) for e in graph.eqns if e.primitive is P.div_p and P.is_float(e.outputs[0].aval.dtype)
+            and any(rounds(u) for u in users.get(e.outputs[0], ()))}
+
+
+def _ieee_div(x: Any, y: Any) -> Any:
+    """``x / y`` rounded once, as IEEE division: the divisor, made a full array behind an optimization
+    barrier, is neither a broadcast nor a constant to XLA, which then divides element by element."""
+    import jax.numpy as jnp
+    x, y = jnp.broadcast_arrays(x, y)
+    return x / jax.lax.optimization_barrier(y)
 
 
 def tensor_to_jax(tensor: Any, index: int, host_numpy: bool = False) -> Any:

@@ -31,7 +31,7 @@ from reftrace.errors import (DataDependentControlFlowError, ReftraceError, Shape
 from reftrace.graph import Aval, Graph, Literal
 from reftrace.primitives import checked
 from reftrace.lax import TracedArray
-from reftrace.torch_bridge.aten import NodeContext, aten_rules
+from reftrace.torch_bridge.aten import NodeContext, rule_for
 from reftrace.torch_bridge.aten import _common
 from reftrace.torch_bridge.user_frames import innermost_user_frame
 from reftrace.transforms.simplify import eliminate_dead_code
@@ -189,9 +189,9 @@ class Translator:
             result = straight_through(self._read(args[0], False), self._read(args[1], False))
             self._bind(metas, [result], stops)
             return
-        rule, mutated = aten_rules.get(op), None
+        rule, mutated = rule_for(op), None
         if rule is None and (functional := functional_variant(op)) is not None:
-            rule, mutated = aten_rules.get(functional), args[0]
+            rule, mutated = rule_for(functional), args[0]
         a, k = self._arg(args, stops), self._arg(kwargs, stops)
         poisoned = next((x for x in pytree.tree_leaves((a, k)) if isinstance(x, _Unsupported)), None)
         if poisoned is not None:

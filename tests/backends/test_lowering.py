@@ -366,3 +366,24 @@ def test_jax_backend_names_a_tensor_on_a_device_it_cannot_read():
     g = rt.trace(lambda a: lax.stop_gradient(a), np.zeros(2, F32))
     with pytest.raises(ArgumentError, match=r"argument 0 .* torch tensor on meta.*tensor\.cpu\(\)"):
         rt.lower(g, "jax")(torch.zeros(2, device="meta"))
+
+
+def test_a_quotient_that_is_rounded_is_divided_as_torch_divides():
+    """XLA multiplies by the reciprocal of a broadcast or constant divisor (one unit in the last place
+    off for a third of the quotients). Where the quotient is rounded to an integer, compared or
+    converted, that moves results by one (``trunc(0.3 / 0.1)`` is 2 in torch, 3 through a reciprocal
+    here and there): those divisions are IEEE divisions in XLA too. A quotient kept as a value may
+    still differ by one unit in the last place (XLA's own rounding)."""
+    from reftrace.compile import aot_function, xla_compile
+    x = torch.arange(0, 3000, dtype=torch.float64) * 0.1
+    cases = {"trunc division": lambda x: torch.div(x, 0.1, rounding_mode="trunc"),
+             "floor of a quotient": lambda x: (x / 0.1).floor(),
+             "quotient to int": lambda x: (x / 0.3).long(),
+             "quotient compared": lambda x: x / 0.7 < torch.arange(3000, dtype=torch.float64) / 7,
+             "round to tens": lambda x: torch.round(x * 7, decimals=-1),
+             "histogram": lambda x: torch.histc(x, 37)}
+    for name, fn in cases.items():
+        assert torch.equal(aot_function(fn, xla_compile)(x), fn(x)), name
+    graph = rt.trace(lambda a, b: (lax.floor(lax.div(a, b)), lax.div(a, b)), np.ones(3), np.ones(3))
+    from reftrace.backends.jax import rounded_divisions
+    assert [e.primitive for e in graph.eqns if id(e) in rounded_divisions(graph)] == [P.div_p]

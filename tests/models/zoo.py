@@ -91,6 +91,18 @@ def llama() -> torch.nn.Module:
     return LlamaForCausalLM(cfg).train()
 
 
+def mixtral() -> torch.nn.Module:
+    """Mixture of experts: top-2 routing over 4 experts; transformers runs the experts through one grouped
+    matrix product (``torch._grouped_mm`` in eager, its own ``transformers::grouped_mm_fallback`` op
+    while compiling), with the tokens-per-expert offsets counted by ``torch.histc``."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                        num_local_experts=4, num_experts_per_tok=2, attention_dropout=0.0, use_cache=False,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return MixtralForCausalLM(cfg).train()
+
+
 class EncoderClassifier(torch.nn.Module):
     """torch.nn.TransformerEncoder over embeddings, mean-pooled over unpadded positions."""
 
@@ -181,6 +193,7 @@ CASES: dict[str, StepCase] = {
     "gpt2_logits_loss": StepCase(gpt2, _no_args, _next_token_loss, make_kwargs=_lm_kwargs_without_labels),
     "bert": StepCase(bert, _no_args, _model_loss, make_kwargs=_mlm_kwargs),
     "llama": StepCase(llama, _no_args, _model_loss, make_kwargs=_lm_kwargs),
+    "mixtral": StepCase(mixtral, _no_args, _model_loss, make_kwargs=_lm_kwargs),
     "transformer_encoder": StepCase(EncoderClassifier, lambda: (_ids(), _padding_mask()), _classification_loss(2)),
     "lstm": StepCase(LSTMClassifier, lambda: (torch.randn(2, 5, 8),), _classification_loss(2)),
 }

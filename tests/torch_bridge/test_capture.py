@@ -265,6 +265,15 @@ REDUCTIONS = {
                                     torch.bucketize(x, torch.tensor([-1.0, 0.0, 0.5], dtype=f64)),
                                     torch.bucketize(i, torch.tensor([-1, 0, 2]), right=True)),
                       (x2345[0], randint(-3, 4, 4, 2, seed=18))),
+    # torch's CPU histc bins e to trunc((e - min) * bins / (max - min)) in e's dtype: values on bin edges
+    # (0.3 * 10 is 3.0000000000000004 in float64, 3.0 in float32), the top edge in the last bin, values
+    # outside and NaN uncounted, the data's range where min == max, a one-value range widened by 1
+    "histogram": (lambda x, e: (torch.histc(x, 4, 0, 3), torch.histc(x[:-1]), torch.histc(x, 5, -1.5, 1.5),
+                                torch.histc(e, 10, 0, 1), torch.histc(e.float(), 10, 0, 1),
+                                torch.histc(e.half(), 10, 0, 1), torch.histc(torch.full_like(e, 2.0), 3),
+                                torch.histc(e[:0], 4)),
+                  (torch.cat([torch.arange(-2.0, 4.5, 0.5, dtype=f64), torch.tensor([float("nan")], dtype=f64)]),
+                   torch.tensor([0.0, 0.1, 0.2, 0.3, 0.6, 0.7, 0.9, 1.0, 1.1, -0.1], dtype=f64))),
 }
 
 
@@ -307,6 +316,33 @@ LINALG = {
 def test_contractions(case):
     fn, args = LINALG[case]
     check(fn, *args)
+
+
+@pytest.mark.parametrize("compiler", ["nop", "xla"])
+def test_grouped_matrix_products_match_eager(compiler):
+    """``torch._grouped_mm`` (mixture-of-experts layers; torch's fake kernel takes bfloat16): rows grouped by
+    ``offs`` (an empty group, rows past the last group, which torch leaves unwritten and reftrace
+    zeroes), the contraction grouped, and a plain batch; values and gradients against eager's."""
+    from reftrace.compile import aot_function, nop, xla_compile
+    bf16 = torch.bfloat16
+    grouped = aot_function(lambda a, b, offs: torch._grouped_mm(a, b, offs=offs), {"nop": nop, "xla": xla_compile}[compiler])
+    cases = [(randn(10, 8, seed=60), randn(3, 8, 8, seed=61), torch.tensor([3, 3, 8], dtype=torch.int32), 8),
+             (randn(8, 16, seed=62), randn(16, 8, seed=63), torch.tensor([4, 8, 16], dtype=torch.int32), None)]
+    for a, b, offs, rows in cases:
+        a, b = a.to(bf16).requires_grad_(), b.to(bf16).requires_grad_()
+        got, want = grouped(a, b, offs), torch._grouped_mm(a, b, offs=offs)
+        keep = slice(rows)
+        torch.testing.assert_close(got[keep], want[keep])
+        if rows is not None:
+            assert torch.equal(got[rows:], torch.zeros_like(got[rows:]))
+        cotangent = torch.linspace(-1, 1, want[keep].numel()).reshape(want[keep].shape).to(bf16)
+        got_grads = torch.autograd.grad(got[keep], (a, b), cotangent)
+        want_grads = torch.autograd.grad(want[keep], (a, b), cotangent)
+        torch.testing.assert_close(got_grads[0][keep], want_grads[0][keep])
+        torch.testing.assert_close(got_grads[1], want_grads[1])
+    x, y = randn(3, 8, 8, seed=64).to(bf16), randn(3, 8, 8, seed=65).to(bf16)
+    batched = aot_function(lambda x, y: torch._grouped_mm(x, y), {"nop": nop, "xla": xla_compile}[compiler])
+    torch.testing.assert_close(batched(x, y), torch._grouped_mm(x, y))
 
 
 # ----------------------------------------------------------------------------- nn functional

@@ -29,12 +29,22 @@ aten_rules: dict[Any, Callable[..., Any]] = {}
 
 
 def register(*ops: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: ``@register(aten.add.Tensor, aten.add.Scalar)`` makes ``fn`` the row for each op."""
+    """Decorator: ``@register(aten.add.Tensor, aten.add.Scalar)`` makes ``fn`` the row for each op. An op
+    another library defines, which may not be loaded, is named by its qualified name
+    (``"transformers::grouped_mm_fallback"``, ``OpOverload.name()``); ``rule_for`` finds either."""
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         for op in ops:
             aten_rules[op] = fn
         return fn
     return deco
+
+
+def rule_for(op: Any) -> Callable[..., Any] | None:
+    """The row for ``op``: by the OpOverload, else by its qualified name (ops of other libraries)."""
+    rule = aten_rules.get(op)
+    if rule is None and hasattr(op, "name"):
+        rule = aten_rules.get(op.name())
+    return rule
 
 
 # ----------------------------------------------------------------------------- the op being translated

@@ -35,6 +35,47 @@ def bmm(a: Any, b: Any) -> Any:
     return _dot(a, b, (2, 1), ((0,), (0,)))
 
 
+@register(aten._grouped_mm.default, "transformers::grouped_mm_fallback")
+def grouped_mm(a: Any, b: Any, offs: Any = None, bias: Any = None, out_dtype: Any = None) -> Any:
+    """Matrix products per group (mixture-of-experts layers). ``offs`` holds each group's end along the
+    grouped dimension: 2d x 3d groups ``a``'s rows (row ``r`` times ``b[g]`` for the group ``g`` holding
+    it), 2d x 2d groups the contraction (``out[g]`` sums over group ``g``'s columns of ``a``); 3d x 3d is
+    a batched product. Computed densely, every group on every row, then selected: G times the
+    arithmetic of the grouped kernel, for the same values; rows past the last group are 0 (the kernel
+    leaves them unwritten). transformers' MoE layers call their own 2d x 3d op while compiling, where
+    torch's fake ``_grouped_mm`` takes bfloat16 only."""
+    d = out_aval().dtype
+    a, b = cast(a, d), cast(b, d)
+    grouped = offs is not None
+    if bias is not None or (a.ndim, b.ndim, grouped) not in ((3, 3, False), (2, 3, True), (2, 2, True)):
+        raise unsupported(f"_grouped_mm of a {a.ndim}-d and a {b.ndim}-d tensor {'with' if grouped else 'without'} "
+                          f"offs{' and with a bias' if bias is not None else ''} (covered, without a bias: 2d x 3d "
+                          "and 2d x 2d with offs, 3d x 3d without)")
+    if not grouped:
+        return lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))))
+    groups = offs.shape[0]
+    if a.ndim == 2 and b.ndim == 3:  # a (S, K), b (G, K, N) -> (S, N)
+        rows = a.shape[0]
+        every = lax.dot_general(a, b, (((1,), (1,)), ((), ())))  # (S, G, N)
+        member = _group_membership(offs, rows)  # (S, G)
+        mask = lax.broadcast_in_dim(member, every.shape, (0, 1))
+        return lax.reduce_sum(lax.select(mask, every, literal(0, d)), (1,))
+    # a (M, K), b (K, N) -> (G, M, N), group g contracting over its columns of a
+    member = lax.transpose(_group_membership(offs, a.shape[1]), (1, 0))  # (G, K)
+    masked = lax.select(lax.broadcast_in_dim(member, (groups,) + a.shape, (0, 2)),
+                        lax.broadcast_in_dim(a, (groups,) + a.shape, (1, 2)), literal(0, d))
+    return lax.dot_general(masked, b, (((2,), (0,)), ((), ())))
+
+
+def _group_membership(offs: Any, n: int) -> Any:
+    """(n, G) booleans: index ``i`` belongs to group ``g`` (``offs[g-1] <= i < offs[g]``, from 0)."""
+    groups = offs.shape[0]
+    ends = lax.broadcast_in_dim(cast(offs, np.int64), (n, groups), (1,))
+    index = lax.iota(np.int64, (n, groups), 0)
+    group_of = lax.reduce_sum(cast(lax.le(ends, index), np.int64), (1,))  # how many groups end at or before i
+    return lax.eq(lax.broadcast_in_dim(group_of, (n, groups), (0,)), lax.iota(np.int64, (n, groups), 1))
+
+
 @register(aten.mv.default)
 def mv(a: Any, v: Any) -> Any:
     return _dot(a, v, (1, 0))

@@ -271,6 +271,37 @@ def bucketize(values: Any, boundaries: Any, *, out_int32: bool = False, right: b
     return lax.reshape(_search(boundaries, flat, right), values.shape)
 
 
+@register(aten.histc.default)
+def histc(x: Any, bins: int = 100, min: Any = 0, max: Any = 0) -> Any:
+    """Counts of ``x`` in ``bins`` equal bins over ``[min, max]`` (the data's range where ``min == max``,
+    widened by 1 each way where that is one value), as torch's CPU kernel bins them: element ``e`` goes
+    to bin ``trunc((e - min) * bins / (max - min))`` in ``x``'s dtype, the last bin takes ``max``,
+    elements outside the range and NaN are not counted. Counts carry no gradient (torch has none). Where
+    the data's range is not finite (a NaN or an infinity in ``x``), torch raises; the counts are NaN."""
+    d = out_aval().dtype
+    if not P.is_float(d):
+        raise unsupported(f"histc of {x.dtype} (torch's CPU kernel takes floating tensors only)")
+    if not (np.isfinite(min) and np.isfinite(max)) or min > max:
+        raise unsupported(f"histc over [{min}, {max}]: torch needs a finite range with min <= max")
+    flat = lax.stop_gradient(lax.reshape(cast(x, d), (x.size,)))
+    data_range = min == max and x.size > 0
+    if data_range:
+        lo, hi = lax.reduce_min(flat, (0,)), lax.reduce_max(flat, (0,))
+    else:
+        lo, hi = literal(min, d), literal(max, d)
+    finite = lax.logical_and(lax.is_finite(lo), lax.is_finite(hi))
+    same = lax.eq(lo, hi)
+    lo = lax.select(same, lax.sub(lo, literal(1, d)), lo)
+    hi = lax.select(same, lax.add(hi, literal(1, d)), hi)
+    inside = lax.logical_and(lax.ge(flat, lo), lax.le(flat, hi))
+    scaled = lax.div(lax.mul(lax.sub(flat, lo), literal(bins, d)), lax.sub(hi, lo))
+    pos = lax.min(lax.convert_element_type(scaled, np.int64), literal(bins - 1, np.int64))  # max: the last bin
+    pos = lax.select(inside, pos, literal(-1, np.int64))  # counted nowhere
+    hit = lax.eq(lax.broadcast_in_dim(pos, (x.size, bins), (0,)), lax.iota(np.int64, (x.size, bins), 1))
+    counts = lax.reduce_sum(cast(hit, d), (0,))
+    return lax.select(finite, counts, literal(np.nan, d)) if data_range else counts
+
+
 @register(aten._safe_softmax.default)
 def safe_softmax(x: Any, dim: int, dtype: Any = None) -> Any:
     """softmax whose rows of all ``-inf`` are 0, with a finite gradient there (torch's own backward)."""
