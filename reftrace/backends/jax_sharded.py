@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from reftrace.backends.jax import graph_function, tensor_to_jax
+from reftrace.backends.jax import XLA_OPTIONS, graph_function, tensor_to_jax
 from reftrace.backends.signature import check_args, is_torch_tensor
 from reftrace.errors import ArgumentError
 from reftrace.graph import Graph
@@ -47,7 +47,7 @@ class ShardedJaxExecutable:
                               tuple(NamedSharding(mesh, PartitionSpec(*s)) for s in out_specs))
         self._in = tuple(NamedSharding(self._mesh, PartitionSpec(*s)) for s in in_specs)
         out = None if out_specs is None else tuple(NamedSharding(self._mesh, PartitionSpec(*s)) for s in out_specs)
-        self._jitted = jax.jit(graph_function(graph), in_shardings=self._in,
+        self._jitted = jax.jit(graph_function(graph), in_shardings=self._in, compiler_options=XLA_OPTIONS,
                                **({} if out is None else {"out_shardings": out}))
         self._compiled: Any = None  # the arguments' avals are the graph's: one XLA executable serves every call
 

@@ -60,14 +60,29 @@ def rsub(x: Any, y: Any, alpha: Any = 1) -> Any:
     return sub(y, x, alpha)
 
 
+def _by_a_scalar_in_float32(prim: P.Primitive, x: Any, y: Any, d: Any) -> Any | None:
+    """torch's CPU kernels multiply or divide a float16/bfloat16 tensor by a 0-dim second operand (a
+    Python number, a 0-dim tensor) in float32, the operand unrounded, and round the result once
+    (``bf16 3.0 * 1.3`` is 3.90625, where ``1.3`` rounded to bfloat16 first gives 3.890625). None where
+    that does not apply (``add``/``sub`` round the number to the tensor's dtype, as the rest do)."""
+    if not (P.is_float(d) and np.dtype(d).itemsize == 2) or (is_tensor(y) and y.ndim != 0) or isinstance(y, bool):
+        return None
+    return cast(elementwise(prim, x, y, dtype=np.float32), d)
+
+
 @register(aten.mul.Tensor, aten.mul.Scalar)
 def mul(x: Any, y: Any) -> Any:
     d = _out_dtype()
-    return elementwise(P.and_p if P.is_bool(d) else P.mul_p, x, y, dtype=d)
+    if P.is_bool(d):
+        return elementwise(P.and_p, x, y, dtype=d)
+    scaled = _by_a_scalar_in_float32(P.mul_p, x, y, d)
+    return elementwise(P.mul_p, x, y, dtype=d) if scaled is None else scaled
 
 
 def _true_div(x: Any, y: Any) -> Any:
-    return elementwise(P.div_p, x, y, dtype=float_dtype(_out_dtype()))
+    d = float_dtype(_out_dtype())
+    scaled = _by_a_scalar_in_float32(P.div_p, x, y, d)
+    return elementwise(P.div_p, x, y, dtype=d) if scaled is None else scaled
 
 
 def _floor_div_float(a: Any, b: Any) -> Any:

@@ -34,12 +34,20 @@ def sum_all(x: Any, *, dtype: Any = None) -> Any:
     return sum_dim(x, None)
 
 
+def _opmath(d: Any) -> np.dtype:
+    """The dtype torch's CPU kernels compute a float16/bfloat16 reduction in (float32), else ``d``."""
+    d = np.dtype(d)
+    return np.dtype(np.float32) if P.is_float(d) and d.itemsize == 2 else d
+
+
 @register(aten.mean.dim)
 def mean_dim(x: Any, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Any:
+    """Summed and divided in float32 for float16/bfloat16, rounded once (torch's ``mean_out``)."""
     axes = norm_dims(dim, x.ndim)
     d = float_dtype(out_aval().dtype)
-    total = lax.reduce_sum(cast(x, d), axes)
-    return keep_dims(lax.div(total, literal(_count(x.shape, axes), d)), x.shape, axes, keepdim)
+    c = _opmath(d)
+    total = lax.reduce_sum(cast(x, c), axes)
+    return cast(keep_dims(lax.div(total, literal(_count(x.shape, axes), c)), x.shape, axes, keepdim), d)
 
 
 @register(aten.mean.default)
@@ -126,9 +134,9 @@ register(aten.all.default, aten.all.dim, aten.all.dims)(_logical_reduce(P.reduce
 
 def _moments(x: Any, dim: Any, correction: Any, keepdim: bool) -> tuple[Any, Any]:
     """(variance with ``correction`` degrees of freedom, mean), two-pass for accuracy. A complex
-    variance is the mean squared modulus, real."""
+    variance is the mean squared modulus, real. float16/bfloat16 in float32 (the callers round once)."""
     axes = norm_dims(dim, x.ndim)
-    d = float_dtype(x.dtype)
+    d = _opmath(float_dtype(x.dtype))
     x = cast(x, d)
     n = _count(x.shape, axes)
     mean = lax.div(lax.reduce_sum(x, axes), literal(n, d))
@@ -143,29 +151,30 @@ def _moments(x: Any, dim: Any, correction: Any, keepdim: bool) -> tuple[Any, Any
 
 @register(aten.var.correction)
 def var(x: Any, dim: Any = None, *, correction: Any = None, keepdim: bool = False) -> Any:
-    return _moments(x, dim, correction, keepdim)[0]
+    return cast(_moments(x, dim, correction, keepdim)[0], out_aval().dtype)
 
 
 @register(aten.var.dim)
 def var_dim(x: Any, dim: Any = None, unbiased: bool = True, keepdim: bool = False) -> Any:
-    return _moments(x, dim, 1 if unbiased else 0, keepdim)[0]
+    return cast(_moments(x, dim, 1 if unbiased else 0, keepdim)[0], out_aval().dtype)
 
 
 @register(aten.var_mean.correction)
 def var_mean(x: Any, dim: Any = None, *, correction: Any = None, keepdim: bool = False) -> tuple[Any, Any]:
-    return _moments(x, dim, correction, keepdim)
+    v, m = _moments(x, dim, correction, keepdim)
+    return cast(v, out_aval(0).dtype), cast(m, out_aval(1).dtype)
 
 
 @register(aten.std.correction)
 def std(x: Any, dim: Any = None, *, correction: Any = None, keepdim: bool = False) -> Any:
     """``sqrt(var)`` with gradient 0 where the variance is 0 (torch's std_backward masks it)."""
-    return _root_of_zero_safe(_moments(x, dim, correction, keepdim)[0], 2)
+    return cast(_root_of_zero_safe(_moments(x, dim, correction, keepdim)[0], 2), out_aval().dtype)
 
 
 @register(aten.std_mean.correction)
 def std_mean(x: Any, dim: Any = None, *, correction: Any = None, keepdim: bool = False) -> tuple[Any, Any]:
     v, m = _moments(x, dim, correction, keepdim)
-    return _root_of_zero_safe(v, 2), m
+    return cast(_root_of_zero_safe(v, 2), out_aval(0).dtype), cast(m, out_aval(1).dtype)
 
 
 def _scan(prim: P.Primitive):
