@@ -532,3 +532,19 @@ def test_reduced_precision_results_equal_eager(compiler, dtype):
         if not ok:
             different.append(name)
     assert different == []
+
+
+@pytest.mark.parametrize("fn", [lambda x: x // 0, lambda x: x % 0, lambda x: torch.fmod(x, 0),
+                                lambda x: torch.div(x, 0, rounding_mode="trunc")],
+                         ids=["floordiv", "remainder", "fmod", "trunc"])
+def test_integer_division_by_the_number_zero_is_refused(fn):
+    """Eager raises ZeroDivisionError; XLA would return some integer. A float division by 0 is inf or NaN,
+    as eager."""
+    x = torch.tensor([3, -5])
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        fn(x)
+    for compiler in (nop, xla_compile):
+        with pytest.raises(rt.ReftraceError, match="ZeroDivisionError"):
+            aot_function(fn, compiler)(x)
+        torch.testing.assert_close(aot_function(fn, compiler)(x.double()), fn(x.double()), rtol=0, atol=0,
+                                   equal_nan=True)

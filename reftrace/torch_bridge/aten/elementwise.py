@@ -13,9 +13,10 @@ import torch
 
 from reftrace import lax, nn
 from reftrace import primitives as P
-from reftrace.torch_bridge.aten._common import (aten, bcast, bcast_full, broadcast_shapes, cast, elementwise,
-                                                float_dtype, is_tensor, literal, out_aval, promote, register,
-                                                unsupported)
+from reftrace.errors import TracingError
+from reftrace.torch_bridge.aten._common import (aten, bcast, bcast_full, broadcast_shapes, cast, current,
+                                                elementwise, float_dtype, is_tensor, literal, out_aval, promote,
+                                                register, unsupported)
 
 
 def _out_dtype() -> np.dtype:
@@ -102,6 +103,15 @@ def _floor_div_float(a: Any, b: Any) -> Any:
     return lax.select(lax.eq(b, zero), true_div, result)
 
 
+def _refuse_integer_division_by_zero(y: Any, d: Any) -> None:
+    """Eager torch raises ZeroDivisionError for an integer division by 0; a graph cannot raise at run time
+    (XLA returns some integer), so a literal 0 divisor is refused while capturing. A tensor divisor that
+    holds a 0 is data: its quotient is whatever the backend's integer division gives."""
+    if not P.is_inexact(d) and not P.is_bool(d) and not is_tensor(y) and not isinstance(y, bool) and y == 0:
+        raise TracingError(f"{current().op}: integer division by the number 0 (eager torch raises "
+                           "ZeroDivisionError)")
+
+
 def _floor_div_int(a: Any, b: Any) -> Any:
     q, r = lax.div(a, b), lax.rem(a, b)
     zero = literal(0, a.dtype)
@@ -124,6 +134,7 @@ def div_mode(x: Any, y: Any, rounding_mode: str | None = None) -> Any:
     if rounding_mode is None:
         return _true_div(x, y)
     d = _out_dtype()
+    _refuse_integer_division_by_zero(y, d)
     if rounding_mode == "trunc":
         if P.is_float(d):
             return trunc(elementwise(P.div_p, x, y, dtype=d))
@@ -134,6 +145,7 @@ def div_mode(x: Any, y: Any, rounding_mode: str | None = None) -> Any:
 @register(aten.floor_divide.default, aten.floor_divide.Scalar)
 def floor_divide(x: Any, y: Any) -> Any:
     d = _out_dtype()
+    _refuse_integer_division_by_zero(y, d)
     a, b = same_shape(x, y, d)
     return _floor_div_float(a, b) if P.is_float(d) else _floor_div_int(a, b)
 
@@ -142,6 +154,7 @@ def floor_divide(x: Any, y: Any) -> Any:
 def remainder(x: Any, y: Any) -> Any:
     """Python's ``%``: the result takes the sign of the divisor."""
     d = _out_dtype()
+    _refuse_integer_division_by_zero(y, d)
     a, b = same_shape(x, y, d)
     zero = literal(0, d)
     r = lax.rem(a, b)
@@ -151,6 +164,7 @@ def remainder(x: Any, y: Any) -> Any:
 
 @register(aten.fmod.Tensor, aten.fmod.Scalar)
 def fmod(x: Any, y: Any) -> Any:
+    _refuse_integer_division_by_zero(y, _out_dtype())
     return elementwise(P.rem_p, x, y, dtype=_out_dtype())
 
 
