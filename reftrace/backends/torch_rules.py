@@ -126,7 +126,7 @@ _UNARY = {
     P.erf_p: torch.erf, P.erfc_p: torch.erfc, P.erf_inv_p: torch.erfinv, P.lgamma_p: torch.lgamma,
     P.digamma_p: torch.digamma, P.floor_p: torch.floor, P.ceil_p: torch.ceil,
     P.round_p: torch.round,  # half to even, as lax.round with ROUND_TO_NEAREST_EVEN / jnp.round
-    P.neg_p: torch.neg, P.sign_p: torch.sgn, P.abs_p: torch.abs, P.is_finite_p: torch.isfinite,
+    P.neg_p: torch.neg, P.abs_p: torch.abs, P.is_finite_p: torch.isfinite,
     P.not_p: torch.bitwise_not,  # logical not on bool, bitwise not on integers
 }
 
@@ -283,6 +283,17 @@ torch_rules[P.reduce_max_p] = _extremum(torch.amax, "max")
 torch_rules[P.reduce_min_p] = _extremum(torch.amin, "min")
 torch_rules[P.reduce_and_p] = _logical_reduce(torch.all)
 torch_rules[P.reduce_or_p] = _logical_reduce(torch.any)
+
+
+def _sign(x: Any) -> Any:
+    """lax's sign: NaN and -0.0 stay as they are, where ``torch.sgn`` gives 0 for both."""
+    if not np.issubdtype(aval_of(x).dtype, np.floating):
+        return torch.sgn(_t(x))
+    t = _t(x)
+    return torch.where(torch.isnan(t) | (t == 0), t, torch.sgn(t))
+
+
+torch_rules[P.sign_p] = _sign
 
 
 def _arg_extremum(fn: Callable[..., Any]) -> Callable[..., Any]:

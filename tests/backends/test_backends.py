@@ -169,6 +169,20 @@ def test_integer_unary_ops_are_exact_beyond_2_53():
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])
+def test_sign_keeps_nan_and_signed_zeros_on_every_backend(dtype):
+    """lax's sign, whatever the backend: NaN stays NaN and -0.0 stays -0.0 (``torch.sgn`` gives 0 for
+    both; the torch bridge's ``aten.sign`` asks for that explicitly)."""
+    x = np.array([np.nan, -0.0, 0.0, -np.inf, 2.5, -1e-30], dtype)
+    check(op(P.sign_p), (x,), np.sign)
+    from reftrace.backends.jax import lower_jax
+    from reftrace.backends.torch import lower_torch
+    g = rt.trace(lambda a: lax.sign(a), x)
+    for got in (np.asarray(lower_jax(g)(x)[0]), lower_torch(g)(torch.from_numpy(x))[0].numpy()):
+        np.testing.assert_array_equal(np.signbit(got), [False, True, False, True, False, True])
+        assert np.isnan(got[0])
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
 def test_integer_pow_and_is_finite(dtype):
     x = rng(2).uniform(-2, 2, (5,)).astype(dtype)
     for y in (0, 1, 2, 3, -2, 5):

@@ -548,3 +548,11 @@ def test_integer_division_by_the_number_zero_is_refused(fn):
             aot_function(fn, compiler)(x)
         torch.testing.assert_close(aot_function(fn, compiler)(x.double()), fn(x.double()), rtol=0, atol=0,
                                    equal_nan=True)
+
+
+@pytest.mark.parametrize("compiler", [nop, xla_compile], ids=["nop", "xla"])
+def test_sign_of_nan_and_negative_zero_is_torchs(compiler):
+    """torch.sign gives 0 (not NaN) for NaN and +0.0 for -0.0; XLA's sign kept both."""
+    x = torch.tensor([float("nan"), -0.0, 0.0, -2.0, float("inf")])
+    got, want = aot_function(torch.sign, compiler)(x), torch.sign(x)
+    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())

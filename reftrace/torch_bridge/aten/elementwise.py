@@ -295,7 +295,13 @@ def abs_(x: Any) -> Any:
 
 @register(aten.sign.default, aten.sgn.default)
 def sign(x: Any) -> Any:
-    return x if P.is_bool(x.dtype) else lax.sign(x)
+    """torch's sign of a real float is 0 for NaN and for -0.0 (``(0 < x) - (x < 0)``), where lax's keeps both."""
+    if P.is_bool(x.dtype):
+        return x
+    if not P.is_float(x.dtype):
+        return lax.sign(x)
+    zero = literal(0, x.dtype)
+    return lax.select(lax.logical_or(lax.ne(x, x), lax.eq(x, zero)), zero, lax.sign(x))
 
 
 def _rounding(prim: P.Primitive):
