@@ -29,6 +29,7 @@ from reftrace.torch_bridge.compilers import default_partition, nop
 from reftrace.torch_bridge.tensors import device_of, example_tensors
 from reftrace.transforms.simplify import simplify
 from reftrace.transforms.vjp import output_dependencies, vjp
+from reftrace.transforms.zeros import with_zero_inputs
 
 Compiler = Callable[[torch.fx.GraphModule, Sequence[torch.Tensor]], Callable[..., Any]]
 
@@ -91,8 +92,11 @@ class PartitionedFunction:
         self.fw_gm, self.bw_gm = fw_gm, bw_gm
         self.compiled_fw = _compile(fw_compiler, fw_gm, list(example_inputs), "fw_compiler")
         bw_examples = _placeholder_examples(bw_gm, self.device)
+        self.bw_compiler = bw_compiler
         self.compiled_bw = _compile(bw_compiler, bw_gm, bw_examples, "bw_compiler")
-        self._double: dict[tuple[bool, ...], PartitionedFunction] = {}
+        self._partial_bw: dict[tuple[bool, ...], Callable[..., Any] | None] = {}
+        self._double: dict[tuple[tuple[bool, ...], tuple[int, ...]], PartitionedFunction] = {}
+        self._double_inference: dict[tuple[int, ...], InferenceFunction] = {}
         self._fn = _make_autograd_function(self)
 
     def reached(self, present: tuple[bool, ...]) -> frozenset[int]:
@@ -103,6 +107,29 @@ class PartitionedFunction:
             self._reached[present] = got
         return got
 
+    def backward_without(self, present: tuple[bool, ...]) -> Callable[..., Any] | None:
+        """The compiled backward for cotangents only where ``present`` says, taking ``(*saved, *those)``.
+
+        An output the caller does not use gets no cotangent in eager torch, and no part of the backward
+        runs for it; computing that part on zeros instead would turn ``0 * inf`` into NaN (``sqrt`` at 0
+        among outputs the loss does not read). So the missing cotangents are symbolic zeros
+        (``with_zero_inputs``), one backward compiled per pattern. None where the backward did not come
+        from a reftrace Graph (a functorch-style partitioner): zeros then stand in.
+        """
+        if present not in self._partial_bw:
+            graph = getattr(self.bw_gm, "reftrace_graph", None)
+            fn = None
+            if graph is not None:
+                first = len(graph.inputs) - len(present)
+                missing = [first + k for k, p in enumerate(present) if not p]
+                graph = simplify(with_zero_inputs(graph, range(first, len(graph.inputs)), missing))
+                names = [f"saved_{i + 1}" for i in range(first)]
+                names += [f"tangents_{k + 1}" for k, p in enumerate(present) if p]
+                gm = to_fx(graph, input_names=names, output_as_list=True, device=self.device)
+                fn = _compile(self.bw_compiler, gm, _placeholder_examples(gm, self.device), "bw_compiler")
+            self._partial_bw[present] = fn
+        return self._partial_bw[present]
+
     def zero_cotangent(self, k: int) -> torch.Tensor:
         """Zeros standing for the missing cotangent of the ``k``-th differentiable output."""
         aval = self.graph.outputs[self.ct_outputs[k]].aval
@@ -111,18 +138,19 @@ class PartitionedFunction:
     def __call__(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return self._fn.apply(*tensors)
 
-    def double_backward(self, primals: Sequence[torch.Tensor], cts: Sequence[torch.Tensor]
+    def double_backward(self, primals: Sequence[torch.Tensor], cts: Sequence[torch.Tensor | None]
                         ) -> Sequence[torch.Tensor]:
-        """Gradients as a differentiable function of (primals, cotangents)."""
-        args = list(primals) + list(cts)
-        pattern = tuple(bool(t.requires_grad) for t in args)
-        if not any(pattern):
-            saved_free = self._grads_inference()
+        """Gradients as a differentiable function of (primals, cotangents); a missing (None) cotangent
+        is a symbolic zero, as in ``backward_without``."""
+        missing = tuple(k for k, c in enumerate(cts) if c is None)
+        args = list(primals) + [c for c in cts if c is not None]
+        pattern = (tuple(bool(t.requires_grad) for t in args), missing)
+        if not any(pattern[0]):
+            saved_free = self._grads_inference(missing)
             return saved_free(args)
         fn = self._double.get(pattern)
         if fn is None:
-            j = self.joint
-            grads_graph = simplify(j.replace(outputs=j.outputs[self.num_outputs:], joint=None))
+            grads_graph = self._grads_graph(missing)
             wrt = [i for i, (t, v) in enumerate(zip(args, grads_graph.inputs))
                    if t.requires_grad and is_inexact(v.dtype)]
             fn = PartitionedFunction(grads_graph, wrt, (), fw_compiler=nop, bw_compiler=nop,
@@ -130,14 +158,21 @@ class PartitionedFunction:
             self._double[pattern] = fn
         return fn(args)
 
+    def _grads_graph(self, missing: tuple[int, ...]) -> Graph:
+        """The joint's gradients as a graph of (primals, the cotangents not ``missing``)."""
+        j = self.joint
+        grads = simplify(j.replace(outputs=j.outputs[self.num_outputs:], joint=None))
+        if not missing:
+            return grads
+        first = self.num_inputs
+        return simplify(with_zero_inputs(grads, range(first, len(grads.inputs)), [first + k for k in missing]))
 
-    def _grads_inference(self) -> "InferenceFunction":
-        fn = self._double.get(())
+    def _grads_inference(self, missing: tuple[int, ...]) -> "InferenceFunction":
+        fn = self._double_inference.get(missing)
         if fn is None:
-            j = self.joint
-            grads_graph = simplify(j.replace(outputs=j.outputs[self.num_outputs:], joint=None))
-            fn = self._double[()] = InferenceFunction(grads_graph, nop,
-                                                      example_tensors(grads_graph, device=self.device))
+            grads_graph = self._grads_graph(missing)
+            fn = self._double_inference[missing] = InferenceFunction(grads_graph, nop,
+                                                                     example_tensors(grads_graph, device=self.device))
         return fn
 
 
@@ -170,6 +205,19 @@ def _placeholder_examples(gm: torch.fx.GraphModule, device: torch.device | None)
     return out
 
 
+def _distinct(outputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The outputs, a tensor that stands at an earlier position too copied: two outputs the graph
+    computes as one value (``(x.exp(), x.exp())``, shared by simplification) are two tensors in eager,
+    so changing one in place must not change the other, and each gets its own cotangent. (Outputs
+    that are one tensor in eager, ``y, y``, are views the caller rebuilds after the call.)"""
+    seen: set[int] = set()
+    result = []
+    for t in outputs:
+        result.append(t.clone() if id(t) in seen else t)
+        seen.add(id(t))
+    return tuple(result)
+
+
 def _make_autograd_function(pf: PartitionedFunction) -> type[torch.autograd.Function]:
     n_in, n_out, wrt = pf.num_inputs, pf.num_outputs, pf.wrt
     nondiff = pf.nondiff_outputs
@@ -189,7 +237,7 @@ def _make_autograd_function(pf: PartitionedFunction) -> type[torch.autograd.Func
             # inputs about to be overwritten, which are copied; a random key is among them, so
             # double backward draws what this forward drew
             ctx.primals = [t.detach().clone() if i in mutated else t for i, t in enumerate(tensors)]
-            results = tuple(outs[:n_out])
+            results = _distinct(outs[:n_out])
             ctx.mark_non_differentiable(*[results[i] for i in nondiff])
             return results
 
@@ -201,11 +249,15 @@ def _make_autograd_function(pf: PartitionedFunction) -> type[torch.autograd.Func
             if not reached:
                 return tuple(result)
             saved, primals = ctx.saved_tensors, ctx.primals
-            cts = [grad_outputs[i] if p else pf.zero_cotangent(k)
-                   for k, (i, p) in enumerate(zip(ct_outputs, present))]
             if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
-                grads = pf.double_backward(primals, cts)
+                grads = pf.double_backward(primals, [grad_outputs[i] for i in ct_outputs])
+            elif (partial := None if all(present) else pf.backward_without(present)) is not None:
+                # missing cotangents are symbolic zeros
+                given = [grad_outputs[i].contiguous() for i, p in zip(ct_outputs, present) if p]
+                grads = call_compiled(partial, [*saved, *given])
             else:
+                cts = [grad_outputs[i] if p else pf.zero_cotangent(k)
+                       for k, (i, p) in enumerate(zip(ct_outputs, present))]
                 grads = call_compiled(pf.compiled_bw, [*saved, *(c.contiguous() for c in cts)])
             for i, g in zip(wrt, grads):
                 if i in reached:

@@ -556,3 +556,35 @@ def test_sign_of_nan_and_negative_zero_is_torchs(compiler):
     x = torch.tensor([float("nan"), -0.0, 0.0, -2.0, float("inf")])
     got, want = aot_function(torch.sign, compiler)(x), torch.sign(x)
     assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+
+
+@pytest.mark.parametrize("compiler", [nop, xla_compile], ids=["nop", "xla"])
+def test_an_output_the_loss_does_not_read_adds_nothing_to_the_gradient(compiler):
+    """Eager runs no backward for an output without a cotangent. With zeros in its place, ``0 * inf``
+    (``sqrt``'s slope at 0) made the gradient NaN where eager's is 2: missing cotangents are symbolic zeros."""
+    x = torch.tensor([0.0, 4.0], requires_grad=True)
+    _, doubled = aot_function(lambda x: (x.sqrt(), x * 2), compiler)(x)
+    doubled.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([2.0, 2.0]))
+    x.grad = None
+    root, doubled = aot_function(lambda x: (x.sqrt(), x * 2), compiler)(x)
+    (root.sum() + doubled.sum()).backward()  # both read: sqrt's infinite slope counts, as in eager
+    assert torch.equal(x.grad, torch.tensor([float("inf"), 2.25]))
+    _, squared = aot_function(lambda x: (x.sqrt(), x * x), compiler)(x)
+    (slope,) = torch.autograd.grad(squared.sum(), x, create_graph=True)  # double backward too
+    assert torch.equal(slope, torch.tensor([0.0, 8.0]))
+    assert torch.equal(torch.autograd.grad(slope.sum(), x)[0], torch.tensor([2.0, 2.0]))
+
+
+@pytest.mark.parametrize("compiler", [nop, xla_compile], ids=["nop", "xla"])
+def test_outputs_computed_alike_are_separate_tensors(compiler):
+    """``(x.exp(), x.exp())`` are two tensors in eager; the graph computes them once, and they used to come
+    back as one tensor, so ``a.add_(1)`` changed ``b`` too."""
+    x = torch.tensor([0.5, 1.0], requires_grad=True)
+    a, b = aot_function(lambda x: (x.exp(), x.exp()), compiler)(x)
+    assert a is not b
+    with torch.no_grad():
+        a.add_(1)
+    torch.testing.assert_close(b, x.exp())
+    y, same = aot_function(lambda x: (x * 2,) * 2, compiler)(x)
+    assert y is same  # one tensor in eager, one here

@@ -245,7 +245,7 @@ _FLOAT_UNARY = {
     aten.erfc.default: P.erfc_p, aten.erfinv.default: P.erf_inv_p, aten.asin.default: P.asin_p,
     aten.acos.default: P.acos_p, aten.atan.default: P.atan_p, aten.sinh.default: P.sinh_p,
     aten.cosh.default: P.cosh_p, aten.asinh.default: P.asinh_p, aten.acosh.default: P.acosh_p,
-    aten.atanh.default: P.atanh_p, aten.lgamma.default: P.lgamma_p, aten.digamma.default: P.digamma_p,
+    aten.atanh.default: P.atanh_p, aten.lgamma.default: P.lgamma_p,
 }
 
 
@@ -258,6 +258,19 @@ def _float_unary(prim: P.Primitive):
 
 for _op, _prim in _FLOAT_UNARY.items():
     register(_op)(_float_unary(_prim))
+
+
+def digamma_of(x: Any) -> Any:
+    """torch's digamma: ``-inf`` at +0.0 and ``inf`` at -0.0 (``-1 / x``, the pole's sign, with its slope
+    ``inf``), where XLA's is NaN. The digamma branch reads 1 at the pole, so its slope there is finite and
+    the branch not taken adds 0 to the gradient, not ``0 * inf``."""
+    one, pole = literal(1, x.dtype), lax.eq(x, literal(0, x.dtype))
+    return lax.select(pole, lax.div(lax.neg(one), x), lax.digamma(lax.select(pole, one, x)))
+
+
+@register(aten.digamma.default)
+def digamma(x: Any) -> Any:
+    return digamma_of(cast(x, float_dtype(_out_dtype())))
 
 
 @register(aten.exp2.default)

@@ -12,7 +12,7 @@ import torch
 
 from reftrace import lax
 from reftrace.torch_bridge.aten._common import aten, cast, float_dtype, literal, out_aval, register
-from reftrace.torch_bridge.aten.elementwise import same_shape
+from reftrace.torch_bridge.aten.elementwise import digamma_of, same_shape
 
 
 _BERNOULLI_2K = (1 / 6, -1 / 30, 1 / 42, -1 / 30, 5 / 66, -691 / 2730, 7 / 6)  # B_2, B_4, ..., B_14
@@ -63,7 +63,7 @@ def polygamma_of(n: int, x: Any) -> Any:
 def polygamma(n: int, x: Any) -> Any:
     y = cast(x, float_dtype(out_aval().dtype))
     if n == 0:
-        return lax.digamma(y)
+        return digamma_of(y)
     return polygamma_of(int(n), y)
 
 
