@@ -91,9 +91,10 @@ class PartitionedFunction:
         self.num_saved = len(fw_gm.graph.find_nodes(op="output")[0].args[0]) - self.num_outputs
         self.fw_gm, self.bw_gm = fw_gm, bw_gm
         self.compiled_fw = _compile(fw_compiler, fw_gm, list(example_inputs), "fw_compiler")
-        bw_examples = _placeholder_examples(bw_gm, self.device)
         self.bw_compiler = bw_compiler
-        self.compiled_bw = _compile(bw_compiler, bw_gm, bw_examples, "bw_compiler")
+        self._compiled_bw: Callable[..., Any] | None = None
+        if len(self.ct_outputs) <= 1:  # one backward only: compiled now, as functorch's seed example shows
+            self._compiled_bw = self.compiled_bw
         self._partial_bw: dict[tuple[bool, ...], Callable[..., Any] | None] = {}
         self._double: dict[tuple[tuple[bool, ...], tuple[int, ...]], PartitionedFunction] = {}
         self._double_inference: dict[tuple[int, ...], InferenceFunction] = {}
@@ -106,6 +107,16 @@ class PartitionedFunction:
             got = frozenset().union(*(d for d, p in zip(self.ct_dependencies, present) if p))
             self._reached[present] = got
         return got
+
+    @property
+    def compiled_bw(self) -> Callable[..., Any]:
+        """The backward compiled by ``bw_compiler``: with the forward where there is one differentiable
+        output, else on first use (a loss that reads one output of several only ever needs
+        ``backward_without``'s, and compiling both would double the backward's compile time)."""
+        if self._compiled_bw is None:
+            examples = _placeholder_examples(self.bw_gm, self.device)
+            self._compiled_bw = _compile(self.bw_compiler, self.bw_gm, examples, "bw_compiler")
+        return self._compiled_bw
 
     def backward_without(self, present: tuple[bool, ...]) -> Callable[..., Any] | None:
         """The compiled backward for cotangents only where ``present`` says, taking ``(*saved, *those)``.
