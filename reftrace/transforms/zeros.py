@@ -5,8 +5,8 @@ caller never uses it), eager torch does not run its part of the backward; runnin
 of zeros is not the same, because ``0 * inf`` is NaN: ``(sqrt(x), 2 * x)`` at ``x = 0`` with only the
 second output used has gradient 2 in eager and NaN with a zero cotangent for the first. As JAX's
 transpose does with its ``Zero`` cotangents, ``with_zero_inputs`` never computes with such a zero:
-an equation whose every zero-dependent operand is zero gives zero (no equation), a sum drops its
-zero terms, and any other equation reads explicit zeros for them.
+an equation whose every operand that depends on a linear input is zero gives zero (no equation), a
+sum drops its zero terms, and any other equation reads explicit zeros for them.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def with_zero_inputs(graph: Graph, linear_inputs: Sequence[int], zero_inputs: Se
     zero = set(zero_inputs)
     if not zero <= set(linear_inputs):
         raise ArgumentError(f"with_zero_inputs: zero inputs {sorted(zero)} must be among the linear inputs "
-                         f"{sorted(linear_inputs)}")
+                            f"{sorted(linear_inputs)}")
     builder = Builder()
     env: dict[Var, Atom | _Zero] = {v: (ZERO if i in zero else v) for i, v in enumerate(graph.inputs)}
     depends = {graph.inputs[i] for i in linear_inputs}  # the values linear in the linear inputs
