@@ -137,6 +137,8 @@ class _TraceState:
         self.straight = False  # the ``copy`` that writes an in-place op's result under no_grad()
         # storage of a ``.detach()`` / ``.data`` alias -> the tensor requiring grad it aliases
         self.detached_from: dict[StorageWeakRef, torch.Tensor] = {}
+        self.caller_grad = torch.is_grad_enabled()  # the caller's grad mode (the trace itself runs with grad on)
+        self.leaf_inputs: set[int] = set()  # ids of the traced inputs that stand for leaves requiring grad
 
     @contextlib.contextmanager
     def flag(self, name: str) -> Any:
@@ -179,6 +181,13 @@ class _UserFrames(TorchDispatchMode):
                               "gradients will differ from eager; torch.compile(backend='reftrace') runs such "
                               "Functions eagerly", CustomBackwardIgnoredWarning, stacklevel=2)
         owner = None if stop else _detached_owner(state, func, args)
+        if (state.caller_grad and not stop and owner is None and _writes_float_tensor(func, args)
+                and id(args[0]) in state.leaf_inputs):  # eager refuses it
+            raise TracingError(f"{op_display_name(func)} at {innermost_user_frame()} writes in place into a tensor "
+                               "that requires grad and has no history (a leaf: an argument, a parameter), with "
+                               "grad mode on; eager torch refuses it too (\"a leaf Variable that requires grad is "
+                               "being used in an in-place operation\"). Write under torch.no_grad(), through "
+                               ".data, or into a copy")
         try:
             if stop and func not in _DETACH_OPS and _writes_float_tensor(func, args):
                 out = _mutate_straight_through(state, func, args, kwargs or {})
@@ -424,6 +433,7 @@ def _run_functionalized(fn: Callable[[list[torch.Tensor]], Any], fakes: Sequence
     outputs that are views of inputs."""
     with FunctionalTensorMode():
         inputs = [FunctionalTensor.to_functional(t) for t in fakes]
+        state.leaf_inputs = {id(w) for w, t in zip(inputs, fakes) if t.requires_grad and t.is_leaf}
         with _UserFrames(state), StaticShapeRewrites(), autograd_hooks_refused():
             out = fn(list(inputs))
         state.location = None

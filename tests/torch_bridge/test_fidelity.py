@@ -588,3 +588,28 @@ def test_outputs_computed_alike_are_separate_tensors(compiler):
     torch.testing.assert_close(b, x.exp())
     y, same = aot_function(lambda x: (x * 2,) * 2, compiler)(x)
     assert y is same  # one tensor in eager, one here
+
+
+def test_in_place_write_into_a_leaf_that_requires_grad_is_refused_as_in_eager():
+    """Eager refuses ``x.add_(1)`` on a leaf that requires grad, with grad mode on; reftrace wrote it back
+    under ``no_grad`` and went on. Writes eager allows stay allowed: under ``no_grad()`` (inside the
+    function or around the call), through ``.data``, into a copy or a non-leaf."""
+    x = torch.zeros(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        x.clone().requires_grad_().add_(1)
+    with pytest.raises(rt.ReftraceError, match="leaf Variable that requires grad"):
+        aot_function(lambda x: x.add_(1), nop)(x)
+    with torch.no_grad():
+        aot_function(lambda x: x.add_(1), nop)(x)
+    assert torch.equal(x.detach(), torch.ones(3))
+
+    def sgd_step(p, g):
+        with torch.no_grad():
+            p.sub_(0.5 * g)
+        return p * 2
+    aot_function(sgd_step, nop)(x, torch.ones(3))
+    aot_function(lambda p: (p.data.mul_(2), p * 3)[1], nop)(x)
+    assert torch.equal(x.detach(), torch.ones(3))
+    not_a_leaf = torch.ones(3, requires_grad=True) * 2
+    aot_function(lambda q: q.add_(1), nop)(not_a_leaf)
+    assert torch.equal(not_a_leaf.detach(), torch.full((3,), 3.0))
