@@ -182,9 +182,10 @@ class _UserFrames(TorchDispatchMode):
                               "Functions eagerly", CustomBackwardIgnoredWarning, stacklevel=2)
         owner = None if stop else _detached_owner(state, func, args)
         if (state.caller_grad and not stop and owner is None and _writes_float_tensor(func, args)
-                and id(args[0]) in state.leaf_inputs):  # eager refuses it
+                and (id(args[0]) in state.leaf_inputs or id(args[0]._base) in state.leaf_inputs)):  # eager refuses it
             raise TracingError(f"{op_display_name(func)} at {innermost_user_frame()} writes in place into a tensor "
-                               "that requires grad and has no history (a leaf: an argument, a parameter), with "
+                               "that requires grad and has no history (a leaf: an argument, a parameter), or a "
+                               "view of one, with "
                                "grad mode on; eager torch refuses it too (\"a leaf Variable that requires grad is "
                                "being used in an in-place operation\"). Write under torch.no_grad(), through "
                                ".data, or into a copy")

@@ -599,6 +599,8 @@ def test_in_place_write_into_a_leaf_that_requires_grad_is_refused_as_in_eager():
         torch.zeros(3, requires_grad=True).add_(1)
     with pytest.raises(rt.ReftraceError, match="leaf Variable that requires grad"):
         aot_function(lambda x: x.add_(1), nop)(x)
+    with pytest.raises(rt.ReftraceError, match="or a view of one"):  # eager: "a view of a leaf Variable"
+        aot_function(lambda x: x[1:].mul_(2), nop)(x)
     with torch.no_grad():
         aot_function(lambda x: x.add_(1), nop)(x)
     assert torch.equal(x.detach(), torch.ones(3))
