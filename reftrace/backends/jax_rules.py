@@ -94,43 +94,30 @@ jax_rules[P.fft_p] = _fft
 jax_rules[P.stop_gradient_p] = lax.stop_gradient
 
 
-
-def _reduced_in_float32(reduce):
-    """A sum or product of float16/bfloat16 accumulated in float32 and rounded once, as torch's kernels
-    accumulate (``acc_type``); ``jnp.sum(x, dtype=bfloat16)`` adds in bfloat16 (600 values: 3% off)."""
-    def rule(x, *, axes):
+def computed_in_float32(rule):
+    """``rule`` run on a float16/bfloat16 operand in float32 and its result rounded once, as torch's CPU
+    kernels accumulate and compute (their ``acc_type``/opmath): ``jnp.sum(x, dtype=bfloat16)`` adds in
+    bfloat16 (600 values: 3% off), lax's scans round every partial result (600 steps of 0.1 stall at 32),
+    and a bfloat16 softmax is one unit in the last place off here and there."""
+    def wrapped(x, **params):
         x = jnp.asarray(x)
         if x.dtype in (jnp.float16, jnp.bfloat16):
-            return reduce(x.astype(jnp.float32), axis=axes, dtype=jnp.float32).astype(x.dtype)
-        return reduce(x, axis=axes, dtype=x.dtype)
-    return rule
+            return rule(x.astype(jnp.float32), **params).astype(x.dtype)
+        return rule(x, **params)
+    return wrapped
 
 
-jax_rules[P.reduce_sum_p] = _reduced_in_float32(jnp.sum)
+jax_rules[P.reduce_sum_p] = computed_in_float32(lambda x, *, axes: jnp.sum(x, axis=axes, dtype=x.dtype))
 # lax reductions: an empty axis gives the identity (-inf/+inf), where jnp.max raises
 jax_rules[P.reduce_max_p] = lambda x, *, axes: lax.reduce_max(jnp.asarray(x), axes)
 jax_rules[P.reduce_min_p] = lambda x, *, axes: lax.reduce_min(jnp.asarray(x), axes)
-jax_rules[P.reduce_prod_p] = _reduced_in_float32(jnp.prod)
+jax_rules[P.reduce_prod_p] = computed_in_float32(lambda x, *, axes: jnp.prod(x, axis=axes, dtype=x.dtype))
 jax_rules[P.reduce_and_p] = lambda x, *, axes: jnp.all(x, axis=axes)
 jax_rules[P.reduce_or_p] = lambda x, *, axes: jnp.any(x, axis=axes)
 jax_rules[P.argmax_p] = lambda x, *, axis, index_dtype: jnp.argmax(x, axis=axis).astype(index_dtype)
 jax_rules[P.argmin_p] = lambda x, *, axis, index_dtype: jnp.argmin(x, axis=axis).astype(index_dtype)
-
-
-def _accumulating_in_float32(scan):
-    """A running sum or product of float16/bfloat16 kept in float32, each output rounded from it, as
-    torch's kernels accumulate (``acc_type``) and jnp.sum does; lax's own scan would round every partial
-    result to 8 bits of mantissa (600 steps of 0.1 in bfloat16 stall at 32)."""
-    def rule(x, *, axis, reverse):
-        x = jnp.asarray(x)
-        if x.dtype in (jnp.float16, jnp.bfloat16):
-            return scan(x.astype(jnp.float32), axis=axis, reverse=reverse).astype(x.dtype)
-        return scan(x, axis=axis, reverse=reverse)
-    return rule
-
-
-jax_rules[P.cumsum_p] = _accumulating_in_float32(lax.cumsum)
-jax_rules[P.cumprod_p] = _accumulating_in_float32(lax.cumprod)
+jax_rules[P.cumsum_p] = computed_in_float32(lambda x, *, axis, reverse: lax.cumsum(x, axis=axis, reverse=reverse))
+jax_rules[P.cumprod_p] = computed_in_float32(lambda x, *, axis, reverse: lax.cumprod(x, axis=axis, reverse=reverse))
 jax_rules[P.cummax_p] = lambda x, *, axis, reverse: lax.cummax(x, axis=axis, reverse=reverse)
 jax_rules[P.cummin_p] = lambda x, *, axis, reverse: lax.cummin(x, axis=axis, reverse=reverse)
 

@@ -181,14 +181,8 @@ class _UserFrames(TorchDispatchMode):
                               "gradients will differ from eager; torch.compile(backend='reftrace') runs such "
                               "Functions eagerly", CustomBackwardIgnoredWarning, stacklevel=2)
         owner = None if stop else _detached_owner(state, func, args)
-        if (state.caller_grad and not stop and owner is None and _writes_float_tensor(func, args)
-                and (id(args[0]) in state.leaf_inputs or id(args[0]._base) in state.leaf_inputs)):  # eager refuses it
-            raise TracingError(f"{op_display_name(func)} at {innermost_user_frame()} writes in place into a tensor "
-                               "that requires grad and has no history (a leaf: an argument, a parameter), or a "
-                               "view of one, with "
-                               "grad mode on; eager torch refuses it too (\"a leaf Variable that requires grad is "
-                               "being used in an in-place operation\"). Write under torch.no_grad(), through "
-                               ".data, or into a copy")
+        if state.leaf_inputs and state.caller_grad and not stop and owner is None:
+            _refuse_write_into_leaf(state, func, args)
         try:
             if stop and func not in _DETACH_OPS and _writes_float_tensor(func, args):
                 out = _mutate_straight_through(state, func, args, kwargs or {})
@@ -357,6 +351,17 @@ _NO_NODE = _NoNode()
 def _writes_float_tensor(func: Any, args: Any) -> bool:
     return (functional_variant(func) is not None and bool(args) and isinstance(args[0], torch.Tensor)
             and args[0].is_floating_point())
+
+
+def _refuse_write_into_leaf(state: _TraceState, func: Any, args: Any) -> None:
+    """Eager refuses an in-place op, under grad mode, on a leaf that requires grad or a view of one."""
+    if _writes_float_tensor(func, args) and (id(args[0]) in state.leaf_inputs
+                                             or id(args[0]._base) in state.leaf_inputs):
+        raise TracingError(f"{op_display_name(func)} at {innermost_user_frame()} writes in place into a tensor "
+                           "that requires grad and has no history (a leaf: an argument, a parameter), or a view "
+                           "of one, with grad mode on; eager torch refuses it too (\"a leaf Variable that "
+                           "requires grad is being used in an in-place operation\"). Write under "
+                           "torch.no_grad(), through .data, or into a copy")
 
 
 def _detached_owner(state: _TraceState, func: Any, args: Any) -> torch.Tensor | None:

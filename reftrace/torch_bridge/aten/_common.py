@@ -144,6 +144,12 @@ def promote(*xs: Any) -> np.dtype:
     return numpy_dtype(dtype)
 
 
+def opmath(dtype: Any) -> np.dtype:
+    """The dtype torch's CPU kernels compute float16/bfloat16 in (float32: their opmath/acc type), else ``dtype``."""
+    d = np.dtype(dtype)
+    return np.dtype(np.float32) if P.is_float(d) and d.itemsize == 2 else d
+
+
 def float_dtype(dtype: Any) -> np.dtype:
     """``dtype`` if floating or complex, else torch's default float dtype (float32)."""
     dtype = np.dtype(dtype)

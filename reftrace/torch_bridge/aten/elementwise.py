@@ -15,8 +15,8 @@ from reftrace import lax, nn
 from reftrace import primitives as P
 from reftrace.errors import TracingError
 from reftrace.torch_bridge.aten._common import (aten, bcast, bcast_full, broadcast_shapes, cast, current,
-                                                elementwise, float_dtype, is_tensor, literal, out_aval, promote,
-                                                register, unsupported)
+                                                elementwise, float_dtype, is_tensor, literal, opmath, out_aval,
+                                                promote, register, unsupported)
 
 
 def _out_dtype() -> np.dtype:
@@ -66,7 +66,7 @@ def _by_a_scalar_in_float32(prim: P.Primitive, x: Any, y: Any, d: Any) -> Any | 
     Python number, a 0-dim tensor) in float32, the operand unrounded, and round the result once
     (``bf16 3.0 * 1.3`` is 3.90625, where ``1.3`` rounded to bfloat16 first gives 3.890625). None where
     that does not apply (``add``/``sub`` round the number to the tensor's dtype, as the rest do)."""
-    if not (P.is_float(d) and np.dtype(d).itemsize == 2) or (is_tensor(y) and y.ndim != 0) or isinstance(y, bool):
+    if opmath(d) == np.dtype(d) or (is_tensor(y) and y.ndim != 0) or isinstance(y, bool):
         return None
     return cast(elementwise(prim, x, y, dtype=np.float32), d)
 

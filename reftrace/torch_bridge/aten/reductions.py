@@ -12,7 +12,8 @@ import numpy as np
 from reftrace import lax, nn
 from reftrace import primitives as P
 from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, highest, keep_dims, literal, lowest,
-                                                norm_dim, norm_dims, out_aval, promote, register, unsupported)
+                                                norm_dim, norm_dims, opmath, out_aval, promote, register,
+                                                unsupported)
 from reftrace.torch_bridge.aten.elementwise import to_bool
 
 
@@ -34,18 +35,12 @@ def sum_all(x: Any, *, dtype: Any = None) -> Any:
     return sum_dim(x, None)
 
 
-def _opmath(d: Any) -> np.dtype:
-    """The dtype torch's CPU kernels compute a float16/bfloat16 reduction in (float32), else ``d``."""
-    d = np.dtype(d)
-    return np.dtype(np.float32) if P.is_float(d) and d.itemsize == 2 else d
-
-
 @register(aten.mean.dim)
 def mean_dim(x: Any, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Any:
     """Summed and divided in float32 for float16/bfloat16, rounded once (torch's ``mean_out``)."""
     axes = norm_dims(dim, x.ndim)
     d = float_dtype(out_aval().dtype)
-    c = _opmath(d)
+    c = opmath(d)
     total = lax.reduce_sum(cast(x, c), axes)
     return cast(keep_dims(lax.div(total, literal(_count(x.shape, axes), c)), x.shape, axes, keepdim), d)
 
@@ -136,7 +131,7 @@ def _moments(x: Any, dim: Any, correction: Any, keepdim: bool) -> tuple[Any, Any
     """(variance with ``correction`` degrees of freedom, mean), two-pass for accuracy. A complex
     variance is the mean squared modulus, real. float16/bfloat16 in float32 (the callers round once)."""
     axes = norm_dims(dim, x.ndim)
-    d = _opmath(float_dtype(x.dtype))
+    d = opmath(float_dtype(x.dtype))
     x = cast(x, d)
     n = _count(x.shape, axes)
     mean = lax.div(lax.reduce_sum(x, axes), literal(n, d))
