@@ -50,6 +50,8 @@ torch_rules[A.relu_backward_p] = lambda g, y: aten.threshold_backward(_t(g), _t(
 torch_rules[A.gelu_p] = lambda x, *, approximate: aten.gelu(_t(x), approximate=approximate)
 torch_rules[A.gelu_backward_p] = lambda g, x, *, approximate: aten.gelu_backward(_t(g), _t(x),
                                                                                  approximate=approximate)
+torch_rules[A.hardsigmoid_p] = lambda x: aten.hardsigmoid(_t(x))
+torch_rules[A.hardsigmoid_backward_p] = lambda g, x: aten.hardsigmoid_backward(_t(g), _t(x))
 torch_rules[A.softmax_p] = lambda x, *, axis: aten._softmax(_t(x), axis, False)
 torch_rules[A.log_softmax_p] = lambda x, *, axis: aten._log_softmax(_t(x), axis, False)
 torch_rules[A.softmax_backward_p] = lambda g, y, *, axis: aten._softmax_backward_data(

@@ -5,7 +5,7 @@ with a decomposition into core primitives (its meaning), its own VJP rule emitti
 composite backward equations, and fused lowerings in the backends (torch: the ATen
 kernel; JAX: what XLA fuses). The torch bridge captures the matching ATen ops as these.
 
-    activations: relu, gelu, softmax, log_softmax (and their backward equations)
+    activations: relu, gelu, softmax, log_softmax (and their backward equations), hardsigmoid (torch's slope)
     norms:       layer_norm, batch_norm_train, batch_norm_eval (and backward equations)
     attention:   dot_product_attention (and its backward equation)
     linear:      linear (x @ w + b, torch's addmm)
@@ -16,7 +16,7 @@ kernel; JAX: what XLA fuses). The torch bridge captures the matching ATen ops as
                  equations)
     special:     xlogy, xlog1py, entr (torch's VJPs: no NaN from a zero cotangent where a log is ``-inf``)
 """
-from reftrace.nn.activations import gelu, log_softmax, relu, softmax
+from reftrace.nn.activations import gelu, hardsigmoid, log_softmax, relu, softmax
 from reftrace.nn.attention import dot_product_attention
 from reftrace.nn.convolution import convolution
 from reftrace.nn.pooling import max_pool
@@ -26,6 +26,6 @@ from reftrace.nn.dense import linear
 from reftrace.nn.norms import batch_norm_eval, batch_norm_train, layer_norm
 from reftrace.nn.special import entr, xlog1py, xlogy
 
-__all__ = ["relu", "gelu", "softmax", "log_softmax", "layer_norm", "batch_norm_train", "batch_norm_eval", "dot_product_attention",
+__all__ = ["relu", "gelu", "hardsigmoid", "softmax", "log_softmax", "layer_norm", "batch_norm_train", "batch_norm_eval", "dot_product_attention",
            "linear", "convolution", "max_pool", "embedding", "nll_loss", "binary_cross_entropy", "xlogy", "xlog1py",
            "entr"]

@@ -1,4 +1,4 @@
-"""ReLU, GELU, softmax and log-softmax as composites, with composite backward equations.
+"""ReLU, GELU, hard sigmoid, softmax and log-softmax as composites, with composite backward equations.
 
 The backward equations (``relu_backward``, ``gelu_backward``, ``softmax_backward``, ``log_softmax_backward``)
 are ATen's: torch lowers each to its one kernel. They have no VJP rule of their own, so
@@ -94,6 +94,43 @@ def _gelu_vjp(cts, primals, outs, *, approximate):
 
 
 vjp_rules[gelu_p] = _gelu_vjp
+
+
+# ----------------------------------------------------------------------------- hard sigmoid
+
+_ONE_SIXTH_IN_FLOAT32 = float(np.float32(1) / np.float32(6))
+"""torch's ``hardsigmoid_backward`` slope, ``1.0f / 6.0f``: a float32 constant in its float64 kernel too."""
+
+
+def _inside_hard_range(x: Any) -> Any:
+    """``-3 < x < 3``, where the hard sigmoid has a slope (torch's: none at -3, 3 and NaN)."""
+    d = x.dtype
+    return lax.logical_and(lax.gt(x, const(-3, d)), lax.lt(x, const(3, d)))
+
+
+def _hardsigmoid(x: Any) -> Any:
+    """``min(max(x + 3, 0), 6) / 6`` (torch's kernel: NaN stays NaN), differentiable strictly inside (-3, 3)."""
+    d = x.dtype
+    value = lax.div(lax.min(lax.max(lax.add(x, const(3, d)), const(0, d)), const(6, d)), const(6, d))
+    return lax.select(_inside_hard_range(x), value, lax.stop_gradient(value))
+
+
+def _hardsigmoid_backward(g: Any, x: Any) -> Any:
+    """``g / 6`` as torch's kernel computes it (``g * (1.0f / 6.0f)``) strictly inside (-3, 3), else 0 (NaN too)."""
+    zero = along(const(0, x.dtype), x.shape, ())
+    return lax.select(_inside_hard_range(x), lax.mul(g, const(_ONE_SIXTH_IN_FLOAT32, x.dtype)), zero)
+
+
+hardsigmoid_p = define_composite("hardsigmoid", _hardsigmoid)
+hardsigmoid_backward_p = define_composite("hardsigmoid_backward", _hardsigmoid_backward)
+
+
+def hardsigmoid(x: Any) -> Any:
+    """``relu6(x + 3) / 6`` with torch's gradient: ``1.0f / 6.0f`` strictly inside (-3, 3), else 0 (NaN too)."""
+    return lax.bind(hardsigmoid_p, x)
+
+
+vjp_rules[hardsigmoid_p] = lambda cts, primals, outs: (lax.bind(hardsigmoid_backward_p, cts[0], primals[0]),)
 
 
 # ----------------------------------------------------------------------------- softmax, log_softmax

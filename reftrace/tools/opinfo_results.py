@@ -133,7 +133,7 @@ def write_report(sweeps: Sequence[Sweep], path: str) -> None:
     lines += ["", "### Semantics that differ from torch's (documented, not counted as failures)", "",
               "- A captured graph cannot raise on values: where torch raises for a singular or indefinite matrix "
               "(`linalg.inv`, `linalg.solve`, `linalg.cholesky`, ...), reftrace returns inf/NaN, and the `info` "
-              "outputs of the `_ex` variants are nonzero; `gaussian_nll_loss` with a negative variance gives NaN.",
+              "outputs of the `_ex` variants are nonzero; `gaussian_nll_loss` with a negative variance, and `cov` / `corrcoef` with negative weights or weights summing to zero, give NaN.",
               "- Eigenvectors and singular vectors are unique up to sign; the xla backend's LAPACK calls may pick "
               "other signs than torch's (wide matrices in `svd`). Sign-invariant results and their gradients agree.",
               "- Complex eigenvectors (`linalg.eig`) and singular vectors are unique up to a phase each: for a loss "

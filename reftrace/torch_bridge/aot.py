@@ -33,6 +33,7 @@ from reftrace.transforms.simplify import eliminate_dead_code
 from reftrace.torch_bridge.autograd import Compiler, InferenceFunction, PartitionedFunction, new_rng_key
 from reftrace.torch_bridge.compilers import as_partitioner, default_partition
 from reftrace.torch_bridge.capture import capture_flat, refuse_trainable_constants
+from reftrace.torch_bridge.output_layouts import Layout, with_eager_layouts
 from reftrace.torch_bridge.output_views import OutputView, rebuild_outputs
 from reftrace.torch_bridge.translate import ClosedOver
 from reftrace.torch_bridge.module_writes import rebind
@@ -178,7 +179,7 @@ class _Compiled:
     def __init__(self, run: Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, ...]],
                  num_outputs: int, mutated_inputs: Sequence[int], out_spec: OutputSpec, key_input: int | None = None,
                  alias_plan: _AliasPlan | None = None, output_views: Sequence[OutputView] = (),
-                 constants: Sequence[_Constant] = ()) -> None:
+                 constants: Sequence[_Constant] = (), layouts: Sequence[Layout] = ()) -> None:
         self.run = run
         self.num_outputs = num_outputs  # the graph's outputs that are the function's (views excluded)
         self.mutated_inputs = tuple(mutated_inputs)  # graph input positions
@@ -188,6 +189,7 @@ class _Compiled:
         self.aliased: dict[_AliasPlan, _Compiled] = {}  # variants of this signature for overlapping inputs
         self.output_views = tuple(output_views)  # outputs rebuilt as views of graph inputs or of outputs
         self.constants = tuple(constants)  # tensors read from the enclosing scope, baked into the graph
+        self.layouts = tuple(layouts)  # (computed output, eager's strides): outputs laid out as eager's
 
 
 class AOTFunction:
@@ -301,11 +303,12 @@ class AOTFunction:
                 "them one. Compile the module itself with aot_module (its parameters become inputs; a tensor a "
                 "module keeps in a plain attribute must be registered as an nn.Parameter), or pass the tensors "
                 "as arguments")
-        graph, views = captured.graph, captured.output_views
+        graph, views, links = captured.graph, captured.output_views, captured.autograd_links
         if views:  # outputs that are views of inputs or outputs are rebuilt from them, not computed
             dropped = {v.output for v in views}
             graph = eliminate_dead_code(graph.replace(
                 outputs=tuple(o for k, o in enumerate(graph.outputs) if k not in dropped)))
+            links = tuple(r for k, r in enumerate(links) if k not in dropped)
         examples = list(inputs)
         if captured.key_input is not None:
             examples.append(torch.zeros(2, dtype=torch.uint32))
@@ -317,9 +320,11 @@ class AOTFunction:
         else:
             run = PartitionedFunction(graph, wrt, fw_compiler=self.fw_compiler, bw_compiler=self.bw_compiler,
                                       partitioner=self.partitioner, example_inputs=examples,
-                                      mutated_inputs=captured.mutated_inputs)
+                                      mutated_inputs=captured.mutated_inputs, autograd_links=links)
+        computed = [k for k in range(captured.num_outputs) if k not in {v.output for v in views}]
+        layouts = [(j, strides) for j, k in enumerate(computed) if (strides := captured.output_strides[k]) is not None]
         return _Compiled(run, captured.num_outputs - len(views), captured.mutated_inputs, captured.out_spec,
-                         captured.key_input, plan, views, self._constants(captured.closed_over))
+                         captured.key_input, plan, views, self._constants(captured.closed_over), layouts)
 
     def _constants(self, closed_over: Sequence[ClosedOver]) -> list[_Constant]:
         constants = []
@@ -380,9 +385,12 @@ def _run(compiled: _Compiled, tensors: list[torch.Tensor]) -> Any:
         else:
             with torch.no_grad():
                 target.copy_(new)
+    outs = outs[:n]
+    if compiled.layouts:
+        outs = with_eager_layouts(outs, compiled.layouts)
     if not compiled.output_views:
-        return compiled.out_spec.rebuild(outs[:n])
-    return compiled.out_spec.rebuild(rebuild_outputs(outs[:n], compiled.output_views, tensors))
+        return compiled.out_spec.rebuild(outs)
+    return compiled.out_spec.rebuild(rebuild_outputs(outs, compiled.output_views, tensors))
 
 
 def _guard_value(x: Any, i: int) -> Any:

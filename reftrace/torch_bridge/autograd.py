@@ -67,14 +67,21 @@ class PartitionedFunction:
     primitives (integer outputs, detached values, BatchNorm's running statistics) are
     non-differentiable, as in eager torch, and receive no cotangent; so are ``nondiff_outputs``.
     A gradient no incoming cotangent reaches is ``None``, as eager torch leaves it.
+    ``autograd_links`` (from capture, one set per output): inputs eager's autograd graph links an
+    output to although its value does not depend on them (an in-place overwrite such as ``y.zero_()``
+    cut the dependency): the output is differentiable all the same, and those inputs get zeros.
     """
 
     def __init__(self, graph: Graph, wrt: Sequence[int], nondiff_outputs: Sequence[int] = (), *,
                  fw_compiler: Compiler, bw_compiler: Compiler, partitioner: Any,
-                 example_inputs: Sequence[torch.Tensor], mutated_inputs: Sequence[int] = ()) -> None:
+                 example_inputs: Sequence[torch.Tensor], mutated_inputs: Sequence[int] = (),
+                 autograd_links: Sequence[frozenset[int]] = ()) -> None:
         self.graph = graph
         self.wrt = tuple(wrt)
         dependencies = output_dependencies(graph, self.wrt)
+        if autograd_links:  # the vjp's gradient for an input linked only this way is zeros, as eager's
+            dependencies = tuple(d | (linked & set(self.wrt)) for d, linked in zip(dependencies, autograd_links,
+                                                                                    strict=True))
         self.nondiff_outputs = tuple(j for j, deps in enumerate(dependencies)
                                      if not deps or j in set(nondiff_outputs))
         self.num_inputs = len(graph.inputs)

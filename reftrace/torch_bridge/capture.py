@@ -40,7 +40,9 @@ from reftrace.errors import (ArgumentError, DataDependentControlFlowError, Reftr
 from reftrace.graph import Graph
 from reftrace.torch_bridge.aten.random import key_stream
 from reftrace.torch_bridge.autograd_hooks import autograd_hooks_refused
+from reftrace.torch_bridge.autograd_links import autograd_links
 from reftrace.torch_bridge.decompositions import decomposition_table
+from reftrace.torch_bridge.output_layouts import dense_strides
 from reftrace.torch_bridge.output_views import OutputView, find_output_views
 from reftrace.torch_bridge.modules import ModuleState, functional_module, module_state
 from reftrace.torch_bridge.outputs import OutputSpec, flatten_outputs
@@ -76,6 +78,10 @@ class Captured:
     - ``output_views``: the outputs that are views of inputs (``x.t()``, ``x[0]``, ``x``) or of other
       outputs (``y.view(-1)`` next to ``y``) in eager, with how to rebuild each from its base
       (``reftrace.torch_bridge.output_views``); the graph computes them too, as values.
+    - ``autograd_links``: for each graph output, the inputs eager's autograd graph links it to
+      (``reftrace.torch_bridge.autograd_links``): also those an in-place overwrite cut off its value.
+    - ``output_strides``: for each of the function's outputs, eager's strides where they are dense
+      (``reftrace.torch_bridge.output_layouts``), else None.
     """
 
     graph: Graph
@@ -90,6 +96,8 @@ class Captured:
     key_input: int | None = None
     closed_over: tuple[ClosedOver, ...] = ()
     output_views: tuple[OutputView, ...] = ()
+    autograd_links: tuple[frozenset[int], ...] = ()
+    output_strides: tuple[tuple[int, ...] | None, ...] = ()
 
     def unflatten_outputs(self, flat: Sequence[Any]) -> Any:
         """The function's return value, rebuilt around the graph's leading ``num_outputs`` values."""
@@ -433,10 +441,12 @@ def _data_dependent_errors() -> tuple[type[BaseException], ...]:
 
 def _run_functionalized(fn: Callable[[list[torch.Tensor]], Any], fakes: Sequence[torch.Tensor],
                         state: _TraceState
-                        ) -> tuple[list[torch.Tensor], OutputSpec, tuple[int, ...], tuple[OutputView, ...]]:
+                        ) -> tuple[list[torch.Tensor], OutputSpec, tuple[int, ...], tuple[OutputView, ...],
+                                   tuple[frozenset[int], ...], tuple[tuple[int, ...] | None, ...]]:
     """Runs ``fn`` functionalized: the (fake) ``[*outputs, *new values of mutated inputs]``, the spec that
-    rebuilds the function's return value from its output tensors, the mutated inputs' indices, and the
-    outputs that are views of inputs."""
+    rebuilds the function's return value from its output tensors, the mutated inputs' indices, the
+    outputs that are views of inputs, the inputs eager's autograd links each result to, and the
+    outputs' eager strides (where dense)."""
     with FunctionalTensorMode():
         inputs = [FunctionalTensor.to_functional(t) for t in fakes]
         state.leaf_inputs = {id(w) for w, t in zip(inputs, fakes) if t.requires_grad and t.is_leaf}
@@ -452,8 +462,10 @@ def _run_functionalized(fn: Callable[[list[torch.Tensor]], Any], fakes: Sequence
                 raise TracingError(f"input {i} had its shape changed in place ({tuple(fakes[i].shape)} -> "
                                    f"{tuple(t.shape)}); reftrace captures value mutations only")
         views = find_output_views(leaves, inputs)
+        links = autograd_links([*leaves, *(inputs[i] for i in mutated)], inputs)
+        strides = tuple(dense_strides(t) for t in leaves)  # a FunctionalTensor has eager's strides
         results = [_unwrap(t) for t in leaves] + [_unwrap(inputs[i]) for i in mutated]
-    return results, spec, mutated, views
+    return results, spec, mutated, views, links, strides
 
 
 def _unwrap(t: torch.Tensor) -> torch.Tensor:
@@ -465,10 +477,12 @@ def _unwrap(t: torch.Tensor) -> torch.Tensor:
 
 def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tensor],
            table: Mapping[Any, Callable[..., Any]]
-           ) -> tuple[Graph, OutputSpec, tuple[int, ...], tuple[ClosedOver, ...], tuple[OutputView, ...]]:
+           ) -> tuple[Graph, OutputSpec, tuple[int, ...], tuple[ClosedOver, ...], tuple[OutputView, ...],
+                      tuple[frozenset[int], ...], tuple[tuple[int, ...] | None, ...]]:
     """``fn`` run on fake tensors, functionalized, with every ATen op translated as it is dispatched:
     the graph, the spec of the function's return value, the indices of the inputs it mutates, the
-    constants it read from its enclosing scope, and the outputs that are views of inputs."""
+    constants it read from its enclosing scope, the outputs that are views of inputs, each
+    output's autograd links (``autograd_links``) and the outputs' eager strides (``dense_strides``)."""
     devices = {t.device for t in tensors} or {torch.device("cpu")}
     state = _TraceState(table, devices)
     translator = state.translator
@@ -489,7 +503,7 @@ def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tens
         stack.enter_context(fake_mode)
         stack.enter_context(_Translating(state))
         try:
-            outputs, out_spec, mutated, views = _run_functionalized(fn, fakes, state)
+            outputs, out_spec, mutated, views, links, strides = _run_functionalized(fn, fakes, state)
         except ReftraceError as err:
             raise err.with_traceback(None) from None
         except _data_dependent_errors() as err:
@@ -509,7 +523,7 @@ def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tens
         graph = translator.finish(outputs, keys.key)
     except ReftraceError as err:
         raise err.with_traceback(None) from None
-    return graph, out_spec, mutated, tuple(translator.closed_over), views
+    return graph, out_spec, mutated, tuple(translator.closed_over), views, links, strides
 
 
 def _check_tensors(tensors: Sequence[Any], what: str) -> list[torch.Tensor]:
@@ -535,10 +549,12 @@ def capture_flat(fn: Callable[[list[torch.Tensor]], Any], example_tensors: Seque
     if not callable(fn):
         raise ArgumentError(f"capture_flat expects a callable, got {type(fn).__name__}")
     tensors = _check_tensors(list(example_tensors), "example tensor")
-    graph, out_spec, mutated, closed_over, views = _trace(fn, tensors, decomposition_table(decompositions))
+    graph, out_spec, mutated, closed_over, views, links, strides = _trace(fn, tensors,
+                                                                          decomposition_table(decompositions))
     key_input = len(tensors) if len(graph.inputs) > len(tensors) else None  # the key follows the tensors
     return Captured(graph=graph, num_outputs=out_spec.num_tensors, mutated_inputs=mutated, out_spec=out_spec,
-                    key_input=key_input, closed_over=closed_over, output_views=views)
+                    key_input=key_input, closed_over=closed_over, output_views=views, autograd_links=links,
+                    output_strides=strides)
 
 
 _STATIC_LEAVES = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -592,7 +608,8 @@ def capture_tree(fn_or_module: Callable[..., Any], *args: Any,
                     static_args=static,
                     arg_slots=tensor_slots, num_state=num_state, state=state,
                     key_input=captured.key_input, closed_over=captured.closed_over,
-                    output_views=captured.output_views)
+                    output_views=captured.output_views, autograd_links=captured.autograd_links,
+                    output_strides=captured.output_strides)
 
 
 LARGE_CONSTANT_BYTES = 1024

@@ -8,10 +8,16 @@ entries along ``dim`` whatever ``start`` is: it is ``index_select`` at ``start +
 ``F.gaussian_nll_loss`` reads ``torch.any(var < 0)`` to raise on a negative variance. A captured
 graph cannot raise on values; as where torch raises for a singular matrix, the result is NaN
 instead (a negative variance becomes NaN before the clamp), and the rest is torch's code.
+
+``torch.cov`` (and ``torch.corrcoef``, which calls it) reads ``norm_factor <= 0`` to warn and zero
+the normalization, and raises on negative weights or weights summing to zero. Rewritten: the same
+ATen ops in the same order (ATen's ``Correlation.cpp``), the zeroing a ``torch.where``, and NaN where
+torch raises on the weights' values.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -63,6 +69,89 @@ def _gaussian_nll_arguments(args: tuple, kwargs: dict) -> dict[str, Any] | None:
     return bound if isinstance(var, torch.Tensor) and var.is_floating_point() else None
 
 
+_NO_DEGREES_OF_FREEDOM = ("cov(): degrees of freedom is <= 0. Correction should be strictly less than the number "
+                          "of observations.")
+
+
+def _cov(x: torch.Tensor, correction: int = 1, fweights: torch.Tensor | None = None,
+         aweights: torch.Tensor | None = None) -> torch.Tensor:
+    """ATen's ``cov`` op for op (``Correlation.cpp``), with no value read: a normalization that is not
+    positive becomes 0 (torch warns, then zeroes it), and weights torch refuses (negative, or summing
+    to zero) give NaN. As torch, one observation with one kind of weights zeroes ``x`` in place."""
+    rows = x if x.ndim == 2 else x.view(1, -1)
+    n = rows.shape[1]
+    w = fweights
+    if aweights is not None:
+        w = aweights if w is None else w * aweights
+    if w is None:
+        w_sum = torch.scalar_tensor(n, dtype=torch.long, device=x.device)
+    else:
+        w_sum = w.sum()
+    avg = (rows if w is None else rows * w).sum(1) / w_sum
+    if w is None:
+        if n - correction <= 0:
+            warnings.warn(_NO_DEGREES_OF_FREEDOM, stacklevel=3)
+        norm_factor = torch.scalar_tensor(max(n - correction, 0), dtype=torch.long, device=x.device)
+    else:
+        if correction == 0:
+            norm_factor = w_sum
+        elif aweights is None:
+            norm_factor = w_sum - correction
+        elif fweights is None and n == 1 and correction == 1:
+            warnings.warn(_NO_DEGREES_OF_FREEDOM, stacklevel=3)
+            norm_factor = torch.scalar_tensor(0, dtype=torch.long, device=x.device)
+        else:
+            norm_factor = w_sum - correction * (w * aweights).sum() / w_sum
+        norm_factor = torch.where(norm_factor <= 0, torch.zeros_like(norm_factor), norm_factor)
+    if n == 1 and (fweights is None) != (aweights is None):
+        rows.zero_()
+        centered = rows.float() if not (rows.is_floating_point() or rows.is_complex()) else rows
+    else:
+        centered = rows - avg.unsqueeze(1)
+    c = torch.mm(centered, (centered if w is None else centered * w).t().conj())
+    if c.is_complex() and 1 in centered.shape:  # ATen drops the rounding error of x * conj(x)
+        c = torch.complex(c.real, torch.zeros_like(c.real))
+    out = torch.true_divide(c, norm_factor).squeeze()
+    if w is not None:  # torch raises on these values; a graph cannot
+        refused = (w_sum == 0) | torch.stack([(t < 0).any() for t in (fweights, aweights) if t is not None]).any()
+        out = torch.where(refused, torch.full_like(out, float("nan")), out)
+    return out
+
+
+def _corrcoef(x: torch.Tensor) -> torch.Tensor:
+    """ATen's ``corrcoef`` on ``_cov``."""
+    c = _cov(x)
+    if c.ndim == 0:
+        return c / c  # NaN for 0, inf or NaN; 1 otherwise
+    d = c.diagonal()
+    stddev = torch.sqrt(d.real if d.is_complex() else d)
+    c = c / stddev.view(-1, 1)
+    c = c / stddev.view(1, -1)
+    if c.is_complex():
+        return torch.complex(c.real.clip(-1, 1), c.imag.clip(-1, 1))
+    return c.clip(-1, 1)
+
+
+def _cov_arguments(args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """``torch.cov``'s arguments when they pass torch's shape and dtype checks (else torch raises its own error)."""
+    names = ("input", "correction", "fweights", "aweights")
+    bound = dict(zip(names, args))
+    bound.update({k: v for k, v in kwargs.items() if k in names})
+    x = bound.get("input")
+    if not isinstance(x, torch.Tensor) or x.ndim > 2 or x.dtype == torch.bool:
+        return None
+    n = x.shape[-1] if x.ndim == 2 else x.numel()
+    fw, aw = bound.get("fweights"), bound.get("aweights")
+    if fw is not None and (fw.ndim > 1 or fw.is_floating_point() or fw.is_complex() or fw.dtype == torch.bool
+                           or fw.numel() != n):
+        return None
+    if aw is not None and (aw.ndim > 1 or not aw.is_floating_point() or aw.numel() != n):
+        return None
+    if not isinstance(bound.get("correction", 1), int):
+        return None
+    return bound
+
+
 class StaticShapeRewrites(TorchFunctionMode):
     """Active while a function is captured (``capture._run_functionalized``)."""
 
@@ -76,4 +165,11 @@ class StaticShapeRewrites(TorchFunctionMode):
             bound = _gaussian_nll_arguments(args, kwargs)
             if bound is not None:
                 return _gaussian_nll_loss(**bound)
+        if func in (torch.cov, torch.Tensor.cov):
+            bound = _cov_arguments(args, kwargs)
+            if bound is not None:
+                return _cov(bound.pop("input"), **bound)
+        if func in (torch.corrcoef, torch.Tensor.corrcoef) and len(args) == 1 and not kwargs:
+            if _cov_arguments(args, {}) is not None:
+                return _corrcoef(args[0])
         return func(*args, **kwargs)

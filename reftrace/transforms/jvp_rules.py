@@ -434,6 +434,12 @@ def _gelu_jvp(tangents, primals, outs, *, approximate):
     return (lax.bind(_activations.gelu_backward_p, tangents[0], primals[0], approximate=approximate),)
 
 
+@_register(_activations.hardsigmoid_p)
+def _hardsigmoid_jvp(tangents, primals, outs):
+    """Elementwise: the tangent times torch's slope (``1.0f / 6.0f`` inside), as the VJP rule has it."""
+    return (lax.bind(_activations.hardsigmoid_backward_p, tangents[0], primals[0]),)
+
+
 @_register(_activations.softmax_p)
 def _softmax_jvp(tangents, primals, outs, *, axis):
     """softmax's Jacobian diag(y) - y y^T is symmetric: its JVP is ``softmax_backward``."""

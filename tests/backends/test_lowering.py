@@ -149,6 +149,7 @@ def composite_calls(x, y, idx):
     outs.append(rt.nn.linear(x, lax.transpose(y, (1, 0)), lax.reshape(lax.slice(x, (0, 0), (1, 4)), (4,))))
     from reftrace.nn.convolution import conv_input_grad_p, conv_weight_grad_p
     outs += [rt.nn.relu(x), lax.bind(A.relu_backward_p, y, x)]
+    outs += [rt.nn.hardsigmoid(x), lax.bind(A.hardsigmoid_backward_p, y, x)]
     img, kernel = lax.reshape(x, (1, 2, 3, 4)), lax.reshape(y, (4, 1, 3, 2))  # 2 groups of 1 in-feature
     conv = dict(stride=(1, 2), padding=(1, 0), dilation=(1, 1), groups=2)
     out = rt.nn.convolution(img, kernel, lax.reshape(lax.slice(x, (0, 0), (1, 4)), (4,)), **conv)

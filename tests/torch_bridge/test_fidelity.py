@@ -6,6 +6,7 @@ trained eagerly, and checks that compiling never changes the module.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -507,6 +508,10 @@ REDUCED_PRECISION = {
     # torch's fused kernels compute in float32
     "softmax": lambda x: x.softmax(1), "gelu": lambda x: _F.gelu(x), "layer_norm": lambda x: _F.layer_norm(x, (96,)),
     "matmul": lambda x: x @ x.T,
+    # activations torch's kernels compute in float32 and round once
+    "hardswish": lambda x: _F.hardswish(x * 3), "hardsigmoid": lambda x: _F.hardsigmoid(x * 3),
+    "leaky_relu": lambda x: _F.leaky_relu(x), "elu": lambda x: _F.elu(x), "selu": lambda x: _F.selu(x),
+    "softplus": lambda x: _F.softplus(x * 3),
 }
 
 
@@ -615,3 +620,154 @@ def test_in_place_write_into_a_leaf_that_requires_grad_is_refused_as_in_eager():
     not_a_leaf = torch.ones(3, requires_grad=True) * 2
     aot_function(lambda q: q.add_(1), nop)(not_a_leaf)
     assert torch.equal(not_a_leaf.detach(), torch.full((3,), 3.0))
+
+
+OVERWRITES = {
+    "zero_": lambda y: y.zero_(),
+    "fill_": lambda y: y.fill_(0.5),
+    "copy_ from a constant": lambda y: y.copy_(torch.linspace(0, 1, y.shape[-1], dtype=y.dtype)),
+    "y[:] = 0": lambda y: y.__setitem__(slice(None), 0.0),
+}
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+@pytest.mark.parametrize("overwrite", OVERWRITES)
+def test_a_value_overwritten_in_place_keeps_eagers_autograd_links(compiler, overwrite):
+    """``y = x * 2; y.zero_()``: the value no longer depends on ``x``, but eager's output still requires
+    grad and ``x`` gets zeros (not None): before, the compiled output did not require grad at all
+    (``backward()`` raised) and ``x.grad`` stayed None."""
+    def fn(x, w):
+        y = x * 2
+        OVERWRITES[overwrite](y)
+        return (y * 3).sum(), (y + w).sum()
+
+    x, w = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    grads = {}
+    for name, f in (("eager", fn), ("compiled", aot_function(fn, COMPILERS[compiler]))):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        only_y, with_w = f(xi, wi)
+        assert only_y.requires_grad
+        only_y.backward(retain_graph=True)
+        after_first = xi.grad.clone(), wi.grad
+        with_w.backward()
+        grads[name] = (*after_first, xi.grad, wi.grad)
+    (x1, w1, x2, w2), (ex1, ew1, ex2, ew2) = grads["compiled"], grads["eager"]
+    assert w1 is None and ew1 is None
+    for got, want in ((x1, ex1), (x2, ex2), (w2, ew2)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(x2, torch.zeros(4, dtype=torch.float64))
+
+
+class _DisabledGate(torch.nn.Module):
+    """A gate branch switched off by overwriting its output in place: eager still gives ``gate`` zero
+    gradients, so AdamW's weight decay moves it each step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.gate = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = 2 * self.gate(x)
+        g.fill_(1.0)
+        return self.body(x) * g
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_parameters_behind_an_overwritten_value_get_zero_gradients_and_train_like_eager(compiler):
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    model, _ = _assert_trains_like_eager(_DisabledGate, (x.double(),), {}, _projection_loss, COMPILERS[compiler])
+    assert torch.equal(model.gate.weight.grad, torch.zeros_like(model.gate.weight))
+
+
+COVARIANCES = {
+    "cov": lambda x, fw, aw: torch.cov(x),
+    "cov, correction 0": lambda x, fw, aw: torch.cov(x, correction=0),
+    "cov, correction above the observations": lambda x, fw, aw: torch.cov(x, correction=9),
+    "cov of a vector": lambda x, fw, aw: x[0].cov(),
+    "fweights": lambda x, fw, aw: torch.cov(x, fweights=fw),
+    "aweights": lambda x, fw, aw: torch.cov(x, aweights=aw),
+    "both weights": lambda x, fw, aw: torch.cov(x, fweights=fw, aweights=aw),
+    "both weights, correction 2": lambda x, fw, aw: torch.cov(x, correction=2, fweights=fw, aweights=aw),
+    "one observation, aweights": lambda x, fw, aw: torch.cov(x[:, :1] * 1, aweights=aw[:1]),
+    "corrcoef": lambda x, fw, aw: torch.corrcoef(x),
+    "corrcoef of a vector": lambda x, fw, aw: x[1].corrcoef(),
+}
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+@pytest.mark.parametrize("case", COVARIANCES)
+def test_cov_and_corrcoef_match_eager(compiler, case):
+    """ATen's ``cov`` reads ``norm_factor <= 0`` as a Python bool (to warn and zero it), which a capture
+    cannot do: it was refused as data-dependent. Now it is captured, values and gradients as eager's,
+    including its corner cases (a correction of at least the number of observations, one observation)."""
+    fn = COVARIANCES[case]
+    x = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    fw = torch.tensor([1, 2, 0, 3, 1])
+    aw = torch.rand(5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    results = {}
+    for name, f in (("eager", fn), ("compiled", aot_function(fn, COMPILERS[compiler]))):
+        xi, awi = x.clone().requires_grad_(), aw.clone().requires_grad_()
+        with pytest.warns() if "correction above" in case or "one observation" in case else contextlib.nullcontext():
+            out = f(xi, fw, awi)
+        ct = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(5))
+        results[name] = (out, *torch.autograd.grad(out, (xi, awi), ct, allow_unused=True))
+    for got, want in zip(results["compiled"], results["eager"], strict=True):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
+def test_cov_gives_nan_where_torch_refuses_the_weights():
+    x = torch.randn(2, 4, dtype=torch.float64)
+    negative, zero_sum = torch.tensor([1, -1, 2, 1]), torch.tensor([0, 0, 0, 0])
+    for fw in (negative, zero_sum):
+        with pytest.raises(RuntimeError, match="fweights cannot be negative|weights sum to zero"):
+            torch.cov(x, fweights=fw)
+        assert aot_function(lambda x, fw: torch.cov(x, fweights=fw), nop)(x, fw).isnan().all()
+
+
+LAYOUTS = {
+    "transpose then contiguous": lambda x: (x * 2).t().contiguous(),
+    "transposed": lambda x: (x * 2).t(),
+    "channels last": lambda x: (x * 2).reshape(1, 4, 5, 1).contiguous(memory_format=torch.channels_last),
+    "a transposed clone": lambda x: (x.t() * 2).clone(),
+    "contiguous, and a view of it": lambda x: (lambda y: (y, y.view(-1)))((x * 2).t().contiguous()),
+}
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+@pytest.mark.parametrize("case", LAYOUTS)
+def test_outputs_have_eagers_strides(compiler, case):
+    """A graph value has no strides: the torch backend returned ``x.t().contiguous()`` as a transpose
+    (the copy is a no-op on values), so the caller's ``out.view(-1)`` raised where eager's works, and
+    XLA returned every output row-major. Dense outputs now come back in eager's strides."""
+    fn = LAYOUTS[case]
+    x = torch.randn(4, 5, requires_grad=True)
+    want, got = fn(x), aot_function(fn, COMPILERS[compiler])(x)
+    for g, w in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, want)), strict=True):
+        assert g.stride() == w.stride() and g.is_contiguous() == w.is_contiguous()
+        torch.testing.assert_close(g, w)
+    first = got[0] if isinstance(got, tuple) else got
+    first.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_hard_activation_slopes_are_torchs_at_every_dtype(compiler, dtype):
+    """``hardsigmoid``'s slope is torch's ``1.0f / 6.0f`` (a float32 constant in its float64 kernel too: the
+    exact 1/6 was 1.5e-8 off eager's float64 gradient), and in float16/bfloat16 both activations compute
+    in float32 as torch's kernels do (``x + 3`` rounded to bfloat16 first moved the kinks: slopes off by
+    up to 1.5 next to -3 and 3)."""
+    x = torch.cat([torch.linspace(-4, 4, 801), torch.tensor([-3.0, 3.0, 0.0, float("nan")])]).to(dtype)
+    ct = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for fn in (_F.hardsigmoid, _F.hardswish):
+        want_in, got_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+        want = torch.autograd.grad(fn(want_in), want_in, ct)[0]
+        got = torch.autograd.grad(aot_function(fn, COMPILERS[compiler])(got_in), got_in, ct)[0]
+        if fn is _F.hardsigmoid and compiler == "nop":
+            assert torch.equal(got, want) or torch.equal(got.isnan(), want.isnan()) and torch.equal(
+                got.nan_to_num(), want.nan_to_num())
+        else:  # one rounding of the result apart at most
+            ulp = torch.finfo(dtype).eps * want.abs().clamp_min(1.0)
+            assert ((got - want).abs() <= 2 * ulp).all(), (fn.__name__, (got - want).abs().max())

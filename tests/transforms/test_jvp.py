@@ -548,6 +548,7 @@ def _composite_cases() -> list[Case]:
         ("linear", rt.nn.linear, [normal(3, 4), normal(4, 2), normal(2)]),
         ("linear, constant bias", lambda x, w: rt.nn.linear(x, w, np.ones(2)), [normal(3, 4), normal(4, 2)]),
         ("relu, with a tie at 0", rt.nn.relu, [np.concatenate([normal(5), np.zeros(1)])]),
+        ("hardsigmoid, at -3, 3 and outside", rt.nn.hardsigmoid, [np.concatenate([3 * normal(6), [-3.0, 3.0]])]),
         ("max_pool, with ties", lambda x: rt.nn.max_pool(x, (2, 2), (1, 1), (1, 0), (1, 1), False, (4, 2)),
          [np.concatenate([np.full((1, 2, 1, 3), 0.5), normal(1, 2, 2, 3)], axis=2)]),
         ("convolution, strided, grouped, biased",
@@ -593,8 +594,10 @@ def check_composite(label: str, fn: Callable[..., Any], args: Sequence[np.ndarra
         typecheck(forward)
         got = _run(forward, [*g_args, *tangents])
         want = _run(jvp(decompose(g)), [*g_args, *tangents])
+        # hardsigmoid's rules use torch's slope, the float32 constant 1.0f / 6.0f: 1.5e-8 from the exact 1/6
+        rtol = 3e-8 if label.startswith("hardsigmoid") else 1e-9
         for j, (a, b) in enumerate(zip(got, want)):
-            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11, err_msg=f"{label}, {what}: output {j}")
+            np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-11, err_msg=f"{label}, {what}: output {j}")
     check_jvp(graph, args, against_jax=False, dot_rtol=1e-10)
     return seen
 

@@ -6,8 +6,9 @@ maximum in the window's row-major scan order wins) via ``argmax`` over that axis
 """
 from __future__ import annotations
 
+import functools
 import itertools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from reftrace.nn import pooling
 from reftrace.nn.pooling import stack_last, window_max, windows
 from reftrace import primitives as P
 from reftrace.errors import UnsupportedOperatorError
-from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, literal, out_aval,
+from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, literal, opmath, out_aval,
                                                 register, unsupported)
 
 # ----------------------------------------------------------------------------- activations
@@ -24,6 +25,18 @@ from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, literal
 
 def _f(x: Any) -> Any:
     return cast(x, float_dtype(out_aval().dtype))
+
+
+def _in_opmath(row: Callable[..., Any]) -> Callable[..., Any]:
+    """``row`` computed as torch's CPU kernel computes it: float16/bfloat16 in float32, rounded once at
+    the end (rounding ``x + 3`` to bfloat16 first moved ``hardswish``'s kinks: slopes off by 1.5).
+    ``row`` takes ``x`` already floating (``row.__wrapped__`` is that inner row)."""
+    @functools.wraps(row)
+    def wide(x: Any, *args: Any, **kwargs: Any) -> Any:
+        x = _f(x)
+        d = opmath(x.dtype)
+        return row(x, *args, **kwargs) if d == x.dtype else cast(row(cast(x, d), *args, **kwargs), x.dtype)
+    return wide
 
 
 @register(aten.gelu.default)
@@ -47,32 +60,29 @@ def _relu6_of_shift(x: Any) -> Any:
 
 
 @register(aten.hardswish.default)
+@_in_opmath
 def hardswish(x: Any) -> Any:
     """``x * relu6(x + 3) / 6``: slope 0 up to -3, ``x/3 + 1/2`` inside, 1 from 3 on and at NaN (torch's)."""
-    x = _f(x)
     return lax.div(lax.mul(x, _relu6_of_shift(x)), literal(6, x.dtype))
 
 
 @register(aten.hardsigmoid.default)
+@_in_opmath
 def hardsigmoid(x: Any) -> Any:
-    """``relu6(x + 3) / 6`` with slope 1/6 strictly inside (-3, 3) only; NaN stays NaN with slope 0 (torch's)."""
-    x = _f(x)
-    d = x.dtype
-    value = lax.div(lax.min(lax.max(lax.add(x, literal(3, d)), literal(0, d)), literal(6, d)), literal(6, d))
-    inside = lax.logical_and(lax.gt(x, literal(-3, d)), lax.lt(x, literal(3, d)))
-    return lax.select(inside, value, lax.stop_gradient(value))
+    """``relu6(x + 3) / 6``; its slope is torch's ``1.0f / 6.0f`` strictly inside (-3, 3) only (``nn.hardsigmoid``)."""
+    return nn.hardsigmoid(x)
 
 
 @register(aten.leaky_relu.default)
+@_in_opmath
 def leaky_relu(x: Any, negative_slope: float = 0.01) -> Any:
-    x = _f(x)
     zero = literal(0, x.dtype)
     return lax.select(lax.gt(x, zero), x, lax.mul(x, literal(negative_slope, x.dtype)))
 
 
 @register(aten.elu.default)
+@_in_opmath
 def elu(x: Any, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0) -> Any:
-    x = _f(x)
     d = x.dtype
     # torch's elu_backward takes the exponential branch for x <= 0 (0 included), the linear one at NaN;
     # the exponential sees 0 elsewhere, so neither NaN nor a large x (exp overflows) leaks 0 * inf into the gradient
@@ -83,8 +93,8 @@ def elu(x: Any, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0
 
 
 @register(aten.softplus.default)
+@_in_opmath
 def softplus(x: Any, beta: float = 1.0, threshold: float = 20.0) -> Any:
-    x = _f(x)
     d = x.dtype
     scaled = lax.mul(x, literal(beta, d))
     linear = lax.gt(scaled, literal(threshold, d))
@@ -96,9 +106,9 @@ def softplus(x: Any, beta: float = 1.0, threshold: float = 20.0) -> Any:
 
 
 @register(aten.mish.default)
+@_in_opmath
 def mish(x: Any) -> Any:
-    x = _f(x)
-    return lax.mul(x, lax.tanh(softplus(x)))
+    return lax.mul(x, lax.tanh(softplus.__wrapped__(x)))
 
 
 @register(aten.threshold.default)
