@@ -22,6 +22,7 @@ from reftrace.nn.dense import linear_p
 from reftrace.nn.losses import (binary_cross_entropy_backward_p, binary_cross_entropy_p, nll_loss_backward_p,
                                 nll_loss_p)
 from reftrace.nn import norms as N
+from reftrace.nn._util import statistics_dtype
 from reftrace.nn.special import entr_p, xlog1py_p, xlogy_p
 
 aten = torch.ops.aten
@@ -34,10 +35,11 @@ def _optional(operands: tuple[Any, ...], *present: bool) -> list[Any]:
     return values
 
 
-def _with_dtype(x: Any, like: Any) -> Any:
-    """``x`` in ``like``'s dtype: a half-precision kernel may return float32 statistics on some devices."""
-    dtype = aval_of(like).dtype
-    return x.to(torch_dtype(dtype)) if dtype.itemsize < 4 else x
+def _statistics(out: Any, x: Any, parameters: tuple[Any, ...]) -> tuple[Any, Any]:
+    """A normalization kernel's saved mean and rstd in the composite's dtype (``statistics_dtype``): a
+    half-precision kernel may return float32 statistics on some devices."""
+    dtype = statistics_dtype(aval_of(x).dtype, [aval_of(p).dtype for p in parameters])
+    return tuple(s.to(torch_dtype(dtype)) if dtype.itemsize < 4 else s for s in (out[1], out[2]))
 
 
 # ----------------------------------------------------------------------------- activations
@@ -74,7 +76,7 @@ def _layer_norm(x: Any, *affine: Any, normalized_ndim: int, eps: float, has_weig
     weight, bias = _optional(affine, has_weight, has_bias)
     shape = list(aval_of(x).shape[aval_of(x).ndim - normalized_ndim:])
     out = aten.native_layer_norm(_t(x), shape, weight, bias, eps)
-    return out[0], _with_dtype(out[1], x), _with_dtype(out[2], x)
+    return out[0], *_statistics(out, x, affine)
 
 
 def _layer_norm_backward(g: Any, x: Any, mean: Any, rstd: Any, *affine: Any, normalized_ndim: int,
@@ -92,10 +94,10 @@ def _batch_norm_train(x: Any, *rest: Any, eps: float, momentum: float, has_weigh
                                                         has_running_stats)
     if not has_running_stats:
         out = aten.native_batch_norm(_t(x), weight, bias, None, None, True, momentum, eps)
-        return out[0], _with_dtype(out[1], x), _with_dtype(out[2], x)
+        return out[0], *_statistics(out, x, rest)
     out = aten._native_batch_norm_legit_functional(_t(x), weight, bias, running_mean, running_var, True,
                                                    momentum, eps)
-    return out[0], _with_dtype(out[1], x), _with_dtype(out[2], x), out[3], out[4]
+    return out[0], *_statistics(out, x, rest), out[3], out[4]
 
 
 def _batch_norm_eval(x: Any, running_mean: Any, running_var: Any, *affine: Any, eps: float, has_weight: bool,

@@ -20,6 +20,15 @@ def accumulation_dtype(dtype: Any) -> np.dtype:
     return np.dtype(np.float32) if dtype.itemsize < 4 else dtype
 
 
+def statistics_dtype(dtype: Any, parameter_dtypes: Sequence[Any]) -> np.dtype:
+    """The dtype of a normalization's saved mean and rstd: float32 for a half-precision input whose
+    parameters (weight, bias, running statistics) have another dtype (torch's "mixed type" kernels, as
+    under autocast, where the parameters stay float32), else the input's own."""
+    dtype = np.dtype(dtype)
+    mixed = any(np.dtype(d) != dtype for d in parameter_dtypes)
+    return accumulation_dtype(dtype) if mixed else dtype
+
+
 def cast(x: Any, dtype: Any) -> Any:
     return x if x.dtype == np.dtype(dtype) else lax.convert_element_type(x, dtype)
 

@@ -2,7 +2,8 @@
 
 Operand lists follow the ATen ops, with absent optional operands left out and flagged in
 params (``has_weight``, ``has_bias``, ``has_running_stats``). Statistics of half-precision
-inputs are computed in float32 and returned in the input's dtype, as torch's CPU kernels do.
+inputs are computed in float32 and returned in the input's dtype, as torch's CPU kernels do, or in
+float32 where the parameters are float32 (``statistics_dtype``: torch's mixed-type kernels).
 The backward equations cover the data cotangent of the normalised output; a cotangent
 reaching the saved statistics themselves goes through the decomposition
 (``reftrace.transforms.vjp.through_decomposition``).
@@ -14,7 +15,7 @@ from typing import Any, Sequence
 from reftrace import lax
 from reftrace.composite import define_composite
 from reftrace.graph import Eqn, Params
-from reftrace.nn._util import accumulation_dtype, along, cast, const, mean, other_axes
+from reftrace.nn._util import accumulation_dtype, along, cast, const, mean, other_axes, statistics_dtype
 from reftrace.transforms.recompute_rules import recompute_rules
 from reftrace.transforms.vjp import through_decomposition
 from reftrace.transforms.vjp_rules import vjp_rules
@@ -84,8 +85,8 @@ def _layer_norm(x: Any, *affine: Any, normalized_ndim: int, eps: float, has_weig
     rstd = lax.rsqrt(lax.add(mean(lax.mul(centred, centred), axes), const(eps, xa.dtype)))
     y = _affine(lax.mul(centred, along(rstd, xa.shape, lead)), weight, bias, axes)
     stat_shape = x.shape[:x.ndim - normalized_ndim] + (1,) * normalized_ndim
-    return (cast(y, x.dtype), cast(lax.reshape(mu, stat_shape), x.dtype),
-            cast(lax.reshape(rstd, stat_shape), x.dtype))
+    sd = statistics_dtype(x.dtype, [v.dtype for v in affine])
+    return cast(y, x.dtype), cast(lax.reshape(mu, stat_shape), sd), cast(lax.reshape(rstd, stat_shape), sd)
 
 
 def _layer_norm_backward(g: Any, x: Any, mu: Any, rstd: Any, *affine: Any, normalized_ndim: int,
@@ -142,7 +143,8 @@ def _batch_norm_train(x: Any, *rest: Any, eps: float, momentum: float, has_weigh
     var = mean(lax.mul(centred, centred), axes)
     rstd = lax.rsqrt(lax.add(var, const(eps, acc)))
     y = _affine(lax.mul(centred, along(rstd, xa.shape, _CHANNEL)), weight, bias, _CHANNEL)
-    outs = [cast(y, x.dtype), cast(mu, x.dtype), cast(rstd, x.dtype)]
+    sd = statistics_dtype(x.dtype, [v.dtype for v in rest])
+    outs = [cast(y, x.dtype), cast(mu, sd), cast(rstd, sd)]
     if has_running_stats:
         n = x.size // x.shape[1]
         keep, m = const(1 - momentum, acc), const(momentum, acc)

@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 from reftrace.errors import ArgumentError
 from reftrace.primitives import is_inexact
 from reftrace.transforms.simplify import eliminate_dead_code
+from reftrace.torch_bridge.autocast import autocast_off, autocast_state
 from reftrace.torch_bridge.autograd import Compiler, InferenceFunction, PartitionedFunction, new_rng_key
 from reftrace.torch_bridge.compilers import as_partitioner, default_partition
 from reftrace.torch_bridge.capture import capture_flat, refuse_trainable_constants
@@ -273,7 +274,7 @@ class AOTFunction:
 
     @staticmethod
     def _key(leaves: list, structure: Any, tensor_pos: list[int]) -> Any:
-        parts: list[Any] = [structure, torch.is_grad_enabled()]
+        parts: list[Any] = [structure, torch.is_grad_enabled(), autocast_state()]
         j = 0
         for i, x in enumerate(leaves):
             if j < len(tensor_pos) and tensor_pos[j] == i:
@@ -337,14 +338,14 @@ class AOTFunction:
 
 def _changes(j: int, old: Any, new: Any) -> list[str]:
     """What differs between part ``j`` of two cache keys (``_key``), in words."""
-    if j < 2:
-        return ["grad mode" if j else "the argument structure"]
+    if j < 3:
+        return [("the argument structure", "grad mode", "autocast")[j]]
     if isinstance(new, tuple) and len(new) == 2 and isinstance(new[0], type):  # a guarded value: (type, value)
         new = new[1]
         old = old[1] if isinstance(old, tuple) and len(old) == 2 else old
         if hasattr(new, "changes_since"):  # a module's attributes, by name
             return new.changes_since(old)
-    return [f"argument leaf {j - 2}: {old!r} -> {new!r}"]
+    return [f"argument leaf {j - 3}: {old!r} -> {new!r}"]
 
 
 def _no_outputs(_tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -370,10 +371,11 @@ _LEAF = object()  # a pytree leaf that stands for the attributes
 
 def _run(compiled: _Compiled, tensors: list[torch.Tensor]) -> Any:
     """Run one compiled signature on the graph's input tensors; write mutations back; rebuild the outputs."""
-    if compiled.key_input is None:
-        outs = compiled.run(tensors)
-    else:  # a fresh key per call; the autograd Function keeps it for double backward
-        outs = compiled.run([*tensors, new_rng_key(tensors[0].device if tensors else None)])
+    with autocast_off():  # the graph holds autocast's casts already
+        if compiled.key_input is None:
+            outs = compiled.run(tensors)
+        else:  # a fresh key per call; the autograd Function keeps it for double backward
+            outs = compiled.run([*tensors, new_rng_key(tensors[0].device if tensors else None)])
     n = compiled.num_outputs
     for i, new in zip(compiled.mutated_inputs, outs[n:]):
         target = tensors[i]

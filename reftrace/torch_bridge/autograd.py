@@ -25,6 +25,7 @@ from reftrace.backends.torch_fx_passes import compute_in_place
 from reftrace.errors import CompilerError
 from reftrace.graph import Graph
 from reftrace.primitives import is_inexact
+from reftrace.torch_bridge.autocast import autocast_off
 from reftrace.torch_bridge.compilers import default_partition, nop
 from reftrace.torch_bridge.tensors import device_of, example_tensors
 from reftrace.transforms.simplify import simplify
@@ -267,16 +268,17 @@ def _make_autograd_function(pf: PartitionedFunction) -> type[torch.autograd.Func
             if not reached:
                 return tuple(result)
             saved, primals = ctx.saved_tensors, ctx.primals
-            if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
-                grads = pf.double_backward(primals, [grad_outputs[i] for i in ct_outputs])
-            elif (partial := None if all(present) else pf.backward_without(present)) is not None:
-                # missing cotangents are symbolic zeros
-                given = [grad_outputs[i].contiguous() for i, p in zip(ct_outputs, present) if p]
-                grads = call_compiled(partial, [*saved, *given])
-            else:
-                cts = [grad_outputs[i] if p else pf.zero_cotangent(k)
-                       for k, (i, p) in enumerate(zip(ct_outputs, present))]
-                grads = call_compiled(pf.compiled_bw, [*saved, *(c.contiguous() for c in cts)])
+            with autocast_off():  # a backward run under autocast: the graph's dtypes are its own
+                if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
+                    grads = pf.double_backward(primals, [grad_outputs[i] for i in ct_outputs])
+                elif (partial := None if all(present) else pf.backward_without(present)) is not None:
+                    # missing cotangents are symbolic zeros
+                    given = [grad_outputs[i].contiguous() for i, p in zip(ct_outputs, present) if p]
+                    grads = call_compiled(partial, [*saved, *given])
+                else:
+                    cts = [grad_outputs[i] if p else pf.zero_cotangent(k)
+                           for k, (i, p) in enumerate(zip(ct_outputs, present))]
+                    grads = call_compiled(pf.compiled_bw, [*saved, *(c.contiguous() for c in cts)])
             for i, g in zip(wrt, grads):
                 if i in reached:
                     result[i] = g

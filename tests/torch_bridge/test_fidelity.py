@@ -771,3 +771,76 @@ def test_hard_activation_slopes_are_torchs_at_every_dtype(compiler, dtype):
         else:  # one rounding of the result apart at most
             ulp = torch.finfo(dtype).eps * want.abs().clamp_min(1.0)
             assert ((got - want).abs() <= 2 * ulp).all(), (fn.__name__, (got - want).abs().max())
+
+
+class _AutocastNet(torch.nn.Module):
+    """Linear (autocast: bfloat16), GELU, LayerNorm and GroupNorm/BatchNorm on bfloat16 inputs with float32
+    parameters (torch's mixed-type kernels: float32 statistics), and a matmul kept in float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.ln, self.fc2 = torch.nn.Linear(8, 12), torch.nn.LayerNorm(12), torch.nn.Linear(12, 48)
+        self.gn, self.bn = torch.nn.GroupNorm(2, 6), torch.nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc2(self.ln(torch.nn.functional.gelu(self.fc1(x))))
+        h = self.bn(self.gn(h.view(-1, 6, 8))).flatten(1)
+        with torch.autocast("cpu", enabled=False):
+            return h.float() @ self.fc2.weight.float()
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_training_under_autocast_matches_eager(compiler):
+    """Under ``torch.autocast("cpu", dtype=torch.bfloat16)``: the backward raised (layer norm's statistics
+    came out bfloat16 where torch's mixed-type kernel keeps float32, and its backward refused them), and
+    a graph compiled outside autocast was reused inside it (float32 outputs where eager gives bfloat16).
+    Through ``nop`` every output and parameter is eager's over three SGD steps to float32 rounding (the
+    group norm's backward is reftrace's, in float32; everything else is torch's kernels)."""
+    torch.manual_seed(0)
+    model = _AutocastNet()
+    eager = copy.deepcopy(model)
+    compiled = aot_module(model, COMPILERS[compiler])
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    assert compiled(x).dtype == eager(x).dtype == torch.float32  # captured without autocast first
+    tol = 1e-5 if compiler == "nop" else 3e-2  # XLA: bfloat16 roundings of its own
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9) for m in (model, eager)]
+    for _ in range(3):
+        outs = []
+        for run, opt in zip((compiled, eager), opts):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = run(x)
+                inner = run.fc1(x) if run is eager else None
+            out.pow(2).mean().backward()
+            opt.step()
+            outs.append(out)
+            assert inner is None or inner.dtype == torch.bfloat16
+        assert outs[0].dtype == outs[1].dtype
+        torch.testing.assert_close(outs[0], outs[1], rtol=tol, atol=tol)
+    for (name, got), want in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
+    for got, want in zip(model.buffers(), eager.buffers()):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "group_norm", "batch_norm"])
+def test_mixed_type_normalizations_match_eager(norm):
+    """A bfloat16 input with float32 parameters (as autocast leaves them): torch's CPU kernels keep the
+    saved mean and rstd in float32, and their backward refuses bfloat16 ones; the output and every
+    gradient are eager's."""
+    x = torch.randn(4, 6, 3).bfloat16()
+    w, b = torch.randn(6), torch.randn(6)
+    fns = {"layer_norm": lambda x, w, b: _F.layer_norm(x.transpose(1, 2), [6], w, b),
+           "group_norm": lambda x, w, b: _F.group_norm(x, 2, w, b),
+           "batch_norm": lambda x, w, b: _F.batch_norm(x, None, None, w, b, training=True)}
+    fn = fns[norm]
+    results = []
+    for f in (fn, aot_function(fn, nop)):
+        args = [t.clone().requires_grad_() for t in (x, w, b)]
+        out = f(*args)
+        ct = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.dtype)
+        results.append((out, *torch.autograd.grad(out, args, ct)))
+    for got, want in zip(*results, strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0 if norm != "group_norm" else 1e-2,
+                                   atol=0 if norm != "group_norm" else 1e-2)

@@ -14,6 +14,7 @@ import numpy as np
 
 from reftrace import lax, nn
 from reftrace.nn import pooling
+from reftrace.nn._util import statistics_dtype
 from reftrace.nn.pooling import stack_last, window_max, windows
 from reftrace import primitives as P
 from reftrace.errors import UnsupportedOperatorError
@@ -185,7 +186,8 @@ def native_group_norm(x: Any, weight: Any, bias: Any, N: int, C: int, HxW: int, 
         y = lax.mul(y, _along(cast(weight, x.dtype), x.shape, (1,)))
     if bias is not None:
         y = lax.add(y, _along(cast(bias, x.dtype), x.shape, (1,)))
-    return cast(y, out_dtype), mean, rstd
+    sd = statistics_dtype(out_dtype, [p.dtype for p in (weight, bias) if p is not None])
+    return cast(y, out_dtype), cast(mean, sd), cast(rstd, sd)
 
 
 def _batch_norm(x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any, training: bool,
