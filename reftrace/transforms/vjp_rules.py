@@ -90,6 +90,25 @@ def _unary(prim: Primitive, derivative: Callable[[TracedArray, TracedArray], Tra
     vjp_rules[prim] = rule
 
 
+def _fused_unary(prim: Primitive, backward: Callable[[TracedArray, TracedArray], TracedArray],
+                 widened: Sequence[str] = ("float16", "bfloat16")) -> None:
+    """For primitives whose torch backward is one fused kernel: ``backward(ct, out)`` is that kernel's
+    formula, in its order of operations (``sigmoid_backward``: ``ct * (1 - y) * y``), and in the
+    ``widened`` dtypes (by name) it is computed in float32 and rounded once, as the kernel does (rounding
+    ``1 - y*y`` to bfloat16 first moved the gradient). Complex values take ``_unary``'s conjugate."""
+    def rule(cts, primals, outs, **params):
+        (ct,), (x,), (out,) = cts, primals, outs
+        if P.is_complex(x.dtype):
+            return (lax.mul(ct, lax.conj(backward(lax.full(out.shape, 1, out.dtype), out))),)
+        if np.dtype(x.dtype).name not in widened:
+            return (backward(ct, out),)
+        wide = np.dtype(np.float32)
+        grad = backward(lax.convert_element_type(ct, wide), lax.convert_element_type(out, wide))
+        return (lax.convert_element_type(grad, x.dtype),)
+    rule.__name__ = f"{prim.name}_vjp"
+    vjp_rules[prim] = rule
+
+
 def _one_minus_square(x: TracedArray) -> TracedArray:
     return lax.sub(_const(1, x), lax.mul(x, x))
 
@@ -126,8 +145,10 @@ _unary(P.exp_p, lambda x, out: out)
 _unary(P.log_p, lambda x, out: lax.div(_const(1, x), x))
 _unary(P.log1p_p, lambda x, out: lax.div(_const(1, x), lax.add(_const(1, x), x)))
 _unary(P.expm1_p, lambda x, out: lax.add(out, _const(1, x)))
-_unary(P.tanh_p, lambda x, out: _one_minus_square(out))
-_unary(P.logistic_p, lambda x, out: lax.mul(out, lax.sub(_const(1, x), out)))
+_fused_unary(P.tanh_p, lambda ct, y: lax.mul(ct, _one_minus_square(y)))  # tanh_backward
+# sigmoid_backward widens bfloat16 only: its float16 kernel rounds after each operation
+_fused_unary(P.logistic_p, lambda ct, y: lax.mul(lax.mul(ct, lax.sub(_const(1, y), y)), y),
+             widened=("bfloat16",))
 _unary(P.sin_p, lambda x, out: lax.cos(x))
 _unary(P.cos_p, lambda x, out: lax.neg(lax.sin(x)))
 _unary(P.tan_p, lambda x, out: lax.add(_const(1, x), lax.mul(out, out)))
