@@ -48,14 +48,14 @@ def with_zero_inputs(graph: Graph, linear_inputs: Sequence[int], zero_inputs: Se
     def read(a: Atom) -> Atom | _Zero:
         return a if isinstance(a, Literal) else env[a]
 
-    def explicit(x: Atom | _Zero, aval: Aval) -> Atom:
-        if not isinstance(x, _Zero):
+    def shaped(x: Atom, aval: Aval) -> Atom:
+        """``x`` (rank 0, which elementwise ops broadcast, or already of ``aval``'s shape) at ``aval``'s shape."""
+        if tuple(x.aval.shape) == tuple(aval.shape):
             return x
-        scalar = Literal.of(np.zeros((), aval.dtype))
-        if not aval.shape:
-            return scalar
-        return builder.bind(P.broadcast_in_dim_p, [scalar], {"shape": tuple(aval.shape),
-                                                             "broadcast_dimensions": ()})[0]
+        return builder.bind(P.broadcast_in_dim_p, [x], {"shape": tuple(aval.shape), "broadcast_dimensions": ()})[0]
+
+    def explicit(x: Atom | _Zero, aval: Aval) -> Atom:
+        return shaped(Literal.of(np.zeros((), aval.dtype)), aval) if isinstance(x, _Zero) else x
 
     for eqn in graph.eqns:
         values = [read(a) for a in eqn.inputs]
@@ -67,10 +67,11 @@ def with_zero_inputs(graph: Graph, linear_inputs: Sequence[int], zero_inputs: Se
             outs = builder.bind(eqn.primitive, values, eqn.params)
         elif all(z for z, f in zip(zeros, flowing) if f):  # linear in what is zero: zero
             outs = (ZERO,) * len(eqn.outputs)
-        elif eqn.primitive is P.add_p:  # one term is zero
-            outs = (values[1] if zeros[0] else values[0],)
+        elif eqn.primitive is P.add_p:  # one term is zero: the other, at the sum's shape
+            outs = (shaped(values[1] if zeros[0] else values[0], eqn.outputs[0].aval),)
         elif eqn.primitive is P.sub_p:
-            outs = (values[0],) if zeros[1] else builder.bind(P.neg_p, [values[1]])
+            kept = shaped(values[0] if zeros[1] else values[1], eqn.outputs[0].aval)
+            outs = (kept,) if zeros[1] else builder.bind(P.neg_p, [kept])
         else:
             outs = builder.bind(eqn.primitive, [explicit(x, a.aval) for x, a in zip(values, eqn.inputs)],
                                 eqn.params)

@@ -39,3 +39,19 @@ def test_zero_inputs_must_be_linear_inputs():
     graph = rt.trace(_backward_like, np.ones(3), np.ones(3), np.ones(3))
     with pytest.raises(ArgumentError, match="linear inputs"):
         with_zero_inputs(graph, linear_inputs=[2], zero_inputs=[1])
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_a_kept_term_broadcasts_to_the_sums_shape(zero):
+    """``a + b`` with ``b`` of rank 0 (elementwise ops broadcast it): when ``a`` is the zero, the sum is
+    ``b`` broadcast to ``a``'s shape, not ``b`` itself; likewise ``0 - b``."""
+    a, b = np.array([1.0, 2.0, 3.0]), np.array(5.0)
+    graph = rt.trace(lambda a, b: (lax.add(a, b), lax.sub(b, a) if zero else lax.sub(a, b)), a, b)
+    specialized = with_zero_inputs(graph, linear_inputs=[0, 1], zero_inputs=[zero])
+    rt.typecheck(specialized)
+    args = [a, b][1 - zero:2 - zero]
+    za, zb = (0 * a, b) if zero == 0 else (a, 0 * b)
+    want = [za + zb, zb - za if zero else za - zb]
+    for got, w in zip(lower_jax(specialized)(*args), want):
+        assert np.asarray(got).shape == (3,)
+        np.testing.assert_array_equal(np.asarray(got), w)
