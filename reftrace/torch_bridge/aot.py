@@ -322,7 +322,8 @@ class AOTFunction:
             run = PartitionedFunction(graph, wrt, fw_compiler=self.fw_compiler, bw_compiler=self.bw_compiler,
                                       partitioner=self.partitioner, example_inputs=examples,
                                       mutated_inputs=captured.mutated_inputs, autograd_links=links)
-        computed = [k for k in range(captured.num_outputs) if k not in {v.output for v in views}]
+        rebuilt = {v.output for v in views}
+        computed = [k for k in range(captured.num_outputs) if k not in rebuilt]
         layouts = [(j, strides) for j, k in enumerate(computed) if (strides := captured.output_strides[k]) is not None]
         return _Compiled(run, captured.num_outputs - len(views), captured.mutated_inputs, captured.out_spec,
                          captured.key_input, plan, views, self._constants(captured.closed_over), layouts)

@@ -21,7 +21,7 @@ import contextlib
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -439,14 +439,20 @@ def _data_dependent_errors() -> tuple[type[BaseException], ...]:
     return (GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException)
 
 
+class _Functionalized(NamedTuple):
+    """What running the function functionalized gives (``_run_functionalized``)."""
+
+    results: list[torch.Tensor]  # the (fake) ``[*outputs, *new values of mutated inputs]``
+    out_spec: OutputSpec  # rebuilds the function's return value from its output tensors
+    mutated: tuple[int, ...]  # the mutated inputs' indices
+    views: tuple[OutputView, ...]  # the outputs that are views of inputs
+    links: tuple[frozenset[int], ...]  # the inputs eager's autograd links each result to
+    strides: tuple[tuple[int, ...] | None, ...]  # the outputs' eager strides, where dense
+
+
 def _run_functionalized(fn: Callable[[list[torch.Tensor]], Any], fakes: Sequence[torch.Tensor],
-                        state: _TraceState
-                        ) -> tuple[list[torch.Tensor], OutputSpec, tuple[int, ...], tuple[OutputView, ...],
-                                   tuple[frozenset[int], ...], tuple[tuple[int, ...] | None, ...]]:
-    """Runs ``fn`` functionalized: the (fake) ``[*outputs, *new values of mutated inputs]``, the spec that
-    rebuilds the function's return value from its output tensors, the mutated inputs' indices, the
-    outputs that are views of inputs, the inputs eager's autograd links each result to, and the
-    outputs' eager strides (where dense)."""
+                        state: _TraceState) -> _Functionalized:
+    """Runs ``fn`` functionalized, on fake tensors."""
     with FunctionalTensorMode():
         inputs = [FunctionalTensor.to_functional(t) for t in fakes]
         state.leaf_inputs = {id(w) for w, t in zip(inputs, fakes) if t.requires_grad and t.is_leaf}
@@ -465,7 +471,7 @@ def _run_functionalized(fn: Callable[[list[torch.Tensor]], Any], fakes: Sequence
         links = autograd_links([*leaves, *(inputs[i] for i in mutated)], inputs)
         strides = tuple(dense_strides(t) for t in leaves)  # a FunctionalTensor has eager's strides
         results = [_unwrap(t) for t in leaves] + [_unwrap(inputs[i]) for i in mutated]
-    return results, spec, mutated, views, links, strides
+    return _Functionalized(results, spec, mutated, views, links, strides)
 
 
 def _unwrap(t: torch.Tensor) -> torch.Tensor:
@@ -476,13 +482,9 @@ def _unwrap(t: torch.Tensor) -> torch.Tensor:
 
 
 def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tensor],
-           table: Mapping[Any, Callable[..., Any]]
-           ) -> tuple[Graph, OutputSpec, tuple[int, ...], tuple[ClosedOver, ...], tuple[OutputView, ...],
-                      tuple[frozenset[int], ...], tuple[tuple[int, ...] | None, ...]]:
-    """``fn`` run on fake tensors, functionalized, with every ATen op translated as it is dispatched:
-    the graph, the spec of the function's return value, the indices of the inputs it mutates, the
-    constants it read from its enclosing scope, the outputs that are views of inputs, each
-    output's autograd links (``autograd_links``) and the outputs' eager strides (``dense_strides``)."""
+           table: Mapping[Any, Callable[..., Any]]) -> Captured:
+    """``fn`` run on fake tensors, functionalized, with every ATen op translated as it is dispatched
+    (``capture_flat``'s work)."""
     devices = {t.device for t in tensors} or {torch.device("cpu")}
     state = _TraceState(table, devices)
     translator = state.translator
@@ -503,7 +505,7 @@ def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tens
         stack.enter_context(fake_mode)
         stack.enter_context(_Translating(state))
         try:
-            outputs, out_spec, mutated, views, links, strides = _run_functionalized(fn, fakes, state)
+            run = _run_functionalized(fn, fakes, state)
         except ReftraceError as err:
             raise err.with_traceback(None) from None
         except _data_dependent_errors() as err:
@@ -520,10 +522,13 @@ def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tens
                 f"its enclosing scope{f' (at {where})' if where else ''}; torch's functionalization cannot "
                 "capture that: pass those tensors as arguments (or register them as module buffers)") from None
     try:
-        graph = translator.finish(outputs, keys.key)
+        graph = translator.finish(run.results, keys.key)
     except ReftraceError as err:
         raise err.with_traceback(None) from None
-    return graph, out_spec, mutated, tuple(translator.closed_over), views, links, strides
+    key_input = len(tensors) if len(graph.inputs) > len(tensors) else None  # the key follows the tensors
+    return Captured(graph=graph, num_outputs=run.out_spec.num_tensors, mutated_inputs=run.mutated,
+                    out_spec=run.out_spec, key_input=key_input, closed_over=tuple(translator.closed_over),
+                    output_views=run.views, autograd_links=run.links, output_strides=run.strides)
 
 
 def _check_tensors(tensors: Sequence[Any], what: str) -> list[torch.Tensor]:
@@ -549,12 +554,7 @@ def capture_flat(fn: Callable[[list[torch.Tensor]], Any], example_tensors: Seque
     if not callable(fn):
         raise ArgumentError(f"capture_flat expects a callable, got {type(fn).__name__}")
     tensors = _check_tensors(list(example_tensors), "example tensor")
-    graph, out_spec, mutated, closed_over, views, links, strides = _trace(fn, tensors,
-                                                                          decomposition_table(decompositions))
-    key_input = len(tensors) if len(graph.inputs) > len(tensors) else None  # the key follows the tensors
-    return Captured(graph=graph, num_outputs=out_spec.num_tensors, mutated_inputs=mutated, out_spec=out_spec,
-                    key_input=key_input, closed_over=closed_over, output_views=views, autograd_links=links,
-                    output_strides=strides)
+    return _trace(fn, tensors, decomposition_table(decompositions))
 
 
 _STATIC_LEAVES = (type(None), bool, int, float, str, torch.dtype, torch.device)

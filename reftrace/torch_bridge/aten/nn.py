@@ -145,12 +145,6 @@ def native_dropout(x: Any, p: float, train: bool | None) -> tuple[Any, Any]:
 
 # ----------------------------------------------------------------------------- normalisation
 
-def _acc_dtype(dtype: Any) -> np.dtype:
-    """Statistics of half-precision inputs are computed in float32, as torch does."""
-    dtype = np.dtype(dtype)
-    return np.dtype(np.float32) if dtype.itemsize < 4 else float_dtype(dtype)
-
-
 def _stats(x: Any, axes: tuple[int, ...]) -> tuple[Any, Any, int]:
     """(mean, biased variance, count) over ``axes``; results keep the non-reduced dims."""
     keep = [i for i in range(x.ndim) if i not in axes]
@@ -176,7 +170,7 @@ def native_layer_norm(x: Any, normalized_shape: Sequence[int], weight: Any, bias
 def native_group_norm(x: Any, weight: Any, bias: Any, N: int, C: int, HxW: int, group: int, eps: float
                       ) -> tuple[Any, Any, Any]:
     out_dtype = x.dtype
-    x = cast(x, _acc_dtype(x.dtype))
+    x = cast(x, opmath(float_dtype(x.dtype)))  # statistics of half-precision inputs in float32, as torch
     grouped = lax.reshape(x, (N, group, (C // group) * HxW))
     mean, var, _ = _stats(grouped, (2,))
     rstd = lax.rsqrt(lax.add(var, literal(eps, x.dtype)))
