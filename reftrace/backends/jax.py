@@ -166,7 +166,8 @@ def array_to_tensor(array: Any, on_cpu: bool = False) -> Any:
         tensor = _shared_tensor(array, on_cpu)
     except Exception:  # noqa: BLE001 - e.g. bool arrays; copy instead
         return torch.from_numpy(np.array(array))
-    tensor._reftrace_jax_origin = (array, tensor._version)
+    if not tensor.is_inference():  # made under inference_mode: no version counter to tell a change by
+        tensor._reftrace_jax_origin = (array, tensor._version)
     return tensor
 
 

@@ -510,9 +510,15 @@ def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tens
             raise err.with_traceback(None) from None
         except _data_dependent_errors() as err:
             where = location_from_traceback(err.__traceback__)
+            func = getattr(err, "func", None)  # fake tensors' own refusals name the op
+            if func is None:
+                what, hint = "a branch or size depends on a tensor value", _DATA_DEPENDENT_HINT
+            else:
+                what = f"{op_display_name(func)} computes a shape or a returned value from tensor values"
+                hint = ("reftrace captures static shapes: run it outside the compiled function, or pass a "
+                        f"decomposition with static shapes (decompositions={{torch.ops.{func}: ...}})")
             raise DataDependentControlFlowError(
-                f"data-dependent control flow: a branch or size depends on a tensor value"
-                f"{f' (at {where})' if where else ''}. {_DATA_DEPENDENT_HINT}.") from None
+                f"data-dependent control flow: {what}{f' (at {where})' if where else ''}. {hint}.") from None
         except RuntimeError as err:
             if not _is_functionalization_error(err):
                 raise

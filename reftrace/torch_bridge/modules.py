@@ -114,25 +114,36 @@ def _plain(value: Any) -> bool:
     return type(value) in _PLAIN
 
 
-# a module's dicts whose contents (by identity) the compiled graph depends on; a backward hook added
-# after compiling makes the next call capture again, which refuses it (``autograd_hooks``)
-_STRUCTURE_DICTS = ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks",
-                    "_backward_hooks", "_backward_pre_hooks")
+# a module's dicts whose contents (by identity) the compiled graph depends on: a submodule swapped or a
+# hook added after compiling makes the next call capture again (a backward hook is then refused:
+# ``autograd_hooks``); a parameter or buffer replaced only makes the guard read the state again
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks",
+               "_backward_pre_hooks")
+_STRUCTURE_DICTS = ("_modules", "_parameters", "_buffers", *_HOOK_DICTS)
+# hooks every module runs (``register_module_forward_hook`` and friends)
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_with_kwargs",
+                 "_global_forward_hooks_always_called", "_global_backward_hooks", "_global_backward_pre_hooks")
 
 
 class ModuleGuard:
     """What a compiled module depends on besides its tensors' shapes, checked cheaply per call.
 
-    Two parts: the module's *structure* — its submodules, their parameter and buffer objects
-    and their forward and backward hooks, compared by identity — and its *attributes*: every submodule's
-    plain attributes (``training``, ``eps``, ``momentum``, ``scale``...), compared by value.
-    While the structure holds, the ``ModuleState`` is reused; the attributes go into the
-    compile cache key, so changing ``ln.eps`` after compiling recompiles instead of reusing a
-    stale graph. Plain attributes added after the first call are not seen.
+    Two parts: the module's *structure* — its submodules, their parameter and buffer objects,
+    their forward and backward hooks (and torch's global module hooks) and a ``forward`` set on an
+    instance, compared by identity — and its *attributes*: every submodule's plain attributes
+    (``training``, ``eps``, ``momentum``, ``scale``...), compared by value. While the structure holds,
+    the ``ModuleState`` is reused. The attributes go into the compile cache key, after a number that
+    stands for the structure less the parameter and buffer objects (their names count): changing
+    ``ln.eps``, adding a forward hook or swapping ``nn.Tanh`` for ``nn.Sigmoid`` after compiling
+    recompiles instead of reusing a stale graph, while a parameter replaced by another of its shape
+    does not. Plain attributes added after the first call are not seen.
     """
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module
+        # each structure seen, by the objects themselves (kept alive, so no id is reused): its number
+        self._versions: dict[tuple[Any, ...], int] = {}
         self._snapshot()
 
     def _snapshot(self) -> None:
@@ -142,14 +153,30 @@ class ModuleGuard:
         self.attribute_names = tuple(zip(paths, self.plain_names))
         self.structure = self._structure()
         self.state = module_state(self.module)
+        self.version = self._versions.setdefault(self._code_structure(), len(self._versions))
 
     def _structure(self) -> tuple[int, ...]:
         ids: list[int] = []
         for d in self.dicts:
             for key in _STRUCTURE_DICTS:
-                ids.extend(map(id, d[key].values()))
+                ids.extend(map(id, d.get(key, {}).values()))
                 ids.append(-1)  # a separator, so moving an object between dicts changes the tuple
+            ids.append(id(d.get("forward")))
+        for key in _GLOBAL_HOOKS:
+            ids.extend(map(id, getattr(torch.nn.modules.module, key, {}).values()))
         return tuple(ids)
+
+    def _code_structure(self) -> tuple[Any, ...]:
+        """What decides the code a call runs: each module's class, submodules, hooks and parameter and
+        buffer names (which of them is None too), not the tensors (graph inputs)."""
+        parts: list[Any] = []
+        for m, d in zip(self.module.modules(), self.dicts):
+            parts.append((type(m), tuple(d["_modules"].items()), d.get("forward"),
+                          tuple((k, v is None) for k, v in d["_parameters"].items()),
+                          tuple((k, v is None) for k, v in d["_buffers"].items()),
+                          *(tuple(d.get(key, {}).items()) for key in _HOOK_DICTS)))
+        parts.extend(tuple(getattr(torch.nn.modules.module, key, {}).items()) for key in _GLOBAL_HOOKS)
+        return tuple(parts)
 
     def check(self) -> tuple[ModuleState, tuple[Any, ...]]:
         """The module's state tensors (re-read if its structure changed) and its plain attributes now."""
@@ -160,21 +187,24 @@ class ModuleGuard:
         except KeyError:  # an attribute was deleted: look again
             self._snapshot()
             attributes = tuple(tuple(d[k] for k in names) for d, names in zip(self.dicts, self.plain_names))
-        attributes = _Attributes(attributes)
+        attributes = _Attributes((self.version, *attributes))
         attributes.names = self.attribute_names
         return self.state, attributes
 
 
 class _Attributes(tuple):
-    """A module's plain attributes as one guard value (one pytree leaf, hashed once per call).
-    ``names``: per submodule, its path and attribute names (for saying what changed)."""
+    """A module's structure number, then its plain attributes, as one guard value (one pytree leaf,
+    hashed once per call). ``names``: per submodule, its path and attribute names (for saying what
+    changed)."""
 
     names: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def changes_since(self, old: Any) -> list[str]:
         """``path.name: old -> new`` for each attribute whose value differs from ``old``'s."""
-        if not isinstance(old, _Attributes) or old.names != self.names:
+        if not isinstance(old, _Attributes) or old[0] != self[0]:
+            return ["the module's structure (its submodules, hooks, or parameter and buffer names)"]
+        if old.names != self.names:
             return ["the module's attributes"]
         return [f"{path + '.' if path else ''}{name}: {a!r} -> {b!r}"
-                for (path, keys), before, now in zip(self.names, old, self) for name, a, b in zip(keys, before, now)
-                if a != b]
+                for (path, keys), before, now in zip(self.names, old[1:], self[1:])
+                for name, a, b in zip(keys, before, now) if a != b]

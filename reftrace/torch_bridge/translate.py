@@ -186,8 +186,9 @@ class Translator:
         if not any(isinstance(m, torch.Tensor) for m in metas):
             return  # metadata queries, asserts: nothing a graph computes
         if straight and op is torch.ops.aten.copy.default:
-            result = straight_through(self._read(args[0], False), self._read(args[1], False))
-            self._bind(metas, [result], stops)
+            old, new = self._read(args[0], False), self._read(args[1], False)
+            poisoned = next((v for v in (old, new) if isinstance(v, _Unsupported)), None)
+            self._bind(metas, [poisoned or straight_through(old, new)], stops)
             return
         rule, mutated = rule_for(op), None
         if rule is None and (functional := functional_variant(op)) is not None:

@@ -730,6 +730,27 @@ def test_ops_without_a_primitive_are_reported_by_name():
         capture(lambda v: torch.special.bessel_j0(v), randn(5))
 
 
+def test_an_op_whose_fake_kernel_needs_tensor_values_is_named():
+    lp = randn(6, 2, 5).log_softmax(-1)
+    targets = torch.tensor([[1, 2, 2], [3, 4, 0]])
+    with pytest.raises(rt.DataDependentControlFlowError, match=r"aten::_ctc_loss computes a shape .*"
+                                                               r"torch\.ops\.aten\._ctc_loss\.default"):
+        capture(lambda lp: F.ctc_loss(lp, targets, [6, 5], [3, 2]), lp)
+
+
+def test_an_unsupported_op_written_into_a_parameter_under_no_grad_is_reported_by_name():
+    """The write is a straight-through update: its value was the op's unknown result, which reached
+    the update's ``add`` as a dtype-less object (``ShapeError: ... ['float64', 'object']``)."""
+    class Rewrites(torch.nn.Linear):
+        def forward(self, x):
+            with torch.no_grad():
+                self.weight.copy_(torch.special.airy_ai(self.weight))
+            return super().forward(x)
+    from reftrace.compile import aot_module, nop
+    with pytest.raises(rt.UnsupportedOperatorError, match=r"aten::special_airy_ai has no reftrace mapping"):
+        aot_module(Rewrites(3, 3).double(), nop)(randn(2, 3))
+
+
 class _Twice(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):  # autograd runs this with grad mode off: it is not a no_grad() region

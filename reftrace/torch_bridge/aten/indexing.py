@@ -15,6 +15,7 @@ from reftrace import primitives as P
 from reftrace.errors import DataDependentControlFlowError
 from reftrace.torch_bridge.aten._common import (aten, bcast_full, broadcast_shapes, cast, highest, literal,
                                                 lowest, norm_dim, out_aval, register, unsupported)
+from reftrace.torch_bridge.aten.reductions import linalg_vector_norm
 
 
 def _prod(xs: Sequence[int]) -> int:
@@ -54,6 +55,22 @@ def embedding(weight: Any, indices: Any, padding_idx: int = -1, scale_grad_by_fr
     if weight.ndim != 2:
         raise unsupported(f"a {weight.ndim}-d weight (aten.embedding takes a 2-d table)")
     return nn.embedding(weight, cast(indices, np.int64), padding_idx, scale_grad_by_freq)
+
+
+@register(aten.embedding_renorm.default)
+def embedding_renorm(weight: Any, indices: Any, max_norm: float, norm_type: float) -> Any:
+    """``nn.Embedding(max_norm=...)``'s in-place rescaling, as a new table: each row some index names whose
+    ``norm_type``-norm exceeds ``max_norm`` is scaled by ``max_norm / (norm + 1e-7)``. As torch's CPU
+    kernel: the norm in the table's dtype, the scale in float64, rounded to the table's dtype before it multiplies."""
+    n = weight.shape[0]
+    flat = lax.reshape(cast(indices, np.int64), (_prod(indices.shape),))
+    named = lax.scatter(lax.full((n,), False, np.bool_), flat, lax.full(flat.shape, True, np.bool_), 0)
+    norm = cast(linalg_vector_norm(weight, norm_type, [1]), np.float64)
+    limit = literal(max_norm, np.float64)
+    scale = lax.div(limit, lax.add(norm, literal(1e-7, np.float64)))
+    scaled = lax.mul(weight, lax.broadcast_in_dim(cast(scale, weight.dtype), weight.shape, (0,)))
+    rescale = lax.broadcast_in_dim(lax.logical_and(named, lax.gt(norm, limit)), weight.shape, (0,))
+    return lax.select(rescale, scaled, weight)
 
 
 @register(aten.gather.default)

@@ -347,8 +347,10 @@ def chebyshev_norm(x: Any, axes: Any) -> Any:
 def linalg_vector_norm(x: Any, ord: Any = 2, dim: Any = None, keepdim: bool = False, *,  # noqa: A002
                        dtype: Any = None) -> Any:
     """p-norms with torch's subgradients: 0 at the zero vector, and 0 at zero entries for p < 1. A complex
-    vector's norms are its moduli's."""
-    d = float_dtype(out_aval().dtype)
+    vector's norms are its moduli's. float16/bfloat16 norms are computed in float32 and rounded once, as
+    torch's kernel does (``x * x`` rounded to bfloat16 first moved one 2-norm in ten)."""
+    result_dtype = float_dtype(out_aval().dtype)
+    d = opmath(result_dtype)
     x = cast(lax.abs(x) if P.is_complex(x.dtype) else x, d)
     axes = norm_dims(dim, x.ndim)
     a = lax.abs(x)
@@ -369,7 +371,7 @@ def linalg_vector_norm(x: Any, ord: Any = 2, dim: Any = None, keepdim: bool = Fa
         powered = lax.select(zero, at_zero, lax.pow(lax.select(zero, literal(1, d), a), literal(p, d)))
         total = lax.reduce_sum(powered, axes)
         r = _root_of_zero_safe(total, p) if p > 0 else lax.pow(total, literal(1.0 / p, d))
-    return keep_dims(r, x.shape, axes, keepdim)
+    return keep_dims(cast(r, result_dtype), x.shape, axes, keepdim)
 
 
 def _running_extremum(prim: P.Primitive):
