@@ -4,7 +4,8 @@ At the first call with a given signature the function is captured (forward graph
 differentiated by reftrace's ``vjp``, partitioned, emitted as FX and handed to the
 compilers — forward and backward both, ahead of time. Guards: the cache key is the
 argument structure, every tensor's shape/dtype/device/requires_grad, the values of
-non-tensor arguments and whether grad mode is on; anything new recompiles. A module's
+non-tensor arguments, whether grad mode is on, the autocast state and the default dtype;
+anything new recompiles. A module's
 plain attributes (numbers, strings, flags such as ``training``) are guarded too.
 
 Inputs that share memory, one of them mutated in place, are captured as views of one
@@ -274,7 +275,8 @@ class AOTFunction:
 
     @staticmethod
     def _key(leaves: list, structure: Any, tensor_pos: list[int]) -> Any:
-        parts: list[Any] = [structure, torch.is_grad_enabled(), autocast_state()]
+        # the default dtype decides what ``torch.zeros(3)`` or ``torch.tensor(0.1)`` inside makes
+        parts: list[Any] = [structure, torch.is_grad_enabled(), autocast_state(), torch.get_default_dtype()]
         j = 0
         for i, x in enumerate(leaves):
             if j < len(tensor_pos) and tensor_pos[j] == i:
@@ -339,14 +341,17 @@ class AOTFunction:
 
 def _changes(j: int, old: Any, new: Any) -> list[str]:
     """What differs between part ``j`` of two cache keys (``_key``), in words."""
-    if j < 3:
-        return [("the argument structure", "grad mode", "autocast")[j]]
+    if j < _KEY_CONTEXT:
+        return [("the argument structure", "grad mode", "autocast", "the default dtype")[j]]
     if isinstance(new, tuple) and len(new) == 2 and isinstance(new[0], type):  # a guarded value: (type, value)
         new = new[1]
         old = old[1] if isinstance(old, tuple) and len(old) == 2 else old
         if hasattr(new, "changes_since"):  # a module's attributes, by name
             return new.changes_since(old)
-    return [f"argument leaf {j - 3}: {old!r} -> {new!r}"]
+    return [f"argument leaf {j - _KEY_CONTEXT}: {old!r} -> {new!r}"]
+
+
+_KEY_CONTEXT = 4  # a cache key's leading parts (``_key``), before one per argument leaf
 
 
 def _no_outputs(_tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -145,6 +145,9 @@ class _TraceState:
         self.straight = False  # the ``copy`` that writes an in-place op's result under no_grad()
         # storage of a ``.detach()`` / ``.data`` alias -> the tensor requiring grad it aliases
         self.detached_from: dict[StorageWeakRef, torch.Tensor] = {}
+        # id of a detach's output no op has read yet -> (that output, the detached tensor): among them the
+        # copies autograd keeps of the outputs an op saves for its backward (``_unpacked_output``)
+        self.unread_detaches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.caller_grad = torch.is_grad_enabled()  # the caller's grad mode (the trace itself runs with grad on)
         self.leaf_inputs: set[int] = set()  # ids of the traced inputs that stand for leaves requiring grad
 
@@ -177,6 +180,12 @@ class _UserFrames(TorchDispatchMode):
         state = self.state
         state.location = innermost_user_frame()
         stop = func in _DETACH_OPS
+        if stop:
+            unpacked = _unpacked_output(state, args[0])
+            if unpacked is not None:
+                args, stop = (unpacked, *args[1:]), False
+        elif state.unread_detaches:
+            _note_reads(state, args)
         if not stop and not torch.is_grad_enabled():
             function = _autograd_function_running()
             stop = function is None
@@ -212,6 +221,8 @@ class _UserFrames(TorchDispatchMode):
             raise
         if func in _DETACH_OPS and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
             state.detached_from[StorageWeakRef(out.untyped_storage())] = args[0]
+        if stop and func in _DETACH_OPS:
+            state.unread_detaches[id(out)] = (out, args[0])
         if func is torch.ops.aten._local_scalar_dense.default and isinstance(out, (torch.SymInt, torch.SymFloat,
                                                                                      torch.SymBool)):
             raise DataDependentControlFlowError(
@@ -378,6 +389,35 @@ def _detached_owner(state: _TraceState, func: Any, args: Any) -> torch.Tensor | 
     if not state.detached_from or not _writes_float_tensor(func, args) or args[0].requires_grad:
         return None
     return state.detached_from.get(StorageWeakRef(args[0].untyped_storage()))
+
+
+def _unpacked_output(state: _TraceState, detached: Any) -> torch.Tensor | None:
+    """The op output autograd is unpacking, where this ``detach`` is that unpacking in a backward that
+    records (``torch.autograd.grad(..., create_graph=True)`` inside the function), else None.
+
+    An op that saves its own output for the backward (``exp``, ``tanh``, ``sigmoid``, softmax) keeps a
+    detached copy of it, and unpacks it with a second ``detach``: both reach the dispatch as the ``detach``
+    a user writes. In eager the unpacked tensor carries the output's history, so a gradient of the
+    gradient flows through it; read as a ``detach`` it stopped (a PINN's loss on ``du/dx`` trained
+    ``tanh`` layers with the wrong gradient). Such a copy is a detach output nothing read in the forward;
+    one the user made and then used is not taken for it.
+    """
+    if not isinstance(detached, torch.Tensor) or not state.unread_detaches:
+        return None
+    if torch._C._current_graph_task_id() == -1 or not torch.is_grad_enabled():
+        return None
+    saved = state.unread_detaches.get(id(detached))
+    return None if saved is None else saved[1]
+
+
+def _note_reads(state: _TraceState, args: Any) -> None:
+    """Forget the unread detach outputs an op reads: a tensor the user detached and then used."""
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            for b in a:
+                state.unread_detaches.pop(id(b), None)
+        else:
+            state.unread_detaches.pop(id(a), None)
 
 
 def _mutate_straight_through(state: _TraceState, func: Any, args: Any, kwargs: Any,

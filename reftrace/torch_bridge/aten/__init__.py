@@ -10,7 +10,7 @@ Rules receive TracedArrays for tensors and static Python values for everything
 else; see ``_common`` for the helpers and the contract.
 """
 from reftrace.torch_bridge.aten import (complex, creation, elementwise, indexing, linalg, losses, nn,  # noqa: F401
-                                       random, reductions, sampling, special, views)
+                                       quantization, random, reductions, sampling, special, views)
 from reftrace.torch_bridge.aten._common import NodeContext, aten_rules, register, rule_for
 
 __all__ = ["aten_rules", "register", "rule_for", "NodeContext"]

@@ -269,6 +269,17 @@ def searchsorted(sorted_sequence: Any, values: Any, *, out_int32: bool = False, 
     return _search(sorted_sequence, values, right or side == "right")
 
 
+@register(aten.repeat_interleave.Tensor)
+def repeat_interleave_indices(repeats: Any, *, output_size: int | None = None) -> Any:
+    """``[0] * repeats[0] + [1] * repeats[1] + ...``, the indices ``x.repeat_interleave(repeats, dim,
+    output_size=n)`` gathers with: position ``j`` belongs to the first run whose running total exceeds
+    it. Without ``output_size`` the length depends on the values, and torch's fake kernel refuses it."""
+    if output_size is None:
+        raise unsupported("repeat_interleave with tensor repeats and no output_size (pass output_size=)")
+    totals = lax.cumsum(cast(repeats, np.int64), 0)
+    return _search(totals, lax.iota(np.int64, (output_size,)), right=True)
+
+
 @register(aten.bucketize.Tensor)
 def bucketize(values: Any, boundaries: Any, *, out_int32: bool = False, right: bool = False) -> Any:
     flat = lax.reshape(values, (values.size,))
