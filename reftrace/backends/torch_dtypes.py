@@ -1,4 +1,4 @@
-"""numpy <-> torch dtype maps, and numpy -> torch array conversion that keeps every bit.
+"""numpy <-> torch dtype maps, and numpy <-> torch array conversions that keep every bit.
 
 Graphs speak numpy dtypes; the torch backend and the bridge speak torch dtypes.
 bfloat16 is numpy's ``ml_dtypes.bfloat16`` (the type JAX uses), when installed.
@@ -67,3 +67,11 @@ def tensor_from_numpy(arr: Any, copy: bool = False) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
     torch_dtype(arr.dtype)  # raises a clear error for unsupported dtypes
     return torch.from_numpy(arr)
+
+
+def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A concrete tensor's values as numpy, bit for bit (bfloat16 included)."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(numpy_dtype(torch.bfloat16))
+    return t.numpy()

@@ -24,7 +24,7 @@ from torch.utils._mode_utils import no_dispatch
 
 from reftrace import lax
 from reftrace import primitives as P
-from reftrace.backends.torch_dtypes import numpy_dtype
+from reftrace.backends.torch_dtypes import numpy_dtype, tensor_to_numpy
 from reftrace.builder import Builder
 from reftrace.errors import (DataDependentControlFlowError, ReftraceError, ShapeError, TracingError,
                              UnsupportedOperatorError)
@@ -45,14 +45,6 @@ def aval_of_meta(val: Any, what: str) -> Aval:
     if not all(isinstance(d, int) for d in shape):
         raise TracingError(f"{what} has a symbolic shape {shape}; reftrace captures static shapes only")
     return Aval(shape, numpy_dtype(val.dtype))
-
-
-def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A concrete tensor's values as numpy, bit for bit (bfloat16 included)."""
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(numpy_dtype(torch.bfloat16))
-    return t.numpy()
 
 
 def op_display_name(op: Any) -> str:

@@ -391,23 +391,6 @@ def test_an_embedding_with_max_norm_renormalises_its_rows_as_eager():
                         m.weight.grad = None
 
 
-def test_half_precision_norms_are_computed_in_float32_and_rounded_once():
-    """Rounding ``x * x`` (or ``|x| ** p``) to float16/bfloat16 first, as a per-op graph did, moved 11% of
-    the 2-norms and 85% of the 3-norms by a rounding; summed in float32 in another order, a norm falls on
-    the other side of a float16 rounding boundary about once in 3,000."""
-    torch.manual_seed(0)
-    differ = 0
-    for dtype, ulp in ((torch.bfloat16, 2.0 ** -7), (torch.float16, 2.0 ** -10)):
-        x = torch.randn(64, 37, dtype=dtype) * 3
-        for p in (2, 3, 0.5):
-            f = lambda x: torch.linalg.vector_norm(x, p, dim=1)  # noqa: E731, B023
-            for compiler in COMPILERS.values():
-                mine, eager = aot_function(f, compiler)(x), f(x)
-                torch.testing.assert_close(mine, eager, rtol=ulp, atol=0)
-                differ += int((mine != eager).sum())
-    assert differ <= 2
-
-
 def test_the_default_dtype_is_guarded():
     """``torch.tensor(0.1)`` inside makes a tensor of the default dtype; after ``set_default_dtype`` a
     stale graph returned float32 where eager promotes to float64."""
@@ -499,56 +482,6 @@ def test_a_physics_informed_network_trains_as_eager(compiler):
             opt.zero_grad()
     for p, q in zip(eager.parameters(), mine.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
-
-
-@pytest.mark.parametrize("compiler", COMPILERS)
-def test_repeat_interleave_with_tensor_repeats_and_an_output_size(compiler):
-    """With ``output_size`` the shape is static (MoE token routing, ragged batches): runs of zero length,
-    a 0-d ``repeats`` and the bare index form, values and gradients as eager's."""
-    for repeats, n in (([1, 2, 0], 3), ([0, 0, 3], 3), ([2, 1, 1], 4), ([0, 0, 0], 0)):
-        r = torch.tensor(repeats)
-        f = lambda x: x.repeat_interleave(r, dim=0, output_size=n) * 2  # noqa: E731, B023
-        x = torch.randn(3, 2, requires_grad=True)
-        x_eager = x.detach().clone().requires_grad_()
-        out, expected = aot_function(f, COMPILERS[compiler])(x), f(x_eager)
-        assert torch.equal(out, expected)
-        out.sum().backward()
-        expected.sum().backward()
-        assert torch.equal(x.grad, x_eager.grad)
-    x = torch.randn(3, 2)
-    f = lambda x: x.repeat_interleave(torch.tensor(2), dim=1, output_size=4)  # noqa: E731
-    assert torch.equal(aot_function(f, COMPILERS[compiler])(x), f(x))
-    f = lambda x: torch.repeat_interleave(torch.tensor([1, 3]), output_size=4) + x  # noqa: E731
-    x = torch.arange(4)
-    assert torch.equal(aot_function(f, COMPILERS[compiler])(x), f(x))
-
-
-_QUANTIZE_SPECIALS = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 1e10, 0.05, 0.15, 0.25, -0.05, 0.75,
-                      -1.15, -1.05, 0.0]
-
-
-@pytest.mark.parametrize("compiler", COMPILERS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_fake_quantization_is_eagers_to_the_bit_with_its_straight_through_gradient(dtype, compiler):
-    """Quantization-aware training's rounding: values at grid ties, past the range, infinite and NaN,
-    per tensor (scale as a number or a tensor) and per channel (whose kernel sends values past int64
-    to ``quant_min``); the gradient is 1 inside the range and 0 where the value was clamped."""
-    torch.manual_seed(0)
-    x = torch.cat([torch.tensor(_QUANTIZE_SPECIALS), torch.randn(202) * 0.5]).to(dtype)  # 216 = 4 * 54
-    scales, zero_points = torch.tensor([0.1, 0.0137, 0.3, 0.0071]), torch.tensor([3, 5, -2, 1], dtype=torch.int32)
-    cases = [lambda x: torch.fake_quantize_per_tensor_affine(x, 0.1, 3, -8, 7),
-             lambda x: torch.fake_quantize_per_tensor_affine(x, 0.0137, 128, 0, 255),
-             lambda x: torch.fake_quantize_per_tensor_affine(x, scales[1:2], zero_points[1:2], -128, 127),
-             lambda x: torch.fake_quantize_per_channel_affine(x.reshape(4, -1), scales, zero_points, 0, -8, 7),
-             lambda x: torch.fake_quantize_per_channel_affine(x.reshape(-1, 4), scales, zero_points, 1, -128, 127)]
-    for f in cases:
-        mine, eager = x.clone().requires_grad_(), x.clone().requires_grad_()
-        out, expected = aot_function(f, COMPILERS[compiler])(mine), f(eager)
-        assert out.dtype == expected.dtype and torch.equal(out.nan_to_num(), expected.nan_to_num())
-        weights = torch.arange(out.numel(), dtype=torch.float64).reshape(out.shape)
-        (out.double() * weights).sum().backward()
-        (expected.double() * weights).sum().backward()
-        assert torch.equal(mine.grad, eager.grad)
 
 
 def test_calls_under_inference_mode_run_through_xla():

@@ -9,10 +9,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._mode_utils import no_dispatch
 
 from reftrace import lax
 from reftrace import primitives as P
-from reftrace.torch_bridge.aten._common import aten, cast, literal, out_aval, register
+from reftrace.backends.torch_dtypes import tensor_to_numpy, torch_dtype
+from reftrace.torch_bridge.aten._common import aten, cast, current, literal, out_aval, register
 
 
 def _filled(value: Any):
@@ -82,6 +84,18 @@ def arange_start(start: Any, end: Any, **kwargs: Any) -> Any:
 @register(aten.arange.start_step)
 def arange_start_step(start: Any, end: Any, step: Any = 1, **kwargs: Any) -> Any:
     return _range(start, step)
+
+
+@register(aten.linspace.default, aten.logspace.default)
+def spaced(start: Any, end: Any, steps: int, base: float | None = None, **kwargs: Any) -> Any:
+    """Evaluated by torch's own CPU kernel while capturing, as a constant (its arguments are numbers): the
+    kernel's fused multiply-adds, counting from either end, give values a per-op formula does not (the
+    middle of ``linspace(-1, 1, 7)`` is -3e-8 in float32 and 6e-17 in float64, not 0)."""
+    node = current()
+    extra = () if base is None else (base,)
+    with no_dispatch():
+        values = node.op(start, end, steps, *extra, dtype=torch_dtype(out_aval().dtype), device="cpu")
+        return lax.constant(tensor_to_numpy(values))
 
 
 @register(torch.ops.prims.iota.default)

@@ -679,6 +679,18 @@ def copysign(x: Any, y: Any) -> Any:
     return lax.select(negative, lax.neg(magnitude), magnitude)
 
 
+@register(aten.signbit.default)
+def signbit(x: Any) -> Any:
+    """Whether the sign bit is set: negatives and ``-0.0`` (whose reciprocal is ``-inf``). A graph cannot
+    read a NaN's sign bit, so every NaN counts as positive (torch: ``signbit(-nan)`` is True)."""
+    if P.is_bool(x.dtype) or x.dtype.kind == "u":
+        return lax.full(x.shape, False, np.bool_)
+    zero = literal(0, x.dtype)
+    if not P.is_float(x.dtype):
+        return lax.lt(x, zero)
+    return lax.logical_or(lax.lt(x, zero), lax.lt(lax.div(literal(1, x.dtype), x), zero))
+
+
 @register(aten.angle.default)
 def angle(x: Any) -> Any:
     """The argument of a real number: pi for negatives, 0 otherwise (NaN stays NaN); of a complex

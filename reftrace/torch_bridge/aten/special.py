@@ -201,8 +201,13 @@ def nextafter(x: Any, y: Any) -> Any:
     ulp = lax.select(lax.lt(step_exp, literal(float(info.minexp - info.nmant), d)), tiny, ulp)
     toward = lax.select(lax.lt(x, y), ulp, lax.neg(ulp))
     stepped = lax.add(x, toward)
+    stepped = lax.select(lax.eq(stepped, literal(0, d)), lax.mul(x, literal(0, d)), stepped)  # zero keeps x's sign
     from_zero = lax.select(lax.lt(x, y), tiny, lax.neg(tiny))
     result = lax.select(lax.eq(x, literal(0, d)), from_zero, stepped)
+    # from an infinity toward anything else: the largest finite value of its sign
+    infinite = lax.logical_and(lax.bitwise_not(lax.is_finite(x)), lax.eq(x, x))
+    largest = lax.select(lax.gt(x, literal(0, d)), literal(float(info.max), d), literal(float(-info.max), d))
+    result = lax.select(infinite, largest, result)
     result = lax.select(lax.eq(x, y), y, result)
     nan = lax.logical_or(lax.ne(x, x), lax.ne(y, y))
     return lax.select(nan, lax.add(x, y), result)
