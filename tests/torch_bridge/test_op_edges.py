@@ -116,3 +116,22 @@ def test_signbit(compiler):
         else:
             x = torch.tensor([-3, 0, 4]).to(dtype)
         assert torch.equal(aot_function(torch.signbit, COMPILERS[compiler])(x), torch.signbit(x))
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_integer_shifts_as_torchs_kernel(compiler):
+    """Every integer type, values at its limits, shifts negative, zero, up to and past its width: a left
+    shift loses the bits it pushes out (and may set the sign bit), a right shift of a signed value fills
+    in its sign, and a shift out of range gives the kernel's limit."""
+    for dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+        info = torch.iinfo(dtype)
+        values = torch.tensor([info.min, info.min + 1, -7, -1, 0, 1, 5, 100, info.max - 1, info.max]).clamp(
+            info.min, info.max).to(dtype)
+        shifts = torch.tensor([-3, -1, 0, 1, 2, info.bits - 2, info.bits - 1, info.bits, info.bits + 1, 70]).clamp(
+            info.min, info.max).to(dtype)
+        a = values[:, None].expand(-1, len(shifts)).contiguous()
+        b = shifts[None, :].expand(len(values), -1).contiguous()
+        for f in (lambda a, b: a << b, lambda a, b: a >> b, lambda a, b: a << 3, lambda a, b: a >> 2,
+                  lambda a, b: torch.bitwise_left_shift(3, b)):
+            out, expected = aot_function(f, COMPILERS[compiler])(a, b), f(a, b)
+            assert out.dtype == expected.dtype and torch.equal(out, expected)
