@@ -24,6 +24,7 @@ from reftrace.nn.losses import (binary_cross_entropy_backward_p, binary_cross_en
 from reftrace.nn import norms as N
 from reftrace.nn._util import statistics_dtype
 from reftrace.nn.special import entr_p, xlog1py_p, xlogy_p
+from reftrace.nn.vector_norms import vector_norm_p
 
 aten = torch.ops.aten
 
@@ -253,3 +254,10 @@ def _max_pool_backward(g: Any, x: Any, indices: Any, *, kernel, stride, padding,
 
 torch_rules[max_pool_p] = _max_pool
 torch_rules[max_pool_backward_p] = _max_pool_backward
+
+
+def _vector_norm(x: Any, *, ord: float, axes: tuple[int, ...]) -> Any:  # noqa: A002 - torch's name
+    return torch.linalg.vector_norm(_t(x), ord, dim=list(axes) if axes else None)
+
+
+torch_rules[vector_norm_p] = _vector_norm

@@ -15,6 +15,7 @@ kernel; JAX: what XLA fuses). The torch bridge captures the matching ATen ops as
     losses:      nll_loss (cross-entropy = log_softmax + nll_loss), binary_cross_entropy (and their backward
                  equations)
     special:     xlogy, xlog1py, entr (torch's VJPs: no NaN from a zero cotangent where a log is ``-inf``)
+    vector norms: vector_norm (torch's kernel and its norm_backward formula)
 """
 from reftrace.nn.activations import gelu, hardsigmoid, log_softmax, relu, softmax
 from reftrace.nn.attention import dot_product_attention
@@ -25,7 +26,8 @@ from reftrace.nn.losses import binary_cross_entropy, nll_loss
 from reftrace.nn.dense import linear
 from reftrace.nn.norms import batch_norm_eval, batch_norm_train, layer_norm
 from reftrace.nn.special import entr, xlog1py, xlogy
+from reftrace.nn.vector_norms import vector_norm
 
 __all__ = ["relu", "gelu", "hardsigmoid", "softmax", "log_softmax", "layer_norm", "batch_norm_train", "batch_norm_eval", "dot_product_attention",
            "linear", "convolution", "max_pool", "embedding", "nll_loss", "binary_cross_entropy", "xlogy", "xlog1py",
-           "entr"]
+           "entr", "vector_norm"]

@@ -92,7 +92,8 @@ def forward_cases(draw: st.DrawFn, dtype: Any = np.float64) -> Case:
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     kind = draw(st.sampled_from(["gelu", "softmax", "log_softmax", "layer_norm", "batch_norm_train",
                                  "batch_norm_eval", "attention", "linear", "embedding",
-                                 "nll_loss", "relu", "convolution", "max_pool", "xlogy", "binary_cross_entropy"]))
+                                 "nll_loss", "relu", "convolution", "max_pool", "xlogy", "binary_cross_entropy",
+                                 "vector_norm"]))
     if kind == "attention":
         return draw(attention_cases(rng, dtype))
     if kind == "embedding":
@@ -118,6 +119,13 @@ def forward_cases(draw: st.DrawFn, dtype: Any = np.float64) -> Case:
         return draw(convolution_cases(rng, dtype))
     if kind == "max_pool":
         return draw(max_pool_cases(rng, dtype))
+    if kind == "vector_norm":
+        shape = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=3)))
+        axes = tuple(sorted(draw(st.sets(st.integers(0, len(shape) - 1), min_size=1))))
+        order = draw(st.sampled_from([2.0, 1.0, 3.0, 1.5, 0.5, np.inf, -np.inf, 0.0, -1.0]))
+        x = _normal(rng, shape, dtype)
+        fn = lambda x: rt.nn.vector_norm(x, order, axes)  # noqa: E731
+        return f"vector_norm(ord={order}, axes={axes}) {shape}", fn, [x]
     if kind == "linear":
         m, k, n = (draw(st.integers(1, 6)) for _ in range(3))
         args = [_normal(rng, (m, k), dtype), _normal(rng, (k, n), dtype), _normal(rng, (n,), dtype)]
@@ -240,8 +248,8 @@ def test_fused_lowerings_and_vjp_rules_match_the_decomposition(case):
     for skip in (statistics, ()):
         cts = random_cotangents(graph, np.random.default_rng(1), skip)
         joint = vjp(graph, nondiff_outputs=skip)
-        # linear's VJP is two dots; xlogy's is xlogy again
-        if (skip or len(graph.outputs) == 1) and not label.startswith(("linear", "xlogy")):
+        # linear's VJP is two dots; xlogy's is xlogy again; vector_norm's is torch's formula in plain ops
+        if (skip or len(graph.outputs) == 1) and not label.startswith(("linear", "xlogy", "vector_norm")):
             assert _composites_in(joint) - _composites_in(graph), f"{label}: no composite backward equation"
         want = _run(vjp(plain, nondiff_outputs=skip), "jax", [*args, *cts])
         _assert_all_close(_run(joint, "torch", [*args, *cts]), want, f"{label}, fused joint", 1e-9, 1e-11)

@@ -28,6 +28,25 @@ def test_half_precision_norms_are_computed_in_float32_and_rounded_once():
     assert differ <= 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_vector_norms_and_their_gradients_are_eagers_bits_through_nop(dtype):
+    """One composite run as torch's kernel, differentiated with torch's formula: a zero row, zero entries
+    (p < 1) and a tie of the inf-norm included. ``ord=0``: eager's backward returns no tensor (None)."""
+    torch.manual_seed(0)
+    x0 = torch.randn(6, 7, dtype=dtype) * 3
+    x0[0], x0[1, :3] = 0, 0
+    x0[2, 1] = x0[2, 2] = 5
+    weights = torch.arange(1.0, 7.0, dtype=dtype)
+    for order in (2, 1, 3, 1.5, 0.5, float("inf"), -float("inf"), -1):
+        f = lambda x: torch.linalg.vector_norm(x, order, dim=1)  # noqa: E731, B023
+        mine, eager = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+        out, expected = aot_function(f, nop)(mine), f(eager)
+        assert torch.equal(out, expected), order
+        (out * weights).sum().backward()
+        (expected * weights).sum().backward()
+        assert torch.equal(mine.grad.nan_to_num(), eager.grad.nan_to_num()), order
+
+
 _QUANTIZE_SPECIALS = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 1e10, 0.05, 0.15, 0.25, -0.05, 0.75,
                       -1.15, -1.05, 0.0]
 

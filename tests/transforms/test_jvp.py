@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 
 import reftrace as rt
 from reftrace import lax
@@ -549,6 +549,10 @@ def _composite_cases() -> list[Case]:
         ("linear, constant bias", lambda x, w: rt.nn.linear(x, w, np.ones(2)), [normal(3, 4), normal(4, 2)]),
         ("relu, with a tie at 0", rt.nn.relu, [np.concatenate([normal(5), np.zeros(1)])]),
         ("hardsigmoid, at -3, 3 and outside", rt.nn.hardsigmoid, [np.concatenate([3 * normal(6), [-3.0, 3.0]])]),
+        ("vector_norm 2", lambda x: rt.nn.vector_norm(x, 2, (1,)), [normal(3, 4)]),
+        ("vector_norm 1.5 over all", lambda x: rt.nn.vector_norm(x, 1.5, (0, 1)), [normal(3, 4)]),
+        ("vector_norm inf", lambda x: rt.nn.vector_norm(x, np.inf, (0,)), [normal(3, 4)]),
+        ("vector_norm 0.5", lambda x: rt.nn.vector_norm(x, 0.5, (1,)), [normal(3, 4)]),
         ("max_pool, with ties", lambda x: rt.nn.max_pool(x, (2, 2), (1, 1), (1, 0), (1, 1), False, (4, 2)),
          [np.concatenate([np.full((1, 2, 1, 3), 0.5), normal(1, 2, 2, 3)], axis=2)]),
         ("convolution, strided, grouped, biased",
@@ -612,6 +616,9 @@ def test_every_composite_matches_its_decomposition():
 @settings(max_examples=max(3, settings.default.max_examples // 4))
 @given(forward_cases())
 def test_composites_at_drawn_shapes_and_parameters(case):
+    # test_composites draws xlogy with y = 0 where x != 0 on purpose (inf, and torch's NaN slope): no
+    # finite dot product to check; the fixed xlogy case above covers its rules
+    assume(not case[0].startswith("xlogy"))
     check_composite(*case)
 
 

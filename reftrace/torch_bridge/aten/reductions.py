@@ -14,6 +14,7 @@ from reftrace import primitives as P
 from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, highest, keep_dims, literal, lowest,
                                                 norm_dim, norm_dims, opmath, out_aval, promote, register,
                                                 unsupported)
+from reftrace.nn.vector_norms import root_of_zero_safe
 from reftrace.torch_bridge.aten.elementwise import to_bool
 
 
@@ -163,13 +164,13 @@ def var_mean(x: Any, dim: Any = None, *, correction: Any = None, keepdim: bool =
 @register(aten.std.correction)
 def std(x: Any, dim: Any = None, *, correction: Any = None, keepdim: bool = False) -> Any:
     """``sqrt(var)`` with gradient 0 where the variance is 0 (torch's std_backward masks it)."""
-    return cast(_root_of_zero_safe(_moments(x, dim, correction, keepdim)[0], 2), out_aval().dtype)
+    return cast(root_of_zero_safe(_moments(x, dim, correction, keepdim)[0], 2), out_aval().dtype)
 
 
 @register(aten.std_mean.correction)
 def std_mean(x: Any, dim: Any = None, *, correction: Any = None, keepdim: bool = False) -> tuple[Any, Any]:
     v, m = _moments(x, dim, correction, keepdim)
-    return cast(_root_of_zero_safe(v, 2), out_aval(0).dtype), cast(m, out_aval(1).dtype)
+    return cast(root_of_zero_safe(v, 2), out_aval(0).dtype), cast(m, out_aval(1).dtype)
 
 
 def _scan(prim: P.Primitive):
@@ -330,14 +331,6 @@ def safe_softmax(x: Any, dim: int, dtype: Any = None) -> Any:
     return lax.div(e, lax.broadcast_in_dim(total, x.shape, [i for i in range(x.ndim) if i != axis]))
 
 
-def _root_of_zero_safe(total: Any, p: float) -> Any:
-    """``total ** (1/p)`` whose gradient at ``total == 0`` is 0, not inf (torch masks it)."""
-    zero = lax.eq(total, literal(0, total.dtype))
-    safe = lax.select(zero, literal(1, total.dtype), total)
-    root = lax.sqrt(safe) if p == 2 else lax.pow(safe, literal(1.0 / p, total.dtype))
-    return lax.select(zero, literal(0, total.dtype), root)
-
-
 def chebyshev_norm(x: Any, axes: Any) -> Any:
     """max |x| over ``axes`` where every element attaining it gets the whole gradient (times its sign),
     as torch's cdist/pdist backward (the vector norm's inf-norm splits it among ties instead).
@@ -357,32 +350,13 @@ def chebyshev_norm(x: Any, axes: Any) -> Any:
 @register(aten.linalg_vector_norm.default)
 def linalg_vector_norm(x: Any, ord: Any = 2, dim: Any = None, keepdim: bool = False, *,  # noqa: A002
                        dtype: Any = None) -> Any:
-    """p-norms with torch's subgradients: 0 at the zero vector, and 0 at zero entries for p < 1. A complex
-    vector's norms are its moduli's. float16/bfloat16 norms are computed in float32 and rounded once, as
-    torch's kernel does (``x * x`` rounded to bfloat16 first moved one 2-norm in ten)."""
-    result_dtype = float_dtype(out_aval().dtype)
-    d = opmath(result_dtype)
+    """p-norms as one composite (``reftrace.nn.vector_norm``: torch's kernel, and torch's gradient with its
+    subgradients: 0 at the zero vector, and at zero entries for p < 1). A complex vector's norms are its
+    moduli's."""
+    d = float_dtype(out_aval().dtype)
     x = cast(lax.abs(x) if P.is_complex(x.dtype) else x, d)
     axes = norm_dims(dim, x.ndim)
-    a = lax.abs(x)
-    p = float(ord)
-    if p == np.inf:
-        r = lax.reduce_max(a, axes)
-    elif p == -np.inf:
-        r = lax.reduce_min(a, axes)
-    elif p == 0:
-        r = lax.reduce_sum(cast(lax.ne(x, literal(0, d)), d), axes)
-    elif p == 1:
-        r = lax.reduce_sum(a, axes)
-    elif p == 2:
-        r = _root_of_zero_safe(lax.reduce_sum(lax.mul(x, x), axes), 2)
-    else:  # |x|^p with a zero-safe stand-in: 0 at 0 for p > 0, inf for p < 0 (the norm is then 0)
-        zero = lax.eq(a, literal(0, d))
-        at_zero = literal(0 if p > 0 else np.inf, d)
-        powered = lax.select(zero, at_zero, lax.pow(lax.select(zero, literal(1, d), a), literal(p, d)))
-        total = lax.reduce_sum(powered, axes)
-        r = _root_of_zero_safe(total, p) if p > 0 else lax.pow(total, literal(1.0 / p, d))
-    return keep_dims(cast(r, result_dtype), x.shape, axes, keepdim)
+    return keep_dims(nn.vector_norm(x, float(ord), axes), x.shape, axes, keepdim)
 
 
 def _running_extremum(prim: P.Primitive):
