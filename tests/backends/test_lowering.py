@@ -172,6 +172,8 @@ def composite_calls(x, y, idx):
     outs += [rt.nn.xlogy(x, y), rt.nn.xlog1py(x, y), rt.nn.entr(x), rt.nn.binary_cross_entropy(x, y, y, "sum"),
              lax.bind(L.binary_cross_entropy_backward_p, lax.full((), 1.0, x.dtype), x, y,
                       reduction=L.REDUCTIONS["mean"], has_weight=False)]
+    outs += [rt.nn.vector_norm(x, 2.0, (1,)), rt.nn.vector_norm(x, float("inf"), (0, 1)),
+             rt.nn.vector_norm(x, 0.5, (0,))]
     return tuple(outs)
 
 
