@@ -14,6 +14,7 @@ reads them as constants (guarded: ``reftrace.torch_bridge.aot``), or writes them
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -142,8 +143,10 @@ class ModuleGuard:
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module
-        # each structure seen, by the objects themselves (kept alive, so no id is reused): its number
-        self._versions: dict[tuple[Any, ...], int] = {}
+        # each code structure seen (by the ids of its objects) -> its number, and weak references to the
+        # objects: an entry whose objects died (so their ids may be reused) is not trusted
+        self._versions: dict[tuple[Any, ...], tuple[int, list[Callable[[], Any]]]] = {}
+        self._next_version = 0
         self._snapshot()
 
     def _snapshot(self) -> None:
@@ -153,7 +156,7 @@ class ModuleGuard:
         self.attribute_names = tuple(zip(paths, self.plain_names))
         self.structure = self._structure()
         self.state = module_state(self.module)
-        self.version = self._versions.setdefault(self._code_structure(), len(self._versions))
+        self.version = self._number(*self._code_structure())
 
     def _structure(self) -> tuple[int, ...]:
         ids: list[int] = []
@@ -166,17 +169,37 @@ class ModuleGuard:
             ids.extend(map(id, getattr(torch.nn.modules.module, key, {}).values()))
         return tuple(ids)
 
-    def _code_structure(self) -> tuple[Any, ...]:
-        """What decides the code a call runs: each module's class, submodules, hooks and parameter and
-        buffer names (which of them is None too), not the tensors (graph inputs)."""
+    def _code_structure(self) -> tuple[tuple[Any, ...], list[Any]]:
+        """What decides the code a call runs, by identity: each module's class, submodules, hooks and
+        parameter and buffer names (which of them is None too), not the tensors (graph inputs). Returns
+        the key (ids and names) and the objects whose ids it holds."""
+        objects: list[Any] = []
+
+        def ident(obj: Any) -> int:
+            objects.append(obj)
+            return id(obj)
+
+        def items(d: dict) -> tuple[tuple[Any, int], ...]:
+            return tuple((k, ident(v)) for k, v in d.items())
         parts: list[Any] = []
         for m, d in zip(self.module.modules(), self.dicts):
-            parts.append((type(m), tuple(d["_modules"].items()), d.get("forward"),
+            parts.append((ident(type(m)), items(d["_modules"]), ident(d.get("forward")),
                           tuple((k, v is None) for k, v in d["_parameters"].items()),
                           tuple((k, v is None) for k, v in d["_buffers"].items()),
-                          *(tuple(d.get(key, {}).items()) for key in _HOOK_DICTS)))
-        parts.extend(tuple(getattr(torch.nn.modules.module, key, {}).items()) for key in _GLOBAL_HOOKS)
-        return tuple(parts)
+                          *(items(d.get(key, {})) for key in _HOOK_DICTS)))
+        parts.extend(items(getattr(torch.nn.modules.module, key, {})) for key in _GLOBAL_HOOKS)
+        return tuple(parts), objects
+
+    def _number(self, key: tuple[Any, ...], objects: list[Any]) -> int:
+        """The number of the code structure ``key``: the one it had when seen before, if every object
+        it names is still the same object (no reused id), else a new one. Objects are held weakly where
+        they allow it, so a removed hook's closure (and what it holds) is not kept alive."""
+        known = self._versions.get(key)
+        if known is not None and all(ref() is obj for ref, obj in zip(known[1], objects)):
+            return known[0]
+        number, self._next_version = self._next_version, self._next_version + 1
+        self._versions[key] = (number, [_reference(obj) for obj in objects])
+        return number
 
     def check(self) -> tuple[ModuleState, tuple[Any, ...]]:
         """The module's state tensors (re-read if its structure changed) and its plain attributes now."""
@@ -190,6 +213,14 @@ class ModuleGuard:
         attributes = _Attributes((self.version, *attributes))
         attributes.names = self.attribute_names
         return self.state, attributes
+
+
+def _reference(obj: Any) -> Callable[[], Any]:
+    """A weak reference to ``obj``, or a strong one where it takes none (None, bools, some callables)."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
 
 
 class _Attributes(tuple):

@@ -350,6 +350,37 @@ def test_hooks_and_submodules_changed_after_compiling_recompile():
     torch.testing.assert_close(compiled(x), m(x))
 
 
+def test_a_removed_hook_is_not_kept_alive_and_an_unhashable_one_is_guarded():
+    """The guard remembers structures by weak reference: a feature-capturing hook's closure (and what it
+    stored) is freed once the hook is removed. A hook whose class defines ``__eq__`` (so no hash) works."""
+    import gc
+    import weakref
+
+    class Store:
+        def __init__(self):
+            self.outputs = []
+
+        def __call__(self, module, args, out):
+            self.outputs.append(out)
+
+        def __eq__(self, other):  # unhashable, as a dataclass
+            return self is other
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())
+    compiled = aot_module(m, nop)
+    x = torch.randn(2, 4)
+    compiled(x)
+    store = Store()
+    handle = m[1].register_forward_hook(store)
+    compiled(x)
+    assert len(store.outputs) >= 1  # ran while capturing
+    handle.remove()
+    torch.testing.assert_close(compiled(x), m(x))
+    alive = weakref.ref(store)
+    del store, handle
+    gc.collect()
+    assert alive() is None
+
+
 def test_a_parameter_replaced_by_one_of_its_shape_is_read_without_a_new_capture():
     m = torch.nn.Linear(3, 2)
     compiled = aot_module(m, nop)
