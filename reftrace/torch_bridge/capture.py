@@ -504,9 +504,12 @@ def _run_functionalized(fn: Callable[[list[torch.Tensor]], Any], fakes: Sequence
             torch._sync(t)
         mutated = tuple(i for i, t in enumerate(inputs) if torch._functionalize_has_data_mutation(t.elem))
         for i, t in enumerate(inputs):
-            if tuple(t.shape) != tuple(fakes[i].shape):
+            # an ``out=`` tensor resized by the op keeps its old shape on the wrapper, not on its value
+            shape = tuple(_unwrap(t).shape) if i in mutated else tuple(t.shape)
+            if shape != tuple(fakes[i].shape) or tuple(t.shape) != tuple(fakes[i].shape):
                 raise TracingError(f"input {i} had its shape changed in place ({tuple(fakes[i].shape)} -> "
-                                   f"{tuple(t.shape)}); reftrace captures value mutations only")
+                                   f"{shape if shape != tuple(fakes[i].shape) else tuple(t.shape)}); reftrace "
+                                   "captures value mutations only")
         views = find_output_views(leaves, inputs)
         links = autograd_links([*leaves, *(inputs[i] for i in mutated)], inputs)
         strides = tuple(dense_strides(t) for t in leaves)  # a FunctionalTensor has eager's strides

@@ -154,3 +154,31 @@ def test_integer_shifts_as_torchs_kernel(compiler):
                   lambda a, b: torch.bitwise_left_shift(3, b)):
             out, expected = aot_function(f, COMPILERS[compiler])(a, b), f(a, b)
             assert out.dtype == expected.dtype and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_the_older_scatter_with_reduce(compiler):
+    """``scatter_(dim, index, src, reduce="add" | "multiply")``, a tensor or a number as the source,
+    repeated indices included: integers exactly, floats to rounding (eager adds in index order)."""
+    torch.manual_seed(0)
+    index = torch.tensor([[0, 1, 3], [0, 0, 2], [3, 1, 1]])
+    columns = torch.tensor([[0, 1], [2, 2], [1, 1]])
+    for reduce in ("add", "multiply"):
+        for dtype in (torch.float64, torch.int64):
+            x, src = (torch.randn(4, 3) * 3).to(dtype), (torch.randn(3, 3) * 3).to(dtype)
+            number = 2.5 if dtype.is_floating_point else 3
+            for f in (lambda x, s: x.clone().scatter_(0, index, s, reduce=reduce),  # noqa: B023
+                      lambda x, s: x.clone().scatter_(1, columns, number, reduce=reduce)):  # noqa: B023
+                torch.testing.assert_close(aot_function(f, COMPILERS[compiler])(x, src), f(x, src),
+                                           rtol=1e-12, atol=0)
+
+
+def test_an_out_tensor_the_op_resizes_is_refused_by_name():
+    """``torch.mul(x, 2, out=o)`` with ``o`` of another size resizes ``o`` in eager; a graph's inputs keep
+    their shapes. The wrapper kept the old shape, so the resize reached the run as a bare RuntimeError."""
+    from reftrace.errors import TracingError
+    with pytest.raises(TracingError, match=r"input 1 had its shape changed in place \(\(0,\) -> \(3,\)\)"):
+        aot_function(lambda x, o: torch.mul(x, 2, out=o), nop)(torch.randn(3), torch.zeros(0))
+    x, o = torch.randn(3), torch.zeros(3)
+    aot_function(lambda x, o: torch.mul(x, 2, out=o), nop)(x, o)
+    assert torch.equal(o, x * 2)

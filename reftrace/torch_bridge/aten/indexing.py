@@ -188,6 +188,17 @@ def scatter_reduce(x: Any, dim: int, index: Any, src: Any, reduce: str, include_
     return _reduced_scatter(x, dim, index, src, reduce, include_self)
 
 
+@register(aten.scatter.reduce, aten.scatter.value_reduce)
+def scatter_legacy_reduce(x: Any, dim: int, index: Any, src: Any, *, reduce: str) -> Any:
+    """The older ``scatter_(dim, index, src, reduce="add" | "multiply")``: ``scatter_reduce`` with "sum" or
+    "prod", the tensor's own values included (a number ``src`` fills the index's shape)."""
+    if reduce not in ("add", "multiply"):
+        raise unsupported(f"scatter with reduce={reduce!r} (torch takes 'add' or 'multiply')")
+    if not lax.is_traced(src):
+        src = lax.full(index.shape, src, x.dtype)
+    return _reduced_scatter(x, dim, index, src, "sum" if reduce == "add" else "prod", True)
+
+
 @register(aten.index_reduce.default)
 def index_reduce(x: Any, dim: int, index: Any, source: Any, reduce: str, include_self: bool = True) -> Any:
     shape = x.shape
