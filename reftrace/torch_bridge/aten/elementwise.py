@@ -641,10 +641,14 @@ def copysign(x: Any, y: Any) -> Any:
     """``|x|`` with the sign of ``y``; ``-0.0`` counts as negative (its reciprocal is ``-inf``)."""
     d = float_dtype(_out_dtype())
     a, b = same_shape(x, y, d)
-    zero = literal(0, d)
-    negative = lax.logical_or(lax.lt(b, zero), lax.lt(lax.div(literal(1, d), b), zero))
     magnitude = lax.abs(a)
-    return lax.select(negative, lax.neg(magnitude), magnitude)
+    return lax.select(_sign_bit_set(b), lax.neg(magnitude), magnitude)
+
+
+def _sign_bit_set(x: Any) -> Any:
+    """Negatives and ``-0.0`` (whose reciprocal is ``-inf``) of a float tensor; a NaN counts as positive."""
+    zero = literal(0, x.dtype)
+    return lax.logical_or(lax.lt(x, zero), lax.lt(lax.div(literal(1, x.dtype), x), zero))
 
 
 @register(aten.signbit.default)
@@ -653,10 +657,9 @@ def signbit(x: Any) -> Any:
     read a NaN's sign bit, so every NaN counts as positive (torch: ``signbit(-nan)`` is True)."""
     if P.is_bool(x.dtype) or x.dtype.kind == "u":
         return lax.full(x.shape, False, np.bool_)
-    zero = literal(0, x.dtype)
     if not P.is_float(x.dtype):
-        return lax.lt(x, zero)
-    return lax.logical_or(lax.lt(x, zero), lax.lt(lax.div(literal(1, x.dtype), x), zero))
+        return lax.lt(x, literal(0, x.dtype))
+    return _sign_bit_set(x)
 
 
 @register(aten.angle.default)

@@ -61,16 +61,18 @@ def embedding(weight: Any, indices: Any, padding_idx: int = -1, scale_grad_by_fr
 def embedding_renorm(weight: Any, indices: Any, max_norm: float, norm_type: float) -> Any:
     """``nn.Embedding(max_norm=...)``'s in-place rescaling, as a new table: each row some index names whose
     ``norm_type``-norm exceeds ``max_norm`` is scaled by ``max_norm / (norm + 1e-7)``. As torch's CPU
-    kernel: the norm in the table's dtype, the scale in float64, rounded to the table's dtype before it multiplies."""
-    n = weight.shape[0]
-    flat = lax.reshape(cast(indices, np.int64), (_prod(indices.shape),))
-    named = lax.scatter(lax.full((n,), False, np.bool_), flat, lax.full(flat.shape, True, np.bool_), 0)
-    norm = cast(linalg_vector_norm(weight, norm_type, [1]), np.float64)
+    kernel: the norm in the table's dtype, the scale in float64, rounded to the table's dtype before it
+    multiplies. Only the named rows are read and written (a row named twice is written twice, alike)."""
+    k, width = _prod(indices.shape), weight.shape[1]
+    flat = lax.reshape(cast(indices, np.int64), (k,))
+    rows = take(weight, 0, flat)
+    norm = cast(linalg_vector_norm(rows, norm_type, [1]), np.float64)
     limit = literal(max_norm, np.float64)
     scale = lax.div(limit, lax.add(norm, literal(1e-7, np.float64)))
-    scaled = lax.mul(weight, lax.broadcast_in_dim(cast(scale, weight.dtype), weight.shape, (0,)))
-    rescale = lax.broadcast_in_dim(lax.logical_and(named, lax.gt(norm, limit)), weight.shape, (0,))
-    return lax.select(rescale, scaled, weight)
+    scaled = lax.mul(rows, lax.broadcast_in_dim(cast(scale, weight.dtype), rows.shape, (0,)))
+    rescale = lax.broadcast_in_dim(lax.gt(norm, limit), rows.shape, (0,))
+    positions = lax.broadcast_in_dim(flat, (k, width), (0,))
+    return lax.scatter(weight, positions, lax.select(rescale, scaled, rows), 0)
 
 
 @register(aten.gather.default)
