@@ -323,7 +323,8 @@ class AOTFunction:
         else:
             run = PartitionedFunction(graph, wrt, fw_compiler=self.fw_compiler, bw_compiler=self.bw_compiler,
                                       partitioner=self.partitioner, example_inputs=examples,
-                                      mutated_inputs=captured.mutated_inputs, autograd_links=links)
+                                      mutated_inputs=captured.mutated_inputs, autograd_links=links,
+                                      sparse_gradients=captured.sparse_gradients)
         rebuilt = {v.output for v in views}
         computed = [k for k in range(captured.num_outputs) if k not in rebuilt]
         layouts = [(j, strides) for j, k in enumerate(computed) if (strides := captured.output_strides[k]) is not None]

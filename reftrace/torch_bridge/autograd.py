@@ -27,6 +27,7 @@ from reftrace.graph import Graph
 from reftrace.primitives import is_inexact
 from reftrace.torch_bridge.autocast import autocast_off
 from reftrace.torch_bridge.compilers import default_partition, nop
+from reftrace.torch_bridge.sparse_gradients import SparseGradient, sparse_rows
 from reftrace.torch_bridge.tensors import device_of, example_tensors
 from reftrace.transforms.simplify import simplify
 from reftrace.transforms.vjp import output_dependencies, vjp
@@ -71,14 +72,17 @@ class PartitionedFunction:
     ``autograd_links`` (from capture, one set per output): inputs eager's autograd graph links an
     output to although its value does not depend on them (an in-place overwrite such as ``y.zero_()``
     cut the dependency): the output is differentiable all the same, and those inputs get zeros.
+    ``sparse_gradients`` (from capture): embedding tables whose gradient goes back sparse, as eager's.
     """
 
     def __init__(self, graph: Graph, wrt: Sequence[int], nondiff_outputs: Sequence[int] = (), *,
                  fw_compiler: Compiler, bw_compiler: Compiler, partitioner: Any,
                  example_inputs: Sequence[torch.Tensor], mutated_inputs: Sequence[int] = (),
-                 autograd_links: Sequence[frozenset[int]] = ()) -> None:
+                 autograd_links: Sequence[frozenset[int]] = (),
+                 sparse_gradients: Sequence[SparseGradient] = ()) -> None:
         self.graph = graph
         self.wrt = tuple(wrt)
+        self.sparse_gradients = tuple(s for s in sparse_gradients if s.weight in self.wrt)
         dependencies = output_dependencies(graph, self.wrt)
         if autograd_links:  # the vjp's gradient for an input linked only this way is zeros, as eager's
             dependencies = tuple(d | (linked & set(self.wrt)) for d, linked in zip(dependencies, autograd_links,
@@ -282,6 +286,10 @@ def _make_autograd_function(pf: PartitionedFunction) -> type[torch.autograd.Func
             for i, g in zip(wrt, grads):
                 if i in reached:
                     result[i] = g
+            for sparse in pf.sparse_gradients:
+                if result[sparse.weight] is not None:
+                    result[sparse.weight] = sparse_rows(result[sparse.weight],
+                                                        [(primals[k], pad) for k, pad in sparse.indices])
             return tuple(result)
 
     return ReftraceFunction

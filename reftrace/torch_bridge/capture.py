@@ -50,6 +50,7 @@ from reftrace.torch_bridge.static_rewrites import StaticShapeRewrites
 from reftrace.torch_bridge.trace_settings import compiling_flag, fake_tensor_logs_silenced, mkldnn_disabled
 from reftrace.torch_bridge.translate import (ClosedOver, Translator, functional_variant, op_display_name,
                                              unsupported_operator)
+from reftrace.torch_bridge.sparse_gradients import SparseGradient
 from reftrace.torch_bridge.user_frames import innermost_user_frame, location_from_traceback, torch_module_frame
 
 __all__ = ["Captured", "capture", "capture_flat", "capture_tree"]
@@ -82,6 +83,8 @@ class Captured:
       (``reftrace.torch_bridge.autograd_links``): also those an in-place overwrite cut off its value.
     - ``output_strides``: for each of the function's outputs, eager's strides where they are dense
       (``reftrace.torch_bridge.output_layouts``), else None.
+    - ``sparse_gradients``: the embedding tables (inputs) eager gives a sparse gradient
+      (``reftrace.torch_bridge.sparse_gradients``).
     """
 
     graph: Graph
@@ -98,6 +101,7 @@ class Captured:
     output_views: tuple[OutputView, ...] = ()
     autograd_links: tuple[frozenset[int], ...] = ()
     output_strides: tuple[tuple[int, ...] | None, ...] = ()
+    sparse_gradients: tuple[SparseGradient, ...] = ()
 
     def unflatten_outputs(self, flat: Sequence[Any]) -> Any:
         """The function's return value, rebuilt around the graph's leading ``num_outputs`` values."""
@@ -577,7 +581,8 @@ def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tens
     key_input = len(tensors) if len(graph.inputs) > len(tensors) else None  # the key follows the tensors
     return Captured(graph=graph, num_outputs=run.out_spec.num_tensors, mutated_inputs=run.mutated,
                     out_spec=run.out_spec, key_input=key_input, closed_over=tuple(translator.closed_over),
-                    output_views=run.views, autograd_links=run.links, output_strides=run.strides)
+                    output_views=run.views, autograd_links=run.links, output_strides=run.strides,
+                    sparse_gradients=translator.sparse_gradients)
 
 
 def _check_tensors(tensors: Sequence[Any], what: str) -> list[torch.Tensor]:
@@ -658,7 +663,7 @@ def capture_tree(fn_or_module: Callable[..., Any], *args: Any,
                     arg_slots=tensor_slots, num_state=num_state, state=state,
                     key_input=captured.key_input, closed_over=captured.closed_over,
                     output_views=captured.output_views, autograd_links=captured.autograd_links,
-                    output_strides=captured.output_strides)
+                    output_strides=captured.output_strides, sparse_gradients=captured.sparse_gradients)
 
 
 LARGE_CONSTANT_BYTES = 1024

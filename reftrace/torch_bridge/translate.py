@@ -33,8 +33,10 @@ from reftrace.primitives import checked
 from reftrace.lax import TracedArray
 from reftrace.torch_bridge.aten import NodeContext, rule_for
 from reftrace.torch_bridge.aten import _common
+from reftrace.torch_bridge.aten._common import SparseLookup
+from reftrace.torch_bridge.sparse_gradients import SparseGradient, find_sparse_gradients
 from reftrace.torch_bridge.user_frames import innermost_user_frame
-from reftrace.transforms.simplify import eliminate_dead_code
+from reftrace.transforms.simplify import eliminate_dead_code, live_eqns
 
 DOCS_ANCHOR = "docs/torch.md#unsupported-operators"
 
@@ -132,6 +134,8 @@ class Translator:
         self.inputs: list[TracedArray] = []
         self.closed_over: list[ClosedOver] = []  # the real tensors read as constants, in order
         self._constant_index: dict[int, int] = {}  # id(tensor) -> its index in closed_over
+        self.sparse_lookups: list[SparseLookup] = []  # embedding(sparse=True) lookups, for find_sparse_gradients
+        self.sparse_gradients: tuple[SparseGradient, ...] = ()  # set by finish
 
     def input(self, t: torch.Tensor) -> None:
         value = lax.new_input(self.builder, aval_of_meta(t, f"input {len(self.inputs)}"))
@@ -204,7 +208,8 @@ class Translator:
                raw_args: tuple, location: str | None) -> list[Any]:
         out_avals = [_aval_of_result(m, op) if isinstance(m, torch.Tensor) else None for m in metas]
         in_vals = [x if isinstance(x, torch.Tensor) else None for x in raw_args]
-        _common._context.append(NodeContext(op, out_avals, in_vals))
+        context = NodeContext(op, out_avals, in_vals)
+        _common._context.append(context)
         complex_inputs = any(t.is_complex() for t in in_vals if t is not None) or any(
             a is not None and a.dtype.kind == "c" for a in out_avals)
         first_new = len(self.builder.eqns)
@@ -219,6 +224,8 @@ class Translator:
                                                f"(a primitive refuses them: {err})") from None
             if complex_inputs and op not in _CASTS:
                 _refuse_dropped_imaginary_parts(op, self.builder.eqns[first_new:])
+            self.sparse_lookups.extend(dataclasses.replace(lookup, location=location)
+                                       for lookup in context.sparse_lookups)
         except ReftraceError as err:
             if location and "(called from" not in str(err) and "(at " not in str(err):
                 raise type(err)(f"{err} (called from {location})") from None
@@ -244,6 +251,8 @@ class Translator:
                                    "not a tensor")
             atoms.append(value.atom)
         inputs = [t.atom for t in self.inputs] + ([key.atom] if key is not None else [])
+        self.sparse_gradients = find_sparse_gradients(inputs, live_eqns(self.builder.eqns, atoms), atoms,
+                                                      self.sparse_lookups)
         return checked(eliminate_dead_code(self.builder.build(inputs, atoms)), "capture")
 
 

@@ -69,21 +69,32 @@ def innermost_user_frame(frame: types.FrameType | None = None) -> str | None:
 
 def torch_module_frame(frame: types.FrameType | None = None) -> str:
     """``", inside torch.nn's FILE:LINE in FUNCTION"`` for the innermost frame of a stock ``torch.nn``
-    module's own code on the current stack (the user frame is the line that called the module), with
-    a hint where that module is known to need one; "" when no such frame is on the stack."""
+    module's (or ``torch.distributions``') own code on the current stack (the user frame is the line
+    that called it), with a hint where that code is known to need one; "" when no such frame is on
+    the stack."""
     frame = frame or sys._getframe(1)
     while frame is not None:
         name = frame.f_code.co_filename.replace(os.sep, "/")
-        if "/torch/nn/modules/" in name:
-            where = f", inside torch.nn's {os.path.basename(name)}:{frame.f_lineno} in {frame.f_code.co_name}"
-            return where + _MODULE_HINTS.get(os.path.basename(name), "")
+        for package, (label, hints) in _TORCH_PACKAGES.items():
+            if package in name:
+                base = os.path.basename(name)
+                where = f", inside {label} {base}:{frame.f_lineno} in {frame.f_code.co_name}"
+                return where + hints.get(base, hints.get("*", ""))
         frame = frame.f_back
     return ""
 
 
-_MODULE_HINTS = {"batchnorm.py": "; BatchNorm with momentum=None reads num_batches_tracked as a Python float in "
-                                 "training: give it a float momentum, or use torch.compile(backend=\"reftrace\"), "
-                                 "which breaks the graph there"}
+_VALIDATE_ARGS_HINT = ("; a distribution checks its parameters' and samples' values (validate_args): pass "
+                       "validate_args=False, or call torch.distributions.Distribution.set_default_validate_args("
+                       "False) before compiling")
+# torch source folder -> (its possessive in messages, {file name or "*": hint})
+_TORCH_PACKAGES = {
+    "/torch/nn/modules/": ("torch.nn's", {
+        "batchnorm.py": "; BatchNorm with momentum=None reads num_batches_tracked as a Python float in training: "
+                        "give it a float momentum, or use torch.compile(backend=\"reftrace\"), which breaks the "
+                        "graph there"}),
+    "/torch/distributions/": ("torch.distributions'", {"*": _VALIDATE_ARGS_HINT}),
+}
 
 
 # generated code object -> {line: the user location of the node that line runs}; one code object per

@@ -738,6 +738,29 @@ def test_an_op_whose_fake_kernel_needs_tensor_values_is_named():
         capture(lambda lp: F.ctc_loss(lp, targets, [6, 5], [3, 2]), lp)
 
 
+def test_a_distribution_validating_its_arguments_says_how_to_turn_that_off():
+    # torch.distributions checks parameter values with bool(): data-dependent under tracing. The
+    # message names the user line, the distributions file, and validate_args=False; with it off,
+    # rsample's reparameterised gradient is eager's (the draw itself comes from reftrace's RNG)
+    mu, s = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+
+    def nll(mu: torch.Tensor, s: torch.Tensor, validate: bool) -> torch.Tensor:
+        d = torch.distributions.Normal(mu, s.exp(), validate_args=validate)
+        return -d.log_prob(d.rsample()).sum() + d.entropy().sum()
+    with pytest.raises(rt.DataDependentControlFlowError,
+                       match=r"test_capture\.py:\d+ in nll, inside torch\.distributions' distribution\.py:.*"
+                             r"validate_args=False"):
+        capture(lambda mu, s: nll(mu, s, True), mu, s)
+    from reftrace.compile import aot_function, nop
+    graph = capture(lambda mu, s: nll(mu, s, False), mu, s)
+    mu.requires_grad_(), s.requires_grad_()
+    got = torch.autograd.grad(aot_function(lambda mu, s: nll(mu, s, False), nop)(mu, s), (mu, s))
+    want = torch.autograd.grad(nll(mu, s, False), (mu, s))
+    assert any(eqn.primitive.name == "random" for eqn in graph.eqns)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
 def test_an_unsupported_op_written_into_a_parameter_under_no_grad_is_reported_by_name():
     """The write is a straight-through update: its value was the op's unknown result, which reached
     the update's ``add`` as a dtype-less object (``ShapeError: ... ['float64', 'object']``)."""

@@ -421,6 +421,76 @@ def test_an_embedding_with_max_norm_renormalises_its_rows_as_eager():
                         m.weight.grad = None
 
 
+class _SparseTables(torch.nn.Module):
+    """An Embedding and an EmbeddingBag with sparse gradients, and a dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words = torch.nn.Embedding(12, 4, sparse=True, padding_idx=2)
+        self.bags = torch.nn.EmbeddingBag(9, 4, mode="sum", sparse=True)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor, bag_ids: torch.Tensor, offsets: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.words(ids).mean(1) + self.bags(bag_ids, offsets, per_sample_weights=weights)))
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_sparse_embedding_tables_get_sparse_gradients_and_train_with_sparse_adam_as_eager(compiler):
+    """``sparse=True`` tables get a sparse gradient of the looked-up rows (the padding row left out), so
+    ``SparseAdam`` trains them; it refuses a dense one. Before, reftrace's gradients came back dense."""
+    torch.manual_seed(0)
+    eager = _SparseTables().double()
+    mine = copy.deepcopy(eager)
+    compiled = aot_module(mine, COMPILERS[compiler])
+    optimizers = {}
+    for m in (eager, mine):
+        tables = [m.words.weight, m.bags.weight]
+        optimizers[m] = (torch.optim.SparseAdam(tables, lr=0.05), torch.optim.Adam(m.head.parameters(), lr=0.05))
+    for step in range(4):
+        ids = (torch.tensor([[1, 2, 1, 7], [4, 4, 2, 9], [0, 2, 11, 3]]) + step) % 12   # row 2 is padding
+        bag_ids, offsets = (torch.tensor([1, 2, 4, 5, 4, 3, 8]) + step) % 9, torch.tensor([0, 3, 3])
+        weights = torch.rand(7, dtype=torch.float64)
+        for m, fn in ((eager, eager), (mine, compiled)):
+            for opt in optimizers[m]:
+                opt.zero_grad()
+            (fn(ids, bag_ids, offsets, weights) ** 2).sum().backward()
+            for opt in optimizers[m]:
+                opt.step()
+        for table in ("words", "bags"):
+            want, got = getattr(eager, table).weight.grad, getattr(mine, table).weight.grad
+            assert got.is_sparse
+            got, want = got.coalesce(), want.coalesce()
+            assert torch.equal(got.indices(), want.indices())
+            torch.testing.assert_close(got.values(), want.values(), rtol=1e-12, atol=1e-12)
+        for name, p in eager.named_parameters():
+            torch.testing.assert_close(dict(mine.named_parameters())[name], p, rtol=1e-12, atol=1e-12)
+
+
+def test_a_sparse_table_read_otherwise_too_or_with_computed_indices_gets_a_dense_gradient():
+    """Tied to a dense layer, eager sums a dense gradient in: dense in both. Looked up with indices the
+    function computes, the bridge cannot name the rows after the backward: dense, and it says so."""
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(10, 3, sparse=True).double()
+    tied = lambda w, ids: torch.nn.functional.embedding(ids, w, sparse=True) @ w[:3].t()  # noqa: E731
+    ids = torch.tensor([[1, 2], [2, 5]])
+    w_eager = table.weight.detach().clone().requires_grad_()
+    w_mine = table.weight.detach().clone().requires_grad_()
+    tied(w_eager, ids).sum().backward()
+    aot_function(tied, nop)(w_mine, ids).sum().backward()
+    assert not w_eager.grad.is_sparse and not w_mine.grad.is_sparse
+    torch.testing.assert_close(w_mine.grad, w_eager.grad, rtol=1e-12, atol=1e-12)
+
+    shifted = lambda w, ids: torch.nn.functional.embedding(ids + 1, w, sparse=True)  # noqa: E731
+    w_mine.grad = None
+    with pytest.warns(rt.torch_bridge.sparse_gradients.SparseGradientWarning, match="computed inside"):
+        out = aot_function(shifted, nop)(w_mine, ids)
+    out.sum().backward()
+    w_eager.grad = None
+    shifted(w_eager, ids).sum().backward()
+    torch.testing.assert_close(w_mine.grad, w_eager.grad.to_dense(), rtol=0, atol=0)
+
+
 def test_the_default_dtype_is_guarded():
     """``torch.tensor(0.1)`` inside makes a tensor of the default dtype; after ``set_default_dtype`` a
     stale graph returned float32 where eager promotes to float64."""

@@ -11,6 +11,7 @@ promotion is always torch's and a rule only has to pick a sensible compute dtype
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -56,6 +57,19 @@ class NodeContext:
         self.op = op
         self.out_avals = tuple(out_avals)
         self.in_vals = tuple(in_vals)  # each positional argument's fake tensor (or None)
+        self.sparse_lookups: list[SparseLookup] = []  # embedding(sparse=True) lookups the rule made
+
+
+@dataclass(frozen=True)
+class SparseLookup:
+    """An ``embedding(weight, indices, sparse=True)`` lookup, whose weight eager gives a sparse gradient:
+    its values ``output``, made from ``weight`` and ``indices`` (values of the graph being built)."""
+
+    weight: TracedArray
+    indices: TracedArray
+    padding_idx: int
+    output: TracedArray
+    location: str | None = None  # the user's line (set by the translator)
 
 
 _context: list[NodeContext] = []

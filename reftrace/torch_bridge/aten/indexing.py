@@ -13,8 +13,8 @@ import numpy as np
 from reftrace import lax, nn
 from reftrace import primitives as P
 from reftrace.errors import DataDependentControlFlowError
-from reftrace.torch_bridge.aten._common import (aten, bcast_full, broadcast_shapes, cast, highest, literal,
-                                                lowest, norm_dim, out_aval, register, unsupported)
+from reftrace.torch_bridge.aten._common import (SparseLookup, aten, bcast_full, broadcast_shapes, cast, current,
+                                                highest, literal, lowest, norm_dim, out_aval, register, unsupported)
 from reftrace.torch_bridge.aten.reductions import linalg_vector_norm
 
 
@@ -51,10 +51,14 @@ def index_select(x: Any, dim: int, index: Any) -> Any:
 @register(aten.embedding.default)
 def embedding(weight: Any, indices: Any, padding_idx: int = -1, scale_grad_by_freq: bool = False,
               sparse: bool = False) -> Any:
-    """A sparse gradient comes back dense (reftrace graphs have no sparse tensors)."""
+    """With ``sparse``, the lookup is noted: the graph computes the dense gradient, and the bridge hands
+    it back sparse where eager's is (``reftrace.torch_bridge.sparse_gradients``)."""
     if weight.ndim != 2:
         raise unsupported(f"a {weight.ndim}-d weight (aten.embedding takes a 2-d table)")
-    return nn.embedding(weight, cast(indices, np.int64), padding_idx, scale_grad_by_freq)
+    out = nn.embedding(weight, cast(indices, np.int64), padding_idx, scale_grad_by_freq)
+    if sparse:
+        current().sparse_lookups.append(SparseLookup(weight, indices, padding_idx, out))
+    return out
 
 
 @register(aten.embedding_renorm.default)
@@ -396,7 +400,8 @@ def embedding_bag(weight: Any, indices: Any, offsets: Any, scale_grad_by_freq: b
     """Sum / mean / max of ``weight`` rows per bag; bag membership is a (bag, position) mask from the offsets.
 
     Also torch's bookkeeping outputs: the bag of each index, the bag sizes (mean and max modes)
-    and, in max mode, the row that gave each maximum.
+    and, in max mode, the row that gave each maximum. With ``sparse``, the rows are looked up as
+    ``embedding``'s are (see there).
     """
     d = weight.dtype
     idx = cast(indices, np.int64)
@@ -420,7 +425,11 @@ def embedding_bag(weight: Any, indices: Any, offsets: Any, scale_grad_by_freq: b
                              lax.lt(position, lax.broadcast_in_dim(ends, grid, (0,))))
     if padding_idx >= 0:
         member = lax.logical_and(member, lax.broadcast_in_dim(lax.ne(idx, literal(padding_idx, np.int64)), grid, (1,)))
-    rows = take(weight, 0, idx)                                                     # (n, dim)
+    if sparse:  # one lookup the bridge can hand a sparse gradient back for, as eager does
+        rows = nn.embedding(weight, idx)
+        current().sparse_lookups.append(SparseLookup(weight, indices, padding_idx, rows))
+    else:
+        rows = take(weight, 0, idx)                                                 # (n, dim)
     if per_sample_weights is not None:
         rows = lax.mul(rows, lax.broadcast_in_dim(cast(per_sample_weights, d), rows.shape, (0,)))
     counts = lax.reduce_sum(cast(member, np.int64), (1,))
