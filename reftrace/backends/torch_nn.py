@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from reftrace.backends.torch_dtypes import torch_dtype
@@ -53,6 +54,8 @@ torch_rules[A.relu_backward_p] = lambda g, y: aten.threshold_backward(_t(g), _t(
 torch_rules[A.gelu_p] = lambda x, *, approximate: aten.gelu(_t(x), approximate=approximate)
 torch_rules[A.gelu_backward_p] = lambda g, x, *, approximate: aten.gelu_backward(_t(g), _t(x),
                                                                                  approximate=approximate)
+torch_rules[A.silu_p] = lambda x: aten.silu(_t(x))
+torch_rules[A.silu_backward_p] = lambda g, x: aten.silu_backward(_t(g), _t(x))
 torch_rules[A.hardsigmoid_p] = lambda x: aten.hardsigmoid(_t(x))
 torch_rules[A.hardsigmoid_backward_p] = lambda g, x: aten.hardsigmoid_backward(_t(g), _t(x))
 torch_rules[A.softmax_p] = lambda x, *, axis: aten._softmax(_t(x), axis, False)
@@ -89,6 +92,27 @@ def _layer_norm_backward(g: Any, x: Any, mean: Any, rstd: Any, *affine: Any, nor
     return (grads[0], *([grads[1]] if has_weight else []), *([grads[2]] if has_bias else []))
 
 
+def _group_sizes(x: Any) -> tuple[int, int, int]:
+    """(N, C, spatial size) of an (N, C, *spatial) operand, as ``native_group_norm`` takes them."""
+    shape = aval_of(x).shape
+    return shape[0], shape[1], int(np.prod(shape[2:], dtype=np.int64))
+
+
+def _group_norm(x: Any, *affine: Any, groups: int, eps: float, has_weight: bool, has_bias: bool
+                ) -> tuple[Any, Any, Any]:
+    weight, bias = _optional(affine, has_weight, has_bias)
+    out = aten.native_group_norm(_t(x), weight, bias, *_group_sizes(x), groups, eps)
+    return out[0], *_statistics(out, x, affine)
+
+
+def _group_norm_backward(g: Any, x: Any, mean: Any, rstd: Any, *affine: Any, groups: int, has_weight: bool,
+                         has_bias: bool) -> tuple[Any, ...]:
+    weight, _ = _optional(affine, has_weight, has_bias)
+    grads = aten.native_group_norm_backward(_t(g), _t(x), _t(mean), _t(rstd), weight, *_group_sizes(x), groups,
+                                            [True, has_weight, has_bias])
+    return (grads[0], *([grads[1]] if has_weight else []), *([grads[2]] if has_bias else []))
+
+
 def _batch_norm_train(x: Any, *rest: Any, eps: float, momentum: float, has_weight: bool, has_bias: bool,
                       has_running_stats: bool) -> tuple[Any, ...]:
     weight, bias, running_mean, running_var = _optional(rest, has_weight, has_bias, has_running_stats,
@@ -120,6 +144,8 @@ def _batch_norm_backward(g: Any, x: Any, mean: Any, stat: Any, *affine: Any, eps
 
 torch_rules[N.layer_norm_p] = _layer_norm
 torch_rules[N.layer_norm_backward_p] = _layer_norm_backward
+torch_rules[N.group_norm_p] = _group_norm
+torch_rules[N.group_norm_backward_p] = _group_norm_backward
 torch_rules[N.batch_norm_train_p] = _batch_norm_train
 torch_rules[N.batch_norm_eval_p] = _batch_norm_eval
 torch_rules[N.batch_norm_backward_p] = _batch_norm_backward

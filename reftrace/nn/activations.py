@@ -1,7 +1,7 @@
-"""ReLU, GELU, hard sigmoid, softmax and log-softmax as composites, with composite backward equations.
+"""ReLU, GELU, SiLU, hard sigmoid, softmax and log-softmax as composites, with composite backward equations.
 
-The backward equations (``relu_backward``, ``gelu_backward``, ``softmax_backward``, ``log_softmax_backward``)
-are ATen's: torch lowers each to its one kernel. They have no VJP rule of their own, so
+The backward equations (``relu_backward``, ``gelu_backward``, ``silu_backward``, ``softmax_backward``,
+``log_softmax_backward``) are ATen's: torch lowers each to its one kernel. They have no VJP rule of their own, so
 second derivatives go through their decompositions.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 
 from reftrace import lax
 from reftrace.composite import define_composite
-from reftrace.nn._util import along, const, other_axes
+from reftrace.nn._util import accumulation_dtype, along, cast, const, other_axes
 from reftrace.transforms.vjp_rules import vjp_rules
 
 _SQRT_HALF = float(np.sqrt(0.5))
@@ -94,6 +94,40 @@ def _gelu_vjp(cts, primals, outs, *, approximate):
 
 
 vjp_rules[gelu_p] = _gelu_vjp
+
+
+# ----------------------------------------------------------------------------- silu
+
+def _in_float32_if_half(fn: Any) -> Any:
+    """``fn`` computed as torch's CPU kernels compute it: float16/bfloat16 in float32, rounded once."""
+    def wrapped(*operands: Any) -> Any:
+        acc = accumulation_dtype(operands[0].dtype)
+        return cast(fn(*(cast(v, acc) for v in operands)), operands[0].dtype)
+    return wrapped
+
+
+def _silu_of(x: Any) -> Any:
+    """``x / (1 + exp(-x))``, torch's formula (``x * sigmoid(x)`` rounds differently)."""
+    return lax.div(x, lax.add(const(1, x.dtype), lax.exp(lax.neg(x))))
+
+
+def _silu_backward_of(g: Any, x: Any) -> Any:
+    """``g * s * (1 + x * (1 - s))`` with ``s = 1 / (1 + exp(-x))``, ``silu_backward``'s formula."""
+    one = const(1, x.dtype)
+    s = lax.div(one, lax.add(one, lax.exp(lax.neg(x))))
+    return lax.mul(lax.mul(g, s), lax.add(one, lax.mul(x, lax.sub(one, s))))
+
+
+silu_p = define_composite("silu", _in_float32_if_half(_silu_of))
+silu_backward_p = define_composite("silu_backward", _in_float32_if_half(_silu_backward_of))
+
+
+def silu(x: Any) -> Any:
+    """``x * sigmoid(x)`` (swish), as ``torch.nn.functional.silu``."""
+    return lax.bind(silu_p, x)
+
+
+vjp_rules[silu_p] = lambda cts, primals, outs: (lax.bind(silu_backward_p, cts[0], primals[0]),)
 
 
 # ----------------------------------------------------------------------------- hard sigmoid

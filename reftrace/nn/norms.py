@@ -1,4 +1,4 @@
-"""Layer norm and batch norm as composites, with composite backward equations.
+"""Layer norm, group norm and batch norm as composites, with composite backward equations.
 
 Operand lists follow the ATen ops, with absent optional operands left out and flagged in
 params (``has_weight``, ``has_bias``, ``has_running_stats``). Statistics of half-precision
@@ -112,23 +112,80 @@ def layer_norm(x: Any, weight: Any = None, bias: Any = None, *, normalized_ndim:
                     has_weight=weight is not None, has_bias=bias is not None)
 
 
-def _layer_norm_vjp(cts, primals, outs, *, normalized_ndim, eps, has_weight, has_bias):
-    if cts[1] is not None or cts[2] is not None:  # the statistics themselves are used downstream
-        return through_decomposition(layer_norm_p, cts, primals, outs, normalized_ndim=normalized_ndim, eps=eps,
-                                     has_weight=has_weight, has_bias=has_bias)
-    x, *affine = primals
-    grads = lax.bind(layer_norm_backward_p, cts[0], x, outs[1], outs[2], *affine,
-                     normalized_ndim=normalized_ndim, has_weight=has_weight, has_bias=has_bias)
-    return tuple(grads)
+def _statistics_vjp(forward: Any, backward: Any) -> Any:
+    """The VJP rule of a ``(y, mean, rstd)`` normalization: its backward equation (the forward's params
+    but ``eps``) for ``y``'s cotangent; through the decomposition when the statistics themselves have
+    cotangents (they are used downstream)."""
+    def rule(cts, primals, outs, *, eps, **params):
+        if cts[1] is not None or cts[2] is not None:
+            return through_decomposition(forward, cts, primals, outs, eps=eps, **params)
+        x, *affine = primals
+        return tuple(lax.bind(backward, cts[0], x, outs[1], outs[2], *affine, **params))
+    return rule
 
 
-vjp_rules[layer_norm_p] = _layer_norm_vjp
+vjp_rules[layer_norm_p] = _statistics_vjp(layer_norm_p, layer_norm_backward_p)
+
+
+# ----------------------------------------------------------------------------- group norm
+
+_CHANNEL = (1,)  # the channel axis of an (N, C, *spatial) input: group norm's and batch norm's parameters
+
+def _grouped_shape(shape: Sequence[int], groups: int) -> tuple[int, int, int, int]:
+    """(N, groups, channels per group, spatial size) of an (N, C, *spatial) input."""
+    n, c = shape[0], shape[1]
+    spatial = 1
+    for d in shape[2:]:
+        spatial *= d
+    return n, groups, c // groups, spatial
+
+
+_GROUP_STATS, _GROUP_AXES, _GROUP_PARAMS = (0, 1), (2, 3), (1, 2)
+
+
+def _group_norm(x: Any, *affine: Any, groups: int, eps: float, has_weight: bool, has_bias: bool
+                ) -> tuple[Any, Any, Any]:
+    """(y, mean, rstd) with statistics over each group of ``C // groups`` channels and all positions;
+    mean and rstd are (N, groups), as ``aten.native_group_norm``."""
+    weight, bias = _optional(affine, has_weight, has_bias)
+    xa = lax.reshape(cast(x, accumulation_dtype(x.dtype)), _grouped_shape(x.shape, groups))
+    mu = mean(xa, _GROUP_AXES)
+    centred = lax.sub(xa, along(mu, xa.shape, _GROUP_STATS))
+    rstd = lax.rsqrt(lax.add(mean(lax.mul(centred, centred), _GROUP_AXES), const(eps, xa.dtype)))
+    y = lax.reshape(lax.mul(centred, along(rstd, xa.shape, _GROUP_STATS)), x.shape)
+    y = _affine(y, weight, bias, _CHANNEL)
+    sd = statistics_dtype(x.dtype, [v.dtype for v in affine])
+    return cast(y, x.dtype), cast(mu, sd), cast(rstd, sd)
+
+
+def _group_norm_backward(g: Any, x: Any, mu: Any, rstd: Any, *affine: Any, groups: int, has_weight: bool,
+                         has_bias: bool) -> tuple[Any, ...]:
+    weight, bias = _optional(affine, has_weight, has_bias)
+    grouped = _grouped_shape(x.shape, groups)
+    per_group = None if weight is None else lax.reshape(weight, grouped[1:3])
+    dx, dw, db = _normalization_backward(lax.reshape(g, grouped), lax.reshape(x, grouped), mu, rstd, per_group,
+                                         _GROUP_AXES, _GROUP_STATS, _GROUP_PARAMS)
+    channels = (x.shape[1],)
+    return _present_grads(lax.reshape(dx, x.shape), lax.reshape(dw, channels), lax.reshape(db, channels), x,
+                          weight, bias)
+
+
+group_norm_p = define_composite("group_norm", _group_norm, multiple_results=True)
+group_norm_backward_p = define_composite("group_norm_backward", _group_norm_backward, multiple_results=True)
+
+
+def group_norm(x: Any, weight: Any = None, bias: Any = None, *, groups: int, eps: float) -> tuple[Any, Any, Any]:
+    """(y, mean, rstd) of group norm of an (N, C, *spatial) ``x`` with per-channel ``weight``/``bias``, as
+    ``aten.native_group_norm`` (mean and rstd are (N, groups))."""
+    affine = [v for v in (weight, bias) if v is not None]
+    return lax.bind(group_norm_p, x, *affine, groups=int(groups), eps=float(eps),
+                    has_weight=weight is not None, has_bias=bias is not None)
+
+
+vjp_rules[group_norm_p] = _statistics_vjp(group_norm_p, group_norm_backward_p)
 
 
 # ----------------------------------------------------------------------------- batch norm
-
-_CHANNEL = (1,)
-
 
 def _batch_norm_train(x: Any, *rest: Any, eps: float, momentum: float, has_weight: bool, has_bias: bool,
                       has_running_stats: bool) -> tuple[Any, ...]:

@@ -36,7 +36,7 @@ _OWN_ROWS = ("index_fill.int_Tensor", "index_fill.int_Scalar", "_safe_softmax.de
              # torch's softplus computes exp(x) on the linear branch too: inf / inf in the gradient at large x
              "softplus.default",
              # composites (reftrace.nn) that run as torch's fused kernels
-             "nll_loss_forward.default",
+             "nll_loss_forward.default", "silu.default",
              # torch's gradient at a saturated probability (0 or 1): finite, where the clamped logs give NaN
              "binary_cross_entropy.default",
              # torch's kernel fuses multiply-adds the reference formula rounds twice

@@ -79,7 +79,7 @@ def torch_module_frame(frame: types.FrameType | None = None) -> str:
             if package in name:
                 base = os.path.basename(name)
                 where = f", inside {label} {base}:{frame.f_lineno} in {frame.f_code.co_name}"
-                return where + hints.get(base, hints.get("*", ""))
+                return where + hints.get(f"{base}:{frame.f_code.co_name}", hints.get(base, hints.get("*", "")))
         frame = frame.f_back
     return ""
 
@@ -87,12 +87,16 @@ def torch_module_frame(frame: types.FrameType | None = None) -> str:
 _VALIDATE_ARGS_HINT = ("; a distribution checks its parameters' and samples' values (validate_args): pass "
                        "validate_args=False, or call torch.distributions.Distribution.set_default_validate_args("
                        "False) before compiling")
-# torch source folder -> (its possessive in messages, {file name or "*": hint})
+# torch source folder -> (its possessive in messages, {"file:function", file name or "*": hint})
 _TORCH_PACKAGES = {
     "/torch/nn/modules/": ("torch.nn's", {
         "batchnorm.py": "; BatchNorm with momentum=None reads num_batches_tracked as a Python float in training: "
                         "give it a float momentum, or use torch.compile(backend=\"reftrace\"), which breaks the "
-                        "graph there"}),
+                        "graph there",
+        "transformer.py:_detect_is_causal_mask": "; without is_causal (tgt_is_causal for a decoder), the "
+                                                 "Transformer layers compare the mask's values with a causal mask: "
+                                                 "pass it (True for a mask from "
+                                                 "nn.Transformer.generate_square_subsequent_mask, else False)"}),
     "/torch/distributions/": ("torch.distributions'", {"*": _VALIDATE_ARGS_HINT}),
 }
 

@@ -142,10 +142,13 @@ def _trigamma(x: TracedArray) -> TracedArray:
 _TWO_OVER_SQRT_PI = 2 / math.sqrt(math.pi)
 
 _unary(P.exp_p, lambda x, out: out)
-_unary(P.log_p, lambda x, out: lax.div(_const(1, x), x))
-_unary(P.log1p_p, lambda x, out: lax.div(_const(1, x), lax.add(_const(1, x), x)))
+_register(P.log_p)(lambda cts, primals, outs: (lax.div(cts[0], lax.conj_if_complex(primals[0])),))  # torch's order
+_register(P.log1p_p)(lambda cts, primals, outs: (  # torch's order: ct / conj(x + 1)
+    lax.div(cts[0], lax.conj_if_complex(lax.add(primals[0], _const(1, primals[0])))),))
 _unary(P.expm1_p, lambda x, out: lax.add(out, _const(1, x)))
-_fused_unary(P.tanh_p, lambda ct, y: lax.mul(ct, _one_minus_square(y)))  # tanh_backward
+# torch's tanh_backward kernel fuses ``y*y`` into the subtraction (one rounding): float32 gradients can be an ulp
+# off eager's. A composite would match it, but would put a composite into the vjp of a decomposed graph
+_fused_unary(P.tanh_p, lambda ct, y: lax.mul(ct, _one_minus_square(y)))
 # sigmoid_backward widens bfloat16 only: its float16 kernel rounds after each operation
 _fused_unary(P.logistic_p, lambda ct, y: lax.mul(lax.mul(ct, lax.sub(_const(1, y), y)), y),
              widened=("bfloat16",))
@@ -161,14 +164,30 @@ _unary(P.asinh_p, lambda x, out: lax.rsqrt(lax.add(lax.mul(x, x), _const(1, x)))
 _unary(P.acosh_p, lambda x, out: lax.mul(lax.rsqrt(lax.sub(x, _const(1, x))),  # the principal branch on
                                           lax.rsqrt(lax.add(x, _const(1, x)))))  # complex too
 _unary(P.atanh_p, lambda x, out: lax.div(_const(1, x), _one_minus_square(x)))
-_unary(P.sqrt_p, lambda x, out: lax.div(_const(0.5, x), out))                 # sqrt'(0) = inf
-_unary(P.rsqrt_p, lambda x, out: lax.mul(_const(-0.5, x), lax.div(out, x)))
 _unary(P.cbrt_p, lambda x, out: lax.mul(_const(1 / 3, x), lax.integer_pow(out, -2)))
 _unary(P.erf_p, lambda x, out: lax.mul(_const(_TWO_OVER_SQRT_PI, x), lax.exp(lax.neg(lax.mul(x, x)))))
 _unary(P.erfc_p, lambda x, out: lax.mul(_const(-_TWO_OVER_SQRT_PI, x), lax.exp(lax.neg(lax.mul(x, x)))))
 _unary(P.erf_inv_p, lambda x, out: lax.mul(_const(1 / _TWO_OVER_SQRT_PI, x), lax.exp(lax.mul(out, out))))
 _unary(P.lgamma_p, lambda x, out: lax.digamma(x))
 _unary(P.digamma_p, lambda x, out: _trigamma(x))
+
+
+# Where torch's derivative formula is a few ATen ops, the rule is written in that formula's order of
+# operations, so that a graph run by torch (``nop``) rounds as eager's backward does in float32.
+
+
+@_register(P.sqrt_p)
+def _sqrt_vjp(cts, primals, outs):
+    """``ct / (2 * sqrt(x))`` (sqrt'(0) = inf)."""
+    (ct,), (out,) = cts, outs
+    return (lax.div(ct, lax.conj_if_complex(lax.mul(_const(2, out), out))),)
+
+
+@_register(P.rsqrt_p)
+def _rsqrt_vjp(cts, primals, outs):
+    """``(-0.5 * ct) * rsqrt(x)**3``."""
+    (ct,), (out,) = cts, outs
+    return (lax.mul(lax.mul(ct, _const(-0.5, ct)), lax.conj_if_complex(lax.integer_pow(out, 3))),)
 
 
 @_register(P.abs_p)
@@ -263,8 +282,8 @@ def _rem_partials(ct, x, y, out):
 
 
 def _div_partials(ct, x, y, out):
-    ct_x = lax.div(ct, lax.conj_if_complex(y))
-    return ct_x, lax.neg(lax.mul(ct_x, lax.conj_if_complex(out)))  # -ct * conj(x / y^2), without squaring y
+    # torch's order: ct / conj(y) and -ct * conj((x / y) / y), without squaring y
+    return lax.div(ct, lax.conj_if_complex(y)), lax.neg(lax.mul(ct, lax.conj_if_complex(lax.div(out, y))))
 
 
 def _atan2_partials(ct, x, y, out):

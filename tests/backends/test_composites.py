@@ -90,7 +90,7 @@ def max_pool_cases(draw: st.DrawFn, rng: np.random.Generator, dtype: Any) -> Cas
 def forward_cases(draw: st.DrawFn, dtype: Any = np.float64) -> Case:
     """A forward composite at a drawn shape and drawn parameters, with its operands."""
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-    kind = draw(st.sampled_from(["gelu", "softmax", "log_softmax", "layer_norm", "batch_norm_train",
+    kind = draw(st.sampled_from(["gelu", "silu", "softmax", "log_softmax", "layer_norm", "group_norm", "batch_norm_train",
                                  "batch_norm_eval", "attention", "linear", "embedding",
                                  "nll_loss", "relu", "convolution", "max_pool", "xlogy", "binary_cross_entropy",
                                  "vector_norm"]))
@@ -130,7 +130,7 @@ def forward_cases(draw: st.DrawFn, dtype: Any = np.float64) -> Case:
         m, k, n = (draw(st.integers(1, 6)) for _ in range(3))
         args = [_normal(rng, (m, k), dtype), _normal(rng, (k, n), dtype), _normal(rng, (n,), dtype)]
         return f"linear {m}x{k}x{n}", rt.nn.linear, args
-    rank = draw(st.integers(1 if kind in ("gelu", "softmax", "log_softmax") else 2, 4))
+    rank = draw(st.integers(1 if kind in ("gelu", "silu", "softmax", "log_softmax") else 2, 4))
     shape = tuple(draw(st.lists(st.integers(1, 5), min_size=rank, max_size=rank)))
     x = _normal(rng, shape, dtype) * 2
     if kind == "relu":
@@ -146,6 +146,8 @@ def forward_cases(draw: st.DrawFn, dtype: Any = np.float64) -> Case:
         y = np.abs(_normal(rng, shape, dtype)) if draw(st.booleans()) else _normal(rng, shape, dtype)
         x.flat[0], y.flat[-1] = 0.0, 0.0
         return f"xlogy {shape}", rt.nn.xlogy, [x, y]
+    if kind == "silu":
+        return f"silu {shape}", rt.nn.silu, [x]
     if kind == "gelu":
         approximate = draw(st.sampled_from(["none", "tanh"]))
         return f"gelu({approximate}) {shape}", lambda x: rt.nn.gelu(x, approximate), [x]
@@ -168,6 +170,17 @@ def forward_cases(draw: st.DrawFn, dtype: Any = np.float64) -> Case:
             w, b = _split_affine(affine, has_weight)
             return rt.nn.layer_norm(x, w, b, normalized_ndim=k, eps=eps)
         return f"layer_norm(k={k}, w={has_weight}, b={has_bias}) {shape}", layer_norm, [x, *affine]
+    if kind == "group_norm":
+        groups = draw(st.sampled_from([g for g in range(1, shape[1] + 1) if shape[1] % g == 0]))
+        if int(np.prod(shape[2:])) * shape[1] // groups < 2:  # one value per group: rstd = eps**-0.5
+            x = np.concatenate([x, x * 0.5 + 1], axis=1)
+            shape = x.shape
+        affine = _affine_args(rng, (shape[1],), has_weight, has_bias, dtype)
+
+        def group_norm(x, *affine):
+            w, b = _split_affine(affine, has_weight)
+            return rt.nn.group_norm(x, w, b, groups=groups, eps=eps)
+        return f"group_norm(groups={groups}, w={has_weight}, b={has_bias}) {shape}", group_norm, [x, *affine]
     channels = (shape[1],)
     affine = _affine_args(rng, channels, has_weight, has_bias, dtype)
     if kind == "batch_norm_eval":
@@ -294,7 +307,7 @@ def _finite_max(miss: np.ndarray) -> float:
     return float(np.max(miss[np.isfinite(miss)], initial=0.0))
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 def test_gradients_against_jax_and_finite_differences(seed):
     """JAX differentiates the JAX lowering (jax.nn.gelu/softmax, the norms' lax chains) on its own."""
     label, fn, args = _fixed_case(seed)
@@ -318,6 +331,8 @@ def _fixed_case(seed: int) -> Case:
         ("batch_norm_train", lambda x, w, b, rm, rv: rt.nn.batch_norm_train(x, w, b, rm, rv, momentum=0.1,
                                                                              eps=1e-5)[:3], [x, wc, bc, rm, rv]),
         ("batch_norm_eval", lambda x, rm, rv, w: rt.nn.batch_norm_eval(x, rm, rv, w, eps=1e-5), [x, rm, rv, wc]),
+        ("silu", lambda x: rt.nn.silu(x), [x]),
+        ("group_norm", lambda x, w, b: rt.nn.group_norm(x, w, b, groups=2, eps=1e-5), [x, wc, bc]),
     ]
     return cases[seed]
 
@@ -378,10 +393,12 @@ class _Block(torch.nn.Module):
         self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
         self.grouped = torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2, bias=False)
         self.bn = torch.nn.BatchNorm2d(4)
+        self.gn = torch.nn.GroupNorm(2, 4)
         self.ln = torch.nn.LayerNorm(8)
 
     def forward(self, x):
         y = torch.nn.functional.gelu(self.bn(self.grouped(torch.relu(self.conv(x)))))
+        y = torch.nn.functional.silu(self.gn(y))
         return torch.log_softmax(self.ln(y).softmax(-1) * 3, dim=1)
 
 
@@ -410,10 +427,11 @@ def test_torch_modules_compile_to_aten_kernels_and_match_eager():
     torch.testing.assert_close(block.bn.running_var, eager.bn.running_var)
     forward, backward = codes
     for kernel in ("native_layer_norm", "_native_batch_norm_legit_functional", "gelu", "_softmax",
-                   "_log_softmax"):
+                   "_log_softmax", "native_group_norm", "silu"):
         assert f"aten.{kernel}(" in forward, kernel
     for kernel in ("native_layer_norm_backward", "native_batch_norm_backward", "gelu_backward",
-                   "_softmax_backward_data", "_log_softmax_backward_data", "threshold_backward"):
+                   "_softmax_backward_data", "_log_softmax_backward_data", "threshold_backward",
+                   "native_group_norm_backward", "silu_backward"):
         assert f"aten.{kernel}(" in backward, kernel
     assert forward.count("torch.conv2d(") == 2 and "torch.relu(" in forward
     # as eager: one convolution_backward per convolution, input and weight gradients together

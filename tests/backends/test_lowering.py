@@ -149,6 +149,12 @@ def composite_calls(x, y, idx):
     outs.append(rt.nn.linear(x, lax.transpose(y, (1, 0)), lax.reshape(lax.slice(x, (0, 0), (1, 4)), (4,))))
     from reftrace.nn.convolution import conv_input_grad_p, conv_weight_grad_p
     outs += [rt.nn.relu(x), lax.bind(A.relu_backward_p, y, x)]
+    outs += [rt.nn.silu(x), lax.bind(A.silu_backward_p, y, x)]
+    channels = lax.reshape(x, (2, 6, 2))
+    gn = rt.nn.group_norm(channels, w, b, groups=3, eps=1e-5)
+    outs += [*gn, *rt.nn.group_norm(channels, groups=2, eps=1e-3)]
+    outs += lax.bind(N.group_norm_backward_p, lax.reshape(y, (2, 6, 2)), channels, gn[1], gn[2], w, groups=3,
+                     has_weight=True, has_bias=False)
     outs += [rt.nn.hardsigmoid(x), lax.bind(A.hardsigmoid_backward_p, y, x)]
     img, kernel = lax.reshape(x, (1, 2, 3, 4)), lax.reshape(y, (4, 1, 3, 2))  # 2 groups of 1 in-feature
     conv = dict(stride=(1, 2), padding=(1, 0), dilation=(1, 1), groups=2)

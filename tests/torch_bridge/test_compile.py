@@ -1,4 +1,5 @@
 """reftrace.compile as a drop-in for functorch.compile: values and gradients against eager torch."""
+import copy
 import os
 import subprocess
 import sys
@@ -224,6 +225,25 @@ def test_a_stock_modules_data_dependent_read_names_the_module_and_what_to_do():
                                                                r"\d+ in forward; BatchNorm with momentum=None.*"
                                                                "torch.compile"):
         aot_module(model, nop)(torch.randn(8, 4))
+
+
+def test_a_transformer_mask_compared_with_the_causal_mask_says_to_pass_is_causal():
+    """nn.Transformer compares ``tgt_mask``'s values with a causal mask when ``tgt_is_causal`` is not
+    given: the error says to pass it, and with it the step is eager's."""
+    torch.manual_seed(0)
+    model = torch.nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
+                                 dim_feedforward=16, dropout=0.0, batch_first=True).double()
+    src, tgt = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 4, 8, dtype=torch.float64)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(4, dtype=torch.float64)
+    with pytest.raises(rt.DataDependentControlFlowError, match=r"inside torch.nn's transformer.py:\d+ in "
+                                                               r"_detect_is_causal_mask; without is_causal .*"
+                                                               r"generate_square_subsequent_mask, else False"):
+        aot_module(model, nop)(src, tgt, tgt_mask=mask)
+    twin = copy.deepcopy(model)
+    aot_module(model, nop)(src, tgt, tgt_mask=mask, tgt_is_causal=True).pow(2).sum().backward()
+    twin(src, tgt, tgt_mask=mask, tgt_is_causal=True).pow(2).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_xla_compile_crosses_without_copies_and_keeps_unchanged_parameters():

@@ -533,10 +533,13 @@ def _composite_cases() -> list[Case]:
     logp, target = normal(4, 3), np.array([0, 2, -100, 1])
     return [
         ("gelu", lambda x: (rt.nn.gelu(x), rt.nn.gelu(x, "tanh")), [x]),
+        ("silu", rt.nn.silu, [x]),
         ("softmax", lambda x: rt.nn.softmax(x, 2), [x]),
         ("log_softmax", lambda x: rt.nn.log_softmax(x, 1), [x]),
         ("layer_norm", lambda x, w, b: rt.nn.layer_norm(x, w, b, normalized_ndim=1, eps=1e-5), [x, w, b]),
         ("layer_norm plain", lambda x: rt.nn.layer_norm(x, normalized_ndim=2, eps=1e-3)[0], [x]),
+        ("group_norm", lambda x, w, b: rt.nn.group_norm(x, w, b, groups=2, eps=1e-5), [x, wc, bc]),
+        ("group_norm plain", lambda x: rt.nn.group_norm(x, groups=4, eps=1e-3)[0], [x]),
         ("batch_norm_train", lambda x, w, b, rm, rv: rt.nn.batch_norm_train(x, w, b, rm, rv, momentum=0.1, eps=1e-5),
          [x, wc, bc, rm, rv]),
         ("batch_norm_train plain", lambda x: rt.nn.batch_norm_train(x, momentum=0.1, eps=1e-5), [x]),

@@ -303,12 +303,12 @@ def test_five_thousand_equations_solve_quickly():
 
 def test_the_scouts_cutoff_keeps_the_optimum(monkeypatch, capfd):
     """The short first search hands the exact one a cutoff just above its solution: the answer must
-    be the one a single exact search finds. On 12 GPT blocks at budget 0.6 the scout stops with a
+    be the one a single exact search finds. On 16 GPT blocks at budget 0.5 the scout stops with a
     solution and the exact search runs under its cutoff (checked, so the test exercises that path),
     without the scout's solution as a MIP start (HiGHS's log says so when it has one)."""
     from benchmarks.partition_speed import transformer_graph
     from reftrace.transforms import optimal
-    joint = rt.vjp(transformer_graph(12, seq=16, width=32))
+    joint = rt.vjp(transformer_graph(16, seq=16, width=32))
     cutoffs = []
     run = optimal._Highs._run
 
@@ -325,9 +325,9 @@ def test_the_scouts_cutoff_keeps_the_optimum(monkeypatch, capfd):
     for scout_nodes in [None, 1]:
         monkeypatch.setattr(optimal, "_SCOUT_NODES", scout_nodes)
         cutoffs.clear()
-        part = rt.partition(joint, rt.optimal(0.6))
+        part = rt.partition(joint, rt.optimal(0.5))
         answers[scout_nodes] = rt.cost(part).recompute_flops
-        assert rt.cost(part).activation_bytes <= int(0.6 * rt.partition(joint, "default").saved_activation_bytes)
+        assert rt.cost(part).activation_bytes <= int(0.5 * rt.partition(joint, "default").saved_activation_bytes)
     assert any(c is not None and c < float("inf") for c in cutoffs), "the scout ended the solve alone"
     assert answers[1] == answers[None]
     log = capfd.readouterr().out

@@ -14,8 +14,7 @@ import numpy as np
 
 from reftrace import lax, nn
 from reftrace.nn import pooling
-from reftrace.nn._util import statistics_dtype
-from reftrace.nn.pooling import stack_last, window_max, windows
+from reftrace.nn.pooling import window_max, windows
 from reftrace import primitives as P
 from reftrace.errors import UnsupportedOperatorError
 from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, literal, opmath, out_aval,
@@ -47,8 +46,7 @@ def gelu(x: Any, approximate: str = "none") -> Any:
 
 @register(aten.silu.default)
 def silu(x: Any) -> Any:
-    x = _f(x)
-    return lax.mul(x, lax.logistic(x))
+    return nn.silu(_f(x))
 
 
 def _relu6_of_shift(x: Any) -> Any:
@@ -145,21 +143,6 @@ def native_dropout(x: Any, p: float, train: bool | None) -> tuple[Any, Any]:
 
 # ----------------------------------------------------------------------------- normalisation
 
-def _stats(x: Any, axes: tuple[int, ...]) -> tuple[Any, Any, int]:
-    """(mean, biased variance, count) over ``axes``; results keep the non-reduced dims."""
-    keep = [i for i in range(x.ndim) if i not in axes]
-    n = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
-    d = x.dtype
-    mean = lax.div(lax.reduce_sum(x, axes), literal(n, d))
-    centred = lax.sub(x, lax.broadcast_in_dim(mean, x.shape, keep))
-    var = lax.div(lax.reduce_sum(lax.mul(centred, centred), axes), literal(n, d))
-    return mean, var, n
-
-
-def _along(v: Any, shape: Sequence[int], dims: Sequence[int]) -> Any:
-    return lax.broadcast_in_dim(v, tuple(shape), tuple(dims))
-
-
 @register(aten.native_layer_norm.default)
 def native_layer_norm(x: Any, normalized_shape: Sequence[int], weight: Any, bias: Any, eps: float
                       ) -> tuple[Any, Any, Any]:
@@ -169,19 +152,7 @@ def native_layer_norm(x: Any, normalized_shape: Sequence[int], weight: Any, bias
 @register(aten.native_group_norm.default)
 def native_group_norm(x: Any, weight: Any, bias: Any, N: int, C: int, HxW: int, group: int, eps: float
                       ) -> tuple[Any, Any, Any]:
-    out_dtype = x.dtype
-    x = cast(x, opmath(float_dtype(x.dtype)))  # statistics of half-precision inputs in float32, as torch
-    grouped = lax.reshape(x, (N, group, (C // group) * HxW))
-    mean, var, _ = _stats(grouped, (2,))
-    rstd = lax.rsqrt(lax.add(var, literal(eps, x.dtype)))
-    y = lax.mul(lax.sub(grouped, _along(mean, grouped.shape, (0, 1))), _along(rstd, grouped.shape, (0, 1)))
-    y = lax.reshape(y, x.shape)
-    if weight is not None:
-        y = lax.mul(y, _along(cast(weight, x.dtype), x.shape, (1,)))
-    if bias is not None:
-        y = lax.add(y, _along(cast(bias, x.dtype), x.shape, (1,)))
-    sd = statistics_dtype(out_dtype, [p.dtype for p in (weight, bias) if p is not None])
-    return cast(y, out_dtype), cast(mean, sd), cast(rstd, sd)
+    return nn.group_norm(x, weight, bias, groups=group, eps=eps)
 
 
 def _batch_norm(x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any, training: bool,

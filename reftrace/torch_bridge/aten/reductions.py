@@ -129,10 +129,12 @@ register(aten.all.default, aten.all.dim, aten.all.dims)(_logical_reduce(P.reduce
 
 
 def _moments(x: Any, dim: Any, correction: Any, keepdim: bool) -> tuple[Any, Any]:
-    """(variance with ``correction`` degrees of freedom, mean), two-pass for accuracy. A complex
-    variance is the mean squared modulus, real. float16/bfloat16 in float32 (the callers round once)."""
+    """(variance with ``correction`` degrees of freedom, mean), two-pass, in torch's CPU accumulation
+    dtype: float32 (and complex64) in float64, float16/bfloat16 in float32; the callers round once, so a
+    float32 ``var`` is eager's bits. A complex variance is the mean squared modulus, real."""
     axes = norm_dims(dim, x.ndim)
     d = opmath(float_dtype(x.dtype))
+    d = {np.dtype(np.float32): np.dtype(np.float64), np.dtype(np.complex64): np.dtype(np.complex128)}.get(d, d)
     x = cast(x, d)
     n = _count(x.shape, axes)
     mean = lax.div(lax.reduce_sum(x, axes), literal(n, d))
