@@ -150,6 +150,24 @@ def build_block() -> Case:
     return Case(Block(), (torch.randn(4, 128, 256),))
 
 
+class UNetResBlock(torch.nn.Module):
+    """A diffusion U-Net's residual block: GroupNorm, SiLU, 3x3 convolution, twice."""
+
+    def __init__(self, channels: int = 64, groups: int = 8) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.norm1, self.conv1 = nn.GroupNorm(groups, channels), nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, channels), nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        silu = torch.nn.functional.silu
+        return x + self.conv2(silu(self.norm2(self.conv1(silu(self.norm1(x))))))
+
+
+def build_unet_block() -> Case:
+    return Case(UNetResBlock(), (torch.randn(8, 64, 32, 32),))
+
+
 MODELS: dict[str, Callable[[], Case]] = {
     "mlp": build_mlp,
     "resnet18": build_resnet18,
@@ -158,10 +176,11 @@ MODELS: dict[str, Callable[[], Case]] = {
     "cos-chain": build_cos_chain,
     "convnet": build_convnet,
     "block": build_block,
+    "unet-block": build_unet_block,
     "bert-sdpa": lambda: build_bert("sdpa"),
     "gpt2-sdpa": lambda: build_gpt2("sdpa"),
 }
-DEFAULT_MODELS = ["mlp", "resnet18", "bert", "gpt2", "cos-chain", "convnet", "block"]
+DEFAULT_MODELS = ["mlp", "resnet18", "bert", "gpt2", "cos-chain", "convnet", "block", "unet-block"]
 QUICK_MODELS = ["mlp", "cos-chain", "convnet"]
 
 
