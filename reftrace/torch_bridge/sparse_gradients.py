@@ -5,20 +5,26 @@ requires it; ``Adam`` refuses it). reftrace's graphs hold dense arrays, so the b
 dense gradient, and the bridge hands it back sparse: the rows the indices name (``padding_idx``
 left out), each once, in order (a coalesced tensor; eager's holds one row per lookup, summed when
 coalesced, which every optimizer does first). That needs the indices when the backward runs, so it
-is done where they are arguments of the compiled function; a table whose every use is a sparse
-lookup but whose indices are computed inside gets its dense gradient, with ``SparseGradientWarning``.
+is done where they are arguments of the compiled function (or their values rearranged: a view, a
+cast); a table whose every use is a sparse lookup but whose indices are computed inside gets its
+dense gradient, with ``SparseGradientWarning``.
 A table also read otherwise (tied to an output layer) gets a dense gradient in eager as well.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
+from reftrace import primitives as P
 from reftrace.graph import Atom, Eqn, Var
 from reftrace.torch_bridge.aten._common import SparseLookup
+
+
+_SAME_VALUES = (P.reshape_p, P.transpose_p, P.broadcast_in_dim_p, P.convert_element_type_p)
+"""Primitives whose result holds its operand's values, rearranged: indices made by them name the same rows."""
 
 
 class SparseGradientWarning(UserWarning):
@@ -39,6 +45,17 @@ def find_sparse_gradients(inputs: Sequence[Var], eqns: Sequence[Eqn], outputs: S
     """The inputs whose every use (in the live ``eqns``) is a sparse lookup, with the inputs holding their
     indices. Takes the builder's values before a Graph renumbers them."""
     position = {id(v): i for i, v in enumerate(inputs)}
+    made_by = {id(out): e for e in eqns for out in e.outputs}
+
+    def source(value: Any) -> int | None:
+        """The input whose values ``value`` holds, rearranged (``input_ids.view(-1)``, an int cast), if any."""
+        while id(value) not in position:
+            eqn = made_by.get(id(value))
+            if eqn is None or eqn.primitive not in _SAME_VALUES:
+                return None
+            value = eqn.inputs[0]
+        return position[id(value)]
+
     by_weight: dict[int, list[SparseLookup]] = {}
     for lookup in lookups:
         i = position.get(id(lookup.weight.atom))
@@ -51,7 +68,7 @@ def find_sparse_gradients(inputs: Sequence[Var], eqns: Sequence[Eqn], outputs: S
         used = [lookup for lookup in mine if any(e.outputs[0] is lookup.output.atom for e in readers)]
         if any(o is weight for o in outputs) or len(used) != len(readers):
             continue  # read otherwise too: eager sums a dense gradient in, which makes it dense
-        computed = [lookup for lookup in used if id(lookup.indices.atom) not in position]
+        computed = [lookup for lookup in used if source(lookup.indices.atom) is None]
         if computed:
             warnings.warn(f"an embedding table (input {i} of the captured function) gets a dense gradient where "
                           f"eager's is sparse (sparse=True): the indices it is looked up with are computed inside "
@@ -59,7 +76,7 @@ def find_sparse_gradients(inputs: Sequence[Var], eqns: Sequence[Eqn], outputs: S
                           "them after the backward; pass them as an argument", SparseGradientWarning, stacklevel=2)
             continue
         if used:
-            found.append(SparseGradient(i, tuple((position[id(lookup.indices.atom)], lookup.padding_idx)
+            found.append(SparseGradient(i, tuple((source(lookup.indices.atom), lookup.padding_idx)
                                                  for lookup in used)))
     return tuple(found)
 

@@ -468,8 +468,9 @@ def test_sparse_embedding_tables_get_sparse_gradients_and_train_with_sparse_adam
 
 
 def test_a_sparse_table_read_otherwise_too_or_with_computed_indices_gets_a_dense_gradient():
-    """Tied to a dense layer, eager sums a dense gradient in: dense in both. Looked up with indices the
-    function computes, the bridge cannot name the rows after the backward: dense, and it says so."""
+    """Tied to a dense layer, eager sums a dense gradient in: dense in both. Looked up with a view of the
+    argument, sparse. Looked up with indices the function computes, the bridge cannot name the rows
+    after the backward: dense, and it says so."""
     torch.manual_seed(0)
     table = torch.nn.Embedding(10, 3, sparse=True).double()
     tied = lambda w, ids: torch.nn.functional.embedding(ids, w, sparse=True) @ w[:3].t()  # noqa: E731
@@ -480,6 +481,13 @@ def test_a_sparse_table_read_otherwise_too_or_with_computed_indices_gets_a_dense
     aot_function(tied, nop)(w_mine, ids).sum().backward()
     assert not w_eager.grad.is_sparse and not w_mine.grad.is_sparse
     torch.testing.assert_close(w_mine.grad, w_eager.grad, rtol=1e-12, atol=1e-12)
+
+    viewed = lambda w, ids: torch.nn.functional.embedding(ids.view(-1).int(), w, sparse=True) * 2  # noqa: E731
+    w_mine.grad = w_eager.grad = None
+    viewed(w_eager, ids).sum().backward()
+    aot_function(viewed, nop)(w_mine, ids).sum().backward()   # a view and a cast of the argument name its rows
+    assert w_mine.grad.is_sparse
+    torch.testing.assert_close(w_mine.grad.to_dense(), w_eager.grad.to_dense(), rtol=0, atol=0)
 
     shifted = lambda w, ids: torch.nn.functional.embedding(ids + 1, w, sparse=True)  # noqa: E731
     w_mine.grad = None
