@@ -6,8 +6,9 @@ dense gradient, and the bridge hands it back sparse: the rows the indices name (
 left out), each once, in order (a coalesced tensor; eager's holds one row per lookup, summed when
 coalesced, which every optimizer does first). That needs the indices when the backward runs, so it
 is done where they are arguments of the compiled function (or their values rearranged: a view, a
-cast); a table whose every use is a sparse lookup but whose indices are computed inside gets its
-dense gradient, with ``SparseGradientWarning``.
+cast); a table whose every use is a sparse lookup but whose indices are computed inside, or a table
+computed or written inside (``max_norm`` renormalises it in place), gets its dense gradient, with
+``SparseGradientWarning``.
 A table also read otherwise (tied to an output layer) gets a dense gradient in eager as well.
 """
 from __future__ import annotations
@@ -61,6 +62,11 @@ def find_sparse_gradients(inputs: Sequence[Var], eqns: Sequence[Eqn], outputs: S
         i = position.get(id(lookup.weight.atom))
         if i is not None:
             by_weight.setdefault(i, []).append(lookup)
+        elif any(any(a is lookup.output.atom for a in e.inputs) for e in eqns) or any(
+                o is lookup.output.atom for o in outputs):
+            warnings.warn(f"an embedding table looked up with sparse=True (at {lookup.location}) is computed or "
+                          "written inside the function (max_norm renormalises it in place): its gradient is "
+                          "dense, where eager's is sparse", SparseGradientWarning, stacklevel=2)
     found = []
     for i, mine in by_weight.items():
         weight = inputs[i]

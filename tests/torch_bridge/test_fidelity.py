@@ -498,6 +498,11 @@ def test_a_sparse_table_read_otherwise_too_or_with_computed_indices_gets_a_dense
     shifted(w_eager, ids).sum().backward()
     torch.testing.assert_close(w_mine.grad, w_eager.grad.to_dense(), rtol=0, atol=0)
 
+    renormed = torch.nn.Embedding(10, 3, sparse=True, max_norm=1.0).double()  # written in place, then looked up
+    with pytest.warns(rt.torch_bridge.sparse_gradients.SparseGradientWarning, match="max_norm"):
+        aot_module(renormed, nop)(ids).sum().backward()
+    assert not renormed.weight.grad.is_sparse
+
 
 def test_the_default_dtype_is_guarded():
     """``torch.tensor(0.1)`` inside makes a tensor of the default dtype; after ``set_default_dtype`` a
