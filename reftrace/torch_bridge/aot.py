@@ -19,6 +19,7 @@ fresh one drawn from torch's default generator (``new_rng_key``), so
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import gc
 import warnings
@@ -443,13 +444,26 @@ def aot_function(fn: Callable[..., Any], fw_compiler: Compiler, bw_compiler: Com
 
 
 class AOTModule(torch.nn.Module):
-    """The module ``aot_module`` returns; parameters and buffers stay the original module's."""
+    """The module ``aot_module`` returns; parameters and buffers stay the original module's.
 
-    def __init__(self, mod: torch.nn.Module, compiled: AOTFunction, guard: ModuleGuard) -> None:
+    A deep copy (``copy.deepcopy``, ``torch.optim.swa_utils.AveragedModel``) compiles the copied module
+    afresh with the same compilers: the compiled function traces its own module, so a copy that
+    shared it would trace the original's code and attributes (the copy's BatchNorm set to
+    ``momentum=None`` ran with the original's 0.1)."""
+
+    def __init__(self, mod: torch.nn.Module, compiled: AOTFunction, guard: ModuleGuard,
+                 recompile: Callable[[torch.nn.Module], "AOTModule"]) -> None:
         super().__init__()
         self.orig_module = mod
         self._compiled = compiled
         self._guard = guard
+        self._recompile = recompile
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "AOTModule":
+        copied = self._recompile(copy.deepcopy(self.orig_module, memo))
+        copied.train(self.training)
+        memo[id(self)] = copied
+        return copied
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         state, attributes = self._guard.check()
@@ -498,4 +512,7 @@ def aot_module(mod: torch.nn.Module, fw_compiler: Compiler, bw_compiler: Compile
     compiled = aot_function(functional, fw_compiler, bw_compiler, partition_fn, decompositions,
                             inference_compiler=inference_compiler, **kwargs)
     compiled.constant_holder = constant_holder
-    return AOTModule(mod, compiled, guard)
+    recompile = functools.partial(aot_module, fw_compiler=fw_compiler, bw_compiler=bw_compiler,
+                                  partition_fn=partition_fn, decompositions=decompositions,
+                                  inference_compiler=inference_compiler, **kwargs)
+    return AOTModule(mod, compiled, guard, recompile)

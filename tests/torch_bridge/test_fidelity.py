@@ -504,6 +504,43 @@ def test_a_sparse_table_read_otherwise_too_or_with_computed_indices_gets_a_dense
     assert not renormed.weight.grad.is_sparse
 
 
+def test_a_deep_copy_of_a_compiled_module_compiles_its_own_module():
+    """``copy.deepcopy`` (``AveragedModel`` makes one) gives a compiled module of the copied module. It had
+    shared the compiled function, which traces its module: the copy ran the original's code and
+    attributes (a BatchNorm momentum changed on the copy was ignored, without a word)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 1)).double()
+    mine = copy.deepcopy(eager)
+    compiled = aot_module(mine, nop)
+    averages = [AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(0.9)) for m in (eager, compiled)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, mine)]
+    for _ in range(3):
+        x = torch.randn(16, 4, dtype=torch.float64)
+        for fn, opt, average in zip((eager, compiled), optimizers, averages):
+            opt.zero_grad()
+            fn(x).pow(2).mean().backward()
+            opt.step()
+            average.update_parameters(fn)
+    twin = copy.deepcopy(compiled)
+    assert isinstance(twin, type(compiled)) and twin.orig_module is not mine
+    for average in averages + [(eager_twin := copy.deepcopy(eager))]:
+        bn = (average.module if isinstance(average, AveragedModel) else average)
+        bn = getattr(bn, "orig_module", bn)[1]
+        bn.momentum = 0.5
+    twin.orig_module[1].momentum = 0.5
+    x = torch.randn(16, 4, dtype=torch.float64)
+    for fn in (*averages, eager_twin, twin):
+        fn(x)
+    want, got = averages[0].module, averages[1].module.orig_module
+    for (name, a), b in zip(want.state_dict().items(), got.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
+    for (name, a), b in zip(eager_twin.state_dict().items(), twin.orig_module.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
+    assert mine[1].momentum == 0.1
+
+
 def test_the_default_dtype_is_guarded():
     """``torch.tensor(0.1)`` inside makes a tensor of the default dtype; after ``set_default_dtype`` a
     stale graph returned float32 where eager promotes to float64."""
