@@ -461,7 +461,7 @@ class AOTModule(torch.nn.Module):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "AOTModule":
         copied = self._recompile(copy.deepcopy(self.orig_module, memo))
-        copied.train(self.training)
+        copied.training = self.training  # the wrapper's flag only: the copy's submodules keep their own
         memo[id(self)] = copied
         return copied
 

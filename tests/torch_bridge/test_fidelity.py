@@ -539,6 +539,8 @@ def test_a_deep_copy_of_a_compiled_module_compiles_its_own_module():
     for (name, a), b in zip(eager_twin.state_dict().items(), twin.orig_module.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
     assert mine[1].momentum == 0.1
+    mine[1].eval()  # a submodule in eval mode inside a training model stays so in the copy
+    assert compiled.training and not copy.deepcopy(compiled).orig_module[1].training
 
 
 def test_the_default_dtype_is_guarded():
