@@ -460,10 +460,15 @@ class AOTModule(torch.nn.Module):
         self._recompile = recompile
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "AOTModule":
-        copied = self._recompile(copy.deepcopy(self.orig_module, memo))
-        copied.training = self.training  # the wrapper's flag only: the copy's submodules keep their own
+        copied = _recompiled(self._recompile, copy.deepcopy(self.orig_module, memo), self.training)
         memo[id(self)] = copied
         return copied
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (``torch.save(compiled)``) as the module and how to compile it, as a deep copy is: the
+        compiled function holds closures, and what it compiled is a cache."""
+        return _recompiled, (self._recompile, self.orig_module, self.training)
+
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         state, attributes = self._guard.check()
@@ -474,6 +479,13 @@ class AOTModule(torch.nn.Module):
         if rebound:
             rebind(self.orig_module, rebound)
         return out
+
+
+def _recompiled(recompile: Callable[[torch.nn.Module], AOTModule], mod: torch.nn.Module, training: bool
+                ) -> AOTModule:
+    compiled = recompile(mod)
+    compiled.training = training  # the wrapper's flag only: the module's submodules keep their own
+    return compiled
 
 
 def aot_module(mod: torch.nn.Module, fw_compiler: Compiler, bw_compiler: Compiler | None = None,

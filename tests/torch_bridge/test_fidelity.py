@@ -543,6 +543,28 @@ def test_a_deep_copy_of_a_compiled_module_compiles_its_own_module():
     assert compiled.training and not copy.deepcopy(compiled).orig_module[1].training
 
 
+def test_a_compiled_module_saved_whole_loads_as_a_compiled_module_of_its_copy():
+    """``torch.save(compiled)`` (the whole module, not its state dict) pickles the module and how to compile
+    it; it had failed on the compiled function's closures. The loaded one trains as the original."""
+    import io
+    torch.manual_seed(0)
+    mine = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh()).double()
+    compiled = aot_module(mine, xla_compile)
+    x = torch.randn(16, 4, dtype=torch.float64)
+    compiled(x)
+    buffer = io.BytesIO()
+    torch.save(compiled, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is type(compiled) and loaded.orig_module is not mine
+    for fn in (compiled, loaded):
+        fn(x).pow(2).sum().backward()
+    for (name, a), b in zip(mine.state_dict().items(), loaded.orig_module.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    for (name, p), q in zip(mine.named_parameters(), loaded.orig_module.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+
+
 def test_the_default_dtype_is_guarded():
     """``torch.tensor(0.1)`` inside makes a tensor of the default dtype; after ``set_default_dtype`` a
     stale graph returned float32 where eager promotes to float64."""
