@@ -469,7 +469,6 @@ class AOTModule(torch.nn.Module):
         compiled function holds closures, and what it compiled is a cache."""
         return _recompiled, (self._recompile, self.orig_module, self.training)
 
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         state, attributes = self._guard.check()
         if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
