@@ -29,7 +29,8 @@ _SAME_VALUES = (P.reshape_p, P.transpose_p, P.broadcast_in_dim_p, P.convert_elem
 
 
 class SparseGradientWarning(UserWarning):
-    """An embedding table eager gives a sparse gradient gets a dense one (its indices are computed inside)."""
+    """An embedding table eager gives a sparse gradient gets a dense one (its indices, or the table itself, are
+    computed inside the function)."""
 
 
 @dataclass(frozen=True)
