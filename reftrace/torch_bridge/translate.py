@@ -251,8 +251,9 @@ class Translator:
                                    "not a tensor")
             atoms.append(value.atom)
         inputs = [t.atom for t in self.inputs] + ([key.atom] if key is not None else [])
-        self.sparse_gradients = find_sparse_gradients(inputs, live_eqns(self.builder.eqns, atoms), atoms,
-                                                      self.sparse_lookups)
+        if self.sparse_lookups:  # the extra liveness pass only where a sparse lookup asks for it
+            self.sparse_gradients = find_sparse_gradients(inputs, live_eqns(self.builder.eqns, atoms), atoms,
+                                                          self.sparse_lookups)
         return checked(eliminate_dead_code(self.builder.build(inputs, atoms)), "capture")
 
 
