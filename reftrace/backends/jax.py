@@ -171,6 +171,20 @@ def array_to_tensor(array: Any, on_cpu: bool = False) -> Any:
     return tensor
 
 
+def _unexpanded(tensor: Any) -> Any:
+    """``tensor`` without its expanded dimensions (stride 0, size above 1) where it has some, each
+    kept at size 1: the cotangent of ``y.sum()`` is one number expanded to ``y``'s shape, which
+    ``.contiguous()`` would write out in full for the computation to read back; other tensors are
+    returned as they are (contiguous: DLPack takes no other layout on every device)."""
+    if tensor.is_contiguous():
+        return tensor
+    strides = tensor.stride()
+    if 0 in strides:
+        index = tuple(slice(0, 1) if st == 0 and n > 1 else slice(None) for st, n in zip(strides, tensor.shape))
+        tensor = tensor[index]
+    return tensor.contiguous()
+
+
 class _Transferred:
     """A torch tensor's JAX view, kept while the tensor is unchanged: the same object (weakly held), the
     same memory and the same version counter (every in-place op bumps it). Parameters cross once,
@@ -239,6 +253,7 @@ class JaxExecutable:
             warm_up_malloc()
         self.graph = graph
         self._jitted = jax.jit(graph_function(graph), compiler_options=XLA_OPTIONS)
+        self._jitted_broadcasting: Any = None  # made by the first call with an expanded tensor
         self._transferred: list[_Transferred | None] = [None] * len(graph.inputs)
         self._torch_avals: list[tuple[tuple[int, ...], Any]] | None = None  # made by the first call_tensors
 
@@ -276,8 +291,27 @@ class JaxExecutable:
                     is_torch_tensor(t) and t.dtype == d and t.shape == s for t, (s, d) in zip(tensors, expected)):
                 results = self(*tensors)
             else:
-                results = self._run([self._to_jax(t, i, host_numpy) for i, t in enumerate(tensors)])
+                compact = [_unexpanded(t) for t in tensors]
+                args = [self._to_jax(t, i, host_numpy) for i, t in enumerate(compact)]
+                if all(c is t for c, t in zip(compact, tensors)):
+                    results = self._run(args)
+                else:
+                    results = self._run_broadcasting(args)
             return [array_to_tensor(r, on_cpu) for r in results]
+
+    def _run_broadcasting(self, args: list[Any]) -> tuple[Any, ...]:
+        """``_run`` where some arguments come without their expanded dimensions (``_unexpanded``): one
+        jitted function broadcasts each to its input's shape, which XLA fuses into its readers, and
+        retraces per pattern of shapes as ``jax.jit`` does."""
+        if self._jitted_broadcasting is None:
+            run = graph_function(self.graph)
+            shapes = [v.aval.shape for v in self.graph.inputs]
+
+            def broadcasting(*arrays: Any) -> tuple[Any, ...]:
+                import jax.numpy as jnp
+                return run(*(a if a.shape == s else jnp.broadcast_to(a, s) for a, s in zip(arrays, shapes)))
+            self._jitted_broadcasting = jax.jit(broadcasting, compiler_options=XLA_OPTIONS)
+        return tuple(jax.block_until_ready(self._jitted_broadcasting(*args)))
 
     def _run(self, args: list[Any]) -> tuple[Any, ...]:
         # block: inputs may alias caller memory (numpy, DLPack) that the caller may overwrite next

@@ -277,12 +277,12 @@ def _make_autograd_function(pf: PartitionedFunction) -> type[torch.autograd.Func
                     grads = pf.double_backward(primals, [grad_outputs[i] for i in ct_outputs])
                 elif (partial := None if all(present) else pf.backward_without(present)) is not None:
                     # missing cotangents are symbolic zeros
-                    given = [grad_outputs[i].contiguous() for i, p in zip(ct_outputs, present) if p]
+                    given = _laid_out(partial, [grad_outputs[i] for i, p in zip(ct_outputs, present) if p])
                     grads = call_compiled(partial, [*saved, *given])
                 else:
                     cts = [grad_outputs[i] if p else pf.zero_cotangent(k)
                            for k, (i, p) in enumerate(zip(ct_outputs, present))]
-                    grads = call_compiled(pf.compiled_bw, [*saved, *(c.contiguous() for c in cts)])
+                    grads = call_compiled(pf.compiled_bw, [*saved, *_laid_out(pf.compiled_bw, cts)])
             for i, g in zip(wrt, grads):
                 if i in reached:
                     result[i] = g
@@ -293,6 +293,15 @@ def _make_autograd_function(pf: PartitionedFunction) -> type[torch.autograd.Func
             return tuple(result)
 
     return ReftraceFunction
+
+
+def _laid_out(compiled: Callable[..., Any], cotangents: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The cotangents as the compiled backward takes them: contiguous (a graph's ``view`` needs it, and
+    ``y.sum()``'s cotangent is one number expanded), unless it takes any layout (``xla_compile``'s, which
+    passes an expanded one on without writing it out)."""
+    if getattr(compiled, "reftrace_takes_any_layout", False):
+        return cotangents
+    return [c.contiguous() for c in cotangents]
 
 
 class InferenceFunction:

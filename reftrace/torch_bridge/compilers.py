@@ -83,6 +83,7 @@ def xla_compile(fx_g: torch.fx.GraphModule, inps: Sequence[torch.Tensor]) -> Cal
         outs = [args[j] if is_input else results[j] for is_input, j in sources]
         return outs if as_list else tuple(outs)
     call.reftrace_graph = graph  # type: ignore[attr-defined]
+    call.reftrace_takes_any_layout = True  # type: ignore[attr-defined] - expanded cotangents stay unexpanded
     return call
 
 

@@ -324,6 +324,36 @@ def test_xla_compile_call_takes_any_layout_and_names_a_wrong_argument():
         compiled(torch.randn(2, 3), torch.randn(3, 2))
 
 
+def test_xla_compile_backward_reads_an_expanded_cotangent_unexpanded():
+    """``y.sum()``'s cotangent is one number expanded to ``y``'s shape (``y.sum(0)``'s, a row): the XLA
+    backward takes it as it is stored and broadcasts inside the computation, with the gradients eager
+    gives; a cotangent stored in full takes the computation without the broadcast."""
+    from reftrace.backends import jax as jax_backend
+    seen = []
+    original = jax_backend.JaxExecutable._run_broadcasting
+
+    def recording(self, args):
+        seen.append([tuple(a.shape) for a in args])
+        return original(self, args)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh()).double()
+    twin = copy.deepcopy(model)
+    compiled = aot_module(model, xla_compile, xla_compile)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    losses = [lambda y: y.sum(), lambda y: y.sum(0).pow(2).sum(), lambda y: (y * y).sum()]
+    try:
+        jax_backend.JaxExecutable._run_broadcasting = recording
+        for loss in losses:
+            model.zero_grad(), twin.zero_grad()
+            loss(compiled(x)).backward()
+            loss(twin(x)).backward()
+            for p, q in zip(model.parameters(), twin.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12)
+    finally:
+        jax_backend.JaxExecutable._run_broadcasting = original
+    assert [shapes[-1] for shapes in seen] == [(1, 1), (1, 5)]  # the full cotangent of (y * y).sum(): no broadcast
+
+
 def test_xla_compile_warms_up_glibc_malloc_once():
     """After the XLA backend's first executable, an 8 MiB block comes from glibc's heap instead of a fresh
     mapping (the chunk header's IS_MMAPPED bit), so steps stop page-faulting their outputs in; with
