@@ -34,7 +34,7 @@ from reftrace.primitives import is_inexact
 from reftrace.transforms.simplify import eliminate_dead_code
 from reftrace.torch_bridge.autocast import autocast_off, autocast_state
 from reftrace.torch_bridge.autograd import Compiler, InferenceFunction, PartitionedFunction, new_rng_key
-from reftrace.torch_bridge.compilers import as_partitioner, default_partition
+from reftrace.torch_bridge.compilers import as_partitioner, preferred_partition
 from reftrace.torch_bridge.capture import capture_flat, refuse_trainable_constants
 from reftrace.torch_bridge.output_layouts import Layout, with_eager_layouts
 from reftrace.torch_bridge.output_views import OutputView, rebuild_outputs
@@ -211,7 +211,8 @@ class AOTFunction:
         self.fw_compiler = fw_compiler
         self.bw_compiler = bw_compiler or fw_compiler
         self.inference_compiler = inference_compiler or fw_compiler
-        self.partitioner = as_partitioner(partition_fn)
+        self.partitioner = as_partitioner(preferred_partition(self.bw_compiler) if partition_fn is None
+                                          else partition_fn)
         self.decompositions = decompositions
         # where a tensor the function reads as a constant is kept, as (attribute dict, name); aot_module's
         self.constant_holder: Callable[[torch.Tensor], tuple[dict[str, Any], str] | None] = lambda t: None
@@ -425,14 +426,16 @@ _PLAIN_ARGUMENTS = frozenset({bool, int, float, complex, str, bytes, type(None),
 
 
 def aot_function(fn: Callable[..., Any], fw_compiler: Compiler, bw_compiler: Compiler | None = None,
-                 partition_fn: Any = default_partition, decompositions: dict | None = None,
+                 partition_fn: Any = None, decompositions: dict | None = None,
                  num_params_buffers: int = 0, keep_inference_input_mutations: bool = False,
                  inference_compiler: Compiler | None = None, *, dynamic: bool = False,
                  enable_log: bool = True) -> AOTFunction:
     """Capture ``fn``'s forward and backward ahead of time and hand them to the compilers.
 
     Same signature as ``functorch.compile.aot_function``. ``partition_fn`` may also be a
-    reftrace policy ("default", "mincut" or a callable ``policy(eqn) -> bool``).
+    reftrace policy ("default", "mincut", "fusion" or a callable ``policy(eqn) -> bool``); by
+    default, ``default_partition``, except for a backward compiled by ``xla_compile``, which gets
+    ``"fusion"`` (XLA fuses a recomputed elementwise chain into the backward's loops).
     ``num_params_buffers``, ``keep_inference_input_mutations``, ``dynamic`` and
     ``enable_log`` are accepted for compatibility; shapes are always static (guarded).
     """
@@ -488,7 +491,7 @@ def _recompiled(recompile: Callable[[torch.nn.Module], AOTModule], mod: torch.nn
 
 
 def aot_module(mod: torch.nn.Module, fw_compiler: Compiler, bw_compiler: Compiler | None = None,
-               partition_fn: Any = default_partition, decompositions: dict | None = None,
+               partition_fn: Any = None, decompositions: dict | None = None,
                inference_compiler: Compiler | None = None, **kwargs: Any) -> AOTModule:
     """``aot_function`` for an ``nn.Module``: parameters and buffers become graph inputs.
 

@@ -8,7 +8,7 @@ differentiated by reftrace's own ``vjp``, partitioned, compiled forward and back
 The backend is registered by name through the ``torch_dynamo_backends`` entry point
 (``pyproject.toml``), so ``backend="reftrace"`` works without importing reftrace.
 Options: ``options={"compiler": "nop" | "ts" | "xla" | compiler, "partition": "default" |
-"mincut" | policy | partition_fn, "decompositions": {...}}``.
+"mincut" | "fusion" | policy | partition_fn (default: the compiler's, "fusion" for "xla"), "decompositions": {...}}``.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 from reftrace.errors import ArgumentError, DataDependentControlFlowError, ReftraceError
 from reftrace.torch_bridge.aot import aot_function
 from reftrace.torch_bridge.autograd import Compiler
-from reftrace.torch_bridge.compilers import (ReftracePartitioner, as_partitioner, default_partition, nop,
+from reftrace.torch_bridge.compilers import (ReftracePartitioner, as_partitioner, nop,
                                              ts_compile, xla_compile)
 from reftrace.transforms.policies import MinCut, resolve_policy
 
@@ -40,7 +40,7 @@ class BackendOptions:
     """The backend's settings, parsed from ``torch.compile(..., options=...)``."""
 
     compiler: Compiler = nop
-    partition: Any = default_partition
+    partition: Any = None  # the compiler's own (``preferred_partition``): "fusion" for "xla"
     decompositions: Mapping[Any, Callable[..., Any]] | None = None
 
     @classmethod
@@ -55,7 +55,7 @@ class BackendOptions:
             raise ArgumentError(f"unknown reftrace backend option(s) {unknown}; the options are "
                                 f"{list(_OPTION_NAMES)} ({_DOCS})")
         return cls(compiler=_compiler(options.get("compiler", "nop")),
-                   partition=_partitioner(options.get("partition", "default")),
+                   partition=_partitioner(options.get("partition")),
                    decompositions=_decompositions(options.get("decompositions")))
 
 
@@ -73,7 +73,10 @@ def _compiler(choice: Any) -> Compiler:
 
 
 def _partitioner(choice: Any) -> Any:
-    """A policy name or MinCut value is resolved now (a bad name fails before any capture)."""
+    """A policy name or MinCut value is resolved now (a bad name fails before any capture); None
+    leaves the choice to the compiler."""
+    if choice is None:
+        return None
     try:
         if isinstance(choice, str):
             resolve_policy(choice)

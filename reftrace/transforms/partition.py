@@ -295,7 +295,8 @@ _INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 def min_cut_saved(analysis: JointAnalysis, banned: Callable[[Eqn], bool] = default_ban) -> set[Var]:
-    """The saved set with the fewest bytes (ties: prefer primal inputs, then fewer values).
+    """The saved set with the fewest bytes (ties: fewer non-primal values, then fewer primal inputs
+    and forward values the backward computes again).
 
     The flow network splits every relevant forward value ``v`` into ``v_in -> v_out`` with
     capacity ``v.nbytes``; ``u_out -> v_in`` (infinite) for each operand ``u`` of ``v``'s
@@ -348,17 +349,24 @@ def min_cut_saved(analysis: JointAnalysis, banned: Callable[[Eqn], bool] = defau
     flows = _max_flow(num_nodes, edges)
 
     # Phase two: the cuts closed under the residual graph of phase one are exactly the
-    # byte-minimal cuts; among them, find the one with the smallest tie-break weight.
+    # byte-minimal cuts; among them, find the one with the smallest tie-break weight: each
+    # saved non-primal value outweighs all the rest, then each saved primal input and each
+    # value the forward computes that the backward computes again (``source -> v_in`` with
+    # capacity 1, cut where ``v_in`` is on the sink side) weigh one: of ``relu(conv(x))``'s
+    # input and output, which are the same size, the output is saved, not recomputed.
     primal = np.array([vid < analysis.num_primals for vid in relevant], dtype=bool)  # inputs come first
-    tie = np.where(primal, 1, int(primal.sum()) + 1).astype(np.int64)
-    inf2 = int(tie.sum()) + 1
     u, w, cap = edges[:, 0], edges[:, 1], edges[:, 2]
     unsaturated = cap - flows > 0
     saturated_split = ~unsaturated[:count]
+    recomputable = [2 + 2 * i for i, vid in enumerate(relevant)
+                    if analysis.forward_needed_mask[vid] and not forced(vid)]
+    tie = np.where(primal, 1, int((primal & saturated_split).sum()) + len(recomputable) + 1).astype(np.int64)
+    inf2 = int(tie[saturated_split].sum()) + len(recomputable) + 1
     edges2 = np.concatenate([
         np.stack([w[flows > 0], u[flows > 0], np.full(int((flows > 0).sum()), inf2)], axis=1),
         np.stack([u[unsaturated], w[unsaturated], np.full(int(unsaturated.sum()), inf2)], axis=1),
         np.stack([u[:count][saturated_split], w[:count][saturated_split], tie[saturated_split]], axis=1),
+        np.array([(0, v_in, 1) for v_in in recomputable], dtype=np.int64).reshape(-1, 3),
     ]).astype(np.int64)
     edges2 = _merge_parallel(edges2)
     flows2 = _max_flow(num_nodes, edges2)

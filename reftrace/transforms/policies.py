@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from reftrace import primitives as P
-from reftrace.composite import is_compute_intensive
+from reftrace.composite import is_composite, is_compute_intensive
 from reftrace.errors import PartitionError
 from reftrace.graph import Eqn
 from reftrace.primitives import Primitive
@@ -135,7 +135,16 @@ class MinCut:
         return f"MinCut(banned={name})"
 
 
-POLICIES: dict[str, Policy | MinCut] = {"default": save_all_but_copies, "mincut": MinCut()}
+def fusion_ban(eqn: Eqn) -> bool:
+    """``default_ban``, and every composite (``layer_norm``, ``softmax``, ``gelu``, ...): the bans of the
+    ``"fusion"`` min cut. A compiler that fuses elementwise code (XLA) runs a recomputed chain of core
+    primitives inside the backward's own loops, where it costs less than writing the chain's values
+    out in the forward and reading them back; a composite is a whole kernel of its own to run again."""
+    return default_ban(eqn) or is_composite(eqn.primitive)
+
+
+POLICIES: dict[str, Policy | MinCut] = {"default": save_all_but_copies, "mincut": MinCut(),
+                                        "fusion": MinCut(banned=fusion_ban)}
 
 PolicyValue = Any
 """A policy name's value, a ``MinCut``, a callable ``policy(eqn)``, or a *solver* value: one with a

@@ -354,6 +354,29 @@ def test_xla_compile_backward_reads_an_expanded_cotangent_unexpanded():
     assert [shapes[-1] for shapes in seen] == [(1, 1), (1, 5)]  # the full cotangent of (y * y).sum(): no broadcast
 
 
+def test_xla_compile_partitions_for_fusion_unless_a_partition_is_named():
+    """With ``xla_compile`` as the backward's compiler and no ``partition_fn``, the ``"fusion"`` min cut:
+    a chain of ``cos`` hands the backward its input only (XLA recomputes the chain inside the backward's
+    loop), where ``default_partition`` hands over each link's derivative; the same gradients, eager's.
+    ``torch.compile``'s ``"xla"`` option leaves the choice to the compiler too."""
+    from reftrace.torch_bridge.dynamo import BackendOptions
+
+    def chain(x):
+        for _ in range(4):
+            x = x.cos()
+        return x
+    for partition, saved in ((None, 1), (default_partition, 4)):
+        x = leaf(6)
+        compiled = aot_function(chain, xla_compile, partition_fn=partition)
+        compiled(x).sum().backward()
+        assert next(iter(compiled.cache.values())).run.num_saved == saved
+        y = leaf(6)
+        chain(y).sum().backward()
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-12, atol=1e-12)
+    assert aot_function(chain, nop).partitioner is default_partition
+    assert BackendOptions.parse({"compiler": "xla"}).partition is None
+
+
 def test_xla_compile_warms_up_glibc_malloc_once():
     """After the XLA backend's first executable, an 8 MiB block comes from glibc's heap instead of a fresh
     mapping (the chunk header's IS_MMAPPED bit), so steps stop page-faulting their outputs in; with
@@ -424,13 +447,15 @@ def test_changing_an_output_the_backward_needs_is_refused_as_in_eager(compiler):
     what the backward needs: eager refuses the backward, and so must every compiler, whose forward
     hands the backward that very tensor (not a second tensor sharing its memory with its own
     version counter, which would let the backward read the changed values: gradients 2x eager's).
-    A value returned twice comes back as one tensor, as in eager."""
+    A value returned twice comes back as one tensor, as in eager. (The partition is named: the
+    ``"fusion"`` min cut, ``xla_compile``'s own, saves ``x`` and recomputes ``exp``, and then the change
+    is harmless.)"""
     def f(x):
         y = x.exp()
         return y, torch.tanh(x) * 2, y
 
     x = leaf(4)
-    y, t, again = aot_function(f, COMPILERS[compiler])(x)
+    y, t, again = aot_function(f, COMPILERS[compiler], partition_fn=default_partition)(x)
     assert again is y
     y.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
