@@ -87,9 +87,6 @@ def xla_compile(fx_g: torch.fx.GraphModule, inps: Sequence[torch.Tensor]) -> Cal
     return call
 
 
-xla_compile.reftrace_partition = "fusion"  # type: ignore[attr-defined] - see ``preferred_partition``
-
-
 def _output_sources(graph: Graph) -> tuple[list[tuple[bool, int]], tuple[Any, ...]]:
     """Where each output of ``graph`` comes from, ``(True, i)``: input ``i``; ``(False, j)``: the ``j``-th
     of the outputs the computation returns (also returned), each value once.
@@ -165,6 +162,7 @@ min_cut_rematerialization_partition = ReftracePartitioner("mincut", "min_cut_rem
 fusion_partition = ReftracePartitioner("fusion", "fusion_partition")
 """The min cut for a fusing compiler (the ``"fusion"`` policy): chains of core primitives are recomputed
 in the backward, composites and matmuls saved. ``xla_compile``'s partition where none is named."""
+xla_compile.reftrace_partition = fusion_partition  # type: ignore[attr-defined] - see ``preferred_partition``
 
 
 def preferred_partition(bw_compiler: Any) -> Any:

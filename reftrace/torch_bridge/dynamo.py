@@ -8,7 +8,8 @@ differentiated by reftrace's own ``vjp``, partitioned, compiled forward and back
 The backend is registered by name through the ``torch_dynamo_backends`` entry point
 (``pyproject.toml``), so ``backend="reftrace"`` works without importing reftrace.
 Options: ``options={"compiler": "nop" | "ts" | "xla" | compiler, "partition": "default" |
-"mincut" | "fusion" | policy | partition_fn (default: the compiler's, "fusion" for "xla"), "decompositions": {...}}``.
+"mincut" | "fusion" | policy | partition_fn, "decompositions": {...}}``; without "partition",
+the compiler's own (``preferred_partition``: "fusion" for "xla", else "default").
 """
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ from torch.utils import _pytree as pytree
 from reftrace.errors import ArgumentError, DataDependentControlFlowError, ReftraceError
 from reftrace.torch_bridge.aot import aot_function
 from reftrace.torch_bridge.autograd import Compiler
-from reftrace.torch_bridge.compilers import (ReftracePartitioner, as_partitioner, nop,
-                                             ts_compile, xla_compile)
+from reftrace.torch_bridge.compilers import ReftracePartitioner, as_partitioner, nop, ts_compile, xla_compile
 from reftrace.transforms.policies import MinCut, resolve_policy
 
 __all__ = ["reftrace_backend", "BackendOptions", "COMPILERS"]

@@ -358,13 +358,16 @@ def min_cut_saved(analysis: JointAnalysis, banned: Callable[[Eqn], bool] = defau
     u, w, cap = edges[:, 0], edges[:, 1], edges[:, 2]
     unsaturated = cap - flows > 0
     saturated_split = ~unsaturated[:count]
+    residual1 = np.concatenate([np.stack([w[flows > 0], u[flows > 0]], axis=1),
+                                np.stack([u[unsaturated], w[unsaturated]], axis=1)])
+    # a value whose side every byte-minimal cut fixes adds the same to each: no edge for it
+    fixed = _reachable(num_nodes, residual1, 0) | _reachable(num_nodes, residual1[:, ::-1], 1)
     recomputable = [2 + 2 * i for i, vid in enumerate(relevant)
-                    if analysis.forward_needed_mask[vid] and not forced(vid)]
+                    if analysis.forward_needed_mask[vid] and not forced(vid) and not fixed[2 + 2 * i]]
     tie = np.where(primal, 1, int((primal & saturated_split).sum()) + len(recomputable) + 1).astype(np.int64)
     inf2 = int(tie[saturated_split].sum()) + len(recomputable) + 1
     edges2 = np.concatenate([
-        np.stack([w[flows > 0], u[flows > 0], np.full(int((flows > 0).sum()), inf2)], axis=1),
-        np.stack([u[unsaturated], w[unsaturated], np.full(int(unsaturated.sum()), inf2)], axis=1),
+        np.concatenate([residual1, np.full((len(residual1), 1), inf2)], axis=1),
         np.stack([u[:count][saturated_split], w[:count][saturated_split], tie[saturated_split]], axis=1),
         np.array([(0, v_in, 1) for v_in in recomputable], dtype=np.int64).reshape(-1, 3),
     ]).astype(np.int64)
