@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from reftrace.errors import ArgumentError
+from reftrace.errors import ArgumentError, TracingError
 from reftrace.primitives import is_inexact
 from reftrace.transforms.simplify import eliminate_dead_code
 from reftrace.torch_bridge.autocast import autocast_off, autocast_state
@@ -241,6 +241,12 @@ class AOTFunction:
     def _call_leaves(self, leaves: list, spec: Any, tensor_pos: list[int], structure: Any) -> Any:
         """Run (compiling first if new) the signature of a call flattened to ``leaves``; ``structure``
         stands for ``spec`` in the cache key."""
+        if torch._C._functorch.maybe_current_level() is not None:
+            raise TracingError(
+                f"{self.__name__} was called inside a torch.func transform (grad, vmap, jacrev, jvp, ...), which "
+                "cannot see into a compiled function; compile the transformed function instead, "
+                f"aot_function(torch.func.grad(f), ...), or call {self.__name__} outside the transform "
+                "(torch.autograd.grad and torch.autograd.functional work on it)")
         tensors = [leaves[i] for i in tensor_pos]
         key = self._key(leaves, structure, tensor_pos)
         compiled = self.cache.get(key)

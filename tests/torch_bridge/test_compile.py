@@ -377,6 +377,20 @@ def test_xla_compile_partitions_for_fusion_unless_a_partition_is_named():
     assert BackendOptions.parse({"compiler": "xla"}).partition is None
 
 
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jacrev"])
+def test_a_compiled_function_inside_a_torch_func_transform_is_refused_and_the_transform_compiles(transform):
+    """``torch.func.grad(compiled)``: the transform cannot see into the compiled function (torch failed
+    with an internal assert, or an AttributeError): a TracingError says to compile the transformed function,
+    ``aot_function(torch.func.grad(f))``, which gives the transform's values."""
+    def f(x):
+        return (x.sin() * x).sum()
+    make = getattr(torch.func, transform)
+    x = torch.randn(2, 3, dtype=torch.float64) if transform == "vmap" else torch.randn(3, dtype=torch.float64)
+    with pytest.raises(rt.ReftraceError, match=r"inside a torch.func transform.*aot_function\(torch.func.grad"):
+        make(aot_function(f, nop))(x)
+    torch.testing.assert_close(aot_function(make(f), nop)(x), make(f)(x))
+
+
 def test_xla_compile_warms_up_glibc_malloc_once():
     """After the XLA backend's first executable, an 8 MiB block comes from glibc's heap instead of a fresh
     mapping (the chunk header's IS_MMAPPED bit), so steps stop page-faulting their outputs in; with
