@@ -34,7 +34,7 @@ class ForwardWrites:
 
     def settle(self, names: Sequence[str], inputs: Sequence[torch.Tensor], after: dict[str, Any],
                rebound: dict[str, torch.Tensor] | None) -> None:
-        """After the forward ran with ``inputs`` as the state ``names`` (``after``: what ``functional_call``
+        """After the forward ran with ``inputs`` as the state ``names`` (``after``: what ``functional_module``
         found in their places afterwards): write same-form reassignments into the inputs, collect the other
         buffer writes into ``rebound`` (a capture that cannot rebind passes ``None``: they raise), and refuse
         tensors stored in plain attributes. The module is left as it was before the forward."""

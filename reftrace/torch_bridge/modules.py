@@ -14,11 +14,13 @@ reads them as constants (guarded: ``reftrace.torch_bridge.aot``), or writes them
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+from torch.nn.utils._named_member_accessor import swap_tensor
 
 from reftrace.errors import ArgumentError
 from reftrace.torch_bridge.module_writes import ForwardWrites
@@ -90,8 +92,8 @@ def functional_module(module: torch.nn.Module, state: ModuleState,
                       rebound: dict[str, torch.Tensor] | None = None) -> Callable[..., Any]:
     """``f(state_tensors, *args, **kwargs)``: the module run with ``state_tensors`` in place of its own.
 
-    ``torch.func.functional_call`` keeps tied names tied: passing the canonical name
-    also rebinds its aliases. What the forward writes into the module itself is settled as
+    Tied names stay tied: the canonical name's tensor also goes in place of its aliases
+    (``_reparametrized``). What the forward writes into the module itself is settled as
     ``reftrace.torch_bridge.module_writes`` says: a buffer reassigned in its form is an update of
     its input; a buffer rebound to another form, and a tensor stored in a plain attribute, go into
     ``rebound`` (``{name: tensor}``, rebound after each call), or raise where ``rebound`` is ``None``.
@@ -99,10 +101,40 @@ def functional_module(module: torch.nn.Module, state: ModuleState,
     def call(state_tensors: Sequence[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         mapping = dict(zip(state.names, state_tensors))
         writes = ForwardWrites(module)
-        out = torch.func.functional_call(module, mapping, args, kwargs or None, tie_weights=True, strict=False)
-        writes.settle(state.names, state_tensors, mapping, rebound)  # functional_call put reassignments in mapping
+        with _reparametrized(module, mapping, state.aliases):
+            out = module(*args, **kwargs)
+        writes.settle(state.names, state_tensors, mapping, rebound)  # _reparametrized put reassignments in mapping
         return out
     return call
+
+
+@contextlib.contextmanager
+def _reparametrized(module: torch.nn.Module, mapping: dict[str, torch.Tensor],
+                    aliases: Mapping[str, str]) -> Iterator[None]:
+    """``module`` holding ``mapping``'s tensors (a tied name's aliases too) in place of its own while the
+    block runs, as ``torch.func.functional_call(..., tie_weights=True)``; afterwards each name in
+    ``mapping`` holds what its place held at the end of the block (a buffer the forward reassigned).
+
+    Each place (submodule, attribute) is swapped once and restored once: torch's swaps a submodule
+    reachable by two paths (``self.l`` and ``self.seq[0]``) twice, the second time saving the tensor it
+    had just put there, and restores that, leaving the capture's tensors in the user's module."""
+    places: dict[tuple[int, str], tuple[torch.nn.Module, str, str]] = {}  # place -> (owner, attribute, name)
+    for name in [*mapping, *aliases]:  # the names in ``mapping`` first: each keeps its own place
+        canonical = aliases.get(name, name)
+        if canonical in mapping:
+            owner_path, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_path) if owner_path else module
+            places.setdefault((id(owner), attr), (owner, attr, name))
+    swapped: list[tuple[torch.nn.Module, str, str, Any]] = []
+    try:
+        for owner, attr, name in places.values():
+            swapped.append((owner, attr, name, swap_tensor(owner, attr, mapping[aliases.get(name, name)])))
+        yield
+    finally:
+        for owner, attr, name, original in reversed(swapped):
+            now = swap_tensor(owner, attr, original)
+            if name in mapping:
+                mapping[name] = now
 
 
 _PLAIN = (bool, int, float, str, type(None))

@@ -96,6 +96,33 @@ def test_t5_tied_weights_stay_tied_and_train_like_eager(compiler):
     assert t5_model.shared.weight.grad is not None
 
 
+class _SharedSubmodule(torch.nn.Module):
+    """One Linear reachable by three paths (``l``, ``seq.0``, ``seq.2``), another tied to it by weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = torch.nn.Linear(4, 4)
+        self.seq = torch.nn.Sequential(self.l, torch.nn.Tanh(), self.l)
+        self.other = torch.nn.Linear(4, 4)
+        self.other.weight = self.l.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq(x) + self.other(x).sin()
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_a_submodule_reachable_by_two_paths_keeps_its_parameters(compiler):
+    """Capturing swaps the module's parameters for the capture's tensors and back. torch's
+    ``functional_call`` swapped ``l.weight`` again through ``seq.0`` and restored what it had just put
+    there: after the first call the user's module held FunctionalTensors, and its next eager call
+    failed. Each place is now swapped once; the module keeps its Parameters and trains as eager."""
+    x = torch.randn(3, 4, dtype=torch.float64)
+    model, _ = _assert_trains_like_eager(_SharedSubmodule, (x,), {}, _projection_loss, COMPILERS[compiler])
+    assert model.seq[0] is model.l and model.other.weight is model.l.weight
+    assert all(type(p) is torch.nn.Parameter for _, p in model.named_parameters(remove_duplicate=False))
+    model(x).sum().backward()  # eager still runs on it
+
+
 @pytest.mark.parametrize("compiler", COMPILERS)
 def test_unreached_parameters_keep_none_gradients(compiler):
     """BertModel's pooler runs, but a loss on last_hidden_state leaves its gradients None in eager."""
