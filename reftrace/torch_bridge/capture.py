@@ -42,6 +42,7 @@ from reftrace.torch_bridge.aten.random import key_stream
 from reftrace.torch_bridge.autograd_hooks import autograd_hooks_refused
 from reftrace.torch_bridge.autograd_links import autograd_links
 from reftrace.torch_bridge.decompositions import decomposition_table
+from reftrace.torch_bridge.escapes import EscapeWatch
 from reftrace.torch_bridge.output_layouts import dense_strides
 from reftrace.torch_bridge.output_views import OutputView, find_output_views
 from reftrace.torch_bridge.modules import ModuleState, functional_module, module_state
@@ -154,6 +155,7 @@ class _TraceState:
         self.unread_detaches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.caller_grad = torch.is_grad_enabled()  # the caller's grad mode (the trace itself runs with grad on)
         self.leaf_inputs: set[int] = set()  # ids of the traced inputs that stand for leaves requiring grad
+        self.escapes = EscapeWatch()  # the stand-ins the function sees, refused if kept after the capture
 
     @contextlib.contextmanager
     def flag(self, name: str) -> Any:
@@ -236,6 +238,8 @@ class _UserFrames(TorchDispatchMode):
         for t in pytree.tree_leaves(out):
             if not isinstance(t, torch.Tensor):
                 continue
+            if isinstance(t, FunctionalTensor):
+                state.escapes.note(t, state.location)
             if t.device not in state.devices and t.device.type != "meta" and not (t.device.type == "cpu"
                                                                                   and t.ndim == 0):
                 raise UnsupportedOperatorError(
@@ -578,6 +582,9 @@ def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tens
         graph = translator.finish(run.results, keys.key)
     except ReftraceError as err:
         raise err.with_traceback(None) from None
+    state.detached_from.clear()  # the capture's own references to the stand-ins
+    state.unread_detaches.clear()
+    state.escapes.check("the function")
     key_input = len(tensors) if len(graph.inputs) > len(tensors) else None  # the key follows the tensors
     return Captured(graph=graph, num_outputs=run.out_spec.num_tensors, mutated_inputs=run.mutated,
                     out_spec=run.out_spec, key_input=key_input, closed_over=tuple(translator.closed_over),

@@ -917,3 +917,37 @@ def test_gpt2_through_a_closure_is_refused():
         rt.trace(lambda ids: model(ids, use_cache=False).logits, ids)
     g = rt.trace(model, ids, use_cache=False)
     assert "transformer.wte.weight" in g.input_names
+
+
+def test_a_tensor_kept_outside_the_outputs_is_refused_and_a_cycle_is_not():
+    """A forward hook saving an activation, or a list in a closure, would hold the capture's stand-in
+    (torch then fails on use with "Attempting to use FunctionalTensor on its own") where eager holds each
+    call's value: TracingError, naming the user's line. A hook that changes the output works, and a
+    reference cycle the function builds and drops is garbage, not an escape."""
+    from reftrace.compile import aot_function, aot_module, nop
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    acts = {}
+    handle = model[1].register_forward_hook(lambda mod, args, out: acts.__setitem__("relu", out))
+    with pytest.raises(rt.ReftraceError, match=r"keeps a tensor it computes outside its return value"):
+        aot_module(model, nop)(torch.randn(2, 3))
+    handle.remove()
+    model[1].register_forward_hook(lambda mod, args, out: out * 2)
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(aot_module(model, nop)(x), model(x))
+
+    saved = []
+
+    def keeps(x):
+        y = x.sin()
+        saved.append(y)
+        return y * 2
+    with pytest.raises(rt.ReftraceError, match=r"made at .*test_capture.py:\d+ in keeps"):
+        aot_function(keeps, nop)(torch.randn(3))
+
+    def cycle(x):
+        box = {"y": x.sin()}
+        box["self"] = box
+        return box["y"] * 2
+    x = torch.randn(3, requires_grad=True)
+    aot_function(cycle, nop)(x).sum().backward()
+    torch.testing.assert_close(x.grad, 2 * x.detach().cos())
