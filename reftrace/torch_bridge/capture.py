@@ -584,7 +584,7 @@ def _trace(fn: Callable[[list[torch.Tensor]], Any], tensors: Sequence[torch.Tens
         raise err.with_traceback(None) from None
     state.detached_from.clear()  # the capture's own references to the stand-ins
     state.unread_detaches.clear()
-    state.escapes.check("the function")
+    state.escapes.check()
     key_input = len(tensors) if len(graph.inputs) > len(tensors) else None  # the key follows the tensors
     return Captured(graph=graph, num_outputs=run.out_spec.num_tensors, mutated_inputs=run.mutated,
                     out_spec=run.out_spec, key_input=key_input, closed_over=tuple(translator.closed_over),

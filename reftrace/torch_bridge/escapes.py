@@ -29,7 +29,7 @@ class EscapeWatch:
     def note(self, tensor: Any, location: str | None) -> None:
         self._made.append((weakref.ref(tensor), location))
 
-    def check(self, function: str) -> None:
+    def check(self) -> None:
         """Raise if a noted tensor is still alive (after a garbage collection, where one is: a reference
         cycle that nothing outside holds is not an escape)."""
         if not any(ref() is not None for ref, _ in self._made):
@@ -39,9 +39,10 @@ class EscapeWatch:
         self._made.clear()
         if alive:
             where = next((w for w in reversed(alive) if w), None)  # the last: others may be its autograd inputs
+            made_at = f" (made at {where})" if where else ""
             raise TracingError(
-                f"{function} keeps a tensor it computes outside its return value{f' (made at {where})' if where else ''}"
-                f": a forward hook or the function stored it "
+                f"the function keeps a tensor it computes outside its return value{made_at}: a forward hook or "
+                "the function stored it "
                 "(in a dict, a list, an attribute, a cache object passed in). The compiled calls run no Python, "
                 "so that place would hold a capture-time placeholder instead of each call's value: return the "
                 "tensor as an output (a module's forward can return it beside its result), or keep the hook "
