@@ -192,11 +192,12 @@ def _rsqrt_vjp(cts, primals, outs):
 
 @_register(P.abs_p)
 def _abs_vjp(cts, primals, outs):
-    """``ct * sign(x)``: abs'(0) = 0, as torch; a complex ``x`` gets the real ``ct`` along ``x / |x|``."""
+    """``ct * sign(x)``: abs'(0) = 0, and 0 at NaN (a masked-out L1 term with a NaN target), as torch's
+    ``sgn``; a complex ``x`` gets the real ``ct`` along ``x / |x|``."""
     (ct,), (x,) = cts, primals
     if P.is_complex(x.dtype):
-        ct = lax.complex(ct, _const(0, ct))
-    return (lax.mul(ct, lax.sign(x)),)
+        return (lax.mul(lax.complex(ct, _const(0, ct)), lax.sign(x)),)
+    return (lax.mul(ct, lax.select(lax.ne(x, x), _const(0, x), lax.sign(x))),)
 
 
 @_register(P.sign_p)

@@ -284,6 +284,20 @@ CASES: dict[str, Case] = {
                                 lambda: (t([0.0, 1.0]), t([0.0, 0.0]))),
     "huber_at_delta": Case(lambda x, y: F.huber_loss(x, y, delta=0.5, reduction="none"),
                            lambda: (t([0.5, -0.5, 0.0, 1.0]), t([0.0, 0.0, 0.0, 0.0]))),
+    # a term masked out downstream (a missing label stored as NaN, an infinite residual): eager's slope at the
+    # masked position is 0 for these (abs's sgn(NaN) is 0; the quadratic sides are not evaluated there)
+    "l1_masked_nan_target": Case(lambda x, y: torch.where(y.isnan(), 0.0, F.l1_loss(x, y, reduction="none")),
+                                 lambda: (t([1.0, 2.0, 3.0]), t([0.5, nan, 4.0], grad=False))),
+    "abs_at_nan_and_inf": Case(lambda x: torch.where(torch.isfinite(x), x.abs(), 0.0), lambda: (t([nan, inf, -inf, -2.0]),)),
+    "smooth_l1_masked_infinite": Case(
+        lambda x, y: torch.where(torch.isfinite(x - y), F.smooth_l1_loss(x, y, reduction="none"), 0.0),
+        lambda: (t([inf, -inf, 0.5, 3.0, nan]), t([0.0, 0.0, 0.0, 0.0, 0.0]))),
+    "huber_masked_infinite": Case(
+        lambda x, y: torch.where(torch.isfinite(x - y), F.huber_loss(x, y, reduction="none", delta=0.5), 0.0),
+        lambda: (t([inf, -inf, 0.25, 3.0, nan]), t([0.0, 0.0, 0.0, 0.0, 0.0]))),
+    "smooth_l1_nan": Case(lambda x, y: F.smooth_l1_loss(x, y, reduction="none"), lambda: (t([nan, 1.0]), t([0.0, nan]))),
+    "celu_masked_non_finite": Case(lambda x: torch.where(torch.isfinite(x), F.celu(x, 0.5), 0.0),
+                                   lambda: (t([nan, inf, -inf, -1.0, 0.0, 2.0]),)),
     "hinge_embedding_at_margin": Case(lambda x: F.hinge_embedding_loss(x, torch.tensor([-1.0, -1.0, 1.0], dtype=f64)),
                                       lambda: (t([1.0, 0.5, 2.0]),)),
     "margin_ranking_at_margin": Case(
@@ -303,7 +317,7 @@ def test_matches_eager(name: str) -> None:
 THROUGH_XLA = ["clamp_tensor_nan", "maximum", "max_all_nan", "max_dim_nan", "max_pool2d_nan", "median_all_nan",
                "cummax", "atan2_origin", "cdist_inf_ties", "pow_tensor_tensor_at_zero", "hardswish", "elu",
                "cross_entropy_all_ignored", "cross_entropy_all_ignored_smoothed", "nll_loss_ignored_row_at_minus_inf",
-               "digamma_at_the_pole"]
+               "digamma_at_the_pole", "l1_masked_nan_target", "smooth_l1_masked_infinite", "celu_masked_non_finite"]
 
 
 @pytest.mark.parametrize("name", THROUGH_XLA)

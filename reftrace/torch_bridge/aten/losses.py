@@ -1,5 +1,6 @@
-"""Loss ops: ``nll_loss_forward`` as the ``nll_loss`` composite, and torch's chunked linear +
-cross-entropy (``torch.ops.torch_nn``), one graph of matmul, log-softmax and the picked targets.
+"""Loss ops: ``nll_loss_forward`` as the ``nll_loss`` composite, ``smooth_l1_loss`` and ``huber_loss``
+with torch's slopes, and torch's chunked linear + cross-entropy (``torch.ops.torch_nn``), one graph of
+matmul, log-softmax and the picked targets.
 """
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 
 from reftrace import lax, nn
 from reftrace import primitives as P
-from reftrace.torch_bridge.aten._common import aten, bcast_full, cast, literal, out_aval, register, unsupported
+from reftrace.torch_bridge.aten._common import (aten, bcast_full, broadcast_shapes, cast, literal, opmath, out_aval,
+                                                register, unsupported)
 from reftrace.torch_bridge.aten.indexing import take
 
 
@@ -29,6 +31,60 @@ def binary_cross_entropy(p: Any, target: Any, weight: Any = None, reduction: int
     w = None if weight is None else bcast_full(cast(weight, d), p.shape)
     return nn.binary_cross_entropy(cast(p, d), bcast_full(cast(target, d), p.shape), w,
                                    ("none", "mean", "sum")[reduction])
+
+
+def _reduced(loss: Any, reduction: int) -> Any:
+    """ATen's ``reduction`` number: 0 none, 1 mean, 2 sum."""
+    if reduction == 0:
+        return loss
+    total = lax.reduce_sum(loss, tuple(range(loss.ndim)))
+    return total if reduction == 2 else lax.div(total, literal(loss.size, loss.dtype))
+
+
+def _piecewise_loss(x: Any, target: Any, reduction: int, width: float, quadratic: Any, linear: Any) -> Any:
+    """``quadratic(d)`` for ``|d| <= width``, ``linear(|d|)`` beyond (``d = x - target``), in float32 for
+    float16/bfloat16 as torch's decomposition computes it.
+
+    The rows select on ``d < -width`` and ``d > width`` as torch's backward kernels do, and the
+    quadratic sees 0 where the linear side is taken: a zero cotangent at an infinite ``d`` (a masked-out
+    term) then gives 0 as in eager, not ``0 * inf``; a NaN ``d`` takes the quadratic side, whose slope
+    is NaN, as eager's ``x * grad / beta``."""
+    d_out = out_aval().dtype
+    c = opmath(d_out)
+    shape = broadcast_shapes(x, target)
+    d = lax.sub(bcast_full(cast(x, c), shape), bcast_full(cast(target, c), shape))
+    w = literal(width, c)
+    below, above = lax.lt(d, lax.neg(w)), lax.gt(d, w)
+    outside = lax.logical_or(below, above)
+    inside = quadratic(lax.select(outside, literal(0, c), d))
+    loss = lax.select(below, linear(lax.neg(d)), lax.select(above, linear(d), inside))
+    return cast(_reduced(loss, reduction), d_out)
+
+
+@register(aten.smooth_l1_loss.default)
+def smooth_l1_loss(x: Any, target: Any, reduction: int = 1, beta: float = 1.0) -> Any:
+    """``0.5 d**2 / beta`` inside ``|d| < beta``, ``|d| - 0.5 beta`` outside; ``beta == 0`` is the L1 loss
+    (``F.smooth_l1_loss`` calls ``l1_loss`` then, torch's slope 0 at ``d == 0``)."""
+    if beta == 0:
+        c = opmath(out_aval().dtype)
+        shape = broadcast_shapes(x, target)
+        d = lax.sub(bcast_full(cast(x, c), shape), bcast_full(cast(target, c), shape))
+        return cast(_reduced(lax.abs(d), reduction), out_aval().dtype)
+    return _piecewise_loss(
+        x, target, reduction, beta,
+        lambda d: lax.div(lax.mul(lax.mul(d, d), literal(0.5, d.dtype)), literal(beta, d.dtype)),
+        lambda a: lax.sub(a, literal(0.5 * beta, a.dtype)))
+
+
+@register(aten.huber_loss.default)
+def huber_loss(x: Any, target: Any, reduction: int = 1, delta: float = 1.0) -> Any:
+    """``0.5 d**2`` inside ``|d| < delta``, ``delta (|d| - 0.5 delta)`` outside."""
+    if not delta > 0:
+        raise unsupported(f"huber_loss with delta={delta} (torch requires delta > 0)")
+    return _piecewise_loss(
+        x, target, reduction, delta,
+        lambda d: lax.mul(lax.mul(d, literal(0.5, d.dtype)), d),
+        lambda a: lax.mul(literal(delta, a.dtype), lax.sub(a, literal(0.5 * delta, a.dtype))))
 
 
 # ----------------------------------------------------------------------------- fused linear + cross-entropy

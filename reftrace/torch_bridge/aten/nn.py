@@ -91,6 +91,15 @@ def elu(x: Any, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0
     return lax.select(on_exp, negative, lax.mul(x, literal(scale, d)))
 
 
+@register(aten.celu.default)
+def celu(x: Any, alpha: float = 1.0) -> Any:
+    """torch's ``celu`` is ``elu(x, alpha, 1, 1 / alpha)``, and so is its backward (its decomposition,
+    ``where(x > 0, x, alpha * expm1(x / alpha))``, gives ``0 * inf`` at an infinite or NaN ``x``)."""
+    if alpha == 0:
+        raise unsupported("celu with alpha=0 (torch raises: alpha cannot be 0)")
+    return elu(x, alpha, 1.0, 1.0 / alpha)
+
+
 @register(aten.softplus.default)
 @_in_opmath
 def softplus(x: Any, beta: float = 1.0, threshold: float = 20.0) -> Any:
