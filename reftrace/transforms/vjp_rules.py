@@ -161,8 +161,10 @@ _unary(P.atan_p, lambda x, out: lax.div(_const(1, x), lax.add(_const(1, x), lax.
 _unary(P.sinh_p, lambda x, out: lax.cosh(x))
 _unary(P.cosh_p, lambda x, out: lax.sinh(x))
 _unary(P.asinh_p, lambda x, out: lax.rsqrt(lax.add(lax.mul(x, x), _const(1, x))))
-_unary(P.acosh_p, lambda x, out: lax.mul(lax.rsqrt(lax.sub(x, _const(1, x))),  # the principal branch on
-                                          lax.rsqrt(lax.add(x, _const(1, x)))))  # complex too
+_unary(P.acosh_p, lambda x, out: (  # torch's: rsqrt(x² - 1) on reals (finite below -1, where acosh is NaN, so a
+    # masked-out term gives 0); the product of the two roots on complex, the principal branch
+    lax.mul(lax.rsqrt(lax.sub(x, _const(1, x))), lax.rsqrt(lax.add(x, _const(1, x)))) if P.is_complex(x.dtype)
+    else lax.rsqrt(lax.sub(lax.mul(x, x), _const(1, x)))))
 _unary(P.atanh_p, lambda x, out: lax.div(_const(1, x), _one_minus_square(x)))
 _unary(P.cbrt_p, lambda x, out: lax.mul(_const(1 / 3, x), lax.integer_pow(out, -2)))
 _unary(P.erf_p, lambda x, out: lax.mul(_const(_TWO_OVER_SQRT_PI, x), lax.exp(lax.neg(lax.mul(x, x)))))

@@ -296,6 +296,8 @@ CASES: dict[str, Case] = {
         lambda x, y: torch.where(torch.isfinite(x - y), F.huber_loss(x, y, reduction="none", delta=0.5), 0.0),
         lambda: (t([inf, -inf, 0.25, 3.0, nan]), t([0.0, 0.0, 0.0, 0.0, 0.0]))),
     "smooth_l1_nan": Case(lambda x, y: F.smooth_l1_loss(x, y, reduction="none"), lambda: (t([nan, 1.0]), t([0.0, nan]))),
+    "acosh_masked_below_one": Case(lambda x: torch.where(x >= 1, torch.acosh(x), 0.0),
+                                   lambda: (t([-inf, -2.5, 1.0, 2.0]),)),
     "celu_masked_non_finite": Case(lambda x: torch.where(torch.isfinite(x), F.celu(x, 0.5), 0.0),
                                    lambda: (t([nan, inf, -inf, -1.0, 0.0, 2.0]),)),
     "hinge_embedding_at_margin": Case(lambda x: F.hinge_embedding_loss(x, torch.tensor([-1.0, -1.0, 1.0], dtype=f64)),
