@@ -13,6 +13,9 @@ instead (a negative variance becomes NaN before the clamp), and the rest is torc
 the normalization, and raises on negative weights or weights summing to zero. Rewritten: the same
 ATen ops in the same order (ATen's ``Correlation.cpp``), the zeroing a ``torch.where``, and NaN where
 torch raises on the weights' values.
+
+``F.ctc_loss`` (and ``torch.ctc_loss``) read their length tensors as numbers inside ATen, and
+``_ctc_loss`` has no fake kernel: rewritten to the recursion of ``reftrace.torch_bridge.ctc``.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from reftrace.torch_bridge import ctc
 
 
 def _narrow_at_tensor_start(x: torch.Tensor, dim: int, start: torch.Tensor, length: int) -> torch.Tensor:
@@ -152,6 +157,27 @@ def _cov_arguments(args: tuple, kwargs: dict) -> dict[str, Any] | None:
     return bound
 
 
+def _ctc_arguments(args: tuple, kwargs: dict, aten_reduction: bool) -> dict[str, Any] | None:
+    """``F.ctc_loss``'s arguments (``torch.ctc_loss`` numbers its reduction as ATen does), or None where
+    the call is not one torch accepts (then torch's own call raises its error)."""
+    names = ("log_probs", "targets", "input_lengths", "target_lengths", "blank", "reduction", "zero_infinity")
+    bound = dict(zip(names, args))
+    bound.update({k: v for k, v in kwargs.items() if k in names})
+    if len(bound) < 4 or len(bound) != len(args) + len(kwargs):
+        return None
+    lp = bound["log_probs"]
+    if not isinstance(lp, torch.Tensor) or not lp.is_floating_point() or lp.dim() not in (2, 3):
+        return None
+    if not all(isinstance(bound[k], (torch.Tensor, list, tuple)) for k in ("input_lengths", "target_lengths")):
+        return None
+    if aten_reduction:
+        reduction = bound.get("reduction", 1)
+        if reduction not in (0, 1, 2):
+            return None
+        bound["reduction"] = ("none", "mean", "sum")[reduction]
+    return bound
+
+
 class StaticShapeRewrites(TorchFunctionMode):
     """Active while a function is captured (``capture._run_functionalized``)."""
 
@@ -165,6 +191,10 @@ class StaticShapeRewrites(TorchFunctionMode):
             bound = _gaussian_nll_arguments(args, kwargs)
             if bound is not None:
                 return _gaussian_nll_loss(**bound)
+        if func is torch.nn.functional.ctc_loss or func is torch.ctc_loss:
+            bound = _ctc_arguments(args, kwargs, func is torch.ctc_loss)
+            if bound is not None:
+                return ctc.ctc_loss(**bound)
         if func in (torch.cov, torch.Tensor.cov):
             bound = _cov_arguments(args, kwargs)
             if bound is not None:

@@ -29,7 +29,7 @@ SUPPORTED = [
     # nn.functional
     "nn.functional.conv2d", "nn.functional.max_pool2d", "nn.functional.layer_norm", "nn.functional.group_norm",
     "softmax", "nn.functional.cross_entropy", "nn.functional.cosine_similarity", "nn.functional.gelu",
-    "nn.functional.embedding",
+    "nn.functional.embedding", "nn.functional.ctc_loss",
     # the sort family
     "sort", "topk", "kthvalue", "median", "nanmedian", "mode",
 ]
