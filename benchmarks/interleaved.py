@@ -6,7 +6,8 @@
 blocks shows up as a ratio. Here the systems take turns, one step each (the order reversed every
 round), so drift hits them alike. Same models and step as ``step.py`` (``nop`` compilers, default
 partition; with ``--xla``, the default, also ``xla_compile`` and the hand-written JAX twin where
-``step.py`` has one); prints the 10th percentile and the median per system, and reftrace's ratios.
+``step.py`` has one, and that twin split into a jitted forward and a jitted backward, ``jax split``);
+prints the 10th percentile and the median per system, and reftrace's ratios.
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ def main() -> None:
         steps = {k: torch_step(fn) for k, fn in systems.items()}
         if "reftrace xla" in steps:
             steps["jax"] = jax_step(S.JAX_TWINS[name], case)
+            steps["jax split"] = jax_split_step(S.JAX_TWINS[name], case)
         for k, step in list(steps.items()):  # the first step compiles
             try:
                 step()
@@ -74,6 +76,9 @@ def main() -> None:
                   for k in ("functorch nop", "eager") if k in med and "reftrace nop" in med]
         if "reftrace xla" in med and "jax" in med:
             ratios.append(f"reftrace xla / jax {med['reftrace xla'] / med['jax']:.2f}")
+        if "reftrace xla" in med and "jax split" in med:
+            ratios.append(f"reftrace xla / jax split {med['reftrace xla'] / med['jax split']:.2f}, "
+                          f"jax split / jax {med['jax split'] / med['jax']:.2f}")
         print(f"{name:10s} {', '.join(ratios)}", flush=True)
 
 
@@ -84,6 +89,23 @@ def jax_step(twin: Callable[[S.Case], tuple[Callable[..., Any], tuple[Any, ...]]
     loss, args = twin(case)
     step = jax.jit(jax.value_and_grad(loss))
     return lambda: jax.block_until_ready(step(*args))
+
+
+def jax_split_step(twin: Callable[[S.Case], tuple[Callable[..., Any], tuple[Any, ...]]],
+                   case: S.Case) -> Callable[[], Any]:
+    """The same twin split where torch's autograd splits a step: a jitted forward that returns the loss
+    and ``jax.vjp``'s residuals, waited for, then a jitted backward. What XLA can do for any system that
+    hands control back to Python between forward and backward (reftrace's ``xla_compile`` is one)."""
+    import jax
+    import jax.numpy as jnp
+    loss, args = twin(case)
+    forward = jax.jit(lambda first, *rest: jax.vjp(lambda p: loss(p, *rest), first))
+    backward = jax.jit(lambda pullback, ct: pullback(ct))
+
+    def run() -> Any:
+        value, pullback = jax.block_until_ready(forward(*args))
+        return jax.block_until_ready(backward(pullback, jnp.ones_like(value)))
+    return run
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from reftrace.torch_bridge import ctc
+from reftrace.torch_bridge.ctc import ctc_loss
 
 
 def _narrow_at_tensor_start(x: torch.Tensor, dim: int, start: torch.Tensor, length: int) -> torch.Tensor:
@@ -194,7 +194,7 @@ class StaticShapeRewrites(TorchFunctionMode):
         if func is torch.nn.functional.ctc_loss or func is torch.ctc_loss:
             bound = _ctc_arguments(args, kwargs, func is torch.ctc_loss)
             if bound is not None:
-                return ctc.ctc_loss(**bound)
+                return ctc_loss(**bound)
         if func in (torch.cov, torch.Tensor.cov):
             bound = _cov_arguments(args, kwargs)
             if bound is not None:
