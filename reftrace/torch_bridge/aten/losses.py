@@ -42,19 +42,20 @@ def _reduced(loss: Any, reduction: int) -> Any:
 
 
 def _piecewise_loss(x: Any, target: Any, reduction: int, width: float, quadratic: Any, linear: Any) -> Any:
-    """``quadratic(d)`` for ``|d| <= width``, ``linear(|d|)`` beyond (``d = x - target``), in float32 for
-    float16/bfloat16 as torch's decomposition computes it.
+    """``quadratic(d)`` for ``|d| < width``, ``linear(|d|)`` from there on (``d = x - target``), in float32
+    for float16/bfloat16 as torch's decomposition computes it.
 
-    The rows select on ``d < -width`` and ``d > width`` as torch's backward kernels do, and the
-    quadratic sees 0 where the linear side is taken: a zero cotangent at an infinite ``d`` (a masked-out
-    term) then gives 0 as in eager, not ``0 * inf``; a NaN ``d`` takes the quadratic side, whose slope
-    is NaN, as eager's ``x * grad / beta``."""
+    The rows select on ``d`` itself, not ``|d|``, as torch's backward kernels do, and the quadratic sees
+    0 where the linear side is taken: a zero cotangent at an infinite ``d`` (a masked-out term) then
+    gives 0 as in eager, not ``0 * inf``; a NaN ``d`` takes the quadratic side, whose slope is NaN, as
+    eager's ``x * grad / beta``. At ``|d| == width`` the value is the linear side's (torch's forward)
+    and so is the slope, ±1 times the linear factor, which torch's backward gives too."""
     d_out = out_aval().dtype
     c = opmath(d_out)
     shape = broadcast_shapes(x, target)
     d = lax.sub(bcast_full(cast(x, c), shape), bcast_full(cast(target, c), shape))
     w = literal(width, c)
-    below, above = lax.lt(d, lax.neg(w)), lax.gt(d, w)
+    below, above = lax.le(d, lax.neg(w)), lax.ge(d, w)
     outside = lax.logical_or(below, above)
     inside = quadratic(lax.select(outside, literal(0, c), d))
     loss = lax.select(below, linear(lax.neg(d)), lax.select(above, linear(d), inside))
