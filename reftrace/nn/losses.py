@@ -111,12 +111,13 @@ vjp_rules[nll_loss_p] = _nll_loss_vjp
 _BCE_EPSILON = 1e-12
 
 
-def _reduce(values: Any, reduction: int) -> Any:
+def reduce_loss(values: Any, reduction: int) -> Any:
+    """Per-element losses reduced as ATen's ``reduction`` code says (0 none, 1 mean, 2 sum); the mean of
+    no elements is 0/0 = NaN, as torch's."""
     if reduction == REDUCTIONS["none"]:
         return values
     total = lax.reduce_sum(values, tuple(range(values.ndim)))
-    return lax.div(total, lax.full((), max(values.size, 1), values.dtype)) if reduction == REDUCTIONS["mean"] \
-        else total
+    return lax.div(total, lax.full((), values.size, values.dtype)) if reduction == REDUCTIONS["mean"] else total
 
 
 def _per_element(g: Any, like: Any, reduction: int) -> Any:
@@ -137,7 +138,7 @@ def _binary_cross_entropy(p: Any, t: Any, *weight: Any, reduction: int, has_weig
     losses = lax.sub(lax.mul(lax.sub(t, one), log_q), lax.mul(t, log_p))
     if has_weight:
         losses = lax.mul(losses, lax.stop_gradient(weight[0]))
-    return _reduce(losses, reduction)
+    return reduce_loss(losses, reduction)
 
 
 def _binary_cross_entropy_backward(g: Any, p: Any, t: Any, *weight: Any, reduction: int, has_weight: bool) -> Any:

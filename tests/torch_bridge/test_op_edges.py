@@ -224,3 +224,15 @@ def test_float32_var_and_std_sum_in_float64_as_torchs_kernel():
                lambda x: x.var()):
         for got, want in zip(*(torch.utils._pytree.tree_leaves(f(x)) for f in (aot_function(fn, nop), fn))):
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_the_mean_of_an_empty_loss_is_nan_as_torchs(compiler):
+    """0/0: the BCE composite's decomposition (the JAX backend's) divided by max(count, 1) and gave 0."""
+    p, t = torch.zeros(0, dtype=torch.float64).requires_grad_(), torch.zeros(0, dtype=torch.float64)
+    for loss in (torch.nn.functional.binary_cross_entropy, torch.nn.functional.smooth_l1_loss,
+                 torch.nn.functional.huber_loss, torch.nn.functional.l1_loss):
+        got = aot_function(loss, COMPILERS[compiler])(p, t)
+        assert got.isnan() and loss(p, t).isnan(), loss.__name__
+        got.backward()
+        assert p.grad.shape == (0,)

@@ -10,6 +10,7 @@ import numpy as np
 
 from reftrace import lax, nn
 from reftrace import primitives as P
+from reftrace.nn.losses import reduce_loss
 from reftrace.torch_bridge.aten._common import (aten, bcast_full, broadcast_shapes, cast, literal, opmath, out_aval,
                                                 register, unsupported)
 from reftrace.torch_bridge.aten.indexing import take
@@ -33,12 +34,11 @@ def binary_cross_entropy(p: Any, target: Any, weight: Any = None, reduction: int
                                    ("none", "mean", "sum")[reduction])
 
 
-def _reduced(loss: Any, reduction: int) -> Any:
-    """ATen's ``reduction`` number: 0 none, 1 mean, 2 sum."""
-    if reduction == 0:
-        return loss
-    total = lax.reduce_sum(loss, tuple(range(loss.ndim)))
-    return total if reduction == 2 else lax.div(total, literal(loss.size, loss.dtype))
+def _residual(x: Any, target: Any) -> Any:
+    """``x - target`` broadcast, in float32 for float16/bfloat16 as torch's decompositions compute losses."""
+    c = opmath(out_aval().dtype)
+    shape = broadcast_shapes(x, target)
+    return lax.sub(bcast_full(cast(x, c), shape), bcast_full(cast(target, c), shape))
 
 
 def _piecewise_loss(x: Any, target: Any, reduction: int, width: float, quadratic: Any, linear: Any) -> Any:
@@ -50,16 +50,14 @@ def _piecewise_loss(x: Any, target: Any, reduction: int, width: float, quadratic
     gives 0 as in eager, not ``0 * inf``; a NaN ``d`` takes the quadratic side, whose slope is NaN, as
     eager's ``x * grad / beta``. At ``|d| == width`` the value is the linear side's (torch's forward)
     and so is the slope, ±1 times the linear factor, which torch's backward gives too."""
-    d_out = out_aval().dtype
-    c = opmath(d_out)
-    shape = broadcast_shapes(x, target)
-    d = lax.sub(bcast_full(cast(x, c), shape), bcast_full(cast(target, c), shape))
+    d = _residual(x, target)
+    c = d.dtype
     w = literal(width, c)
     below, above = lax.le(d, lax.neg(w)), lax.ge(d, w)
     outside = lax.logical_or(below, above)
     inside = quadratic(lax.select(outside, literal(0, c), d))
     loss = lax.select(below, linear(lax.neg(d)), lax.select(above, linear(d), inside))
-    return cast(_reduced(loss, reduction), d_out)
+    return cast(reduce_loss(loss, reduction), out_aval().dtype)
 
 
 @register(aten.smooth_l1_loss.default)
@@ -67,10 +65,7 @@ def smooth_l1_loss(x: Any, target: Any, reduction: int = 1, beta: float = 1.0) -
     """``0.5 d**2 / beta`` inside ``|d| < beta``, ``|d| - 0.5 beta`` outside; ``beta == 0`` is the L1 loss
     (``F.smooth_l1_loss`` calls ``l1_loss`` then, torch's slope 0 at ``d == 0``)."""
     if beta == 0:
-        c = opmath(out_aval().dtype)
-        shape = broadcast_shapes(x, target)
-        d = lax.sub(bcast_full(cast(x, c), shape), bcast_full(cast(target, c), shape))
-        return cast(_reduced(lax.abs(d), reduction), out_aval().dtype)
+        return cast(reduce_loss(lax.abs(_residual(x, target)), reduction), out_aval().dtype)
     return _piecewise_loss(
         x, target, reduction, beta,
         lambda d: lax.div(lax.mul(lax.mul(d, d), literal(0.5, d.dtype)), literal(beta, d.dtype)),
