@@ -27,7 +27,7 @@ from reftrace.lax import TracedArray, new_input, to_atom, tracing
 from reftrace.primitives import Primitive, checked, registry, shape_rules
 
 __all__ = ["Composite", "define_composite", "decomposition_graph", "decompose", "is_composite",
-           "is_compute_intensive", "lower_through"]
+           "is_compute_intensive", "lower_through", "traced_graph"]
 
 
 class Composite(Primitive):
@@ -48,19 +48,22 @@ class Composite(Primitive):
 
 
 def define_composite(name: str, decomposition: Callable[..., Any], *, multiple_results: bool = False,
-                     compute_intensive: bool = False) -> Composite:
+                     compute_intensive: bool = False, shape_rule: Callable[..., Any] | None = None) -> Composite:
     """Register a composite primitive whose meaning is ``decomposition(*operands, **params)``.
 
     The decomposition receives ``TracedArray`` operands and static params and returns a
     TracedArray (a tuple of them when ``multiple_results``), built with ``reftrace.lax``.
+    ``shape_rule`` (operand avals and params to the output aval or avals) is for a composite whose
+    decomposition is costly to trace (the CTC recursion, unrolled over the frames); the others'
+    is the decomposition's, and tests check a given one against it.
     """
     prim = Composite(name, decomposition, multiple_results, compute_intensive)
     registry[name] = prim
 
-    def shape_rule(*in_avals: Aval, **params: Any) -> Any:
+    def decomposition_shape_rule(*in_avals: Aval, **params: Any) -> Any:
         outs = decomposition_graph(prim, tuple(in_avals), Params(params)).out_avals
         return outs if multiple_results else outs[0]
-    shape_rules[prim] = shape_rule
+    shape_rules[prim] = shape_rule or decomposition_shape_rule
     return prim
 
 
@@ -76,11 +79,20 @@ def is_compute_intensive(prim: Primitive) -> bool:
 @functools.lru_cache(maxsize=4096)
 def decomposition_graph(prim: Composite, in_avals: tuple[Aval, ...], params: Params) -> Graph:
     """``prim``'s decomposition as a Graph at these operand avals (built once per signature)."""
+    def decomposition(*operands: TracedArray) -> tuple[Any, ...]:
+        out = prim.decomposition(*operands, **params.to_dict())
+        return tuple(out) if prim.multiple_results else (out,)
+    return traced_graph(decomposition, in_avals)
+
+
+def traced_graph(fn: Callable[..., Any], in_avals: Sequence[Aval]) -> Graph:
+    """``fn``, written with ``reftrace.lax``, traced at ``in_avals``: its result (one array, or a tuple
+    of them) is the graph's outputs. A decomposition's pieces are traced so too (``reftrace.nn.ctc``)."""
     builder = Builder()
     operands = [new_input(builder, aval) for aval in in_avals]
     with tracing(builder):
-        out = prim.decomposition(*operands, **params.to_dict())
-    outs = tuple(out) if prim.multiple_results else (out,)
+        out = fn(*operands)
+    outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
     return builder.build([x.atom for x in operands], [to_atom(o) for o in outs])
 
 

@@ -16,6 +16,7 @@ from reftrace.backends.torch_dtypes import torch_dtype
 from reftrace.backends.torch_rules import _t, aval_of, device_type, torch_rules
 from reftrace.nn import activations as A
 from reftrace.nn.attention import attention_backward_p, attention_p
+from reftrace.nn.ctc import ctc_loss_backward_p, ctc_loss_p
 from reftrace.nn.convolution import conv_input_grad_p, conv_weight_grad_p, convolution_p
 from reftrace.nn.pooling import max_pool_backward_p, max_pool_p
 from reftrace.nn.embeddings import embedding_backward_p, embedding_p
@@ -197,6 +198,31 @@ def _nll_loss_backward(g: Any, logp: Any, target: Any, *rest: Any, reduction: in
 
 
 torch_rules[nll_loss_p] = _nll_loss
+
+
+def _ctc_kernel_takes(lp: Any) -> bool:
+    """ATen's CTC kernels are float32/float64 only (a half-precision loss runs as the decomposition)."""
+    return aval_of(lp).dtype in (np.float32, np.float64)
+
+
+def _ctc_loss(lp: Any, targets: Any, il: Any, tl: Any, *, blank: int, zero_infinity: bool) -> Any:
+    if not _ctc_kernel_takes(lp):
+        return NotImplemented
+    nll = aten._ctc_loss(_t(lp), _t(targets), _t(il), _t(tl), blank, zero_infinity)[0]
+    # ``_ctc_loss`` leaves an impossible alignment's inf for ``ctc_loss`` to zero (its backward zeroes the gradient)
+    return torch.where(nll == float("inf"), torch.zeros_like(nll), nll) if zero_infinity else nll
+
+
+def _ctc_loss_backward(g: Any, lp: Any, targets: Any, il: Any, tl: Any, *, blank: int, zero_infinity: bool) -> Any:
+    if not _ctc_kernel_takes(lp):
+        return NotImplemented
+    operands = (_t(lp), _t(targets), _t(il), _t(tl))
+    nll, log_alpha = aten._ctc_loss(*operands, blank, zero_infinity)  # what the backward kernel reads
+    return aten._ctc_loss_backward(_t(g), *operands, nll, log_alpha, blank, zero_infinity)
+
+
+torch_rules[ctc_loss_p] = _ctc_loss
+torch_rules[ctc_loss_backward_p] = _ctc_loss_backward
 torch_rules[nll_loss_backward_p] = _nll_loss_backward
 torch_rules[binary_cross_entropy_p] = lambda p, t, *w, reduction, has_weight: aten.binary_cross_entropy(
     _t(p), _t(t), _t(w[0]) if has_weight else None, reduction)

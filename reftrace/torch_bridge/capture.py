@@ -195,7 +195,8 @@ class _UserFrames(TorchDispatchMode):
         if not stop and not torch.is_grad_enabled():
             function = _autograd_function_running()
             stop = function is None
-            if function is not None and function not in state.custom_functions:
+            if function is not None and function not in state.custom_functions and func.namespace != "reftrace":
+                # (reftrace's own ops, ``reftrace::*``, come wrapped in one too: their composites have rules)
                 state.custom_functions.add(function)
                 warnings.warn(f"{function.__qualname__} is a custom torch.autograd.Function (at "
                               f"{innermost_user_frame()}): reftrace differentiates its forward with its own "

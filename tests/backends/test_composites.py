@@ -87,13 +87,36 @@ def max_pool_cases(draw: st.DrawFn, rng: np.random.Generator, dtype: Any) -> Cas
 
 
 @st.composite
+def ctc_cases(draw: st.DrawFn, rng: np.random.Generator, dtype: Any) -> Case:
+    """CTC losses: padded targets with repeats, empty targets, sequences shorter than the padding; an
+    impossible alignment (more labels than frames) only with ``zero_infinity``, whose NaN slope torch's
+    kernel spreads over every class and the decomposition over the sequence's own."""
+    steps, n, classes, width = (draw(st.integers(lo, hi)) for lo, hi in ((1, 6), (1, 3), (2, 5), (0, 3)))
+    blank, zero_infinity = draw(st.integers(0, classes - 1)), draw(st.booleans())
+    targets = (blank + rng.integers(1, classes, (n, width))) % classes
+    if width > 1:
+        targets[0, 1] = targets[0, 0]  # a repeat: a blank must pass between them
+    target_lengths = rng.integers(0, width + 1, n)
+    input_lengths = rng.integers(1, steps + 1, n)
+    if not zero_infinity:
+        target_lengths = np.minimum(target_lengths, (input_lengths - 1) // 2)
+    x = _normal(rng, (steps, n, classes), dtype)
+    lp = (x - np.log(np.exp(x).sum(-1, keepdims=True))).astype(dtype)
+    fn = lambda *a: rt.nn.ctc_loss(*a, blank=blank, zero_infinity=zero_infinity)  # noqa: E731
+    return (f"ctc_loss(blank={blank}, zero_infinity={zero_infinity}) {lp.shape} targets {targets.shape} "
+            f"lengths {input_lengths} {target_lengths}", fn, [lp, targets, input_lengths, target_lengths])
+
+
+@st.composite
 def forward_cases(draw: st.DrawFn, dtype: Any = np.float64) -> Case:
     """A forward composite at a drawn shape and drawn parameters, with its operands."""
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     kind = draw(st.sampled_from(["gelu", "silu", "softmax", "log_softmax", "layer_norm", "group_norm", "batch_norm_train",
                                  "batch_norm_eval", "attention", "linear", "embedding",
                                  "nll_loss", "relu", "convolution", "max_pool", "xlogy", "binary_cross_entropy",
-                                 "vector_norm"]))
+                                 "vector_norm", "ctc_loss"]))
+    if kind == "ctc_loss":
+        return draw(ctc_cases(rng, dtype))
     if kind == "attention":
         return draw(attention_cases(rng, dtype))
     if kind == "embedding":
@@ -385,6 +408,29 @@ def test_shape_rule_is_the_decompositions():
     assert out == x and mean.shape == rstd.shape == (2, 1, 1)
     with pytest.raises(rt.ShapeError):
         rt.primitives.infer_avals(A.softmax_p, [x], dict(axis=3))
+
+
+@pytest.mark.parametrize("zero_infinity", [False, True])
+def test_the_ctc_losss_own_shape_rules_are_its_decompositions(zero_infinity):
+    """The CTC composites' shape rules skip tracing the recursion (unrolled over the frames); they
+    give the decompositions' avals, and refuse what the decomposition cannot take."""
+    from reftrace.composite import decomposition_graph
+    from reftrace.graph import Params
+    from reftrace.nn.ctc import ctc_loss_backward_p, ctc_loss_p
+    lp, targets, lengths = rt.Aval((5, 3, 4), np.float32), rt.Aval((3, 2), np.int64), rt.Aval((3,), np.int64)
+    params = dict(blank=1, zero_infinity=zero_infinity)
+    forward = [lp, targets, lengths, lengths]
+    loss = rt.primitives.infer_avals(ctc_loss_p, forward, params)
+    assert loss == decomposition_graph(ctc_loss_p, tuple(forward), Params(params)).out_avals
+    backward = [loss[0], *forward]
+    assert rt.primitives.infer_avals(ctc_loss_backward_p, backward, params) == decomposition_graph(
+        ctc_loss_backward_p, tuple(backward), Params(params)).out_avals
+    for bad in ([lp, rt.Aval((2, 2), np.int64), lengths, lengths], [lp, targets, lengths, rt.Aval((3,), np.float32)],
+                [rt.Aval((5, 3, 4), np.int64), targets, lengths, lengths]):
+        with pytest.raises(rt.ShapeError, match="ctc_loss"):
+            rt.primitives.infer_avals(ctc_loss_p, bad, params)
+    with pytest.raises(rt.ShapeError, match="blank"):
+        rt.primitives.infer_avals(ctc_loss_p, forward, dict(params, blank=4))
 
 
 class _Block(torch.nn.Module):

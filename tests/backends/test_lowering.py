@@ -180,6 +180,13 @@ def composite_calls(x, y, idx):
                       reduction=L.REDUCTIONS["mean"], has_weight=False)]
     outs += [rt.nn.vector_norm(x, 2.0, (1,)), rt.nn.vector_norm(x, float("inf"), (0, 1)),
              rt.nn.vector_norm(x, 0.5, (0,))]
+    from reftrace.nn.ctc import ctc_loss_backward_p
+    log_probs, labels = lax.reshape(lax.log(x), (2, 2, 6)), lax.slice(idx, (0, 0), (2, 3))
+    lengths = (lax.full((2,), 2, np.int64), lax.full((2,), 1, np.int64))
+    for zero_infinity in (False, True):
+        loss = rt.nn.ctc_loss(log_probs, labels, *lengths, blank=5, zero_infinity=zero_infinity)
+        outs += [loss, lax.bind(ctc_loss_backward_p, loss, log_probs, labels, *lengths, blank=5,
+                                zero_infinity=zero_infinity)]
     return tuple(outs)
 
 
@@ -394,5 +401,5 @@ def test_a_quotient_that_is_rounded_is_divided_as_torch_divides():
     for name, fn in cases.items():
         assert torch.equal(aot_function(fn, xla_compile)(x), fn(x)), name
     graph = rt.trace(lambda a, b: (lax.floor(lax.div(a, b)), lax.div(a, b)), np.ones(3), np.ones(3))
-    from reftrace.backends.jax import rounded_divisions
+    from reftrace.backends.jax_graph import rounded_divisions
     assert [e.primitive for e in graph.eqns if id(e) in rounded_divisions(graph)] == [P.div_p]

@@ -1,4 +1,5 @@
-"""``F.ctc_loss`` through reftrace: torch's values and torch's gradient, from a static-shape recursion.
+"""``F.ctc_loss`` through reftrace: torch's values and torch's gradient, as one ``ctc_loss`` composite
+(ATen's kernels on the torch backend, the recursion under ``lax.scan`` on XLA).
 
 torch's backward returns ``exp(log_probs)`` minus the true slope (it assumes ``log_softmax`` inputs), so
 the gradient of a leaf ``log_probs`` is checked as well as that of logits before a ``log_softmax``.
@@ -60,6 +61,23 @@ def test_ctc_loss_through_xla_in_float32():
     targets = _targets(0, "padded")
     _compare(lambda x: F.ctc_loss(x.log_softmax(-1), targets, torch.tensor(INPUT_LENGTHS),
                                   torch.tensor(TARGET_LENGTHS)), logits, xla_compile, rtol=1e-5)
+
+
+@pytest.mark.parametrize("zero_infinity", [False, True])
+def test_a_long_sequence_is_one_equation_and_compiles_for_xla(zero_infinity):
+    """T = 150 frames: capture records one ``ctc_loss`` equation (its decomposition, unrolled, is not
+    traced), and XLA compiles the recursion as one frame under a scan; float64, as eager."""
+    from reftrace.torch_bridge.capture import capture_flat
+    torch.manual_seed(0)
+    steps, n, classes = 150, 2, 5
+    logits = torch.randn(steps, n, classes, dtype=torch.float64)
+    targets, il, tl = torch.randint(1, classes, (n, 40)), torch.tensor([150, 97]), torch.tensor([40, 31])
+
+    def loss(x):
+        return F.ctc_loss(x.log_softmax(-1), targets, il, tl, reduction="sum", zero_infinity=zero_infinity)
+    graph = capture_flat(lambda ts: loss(ts[0]), [logits]).graph
+    assert [e.primitive.name for e in graph.eqns].count("ctc_loss") == 1 and len(graph.eqns) < 30
+    _compare(loss, logits, xla_compile, rtol=1e-9)
 
 
 def test_ctc_loss_unbatched():

@@ -573,6 +573,9 @@ def _composite_cases() -> list[Case]:
          [rng.uniform(0.1, 0.9, (3, 4)), rng.uniform(0, 1, (3, 4)), rng.uniform(0.5, 2, (3, 4))]),
         ("binary_cross_entropy none", lambda p, t: rt.nn.binary_cross_entropy(p, t, reduction="none"),
          [rng.uniform(0.1, 0.9, (5,)), rng.uniform(0, 1, (5,))]),
+        # the third sequence's 2 labels in 1 frame cannot align: 0 with zero_infinity
+        ("ctc_loss", lambda lp, t, il, tl: rt.nn.ctc_loss(lp, t, il, tl, blank=0, zero_infinity=True),
+         [normal(5, 3, 4), np.array([[1, 1], [2, 3], [3, 1]]), np.array([5, 4, 1]), np.array([2, 1, 2])]),
     ]
 
 

@@ -1,6 +1,7 @@
 """Loss ops: ``nll_loss_forward`` as the ``nll_loss`` composite, ``smooth_l1_loss`` and ``huber_loss``
-with torch's slopes, and torch's chunked linear + cross-entropy (``torch.ops.torch_nn``), one graph of
-matmul, log-softmax and the picked targets.
+with torch's slopes, torch's chunked linear + cross-entropy (``torch.ops.torch_nn``), one graph of
+matmul, log-softmax and the picked targets, and ``reftrace::ctc_loss`` (what capture makes of
+``F.ctc_loss``) as the ``ctc_loss`` composite.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from reftrace.nn.losses import reduce_loss
 from reftrace.torch_bridge.aten._common import (aten, bcast_full, broadcast_shapes, cast, literal, opmath, out_aval,
                                                 register, unsupported)
 from reftrace.torch_bridge.aten.indexing import take
+from reftrace.torch_bridge.ctc import ctc_loss_op
 
 
 @register(aten.nll_loss_forward.default)
@@ -22,6 +24,12 @@ def nll_loss_forward(x: Any, target: Any, weight: Any, reduction: int, ignore_in
     loss, total = nn.nll_loss(cast(x, d), cast(target, np.int64), None if weight is None else cast(weight, d),
                               ("none", "mean", "sum")[reduction], ignore_index)
     return loss, lax.stop_gradient(total)
+
+
+@register(ctc_loss_op._opoverload)
+def ctc_loss(log_probs: Any, targets: Any, input_lengths: Any, target_lengths: Any, blank: int, zero_infinity: bool
+             ) -> Any:
+    return nn.ctc_loss(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity)
 
 
 @register(aten.binary_cross_entropy.default)
