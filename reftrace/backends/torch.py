@@ -33,22 +33,30 @@ from reftrace.primitives import Primitive, infer_avals
 __all__ = ["to_fx", "lower_torch", "apply_torch", "eval_torch", "TorchExecutable"]
 
 
-def _call_rule(eqn: Eqn, operands: Sequence[Any]) -> tuple[Any, ...]:
+def _literal_value(lit: Literal) -> Any:
+    return lit.value
+
+
+def _call_rule(eqn: Eqn, operands: Sequence[Any], literal: Callable[[Literal], Any] = _literal_value
+               ) -> tuple[Any, ...]:
     """``eqn``'s torch rule on ``operands`` (tensors or proxies). A composite without one, or whose rule
     returns ``NotImplemented`` (its kernel does not take these operands), runs as its decomposition,
-    each inner proxy tagged with its aval as ``to_fx`` tags the graph's own."""
+    each inner proxy tagged with its aval as ``to_fx`` tags the graph's own, the decomposition's literals
+    made by ``literal`` (``to_fx`` makes its array literals buffers, as the graph's own)."""
     prim = eqn.primitive
     rule = torch_rules.get(prim)
     out = NotImplemented if rule is None else rule(*operands, **eqn.params.to_dict())
     if out is NotImplemented:  # no rule, or a composite's fused rule declines these operands
         if is_composite(prim):
-            return tuple(lower_through(eqn, operands, _call_tagged, lambda lit: lit.value))
+            inner = functools.partial(_call_tagged, literal=literal)
+            return tuple(lower_through(eqn, operands, inner, literal))
         raise UnsupportedOperatorError(f"primitive {prim.name} has no torch lowering")
     return tuple(out) if prim.multiple_results else (out,)
 
 
-def _call_tagged(eqn: Eqn, operands: Sequence[Any]) -> tuple[Any, ...]:
-    outs = _call_rule(eqn, operands)
+def _call_tagged(eqn: Eqn, operands: Sequence[Any], literal: Callable[[Literal], Any] = _literal_value
+                 ) -> tuple[Any, ...]:
+    outs = _call_rule(eqn, operands, literal)
     for out, var in zip(outs, eqn.outputs, strict=True):
         if isinstance(out, fx.Proxy):
             out.node.meta[AVAL_META] = var.aval
@@ -200,15 +208,25 @@ def to_fx(graph: Graph, input_names: Sequence[str] | None = None, output_as_list
         return fx.Proxy(node, tracer)
 
     inputs = [proxy(fx_graph.placeholder(name), v.aval) for name, v in zip(names, graph.inputs)]
-    literals = _literals(graph)
-    constants = {lit: lit.value for lit in literals if _inline(lit)}  # literal -> numpy scalar or buffer proxy
-    for i, lit in enumerate([lit for lit in literals if lit not in constants]):
-        buffer = tensor_from_numpy(lit.value, copy=True)
-        root.register_buffer(f"_literal_{i}", buffer if device is None else buffer.to(device))
-        constants[lit] = proxy(fx_graph.get_attr(f"_literal_{i}"), lit.aval)
+    constants: dict[Literal, Any] = {}  # literal -> numpy scalar or buffer proxy
+    buffers = 0
+
+    def constant(lit: Literal) -> Any:
+        nonlocal buffers
+        if lit not in constants:
+            if _inline(lit):
+                constants[lit] = lit.value
+            else:
+                buffer = tensor_from_numpy(lit.value, copy=True)
+                root.register_buffer(f"_literal_{buffers}", buffer if device is None else buffer.to(device))
+                constants[lit] = proxy(fx_graph.get_attr(f"_literal_{buffers}"), lit.aval)
+                buffers += 1
+        return constants[lit]
+    for lit in _literals(graph):  # the graph's own first, numbered in first-use order
+        constant(lit)
 
     def apply(eqn: Eqn, operands: Sequence[Any]) -> tuple[Any, ...]:
-        outs = _call_rule(eqn, operands)
+        outs = _call_rule(eqn, operands, constant)
         for out, var in zip(outs, eqn.outputs, strict=True):
             if not isinstance(out, fx.Proxy):
                 raise RuntimeError(f"internal: torch rule for {eqn.primitive.name} returned {type(out).__name__} "
@@ -217,7 +235,7 @@ def to_fx(graph: Graph, input_names: Sequence[str] | None = None, output_as_list
         return outs
 
     with _RecordTorchCalls(tracer, None if device is None else str(device)):
-        outs = eval_graph(graph, inputs, apply, constants.__getitem__)
+        outs = eval_graph(graph, inputs, apply, constant)
         outs = [as_tensor(o) for o in outs]  # a rank-0 literal output becomes a torch.full node
     fx_graph.output(tracer.create_arg(list(outs) if output_as_list else tuple(outs)))
     transpose_products(fx_graph)

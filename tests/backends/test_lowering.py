@@ -403,3 +403,24 @@ def test_a_quotient_that_is_rounded_is_divided_as_torch_divides():
     graph = rt.trace(lambda a, b: (lax.floor(lax.div(a, b)), lax.div(a, b)), np.ones(3), np.ones(3))
     from reftrace.backends.jax_graph import rounded_divisions
     assert [e.primitive for e in graph.eqns if id(e) in rounded_divisions(graph)] == [P.div_p]
+
+
+def test_a_composite_run_as_its_decomposition_keeps_its_array_constants_as_buffers():
+    """ATen's CTC kernels are float32/float64 only, so the float16 ``ctc_loss`` runs as its decomposition,
+    whose array constants (where each state reads its label) become buffers as the graph's own do: the
+    module runs, scripts, and computes what the decomposition computes under JAX."""
+    from reftrace.composite import decompose
+    r = rng(3)
+    x = r.standard_normal((4, 2, 3))
+    lp = (x - np.log(np.exp(x).sum(-1, keepdims=True))).astype(np.float16)
+    args = (lp, np.array([[1, 2], [2, 0]]), np.array([4, 3]), np.array([2, 1]))
+    g = rt.trace(lambda lp, t, il, tl: rt.nn.ctc_loss(lp, t, il, tl, blank=0), *args)
+    gm = to_fx(g)
+    assert any(name.startswith("_literal_") for name, _ in gm.named_buffers())
+    tensors = [torch.from_numpy(a) for a in args]
+    got = gm(*tensors)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(torch.jit.script(gm)(*tensors)[0], got, rtol=0, atol=0)
+    want = np.asarray(rt.lower(decompose(g), "jax")(*args)[0])
+    np.testing.assert_allclose(got.numpy().astype(np.float64), want.astype(np.float64), rtol=2e-3)
