@@ -17,6 +17,7 @@ from reftrace.backends.torch_rules import _t, aval_of, device_type, torch_rules
 from reftrace.nn import activations as A
 from reftrace.nn.attention import attention_backward_p, attention_p
 from reftrace.nn.ctc import ctc_loss_backward_p, ctc_loss_p
+from reftrace.nn.rnn import lstm_layer_backward_p, lstm_layer_p
 from reftrace.nn.convolution import conv_input_grad_p, conv_weight_grad_p, convolution_p
 from reftrace.nn.pooling import max_pool_backward_p, max_pool_p
 from reftrace.nn.embeddings import embedding_backward_p, embedding_p
@@ -198,6 +199,11 @@ def _nll_loss_backward(g: Any, logp: Any, target: Any, *rest: Any, reduction: in
 
 
 torch_rules[nll_loss_p] = _nll_loss
+torch_rules[nll_loss_backward_p] = _nll_loss_backward
+torch_rules[binary_cross_entropy_p] = lambda p, t, *w, reduction, has_weight: aten.binary_cross_entropy(
+    _t(p), _t(t), _t(w[0]) if has_weight else None, reduction)
+torch_rules[binary_cross_entropy_backward_p] = lambda g, p, t, *w, reduction, has_weight: (
+    aten.binary_cross_entropy_backward(_t(g), _t(p), _t(t), _t(w[0]) if has_weight else None, reduction))
 
 
 def _ctc_kernel_takes(lp: Any) -> bool:
@@ -223,11 +229,68 @@ def _ctc_loss_backward(g: Any, lp: Any, targets: Any, il: Any, tl: Any, *, blank
 
 torch_rules[ctc_loss_p] = _ctc_loss
 torch_rules[ctc_loss_backward_p] = _ctc_loss_backward
-torch_rules[nll_loss_backward_p] = _nll_loss_backward
-torch_rules[binary_cross_entropy_p] = lambda p, t, *w, reduction, has_weight: aten.binary_cross_entropy(
-    _t(p), _t(t), _t(w[0]) if has_weight else None, reduction)
-torch_rules[binary_cross_entropy_backward_p] = lambda g, p, t, *w, reduction, has_weight: (
-    aten.binary_cross_entropy_backward(_t(g), _t(p), _t(t), _t(w[0]) if has_weight else None, reduction))
+
+
+# ----------------------------------------------------------------------------- recurrent layers
+
+_LSTM_MODE = 2  # oneDNN's cell kinds: RNN_RELU 0, RNN_TANH 1, LSTM 2, GRU 3
+
+
+def _takes_onednn(x: Any) -> bool:
+    """Whether eager would run oneDNN's fused layer here: float32, on the CPU, in a torch with oneDNN (and
+    not an empty sequence, which oneDNN refuses)."""
+    aval = aval_of(x)
+    return (aval.dtype == np.float32 and aval.size > 0 and device_type(x) == "cpu"
+            and torch.backends.mkldnn.is_available())
+
+
+def _lstm_layer(x: Any, h0: Any, c0: Any, *weights: Any, reverse: bool) -> Any:
+    if not _takes_onednn(x):
+        return NotImplemented
+    hidden = aval_of(h0).shape[1]
+    # oneDNN reads its operands' memory as contiguous (a batch-first sequence comes transposed)
+    x, h0, c0, *weights = (_t(a).contiguous() for a in (x, h0, c0, *weights))
+    out = aten.mkldnn_rnn_layer(x, *weights, h0, c0, reverse, [], _LSTM_MODE, hidden, 1, True, False, False, False)
+    return out[0], out[1], out[2]
+
+
+@torch.library.custom_op("reftrace::onednn_lstm_layer_backward", mutates_args=())
+def onednn_lstm_layer_backward(g_ys: torch.Tensor, g_h: torch.Tensor, g_c: torch.Tensor, x: torch.Tensor,
+                               h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+                               b_ih: torch.Tensor, b_hh: torch.Tensor, reverse: bool
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor, torch.Tensor]:
+    """The gradients of one LSTM layer (x, h0, c0, then the weights) by oneDNN's backward, after its
+    forward again for the workspace the backward reads: one op, so that the forward runs with
+    gradients on (oneDNN writes no workspace otherwise, and a backward runs with them off)."""
+    hidden = h0.shape[1]
+    weights = (w_ih, w_hh, b_ih, b_hh)
+    with torch.enable_grad():
+        out, hy, cy, workspace = aten.mkldnn_rnn_layer(x, *weights, h0, c0, reverse, [], _LSTM_MODE, hidden, 1, True,
+                                                       False, False, True)
+    grads = aten.mkldnn_rnn_layer_backward(x, *weights, h0, c0, out, hy, cy, g_ys, g_h, g_c, reverse, _LSTM_MODE,
+                                           hidden, 1, True, True, False, [], False, workspace)
+    return grads[0], grads[5], grads[6], grads[1], grads[2], grads[3], grads[4]
+
+
+@onednn_lstm_layer_backward.register_fake
+def _onednn_lstm_layer_backward_shapes(g_ys: torch.Tensor, g_h: torch.Tensor, g_c: torch.Tensor, *primals: torch.Tensor,
+                                       reverse: bool) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.empty_like(p) for p in primals)
+
+
+def _lstm_layer_backward(g_ys: Any, g_h: Any, g_c: Any, x: Any, h0: Any, c0: Any, *weights: Any, reverse: bool
+                         ) -> Any:
+    if not _takes_onednn(x):
+        return NotImplemented
+    # called through ``torch.ops`` (the overload packet): TorchScript cannot look up ``.default``
+    grads = torch.ops.reftrace.onednn_lstm_layer_backward(
+        *(_t(a).contiguous() for a in (g_ys, g_h, g_c, x, h0, c0, *weights)), reverse)
+    return tuple(grads[k] for k in range(7))  # indexed: an FX proxy does not unpack
+
+
+torch_rules[lstm_layer_p] = _lstm_layer
+torch_rules[lstm_layer_backward_p] = _lstm_layer_backward
 
 
 # ----------------------------------------------------------------------------- convolution

@@ -15,7 +15,11 @@ ATen ops in the same order (ATen's ``Correlation.cpp``), the zeroing a ``torch.w
 torch raises on the weights' values.
 
 ``F.ctc_loss`` (and ``torch.ctc_loss``) read their length tensors as numbers inside ATen, and
-``_ctc_loss`` has no fake kernel: rewritten to the recursion of ``reftrace.torch_bridge.ctc``.
+``_ctc_loss`` has no fake kernel: rewritten to one ``reftrace::ctc_loss`` op (``reftrace.torch_bridge.ctc``).
+
+Not a number read, but a graph that would grow with the data: ``torch.lstm`` (``nn.LSTM``) decomposes
+into one cell per time step; rewritten to one ``reftrace::lstm_layer`` op per layer and direction
+(``reftrace.torch_bridge.rnn``).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from reftrace.torch_bridge.ctc import ctc_loss
+from reftrace.torch_bridge.rnn import lstm, lstm_arguments
 
 
 def _narrow_at_tensor_start(x: torch.Tensor, dim: int, start: torch.Tensor, length: int) -> torch.Tensor:
@@ -195,6 +200,10 @@ class StaticShapeRewrites(TorchFunctionMode):
             bound = _ctc_arguments(args, kwargs, func is torch.ctc_loss)
             if bound is not None:
                 return ctc_loss(**bound)
+        if func is torch.lstm:
+            bound = lstm_arguments(args, kwargs)
+            if bound is not None:
+                return lstm(**bound)
         if func in (torch.cov, torch.Tensor.cov):
             bound = _cov_arguments(args, kwargs)
             if bound is not None:

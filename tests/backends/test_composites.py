@@ -108,15 +108,28 @@ def ctc_cases(draw: st.DrawFn, rng: np.random.Generator, dtype: Any) -> Case:
 
 
 @st.composite
+def lstm_cases(draw: st.DrawFn, rng: np.random.Generator, dtype: Any) -> Case:
+    """One LSTM layer, either direction, down to one step (and zero steps)."""
+    steps, batch, features, hidden = (draw(st.integers(lo, hi)) for lo, hi in ((0, 5), (1, 3), (1, 3), (1, 3)))
+    reverse = draw(st.booleans())
+    shapes = [(steps, batch, features), (batch, hidden), (batch, hidden), (4 * hidden, features), (4 * hidden, hidden),
+              (4 * hidden,), (4 * hidden,)]
+    fn = lambda *a: rt.nn.lstm_layer(*a, reverse=reverse)  # noqa: E731
+    return f"lstm_layer(reverse={reverse}) {shapes[0]} hidden {hidden}", fn, [_normal(rng, s, dtype) for s in shapes]
+
+
+@st.composite
 def forward_cases(draw: st.DrawFn, dtype: Any = np.float64) -> Case:
     """A forward composite at a drawn shape and drawn parameters, with its operands."""
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     kind = draw(st.sampled_from(["gelu", "silu", "softmax", "log_softmax", "layer_norm", "group_norm", "batch_norm_train",
                                  "batch_norm_eval", "attention", "linear", "embedding",
                                  "nll_loss", "relu", "convolution", "max_pool", "xlogy", "binary_cross_entropy",
-                                 "vector_norm", "ctc_loss"]))
+                                 "vector_norm", "ctc_loss", "lstm_layer"]))
     if kind == "ctc_loss":
         return draw(ctc_cases(rng, dtype))
+    if kind == "lstm_layer":
+        return draw(lstm_cases(rng, dtype))
     if kind == "attention":
         return draw(attention_cases(rng, dtype))
     if kind == "embedding":

@@ -187,7 +187,41 @@ def composite_calls(x, y, idx):
         loss = rt.nn.ctc_loss(log_probs, labels, *lengths, blank=5, zero_infinity=zero_infinity)
         outs += [loss, lax.bind(ctc_loss_backward_p, loss, log_probs, labels, *lengths, blank=5,
                                 zero_infinity=zero_infinity)]
+    outs += lstm_calls(lax.reshape(x, (2, 2, 6)), lax.slice(y, (0, 0), (2, 2)), lax.slice(y, (2, 0), (4, 2)),
+                       lax.reshape(lax.slice(y, (0, 0), (4, 6)), (8, 3)))
     return tuple(outs)
+
+
+def lstm_calls(x, h0, c0, w):
+    """``lstm_layer`` and its backward equation, both directions, on a ``(2, 2, 6)`` sequence, hidden size 2."""
+    from reftrace.nn.rnn import lstm_layer_backward_p
+    w_ih = lax.concatenate([w, w], 1)  # (8, 6)
+    w_hh, bias = lax.slice(w, (0, 0), (8, 2)), lax.reshape(lax.slice(w, (0, 0), (8, 1)), (8,))
+    outs = []
+    for reverse in (False, True):
+        ys, h, c = rt.nn.lstm_layer(x, h0, c0, w_ih, w_hh, bias, bias, reverse)
+        outs += [ys, h, c, *lax.bind(lstm_layer_backward_p, ys, h, c, x, h0, c0, w_ih, w_hh, bias, bias,
+                                     reverse=reverse)]
+    return outs
+
+
+def test_onednn_lstm_rows_script_and_freeze():
+    """float32 on the CPU, ``lstm_layer`` runs oneDNN's layer and its backward (a reftrace op that runs its
+    forward with gradients on, for the workspace): the module scripts, freezes and computes the same."""
+    r = rng(7)
+    args = [r.standard_normal(s).astype(np.float32) for s in ((2, 2, 6), (2, 2), (2, 2), (8, 3))]
+    g = rt.trace(lstm_calls, *args)
+    gm = to_fx(g)
+    code = gm.code
+    assert "mkldnn_rnn_layer" in code and "onednn_lstm_layer_backward" in code
+    tensors = [torch.from_numpy(a) for a in args]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frozen = torch.jit.freeze(torch.jit.script(gm).eval())
+    with torch.no_grad():  # as a backward runs
+        for a, b, c in zip(frozen(*tensors), gm(*tensors), rt.lower(g, "jax")(*args)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            np.testing.assert_allclose(b.numpy(), np.asarray(c), rtol=1e-5, atol=1e-6)
 
 
 def test_every_primitive_scripts_and_freezes():

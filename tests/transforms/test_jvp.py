@@ -576,6 +576,8 @@ def _composite_cases() -> list[Case]:
         # the third sequence's 2 labels in 1 frame cannot align: 0 with zero_infinity
         ("ctc_loss", lambda lp, t, il, tl: rt.nn.ctc_loss(lp, t, il, tl, blank=0, zero_infinity=True),
          [normal(5, 3, 4), np.array([[1, 1], [2, 3], [3, 1]]), np.array([5, 4, 1]), np.array([2, 1, 2])]),
+        ("lstm_layer reversed", lambda *a: rt.nn.lstm_layer(*a, reverse=True),
+         [normal(4, 2, 3), normal(2, 2), normal(2, 2), normal(8, 3), normal(8, 2), normal(8), normal(8)]),
     ]
 
 

@@ -1,4 +1,5 @@
-"""Neural-network ATen ops: activations, normalisation (batch/layer/group), pooling, dropout.
+"""Neural-network ATen ops: activations, normalisation (batch/layer/group), pooling, dropout, and
+``reftrace::lstm_layer`` (what capture makes of ``nn.LSTM``) as the ``lstm_layer`` composite.
 
 Pooling windows are strided slices of the padded input stacked on a new trailing
 axis; max pooling's indices are torch's (flat position in the input plane, first
@@ -19,6 +20,7 @@ from reftrace import primitives as P
 from reftrace.errors import UnsupportedOperatorError
 from reftrace.torch_bridge.aten._common import (aten, cast, float_dtype, literal, opmath, out_aval,
                                                 register, unsupported)
+from reftrace.torch_bridge.rnn import lstm_layer_op
 
 # ----------------------------------------------------------------------------- activations
 
@@ -381,3 +383,9 @@ def _repeat_heads(t: Any, times: int) -> Any:
     b, h, s, e = t.shape
     y = lax.broadcast_in_dim(t, (b, h, times, s, e), (0, 1, 3, 4))
     return lax.reshape(y, (b, h * times, s, e))
+
+
+@register(lstm_layer_op._opoverload)
+def lstm_layer(x: Any, h0: Any, c0: Any, w_ih: Any, w_hh: Any, b_ih: Any, b_hh: Any, reverse: bool
+               ) -> tuple[Any, Any, Any]:
+    return nn.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
