@@ -4,7 +4,8 @@ ATen's ``lstm`` decomposes, under capture, into one cell per time step (a 200-st
 compile and 12x eager's step time). Capture runs ``lstm`` here instead (``static_rewrites``, above
 autograd like the user's own code): each layer and direction is one ``lstm_layer_op``, the directions
 concatenated, torch's dropout between layers in training, the last states stacked as ``h_n``, ``c_n``.
-Packed sequences, projections (``proj_size``), mixed dtypes and autocast keep ATen's own path.
+Projections (``proj_size``), mixed dtypes and autocast keep ATen's decomposition (packed sequences
+are refused there: their batch sizes are data).
 """
 from __future__ import annotations
 
