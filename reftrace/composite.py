@@ -6,7 +6,8 @@ backend can run it as one fused kernel. Its **decomposition** (a function writte
 ``reftrace.lax``) is its meaning:
 
 - its shape rule is the decomposition traced at the operands' avals (cached), so the two
-  can never disagree;
+  can never disagree (a composite whose decomposition grows with its operands, the CTC loss or
+  an LSTM layer unrolled over time, gives a rule of its own, tested against it);
 - a transform or backend with no rule of its own for it uses the decomposition
   (``vjp`` differentiates through it, the backends inline it: see ``lower_through``);
 - ``decompose(graph)`` rewrites every composite into core primitives.
