@@ -401,6 +401,25 @@ def test_second_order_through_composite_backward_equations():
     check_gradients(vjp(graph), args[:4], rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", ["lstm_layer", "ctc_loss"])
+def test_second_order_through_the_scanned_composites(name):
+    """vjp(vjp(g)) of the composites whose JAX rows scan (and whose torch rows are ATen's and oneDNN's
+    kernels) equals the decomposed graph's second-order joint, on both backends."""
+    rng = np.random.default_rng(4)
+    if name == "lstm_layer":
+        fn = lambda *a: rt.nn.lstm_layer(*a, reverse=True)  # noqa: E731
+        args = [_normal(rng, s, np.float64) for s in ((3, 2, 2), (2, 2), (2, 2), (8, 2), (8, 2), (8,), (8,))]
+    else:
+        fn = lambda lp, t, il, tl: rt.nn.ctc_loss(lp, t, il, tl, blank=0, zero_infinity=True)  # noqa: E731
+        args = [_normal(rng, (5, 2, 4), np.float64), np.array([[1, 1], [2, 3]]), np.array([5, 4]), np.array([2, 1])]
+    graph = rt.trace(_outputs(fn), *args)
+    second = vjp(vjp(graph))
+    args += [_normal(rng, v.aval.shape, np.float64) for v in second.inputs[len(args):]]
+    want = _run(vjp(vjp(decompose(graph))), "jax", args)
+    for backend in ("torch", "jax"):
+        _assert_all_close(_run(second, backend, args), want, f"{name}, second order, {backend}", 1e-9, 1e-11)
+
+
 def test_decompose_is_a_pure_graph_transform():
     x = np.random.default_rng(0).standard_normal((2, 3))
     graph = rt.trace(lambda x: rt.nn.softmax(rt.nn.gelu(x), 1), x)
