@@ -55,7 +55,8 @@ def ctc_loss_op(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: t
                 target_lengths: torch.Tensor, blank: int, zero_infinity: bool) -> torch.Tensor:
     """Each sequence's loss, ``(N,)``, from ``(T, N, C)`` log-probabilities, ``(N, S)`` padded int64 targets
     and int64 lengths: what capture records for ``F.ctc_loss`` (the ``ctc_loss`` composite; ATen's own op
-    reads its lengths as numbers). Run eagerly, it is ATen's kernels, forward and backward."""
+    reads its lengths as numbers). Run eagerly, it is ATen's kernel, with no gradient: reftrace
+    differentiates the composite, whose torch row runs ATen's backward."""
     nll = torch.ops.aten._ctc_loss.Tensor(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity)[0]
     return torch.where(nll == float("inf"), torch.zeros_like(nll), nll) if zero_infinity else nll
 
@@ -64,21 +65,6 @@ def ctc_loss_op(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: t
 def _ctc_loss_shape(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
                     target_lengths: torch.Tensor, blank: int, zero_infinity: bool) -> torch.Tensor:
     return log_probs.new_empty(log_probs.shape[1:2])
-
-
-def _ctc_loss_op_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    *operands, ctx.blank, ctx.zero_infinity = inputs
-    ctx.save_for_backward(*operands)
-
-
-def _ctc_loss_op_backward(ctx: Any, grad: torch.Tensor) -> tuple:
-    operands = ctx.saved_tensors
-    nll, log_alpha = torch.ops.aten._ctc_loss.Tensor(*operands, ctx.blank, ctx.zero_infinity)
-    grad_lp = torch.ops.aten._ctc_loss_backward.Tensor(grad, *operands, nll, log_alpha, ctx.blank, ctx.zero_infinity)
-    return grad_lp, None, None, None, None, None
-
-
-ctc_loss_op.register_autograd(_ctc_loss_op_backward, setup_context=_ctc_loss_op_context)
 
 
 def ctc_loss(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: Any, target_lengths: Any,
